@@ -1,0 +1,48 @@
+# The two commands: `make run` and `make test`. Everything installs itself into .venv.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PORT ?= 8000
+STAMP := $(VENV)/.installed-stamp
+PYTEST_COV := --cov=server --cov-branch --cov-report=term-missing:skip-covered --cov-fail-under=90
+
+.PHONY: install run test lint format report clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Serve on http://127.0.0.1:$(PORT) with SQLite, dev keys and a demo client and user.
+run: export AUTH_ISSUER ?= http://127.0.0.1:$(PORT)
+run: install
+	$(PY) -m server migrate
+	$(PY) -m server seed-demo
+	$(PY) -m server serve --port $(PORT)
+
+## The whole suite, with line and branch coverage of server/ (fails below 90%).
+test: install
+	$(PY) -m pytest $(PYTEST_COV)
+
+lint: install
+	$(VENV)/bin/ruff check server tests migrations
+	$(VENV)/bin/ruff format --check server tests migrations
+	$(VENV)/bin/mypy
+
+format: install
+	$(VENV)/bin/ruff check --fix server tests migrations
+	$(VENV)/bin/ruff format server tests migrations
+
+## Run the suite and write artifacts/auth-test/ (features.json, test-results.md).
+report: install
+	mkdir -p artifacts/auth-test
+	set -o pipefail; $(PY) -m pytest $(PYTEST_COV) --report-dir artifacts/auth-test 2>&1 \
+		| tee artifacts/auth-test/pytest-output.txt; status=$$?; \
+		$(PY) -m tests.report_md artifacts/auth-test && exit $$status
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -1,0 +1,398 @@
+"""``python -m server …``: the operator's command line (SPEC.md, "Operator contract").
+
+Every failure is one line on stderr starting with ``error:`` and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from . import manage
+from .config import Env, InsecureSettingsError, Settings
+from .db import (
+    SchemaNotAtHeadError,
+    alembic_config,
+    assert_schema_at_head,
+    create_engine,
+    session_factory,
+)
+from .keys import KeyStore, KeysUnavailableError
+from .models import Client, User
+from .observability import audit, configure_logging
+from .passwords import Passwords
+
+T = TypeVar("T")
+
+
+class CommandError(Exception):
+    """Ends the command with ``error: <message>`` and exit status 1."""
+
+
+def _run_db(settings: Settings, action: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    async def runner() -> T:
+        engine = create_engine(settings)
+        try:
+            await assert_schema_at_head(engine)
+            async with session_factory(engine)() as db:
+                result = await action(db)
+                await db.commit()
+                return result
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(runner())
+
+
+def _read_password() -> str:
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+    else:
+        line = sys.stdin.readline()
+        password = line[:-1] if line.endswith("\n") else line
+    if not password:
+        raise CommandError("no password on standard input (use --password-stdin with a pipe)")
+    return password
+
+
+def _when(stamp: int | None) -> str:
+    return "-" if stamp is None else time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(stamp))
+
+
+def _client_dict(client: Client) -> dict[str, Any]:
+    return {
+        "client_id": client.client_id,
+        "name": client.name,
+        "public": client.is_public,
+        "admin": client.is_admin,
+        "grant_types": client.grant_type_list,
+        "scope": client.scope,
+        "redirect_uris": client.redirect_uri_list,
+        "created_at": client.created_at,
+    }
+
+
+def _user_dict(user: User) -> dict[str, Any]:
+    return {
+        "id": user.id,
+        "username": user.username,
+        "email": user.email,
+        "disabled": user.disabled,
+        "created_at": user.created_at,
+    }
+
+
+# -- commands ------------------------------------------------------------------------
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    if settings.env is not Env.production:
+        KeyStore(settings.keys_dir).ensure()
+    _preflight(settings)
+    uvicorn.run(
+        "server.main:app_factory",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=settings.log_level,
+        access_log=False,
+        proxy_headers=False,
+        server_header=False,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def _preflight(settings: Settings) -> None:
+    async def check() -> None:
+        engine = create_engine(settings)
+        try:
+            await assert_schema_at_head(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(check())
+    KeyStore(settings.keys_dir).load()
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from alembic import command
+
+    asyncio.run(create_engine(settings).dispose())  # creates the SQLite directory when needed
+    command.upgrade(alembic_config(settings.database_url), "head")
+    print("database schema is at head")
+    return 0
+
+
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    store = KeyStore(settings.keys_dir)
+    if args.keys_command == "rotate":
+        infos = store.rotate()
+        current = next(info.kid for info in infos if info.state == "current")
+        audit("key.rotated", kid=current)
+        print(f"rotated: {current} now signs")
+    elif args.keys_command == "prune":
+        removed, kept = store.prune(max_token_lifetime=settings.access_token_ttl)
+        for kid in removed:
+            print(f"removed {kid}")
+        for reason in kept:
+            print(f"kept {reason}")
+        if not removed and not kept:
+            print("no retired keys")
+        return 0
+    infos = store.read_manifest()
+    if not infos:
+        print(f"no keys in {settings.keys_dir}: run `python -m server keys rotate`")
+        return 0
+    print(f"{'KID':<45} {'STATE':<8} {'CREATED':<21} {'ACTIVATED':<21} RETIRED")
+    for info in infos:
+        print(
+            f"{info.kid:<45} {info.state:<8} {_when(info.created_at):<21} "
+            f"{_when(info.activated_at):<21} {_when(info.retired_at)}"
+        )
+    return 0
+
+
+def cmd_clients(settings: Settings, args: argparse.Namespace) -> int:
+    sub = args.clients_command
+    if sub == "create":
+        created = _run_db(
+            settings,
+            lambda db: manage.create_client(
+                db,
+                client_id=args.client_id,
+                public=args.public,
+                admin=args.admin,
+                grants=args.grant,
+                scope=args.scope,
+                redirect_uris=args.redirect_uri,
+                name=args.name,
+            ),
+        )
+        if args.json:
+            print(json.dumps({**_client_dict(created.client), "client_secret": created.secret}))
+        else:
+            print(f"created client {created.client.client_id}")
+            if created.secret is not None:
+                print(f"client_secret: {created.secret}")
+                print("(shown once: store it now, only its hash is kept)")
+        return 0
+    if sub == "list":
+        clients = _run_db(settings, manage.list_clients)
+        if args.json:
+            print(json.dumps([_client_dict(c) for c in clients]))
+        for c in [] if args.json else clients:
+            kind = "public" if c.is_public else "confidential"
+            print(f"{c.client_id:<30} {kind:<12} {c.grant_types:<45} {c.scope}")
+        return 0
+    if sub == "show":
+        client = _run_db(settings, lambda db: manage.get_client(db, args.client_id))
+        print(json.dumps(_client_dict(client), indent=2))
+        return 0
+    if sub == "delete":
+        _run_db(settings, lambda db: manage.delete_client(db, args.client_id))
+        print(f"deleted client {args.client_id} and every token family it held")
+        return 0
+    secret = _run_db(settings, lambda db: manage.rotate_client_secret(db, args.client_id))
+    if args.json:
+        print(json.dumps({"client_id": args.client_id, "client_secret": secret}))
+    else:
+        print(f"client_secret: {secret}")
+        print("(shown once; the previous secret no longer works)")
+    return 0
+
+
+def cmd_users(settings: Settings, args: argparse.Namespace) -> int:
+    sub = args.users_command
+    if sub == "create":
+        password = _read_password()
+        passwords = Passwords(settings)
+        user = _run_db(
+            settings,
+            lambda db: manage.create_user(
+                db,
+                passwords,
+                username=args.username,
+                password=password,
+                email=args.email,
+                name=args.name,
+            ),
+        )
+        print(
+            json.dumps(_user_dict(user))
+            if args.json
+            else f"created user {user.username} ({user.id})"
+        )
+        return 0
+    if sub == "list":
+        users = _run_db(settings, manage.list_users)
+        if args.json:
+            print(json.dumps([_user_dict(u) for u in users]))
+        for u in [] if args.json else users:
+            status = "disabled" if u.disabled else "active"
+            print(f"{u.username:<30} {status:<9} {u.email or '-':<30} {u.id}")
+        return 0
+    if sub == "disable":
+        revoked = _run_db(settings, lambda db: manage.disable_user(db, args.username))
+        print(f"disabled {args.username}; revoked {revoked} session(s)")
+        return 0
+    password = _read_password()
+    passwords = Passwords(settings)
+    revoked = _run_db(
+        settings, lambda db: manage.set_password(db, passwords, args.username, password)
+    )
+    print(f"password changed for {args.username}; revoked {revoked} session(s)")
+    return 0
+
+
+def cmd_seed_demo(settings: Settings, args: argparse.Namespace) -> int:
+    """Seed a demo client and user into an empty database and print how to use them."""
+    record = Path("data") / "demo-credentials.json"
+
+    async def seed(db: AsyncSession) -> dict[str, str] | None:
+        if await manage.list_clients(db) or await manage.list_users(db):
+            return None
+        created = await manage.create_client(
+            db, client_id="demo-client", scope="profile email api", name="Demo client"
+        )
+        password = manage.new_secret()[:20]
+        await manage.create_user(
+            db, Passwords(settings), username="demo", password=password, email="demo@example.com"
+        )
+        assert created.secret is not None
+        return {
+            "client_id": "demo-client",
+            "client_secret": created.secret,
+            "username": "demo",
+            "password": password,
+        }
+
+    creds = _run_db(settings, seed)
+    if creds is None:
+        hint = f" (saved in {record})" if record.exists() else ""
+        print(f"demo data not seeded: the database already has clients or users{hint}")
+        return 0
+    record.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when an older file with wider permissions was there
+    with os.fdopen(fd, "w") as handle:
+        json.dump(creds, handle, indent=2)
+    print(
+        "Seeded a demo client and user (also saved in data/demo-credentials.json):\n"
+        f"  client_id:     {creds['client_id']}\n"
+        f"  client_secret: {creds['client_secret']}\n"
+        f"  username:      {creds['username']}\n"
+        f"  password:      {creds['password']}\n\n"
+        "Get a token with the password grant:\n\n"
+        f"  curl -s -u '{creds['client_id']}:{creds['client_secret']}' "
+        f"-d grant_type=password -d username={creds['username']} "
+        f"-d 'password={creds['password']}' {settings.issuer}/oauth2/token\n"
+    )
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m server", description="Token server")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve HTTP")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    serve.add_argument("--workers", type=int, default=1)
+
+    commands.add_parser("migrate", help="migrate the database to head (idempotent)")
+    commands.add_parser("seed-demo", help="seed a demo client and user into an empty database")
+
+    keys = commands.add_parser("keys", help="signing keys").add_subparsers(
+        dest="keys_command", required=True
+    )
+    keys.add_parser("list")
+    keys.add_parser("rotate", help="next → current → retired, and a new next")
+    keys.add_parser("prune", help="remove retired keys whose tokens have all expired")
+
+    clients = commands.add_parser("clients", help="OAuth clients").add_subparsers(
+        dest="clients_command", required=True
+    )
+    create = clients.add_parser("create")
+    create.add_argument("--client-id", required=True)
+    create.add_argument("--name", default="")
+    create.add_argument("--public", action="store_true", help="no secret (auth method none)")
+    create.add_argument("--admin", action="store_true", help="may receive the admin scope")
+    create.add_argument("--grant", action="append", help="allowed grant type (repeatable)")
+    create.add_argument("--scope", default="", help="space-separated scopes it may ask for")
+    create.add_argument("--redirect-uri", action="append", help="repeatable")
+    create.add_argument("--json", action="store_true")
+    listing = clients.add_parser("list")
+    listing.add_argument("--json", action="store_true")
+    for name in ("show", "delete"):
+        clients.add_parser(name).add_argument("client_id")
+    rotate = clients.add_parser("rotate-secret")
+    rotate.add_argument("client_id")
+    rotate.add_argument("--json", action="store_true")
+
+    users = commands.add_parser("users", help="people").add_subparsers(
+        dest="users_command", required=True
+    )
+    ucreate = users.add_parser("create")
+    ucreate.add_argument("--username", required=True)
+    ucreate.add_argument("--email")
+    ucreate.add_argument("--name")
+    ucreate.add_argument("--password-stdin", action="store_true", required=True)
+    ucreate.add_argument("--json", action="store_true")
+    ulist = users.add_parser("list")
+    ulist.add_argument("--json", action="store_true")
+    users.add_parser("disable").add_argument("username")
+    setpw = users.add_parser("set-password")
+    setpw.add_argument("username")
+    setpw.add_argument("--password-stdin", action="store_true", required=True)
+    return parser
+
+
+COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
+    "serve": cmd_serve,
+    "migrate": cmd_migrate,
+    "seed-demo": cmd_seed_demo,
+    "keys": cmd_keys,
+    "clients": cmd_clients,
+    "users": cmd_users,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings()
+        configure_logging(settings.log_level, stream=sys.stderr)
+        if args.command == "serve":
+            settings.check_production()
+        return COMMANDS[args.command](settings, args)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = "AUTH_" + str(first["loc"][0]).upper() if first["loc"] else "settings"
+        print(f"error: {field}: {first['msg']}", file=sys.stderr)
+    except (
+        CommandError,
+        manage.ManageError,
+        SchemaNotAtHeadError,
+        KeysUnavailableError,
+        InsecureSettingsError,
+    ) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    return 1

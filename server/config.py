@@ -1,0 +1,132 @@
+"""Settings: one class, read from the environment (prefix ``AUTH_``) or ``.env``.
+
+Every default is documented here, where it is defined; README.md lists them for operators.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEV_SECRET_KEY = "dev-insecure-secret-key-change-me-before-production"  # noqa: S105
+
+
+class Env(StrEnum):
+    development = "development"
+    testing = "testing"
+    production = "production"
+
+
+class InsecureSettingsError(ValueError):
+    """Raised when ``AUTH_ENV=production`` meets a setting that is not safe to serve with."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="AUTH_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    env: Env = Env.development
+    #: SQLite (aiosqlite) by default; ``postgresql+asyncpg://…`` in production.
+    database_url: str = "sqlite+aiosqlite:///./data/auth.db"
+    #: ``iss`` of every token and the base of every URL in the discovery documents.
+    issuer: str = "http://127.0.0.1:8000"
+    keys_dir: Path = Path("keys")
+    #: Signs sessions and CSRF tokens of the hosted pages; production refuses the default.
+    secret_key: str = DEV_SECRET_KEY
+
+    access_token_ttl: int = Field(default=900, ge=30, le=86_400)
+    refresh_token_ttl: int = Field(default=7 * 86_400, ge=60)
+    #: Absolute cap of a refresh-token family (one sign-in), however often it rotates.
+    refresh_token_max_lifetime: int = Field(default=30 * 86_400, ge=60)
+    #: ``aud`` of access tokens when no RFC 8707 ``resource`` is asked for; empty = issuer.
+    default_audience: str = ""
+    #: How often operators are expected to run ``keys rotate``; bounds the JWKS max-age.
+    key_rotation_interval: int = Field(default=30 * 86_400, ge=60)
+    #: How often a running server looks at ``keys_dir`` for a rotation (seconds).
+    key_reload_interval: float = Field(default=2.0, gt=0)
+
+    rate_limit_storage: str = "memory://"
+    rate_limits_enabled: bool = True
+    trusted_proxies: Annotated[list[str], NoDecode] = []
+
+    #: argon2id parameters: OWASP's recommendation (m = 19 MiB, t = 2, p = 1).
+    argon2_memory_cost: int = Field(default=19_456, ge=8)
+    argon2_time_cost: int = Field(default=2, ge=1)
+    argon2_parallelism: int = Field(default=1, ge=1)
+    #: Passwords longer than this are refused before hashing (hashing cost stays bounded).
+    password_max_length: int = Field(default=256, ge=16, le=4096)
+    password_min_length: int = Field(default=8, ge=1)
+
+    #: Largest request body the OAuth endpoints read, in bytes.
+    max_body_bytes: int = Field(default=16_384, ge=1024)
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
+    log_level: str = "info"
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("issuer")
+    @classmethod
+    def _strip_issuer(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @property
+    def audience(self) -> str:
+        return self.default_audience or self.issuer
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def jwks_max_age(self) -> int:
+        """A cached JWKS must never outlive the *next* key's time as next.
+
+        The next key is published one full rotation interval before it signs, so any max-age
+        shorter than the interval guarantees a cached JWKS holds the signing key; a tenth of
+        it (capped at one hour) leaves a wide margin for late or manual rotations.
+        """
+        return max(1, min(3600, self.key_rotation_interval // 10))
+
+    def insecure_reasons(self) -> list[str]:
+        """Every reason this configuration must not serve production traffic, with its fix."""
+        reasons: list[str] = []
+        if not self.issuer.startswith("https://"):
+            reasons.append(
+                f"AUTH_ISSUER={self.issuer!r} is not https: set it to the public https URL"
+            )
+        if self.secret_key == DEV_SECRET_KEY or len(self.secret_key) < 32:
+            reasons.append(
+                "AUTH_SECRET_KEY is the development default or shorter than 32 characters: "
+                "set it to a random value, e.g. the output of "
+                '`python -c "import secrets; print(secrets.token_urlsafe(48))"`'
+            )
+        if not any(self.keys_dir.glob("*.pem")):
+            reasons.append(
+                f"no signing keys in AUTH_KEYS_DIR={str(self.keys_dir)!r}: "
+                "run `python -m server keys rotate` to create them"
+            )
+        if self.argon2_memory_cost < 19_456 or self.argon2_time_cost < 2:
+            reasons.append(
+                "AUTH_ARGON2_MEMORY_COST/AUTH_ARGON2_TIME_COST are below OWASP's minimum "
+                "(19456 KiB, 2): remove them to use the defaults"
+            )
+        return reasons
+
+    def check_production(self) -> None:
+        if self.env is Env.production:
+            reasons = self.insecure_reasons()
+            if reasons:
+                raise InsecureSettingsError(
+                    "refusing to start in production:\n  - " + "\n  - ".join(reasons)
+                )

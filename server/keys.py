@@ -1,0 +1,231 @@
+"""Signing keys: PEM files in ``keys_dir`` and their lifecycle, and the JWKS.
+
+Lifecycle: *next* (published, not yet signing) → *current* (signing) → *retired* (published
+until every token it signed has expired) → removed by ``keys prune``. ``keys.json`` in the
+same directory records each key's state; it is replaced atomically, so a running server (or
+every replica sharing the directory) reloads it as soon as its content changes.
+The ``kid`` of a key is its RFC 7638 thumbprint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from joserfc import jwt
+from joserfc.jwk import RSAKey
+
+MANIFEST = "keys.json"
+RSA_BITS = 2048
+
+
+class KeysUnavailableError(RuntimeError):
+    """There is no usable signing key; the message says how to create one."""
+
+
+@dataclass
+class KeyInfo:
+    kid: str
+    state: str
+    created_at: int
+    activated_at: int | None = None
+    retired_at: int | None = None
+
+
+@dataclass
+class KeySet:
+    """What a running server needs: the signing key and the bytes of the JWKS, made once."""
+
+    current: RSAKey
+    kid: str
+    public: dict[str, RSAKey]
+    jwks_bytes: bytes
+    etag: str
+    infos: list[KeyInfo] = field(default_factory=list)
+
+    def sign(self, claims: dict[str, Any], typ: str) -> str:
+        header = {"alg": "RS256", "typ": typ, "kid": self.kid}
+        return jwt.encode(header, claims, self.current, algorithms=["RS256"])
+
+
+class KeyStore:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._loaded_version: bytes | None = None
+        self._keyset: KeySet | None = None
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / MANIFEST
+
+    # -- reading -----------------------------------------------------------------
+
+    def read_manifest(self) -> list[KeyInfo]:
+        try:
+            data = json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            return []
+        return [KeyInfo(**entry) for entry in data["keys"]]
+
+    def load(self) -> KeySet:
+        infos = self.read_manifest()
+        current = [info for info in infos if info.state == "current"]
+        if not current:
+            raise KeysUnavailableError(
+                f"no current signing key in {self.directory}: "
+                "run `python -m server keys rotate` to create one"
+            )
+        public: dict[str, RSAKey] = {}
+        signing: RSAKey | None = None
+        for info in infos:
+            try:
+                pem = self._pem_path(info.kid).read_bytes()
+            except FileNotFoundError:
+                raise KeysUnavailableError(
+                    f"keys.json lists {info.kid} but {self._pem_path(info.kid)} is missing: "
+                    "restore the file, or remove the entry and run `python -m server keys rotate`"
+                ) from None
+            key = RSAKey.import_key(pem)
+            public[info.kid] = RSAKey.import_key(key.as_dict(private=False))
+            if info is current[0]:
+                signing = key
+        assert signing is not None
+        jwks = {
+            "keys": [
+                {**public[info.kid].as_dict(), "kid": info.kid, "use": "sig", "alg": "RS256"}
+                for info in sorted(infos, key=_publish_order)
+            ]
+        }
+        body = json.dumps(jwks, separators=(",", ":")).encode()
+        return KeySet(
+            current=signing,
+            kid=current[0].kid,
+            public=public,
+            jwks_bytes=body,
+            etag='"' + hashlib.sha256(body).hexdigest()[:32] + '"',
+            infos=infos,
+        )
+
+    def keyset(self) -> KeySet:
+        if self._keyset is None:
+            self.reload()
+        assert self._keyset is not None
+        return self._keyset
+
+    def _version(self) -> bytes | None:
+        """A digest of ``keys.json``. Not its mtime: two writes within one timestamp tick
+        (a second on some network filesystems) would share it and hide a rotation."""
+        try:
+            return hashlib.sha256(self.manifest_path.read_bytes()).digest()
+        except FileNotFoundError:
+            return None
+
+    def reload(self) -> bool:
+        """Load the keys again if ``keys.json`` changed; True when something new was loaded."""
+        version = self._version()
+        if self._keyset is not None and version == self._loaded_version:
+            return False
+        self._keyset = self.load()
+        self._loaded_version = version
+        return True
+
+    # -- writing (operator commands) --------------------------------------------
+
+    def ensure(self) -> bool:
+        """Create a current and a next key when the directory has none; True if created."""
+        with self._locked():
+            if self.read_manifest():
+                return False
+            self._write_manifest(self._fresh_pair())
+            return True
+
+    def rotate(self) -> list[KeyInfo]:
+        """next → current, current → retired, and a new next. Returns the new manifest."""
+        with self._locked():
+            infos = self.read_manifest()
+            if not any(info.state == "current" for info in infos):
+                infos = [*infos, *self._fresh_pair()]
+            else:
+                stamp = int(time.time())
+                for info in infos:
+                    if info.state == "current":
+                        info.state, info.retired_at = "retired", stamp
+                promoted = False
+                for info in infos:
+                    if info.state == "next":
+                        info.state, info.activated_at = "current", stamp
+                        promoted = True
+                if not promoted:
+                    infos.append(self._generate("current"))
+                infos.append(self._generate("next"))
+            self._write_manifest(infos)
+            return infos
+
+    def prune(self, *, max_token_lifetime: int) -> tuple[list[str], list[str]]:
+        """Remove retired keys whose every token has expired.
+
+        Returns (removed kids, reasons for each retired key kept).
+        """
+        removed: list[str] = []
+        kept: list[str] = []
+        with self._locked():
+            stamp = int(time.time())
+            infos = self.read_manifest()
+            remaining: list[KeyInfo] = []
+            for info in infos:
+                if info.state == "retired":
+                    safe_at = (info.retired_at or stamp) + max_token_lifetime
+                    if safe_at <= stamp:
+                        removed.append(info.kid)
+                        continue
+                    kept.append(
+                        f"{info.kid}: tokens it signed may be valid for {safe_at - stamp} s more"
+                    )
+                remaining.append(info)
+            self._write_manifest(remaining)
+            for kid in removed:
+                self._pem_path(kid).unlink(missing_ok=True)
+        return removed, kept
+
+    def _fresh_pair(self) -> list[KeyInfo]:
+        current = self._generate("current")
+        current.activated_at = current.created_at
+        return [current, self._generate("next")]
+
+    def _generate(self, state: str) -> KeyInfo:
+        key = RSAKey.generate_key(RSA_BITS, private=True)
+        kid = key.thumbprint()
+        path = self._pem_path(kid)
+        # 0600 from the first byte: the private key is never readable by others.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(key.as_pem(private=True))
+        return KeyInfo(kid=kid, state=state, created_at=int(time.time()))
+
+    def _pem_path(self, kid: str) -> Path:
+        return self.directory / f"{kid}.pem"
+
+    def _write_manifest(self, infos: list[KeyInfo]) -> None:
+        body = json.dumps({"keys": [info.__dict__ for info in infos]}, indent=2)
+        tmp = self.manifest_path.with_suffix(".tmp")
+        tmp.write_text(body + "\n")
+        os.replace(tmp, self.manifest_path)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+
+def _publish_order(info: KeyInfo) -> int:
+    return {"current": 0, "next": 1}.get(info.state, 2)

@@ -1,0 +1,195 @@
+"""The token grants: each an ordered list of small checks, then one issue step.
+
+Authlib's defaults are overridden where they fall short of SPEC.md:
+- the password grant answers a bad username *or* password with ``invalid_grant``
+  (Authlib: ``invalid_request``) and verifies a dummy hash for unknown users;
+- the refresh grant always rotates (Authlib: ``INCLUDE_NEW_REFRESH_TOKEN = False``), claims
+  the old token with one conditional UPDATE so exactly one of simultaneous requests wins
+  (Authlib revokes in a separate, racy step), and treats reuse as theft: the family dies;
+- scope is checked against the client's registration, and refresh may narrow, never widen.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from authlib.oauth2.rfc6749 import grants
+from authlib.oauth2.rfc6749.errors import (
+    InvalidGrantError,
+    InvalidRequestError,
+    InvalidScopeError,
+    UnauthorizedClientError,
+)
+from sqlalchemy import select, update
+
+from ..models import Client, RefreshFamily, RefreshToken, User, sha256_hex
+from ..observability import audit
+
+if TYPE_CHECKING:
+    from .server import TokenServer
+
+USER_CLIENT_AUTH = ["client_secret_basic", "client_secret_post", "none"]
+CONFIDENTIAL_CLIENT_AUTH = ["client_secret_basic", "client_secret_post"]
+BAD_CREDENTIALS = "Invalid username or password."
+BAD_REFRESH_TOKEN = "The refresh token is invalid, expired or revoked."  # noqa: S105
+
+
+def resolve_scope(requested: str | None, allowed: list[str]) -> str:
+    """RFC 6749 §3.3: the requested scope, which must lie within ``allowed``; default all."""
+    if not requested:
+        return " ".join(allowed)
+    wanted = requested.split()
+    if not set(wanted) <= set(allowed):
+        raise InvalidScopeError("The requested scope exceeds what this grant allows.")
+    return " ".join(dict.fromkeys(wanted))
+
+
+class _Grant:
+    server: TokenServer
+    request: Any
+    GRANT_TYPE: str
+
+    def _client(self) -> Client:
+        client: Client = self.authenticate_token_endpoint_client()  # type: ignore[attr-defined]
+        if not client.check_grant_type(self.GRANT_TYPE):
+            raise UnauthorizedClientError(
+                f"The client is not allowed the grant_type {self.GRANT_TYPE}."
+            )
+        self.request.client = client
+        return client
+
+    def _required(self, name: str) -> str:
+        value: str | None = self.request.form.get(name)
+        if value is None:
+            raise InvalidRequestError(f"Missing {name!r} parameter.")
+        return value
+
+
+class PasswordGrant(_Grant, grants.ResourceOwnerPasswordCredentialsGrant):  # type: ignore[misc]
+    """RFC 6749 §4.3, kept for first-party clients although RFC 9700 §2.4 deprecates it."""
+
+    TOKEN_ENDPOINT_AUTH_METHODS = USER_CLIENT_AUTH
+
+    def validate_token_request(self) -> None:
+        client = self._client()
+        username = self._required("username")
+        password = self._required("password")
+        self.request.scope = resolve_scope(self.request.payload.scope, client.scope_list)
+        self.request.user = self.authenticate_user(username, password)
+
+    def authenticate_user(self, username: str, password: str) -> User:
+        server = self.server
+        user = server.find_user(username)
+        result = server.verify_password(user, password)
+        if user is None or not result.ok or user.disabled:
+            # One error for unknown user, wrong password and disabled account.
+            raise InvalidGrantError(BAD_CREDENTIALS)
+        if result.needs_rehash:
+            server.rehash(user, password)
+        return user
+
+    def create_token_response(self) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
+        request = self.request
+        self.server.start_family(request, scope=request.scope, auth_time=request.issued_at)
+        token = self.server.issue(request, scope=request.scope)
+        return 200, token, self.TOKEN_RESPONSE_HEADER
+
+
+class RefreshTokenGrant(_Grant, grants.RefreshTokenGrant):  # type: ignore[misc]
+    """RFC 6749 §6 with rotation and reuse detection (RFC 9700 §4.14.2)."""
+
+    TOKEN_ENDPOINT_AUTH_METHODS = USER_CLIENT_AUTH
+    INCLUDE_NEW_REFRESH_TOKEN = True
+
+    def validate_token_request(self) -> None:
+        client = self._client()
+        presented = self._required("refresh_token")
+        db = self.server.db
+        row = db.execute(
+            select(RefreshToken, RefreshFamily)
+            .join(RefreshFamily, RefreshFamily.id == RefreshToken.family_id)
+            .where(RefreshToken.token_hash == sha256_hex(presented))
+        ).first()
+        if row is None:
+            raise InvalidGrantError(BAD_REFRESH_TOKEN)
+        token, family = row
+        if family.client_id != client.client_id:
+            # Issued to another client: refuse, but leave the owner's family alone.
+            raise InvalidGrantError(BAD_REFRESH_TOKEN)
+        if family.revoked_at is not None:
+            raise InvalidGrantError(BAD_REFRESH_TOKEN)
+        if token.rotated_at is not None:
+            self._revoke_family(family, reason="reuse")
+            raise InvalidGrantError(BAD_REFRESH_TOKEN)
+        now = self.request.issued_at
+        if token.expires_at <= now or family.expires_at <= now:
+            raise InvalidGrantError(BAD_REFRESH_TOKEN)
+        user = db.get(User, family.user_id)
+        if user is None or user.disabled:
+            raise InvalidGrantError(BAD_REFRESH_TOKEN)
+        self.request.scope = resolve_scope(self.request.payload.scope, family.scope.split())
+        self.request.refresh_token = token
+        self.request.family = family
+        self.request.user = user
+
+    def create_token_response(self) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
+        request = self.request
+        if not self._claim(request.refresh_token, request.family):
+            # Another request rotated this token first: a replay or a race, both reuse.
+            self._revoke_family(request.family, reason="reuse")
+            raise InvalidGrantError(BAD_REFRESH_TOKEN)
+        token = self.server.issue(request, scope=request.scope)
+        return 200, token, self.TOKEN_RESPONSE_HEADER
+
+    def _claim(self, token: RefreshToken, family: RefreshFamily) -> bool:
+        """Atomically mark ``token`` rotated; True for exactly one caller.
+
+        The family row is updated first: every rotation and revocation of a family takes
+        that row lock in the same order, so they serialise on PostgreSQL (and SQLite holds
+        one write lock per transaction anyway).
+        """
+        db = self.server.db
+        now = self.request.issued_at
+        live_family = db.execute(
+            update(RefreshFamily)
+            .where(RefreshFamily.id == family.id, RefreshFamily.revoked_at.is_(None))
+            .values(last_used_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if live_family.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        claimed = db.execute(
+            update(RefreshToken)
+            .where(RefreshToken.id == token.id, RefreshToken.rotated_at.is_(None))
+            .values(rotated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(claimed.rowcount == 1)  # type: ignore[attr-defined]
+
+    def _revoke_family(self, family: RefreshFamily, *, reason: str) -> None:
+        audit(
+            "refresh.reuse_detected",
+            family_id=family.id,
+            client_id=family.client_id,
+            user_id=family.user_id,
+        )
+        self.server.db.execute(
+            update(RefreshFamily)
+            .where(RefreshFamily.id == family.id, RefreshFamily.revoked_at.is_(None))
+            .values(revoked_at=self.request.issued_at, revoked_reason=reason)
+            .execution_options(synchronize_session=False)
+        )
+
+
+class ClientCredentialsGrant(_Grant, grants.ClientCredentialsGrant):  # type: ignore[misc]
+    """RFC 6749 §4.4: confidential clients only, never a refresh token."""
+
+    TOKEN_ENDPOINT_AUTH_METHODS = CONFIDENTIAL_CLIENT_AUTH
+
+    def validate_token_request(self) -> None:
+        client = self._client()
+        self.request.scope = resolve_scope(self.request.payload.scope, client.scope_list)
+
+    def create_token_response(self) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
+        token = self.server.issue(self.request, scope=self.request.scope)
+        return 200, token, self.TOKEN_RESPONSE_HEADER

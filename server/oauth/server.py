@@ -1,0 +1,169 @@
+"""Authlib's ``AuthorizationServer`` bound to one synchronous database session.
+
+Authlib's core is synchronous. The route awaits the request body first, then runs the whole
+grant inside ``AsyncSession.run_sync``: the callbacks below use a plain ``Session`` whose I/O
+still runs on the async driver through SQLAlchemy's greenlet bridge, so the event loop never
+blocks on the database; argon2 leaves the loop through a worker thread (``await_only``).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from authlib.oauth2 import AuthorizationServer
+from authlib.oauth2.rfc6749 import OAuth2Request
+from authlib.oauth2.rfc6749.errors import InvalidClientError, OAuth2Error
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from sqlalchemy.util import await_only
+
+from ..deps import AppState
+from ..models import Client, RefreshFamily, RefreshToken, User, new_id, sha256_hex
+from ..passwords import Verification, normalize_username
+from .grants import ClientCredentialsGrant, PasswordGrant, RefreshTokenGrant
+
+Response = tuple[int, dict[str, Any], list[tuple[str, str]]]
+
+REFRESH_TOKEN_BYTES = 32  # 256 bits from the OS CSPRNG
+
+
+class TokenServer(AuthorizationServer):  # type: ignore[misc]
+    def __init__(self, state: AppState, db: Session) -> None:
+        super().__init__()
+        self.state = state
+        self.settings = state.settings
+        self.db = db
+        for grant in (PasswordGrant, RefreshTokenGrant, ClientCredentialsGrant):
+            self.register_grant(grant)
+
+    # -- Authlib integration points ---------------------------------------------
+
+    def query_client(self, client_id: str) -> Client | None:
+        return self.db.get(Client, client_id)
+
+    def authenticate_client(
+        self, request: OAuth2Request, methods: list[str], endpoint: str = "token"
+    ) -> Client:
+        try:
+            client: Client = super().authenticate_client(request, methods, endpoint)
+        except InvalidClientError as error:
+            # SPEC: invalid_client is always 401 with WWW-Authenticate (RFC 6749 §5.2).
+            error.status_code = 401
+            raise
+        return client
+
+    def create_oauth2_request(self, request: OAuth2Request) -> OAuth2Request:
+        return request
+
+    def create_json_request(self, request: Any) -> Any:
+        return request
+
+    def handle_response(
+        self, status: int, body: dict[str, Any], headers: list[tuple[str, str]]
+    ) -> Response:
+        return status, body, headers
+
+    def handle_error_response(self, request: OAuth2Request, error: OAuth2Error) -> Response:
+        response: Response = super().handle_error_response(request, error)
+        return response
+
+    def send_signal(self, name: str, *args: Any, **kwargs: Any) -> None:
+        """Authlib's hook points; audit events are emitted where the outcome is known."""
+
+    def save_token(self, token: dict[str, Any], request: OAuth2Request) -> None:
+        """Persist the refresh token of ``token`` (access tokens are self-contained JWTs)."""
+        refresh_token = token.get("refresh_token")
+        if not refresh_token:
+            return
+        family: RefreshFamily = request.family
+        self.db.add(
+            RefreshToken(
+                family_id=family.id,
+                token_hash=sha256_hex(refresh_token),
+                created_at=request.issued_at,
+                expires_at=min(
+                    request.issued_at + self.settings.refresh_token_ttl, family.expires_at
+                ),
+            )
+        )
+
+    # -- our own services, used by the grants ------------------------------------
+
+    def find_user(self, username: str) -> User | None:
+        key = normalize_username(username)
+        return self.db.scalars(select(User).where(User.username_key == key)).first()
+
+    def verify_password(self, user: User | None, password: str) -> Verification:
+        """Argon2 on a worker thread, awaited from inside the greenlet bridge.
+
+        The transaction is ended first so no database lock or pooled connection is held
+        while the hash runs (tens of milliseconds).
+        """
+        self.db.commit()
+        password_hash = user.password_hash if user is not None else None
+        result: Verification = await_only(
+            self.state.passwords.verify_async(password_hash, password)
+        )
+        return result
+
+    def rehash(self, user: User, password: str) -> None:
+        user.password_hash = await_only(self.state.passwords.hash_async(password))
+
+    def start_family(self, request: OAuth2Request, *, scope: str, auth_time: int) -> None:
+        """Open a refresh-token family (one sign-in) for this request, if the client refreshes."""
+        client: Client = request.client
+        if not client.check_grant_type("refresh_token"):
+            request.family = None
+            return
+        family = RefreshFamily(
+            id=new_id(),
+            client_id=client.client_id,
+            user_id=request.user.id,
+            scope=scope,
+            auth_time=auth_time,
+            created_at=request.issued_at,
+            last_used_at=request.issued_at,
+            expires_at=request.issued_at + self.settings.refresh_token_max_lifetime,
+        )
+        self.db.add(family)
+        request.family = family
+
+    def issue(self, request: OAuth2Request, *, scope: str) -> dict[str, Any]:
+        """The token response (RFC 6749 §5.1) with an RFC 9068 JWT access token."""
+        settings = self.settings
+        client: Client = request.client
+        user: User | None = request.user
+        family: RefreshFamily | None = getattr(request, "family", None)
+        issued_at: int = request.issued_at
+        claims: dict[str, Any] = {
+            "iss": settings.issuer,
+            "sub": user.id if user is not None else client.client_id,
+            "aud": settings.audience,
+            "exp": issued_at + settings.access_token_ttl,
+            "iat": issued_at,
+            "jti": secrets.token_urlsafe(16),
+            "client_id": client.client_id,
+            "scope": scope,
+        }
+        if user is not None:
+            claims["auth_time"] = family.auth_time if family is not None else issued_at
+        if family is not None:
+            # The family id lets one lookup revoke or introspect every token of a sign-in.
+            claims["sid"] = family.id
+        token: dict[str, Any] = {
+            "access_token": self.state.keys.keyset().sign(claims, "at+jwt"),
+            "token_type": "Bearer",
+            "expires_in": settings.access_token_ttl,
+            "scope": scope,
+        }
+        if family is not None:
+            token["refresh_token"] = secrets.token_urlsafe(REFRESH_TOKEN_BYTES)
+        self.save_token(token, request)
+        return token
+
+
+def stamp(request: OAuth2Request) -> None:
+    """One clock reading per request, so every row and claim it writes agrees."""
+    request.issued_at = int(time.time())

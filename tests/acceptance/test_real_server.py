@@ -1,0 +1,206 @@
+"""A real server process (``python -m server serve``) set up with the real CLI.
+
+Password grant → refresh → refresh again; the access token verifies against the JWKS with
+PyJWT (not Authlib); replaying a rotated refresh token kills the family.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import jwt
+import pytest
+
+from server.config import Settings
+
+pytestmark = pytest.mark.feature(
+    "cli-serve",
+    "make-run",
+    "grant-password",
+    "grant-refresh",
+    "refresh-reuse-detection",
+    "access-token-jwt",
+    "jwks-endpoint",
+    "sqlite-backend",
+    "postgres-backend",
+)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def cli(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+def server(clean_db: Settings, tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    port = free_port()
+    issuer = f"http://127.0.0.1:{port}"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AUTH_")},
+        "AUTH_ENV": "development",
+        "AUTH_DATABASE_URL": clean_db.database_url,
+        "AUTH_KEYS_DIR": str(tmp_path / "keys"),
+        "AUTH_ISSUER": issuer,
+    }
+    assert cli(env, "migrate").returncode == 0
+    log = (tmp_path / "server.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(issuer + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("server did not start: " + (tmp_path / "server.log").read_text())
+            time.sleep(0.1)
+        yield issuer, env
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        log.close()
+
+
+def test_password_refresh_verify_and_reuse(server: tuple[str, dict[str, str]]) -> None:
+    issuer, env = server
+    created = cli(
+        env, "clients", "create", "--client-id", "web", "--scope", "profile api", "--json"
+    )
+    assert created.returncode == 0, created.stderr
+    client = json.loads(created.stdout)
+    assert client["client_id"] == "web"
+    user = cli(
+        env,
+        "users",
+        "create",
+        "--username",
+        "carol",
+        "--email",
+        "carol@example.com",
+        "--password-stdin",
+        "--json",
+        stdin="a long enough passphrase\n",
+    )
+    assert user.returncode == 0, user.stderr
+    user_id = json.loads(user.stdout)["id"]
+
+    auth = (client["client_id"], client["client_secret"])
+    with httpx.Client(base_url=issuer, auth=auth, timeout=10) as http:
+        first = http.post(
+            "/oauth2/token",
+            data={
+                "grant_type": "password",
+                "username": "carol",
+                "password": "a long enough passphrase",
+                "scope": "profile api",
+            },
+        )
+        assert first.status_code == 200, first.text
+        second = http.post(
+            "/oauth2/token",
+            data={
+                "grant_type": "refresh_token",
+                "refresh_token": first.json()["refresh_token"],
+            },
+        )
+        assert second.status_code == 200, second.text
+        third = http.post(
+            "/oauth2/token",
+            data={
+                "grant_type": "refresh_token",
+                "refresh_token": second.json()["refresh_token"],
+            },
+        )
+        assert third.status_code == 200, third.text
+
+        token = third.json()["access_token"]
+        signing_key = jwt.PyJWKClient(issuer + "/.well-known/jwks.json").get_signing_key_from_jwt(
+            token
+        )
+        claims = jwt.decode(
+            token, signing_key.key, algorithms=["RS256"], audience=issuer, issuer=issuer
+        )
+        assert claims["sub"] == user_id
+        assert claims["scope"] == "profile api"
+        assert jwt.get_unverified_header(token)["typ"] == "at+jwt"
+
+        replay = http.post(
+            "/oauth2/token",
+            data={
+                "grant_type": "refresh_token",
+                "refresh_token": first.json()["refresh_token"],
+            },
+        )
+        assert replay.status_code == 400
+        assert replay.json()["error"] == "invalid_grant"
+        newest = http.post(
+            "/oauth2/token",
+            data={
+                "grant_type": "refresh_token",
+                "refresh_token": third.json()["refresh_token"],
+            },
+        )
+        assert newest.status_code == 400, "the family must be dead after a reuse"
+
+
+def test_demo_seed_prints_a_working_curl(
+    server: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    issuer, env = server
+    seeded = subprocess.run(
+        [sys.executable, "-m", "server", "seed-demo"],
+        env={**env, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert seeded.returncode == 0, seeded.stderr
+    curl_line = next(line for line in seeded.stdout.splitlines() if "curl" in line)
+    creds = json.loads((tmp_path / "data" / "demo-credentials.json").read_text())
+    assert issuer + "/oauth2/token" in curl_line
+    assert creds["client_secret"] in curl_line
+    assert shutil.which("curl"), "curl is needed to run the printed command as a newcomer would"
+    pasted = subprocess.run(
+        ["bash", "-c", curl_line.strip()], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert pasted.returncode == 0, pasted.stderr
+    token = json.loads(pasted.stdout)["access_token"]
+    signing_key = jwt.PyJWKClient(issuer + "/.well-known/jwks.json").get_signing_key_from_jwt(token)
+    claims = jwt.decode(token, signing_key.key, algorithms=["RS256"], audience=issuer)
+    assert claims["client_id"] == "demo-client"

@@ -1,0 +1,225 @@
+"""Fixtures: every database test runs on SQLite and on PostgreSQL from one parametrised fixture.
+
+PostgreSQL tests skip with a visible reason when no server answers, unless
+``AUTH_TEST_REQUIRE_POSTGRES=1`` (set by .ci/run), which turns the skip into a failure.
+Each run creates its own PostgreSQL database and drops only that one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from alembic import command
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from server import manage
+from server.config import Settings
+from server.db import alembic_config
+from server.deps import AppState
+from server.keys import KeyStore
+from server.main import create_app
+from server.models import Base
+
+PG_ADMIN_URL = os.environ.get(
+    "AUTH_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
+)
+REQUIRE_PG = os.environ.get("AUTH_TEST_REQUIRE_POSTGRES") == "1"
+BACKENDS = ["sqlite", "postgresql"]
+# Cheap argon2 parameters keep the suite fast; test_passwords checks the real defaults.
+FAST_ARGON2: dict[str, Any] = {"argon2_memory_cost": 1024, "argon2_time_cost": 1}
+
+
+def migrate(url: str) -> None:
+    command.upgrade(alembic_config(url), "head")
+
+
+async def _pg_execute(url: str, sql: str) -> None:
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text(sql))
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def keys_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("keys")
+    KeyStore(directory).ensure()
+    return directory
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'auth.db'}"
+    migrate(url)
+    return url
+
+
+def _new_pg_database() -> str:
+    """Create a fresh database for this run; skip (or fail in CI) when PostgreSQL is absent."""
+    name = f"tokenserver_test_{uuid.uuid4().hex[:12]}"
+    try:
+        asyncio.run(_pg_execute(PG_ADMIN_URL, f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        reason = f"PostgreSQL not reachable at {PG_ADMIN_URL}: {type(exc).__name__}: {exc}"
+        if REQUIRE_PG:
+            pytest.fail(f"{reason} (AUTH_TEST_REQUIRE_POSTGRES=1)")
+        pytest.skip(reason)
+    return make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def _drop_pg_database(url: str) -> None:
+    name = make_url(url).database
+    asyncio.run(_pg_execute(PG_ADMIN_URL, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def postgresql_url() -> Iterator[str]:
+    url = _new_pg_database()
+    migrate(url)
+    yield url
+    _drop_pg_database(url)
+
+
+@pytest.fixture(scope="session")
+def empty_postgresql_url() -> Iterator[str]:
+    """A PostgreSQL database with no schema at all (for migration tests)."""
+    url = _new_pg_database()
+    yield url
+    _drop_pg_database(url)
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest) -> str:
+    url: str = request.getfixturevalue(f"{request.param}_url")
+    return url
+
+
+def make_settings(database_url: str, keys_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "env": "testing",
+        "database_url": database_url,
+        "keys_dir": keys_dir,
+        **FAST_ARGON2,
+        **overrides,
+    }
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+def settings(database_url: str, keys_dir: Path) -> Settings:
+    return make_settings(database_url, keys_dir)
+
+
+async def truncate(url: str) -> None:
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as connection:
+            for table in reversed(Base.metadata.sorted_tables):
+                await connection.execute(table.delete())
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def clean_db(settings: Settings) -> Settings:
+    """For synchronous tests (the CLI): empty tables, nothing else."""
+    asyncio.run(truncate(settings.database_url))
+    return settings
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[FastAPI]:
+    await truncate(settings.database_url)
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+def state(app: FastAPI) -> AppState:
+    result: AppState = app.state.auth
+    return result
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        yield http
+
+
+@dataclass
+class ClientCreds:
+    client_id: str
+    secret: str | None
+
+    @property
+    def basic(self) -> dict[str, str]:
+        raw = f"{self.client_id}:{self.secret}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+
+
+@dataclass
+class UserCreds:
+    id: str
+    username: str
+    password: str
+
+
+MakeClient = Callable[..., Awaitable[ClientCreds]]
+MakeUser = Callable[..., Awaitable[UserCreds]]
+
+
+@pytest.fixture
+def make_client(state: AppState) -> MakeClient:
+    async def factory(client_id: str = "app", **kwargs: Any) -> ClientCreds:
+        kwargs.setdefault("scope", "profile email api")
+        async with state.sessions() as db:
+            created = await manage.create_client(db, client_id=client_id, **kwargs)
+            await db.commit()
+        return ClientCreds(client_id, created.secret)
+
+    return factory
+
+
+@pytest.fixture
+def make_user(state: AppState) -> MakeUser:
+    async def factory(
+        username: str = "alice", password: str = "correct horse battery", **kwargs: Any
+    ) -> UserCreds:
+        async with state.sessions() as db:
+            user = await manage.create_user(
+                db, state.passwords, username=username, password=password, **kwargs
+            )
+            await db.commit()
+        return UserCreds(user.id, username, password)
+
+    return factory
+
+
+async def password_grant(
+    http: httpx.AsyncClient, creds: ClientCreds, user: UserCreds, **extra: str
+) -> httpx.Response:
+    data = {"grant_type": "password", "username": user.username, "password": user.password}
+    return await http.post("/oauth2/token", data={**data, **extra}, headers=creds.basic)
+
+
+async def refresh_grant(
+    http: httpx.AsyncClient, creds: ClientCreds, refresh_token: str, **extra: str
+) -> httpx.Response:
+    data = {"grant_type": "refresh_token", "refresh_token": refresh_token, **extra}
+    return await http.post("/oauth2/token", data=data, headers=creds.basic)

@@ -1,0 +1,68 @@
+"""/.well-known/jwks.json and the discovery documents (RFC 8414, OIDC Discovery)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from server.deps import AppState
+
+PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi"}
+
+
+@pytest.mark.feature("jwks-endpoint", "signing-keys")
+async def test_jwks_publishes_public_keys_with_cache_headers(
+    client: httpx.AsyncClient, state: AppState
+) -> None:
+    response = await client.get("/.well-known/jwks.json")
+    assert response.status_code == 200
+    keys = response.json()["keys"]
+    assert len(keys) == 2  # current and next
+    assert keys[0]["kid"] == state.keys.keyset().kid  # the signing key first
+    for key in keys:
+        assert key["kty"] == "RSA"
+        assert key["use"] == "sig"
+        assert key["alg"] == "RS256"
+        assert not PRIVATE_MEMBERS & set(key)
+    max_age = int(response.headers["cache-control"].split("max-age=")[1])
+    assert 0 < max_age < state.settings.key_rotation_interval
+    assert response.headers["etag"].startswith('"')
+
+
+@pytest.mark.feature("jwks-endpoint")
+async def test_jwks_etag_gives_304(client: httpx.AsyncClient) -> None:
+    first = await client.get("/.well-known/jwks.json")
+    etag = first.headers["etag"]
+    again = await client.get("/.well-known/jwks.json", headers={"If-None-Match": etag})
+    assert again.status_code == 304
+    assert again.content == b""
+    assert again.headers["etag"] == etag
+    other = await client.get("/.well-known/jwks.json", headers={"If-None-Match": '"stale"'})
+    assert other.status_code == 200
+
+
+@pytest.mark.feature("discovery")
+@pytest.mark.parametrize(
+    "path", ["/.well-known/openid-configuration", "/.well-known/oauth-authorization-server"]
+)
+async def test_discovery_lists_what_is_supported(client: httpx.AsyncClient, path: str) -> None:
+    response = await client.get(path)
+    assert response.status_code == 200
+    doc = response.json()
+    assert doc["issuer"] == "http://127.0.0.1:8000"
+    assert doc["token_endpoint"] == "http://127.0.0.1:8000/oauth2/token"
+    assert doc["jwks_uri"] == "http://127.0.0.1:8000/.well-known/jwks.json"
+    assert sorted(doc["grant_types_supported"]) == [
+        "client_credentials",
+        "password",
+        "refresh_token",
+    ]
+    assert sorted(doc["token_endpoint_auth_methods_supported"]) == [
+        "client_secret_basic",
+        "client_secret_post",
+        "none",
+    ]
+    # Nothing advertised that is not served yet.
+    assert "authorization_endpoint" not in doc
+    assert "introspection_endpoint" not in doc
+    assert "public" in response.headers["cache-control"]

@@ -1,0 +1,283 @@
+"""Engine, migrations and the schema-at-head check, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, inspect, select, text
+from sqlalchemy.exc import IntegrityError
+
+from server.config import Settings
+from server.db import (
+    MIGRATIONS_DIR,
+    SchemaNotAtHeadError,
+    alembic_config,
+    assert_schema_at_head,
+    create_engine,
+    head_revision,
+    session_factory,
+    transaction,
+)
+from server.models import Base, Client
+from tests.conftest import _drop_pg_database, _new_pg_database, make_settings, migrate
+
+TABLES = {"users", "clients", "refresh_families", "refresh_tokens"}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fresh_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database of this test's own, with no schema at all."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}"
+        return
+    url = _new_pg_database()
+    try:
+        yield url
+    finally:
+        _drop_pg_database(url)
+
+
+async def schema_error(settings: Settings) -> SchemaNotAtHeadError | None:
+    engine = create_engine(settings)
+    try:
+        await assert_schema_at_head(engine)
+    except SchemaNotAtHeadError as exc:
+        return exc
+    finally:
+        await engine.dispose()
+    return None
+
+
+async def table_names(settings: Settings) -> set[str]:
+    engine = create_engine(settings)
+    try:
+        async with engine.connect() as connection:
+            names: list[str] = await connection.run_sync(
+                lambda sync: inspect(sync).get_table_names()
+            )
+    finally:
+        await engine.dispose()
+    return set(names)
+
+
+@pytest.mark.feature("schema-at-head", "sqlite-backend")
+async def test_empty_sqlite_database_is_not_at_head(tmp_path: Path, keys_dir: Path) -> None:
+    settings = make_settings(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}", keys_dir)
+    error = await schema_error(settings)
+    assert error is not None
+    assert str(error) == (
+        f"database schema is at nothing, this code needs {head_revision()}: "
+        "run `python -m server migrate` (same AUTH_DATABASE_URL) and start again"
+    )
+
+
+@pytest.mark.feature("schema-at-head", "postgres-backend")
+async def test_empty_postgresql_database_is_not_at_head(
+    empty_postgresql_url: str, keys_dir: Path
+) -> None:
+    error = await schema_error(make_settings(empty_postgresql_url, keys_dir))
+    assert error is not None
+    assert "database schema is at nothing" in str(error)
+    assert "run `python -m server migrate`" in str(error)
+
+
+@pytest.mark.feature(
+    "migrations", "schema-at-head", "storage-models", "sqlite-backend", "postgres-backend"
+)
+async def test_migrate_brings_an_empty_database_to_head(
+    fresh_database_url: str, keys_dir: Path
+) -> None:
+    settings = make_settings(fresh_database_url, keys_dir)
+    assert isinstance(await schema_error(settings), SchemaNotAtHeadError)
+    assert not TABLES & await table_names(settings)
+
+    await asyncio.to_thread(migrate, fresh_database_url)
+
+    assert await schema_error(settings) is None
+    assert await table_names(settings) == {*TABLES, "alembic_version"}
+
+
+@pytest.mark.feature("migrations", "sqlite-backend", "postgres-backend")
+async def test_migrate_is_idempotent(fresh_database_url: str, keys_dir: Path) -> None:
+    settings = make_settings(fresh_database_url, keys_dir)
+    await asyncio.to_thread(migrate, fresh_database_url)
+    engine = create_engine(settings)
+    try:
+        async with transaction(session_factory(engine)) as db:
+            db.add(Client(client_id="kept", name="kept"))
+    finally:
+        await engine.dispose()
+
+    await asyncio.to_thread(migrate, fresh_database_url)
+
+    assert await schema_error(settings) is None
+    engine = create_engine(settings)
+    try:
+        async with session_factory(engine)() as db:
+            assert list(await db.scalars(select(Client.client_id))) == ["kept"]
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.feature("schema-at-head")
+async def test_schema_ahead_of_the_code_is_refused(fresh_database_url: str, keys_dir: Path) -> None:
+    settings = make_settings(fresh_database_url, keys_dir)
+    await asyncio.to_thread(migrate, fresh_database_url)
+    engine = create_engine(settings)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text("UPDATE alembic_version SET version_num = 'ffff'"))
+    finally:
+        await engine.dispose()
+    error = await schema_error(settings)
+    assert error is not None
+    assert str(error).startswith(f"database schema is at ffff, this code needs {head_revision()}:")
+
+
+@pytest.mark.feature("migrations")
+def test_head_revision_is_the_single_head_of_the_migrations() -> None:
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    assert script.get_heads() == [head_revision()]
+    assert head_revision() is not None
+    assert Path(script.dir) == MIGRATIONS_DIR
+
+
+@pytest.mark.feature("migrations")
+def test_alembic_config_escapes_percent_signs() -> None:
+    url = "postgresql+asyncpg://auth:p%40ss@db/auth"
+    assert alembic_config(url).get_main_option("sqlalchemy.url") == url
+
+
+@pytest.mark.feature("migrations", "storage-models", "sqlite-backend", "postgres-backend")
+async def test_migrations_match_the_models(settings: Settings) -> None:
+    """The head schema is exactly what ``server.models`` describes: nothing to autogenerate."""
+
+    def differences(connection: Connection) -> list[Any]:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        return list(compare_metadata(context, Base.metadata))
+
+    engine = create_engine(settings)
+    try:
+        async with engine.connect() as connection:
+            diff = await connection.run_sync(differences)
+    finally:
+        await engine.dispose()
+    assert diff == []
+
+
+@pytest.mark.feature("sqlite-backend")
+async def test_sqlite_engine_uses_wal_foreign_keys_and_a_busy_timeout(
+    tmp_path: Path, keys_dir: Path
+) -> None:
+    path = tmp_path / "not" / "yet" / "there" / "auth.db"
+    settings = make_settings(f"sqlite+aiosqlite:///{path}", keys_dir)
+    engine = create_engine(settings)
+    try:
+        assert path.parent.is_dir()
+        async with engine.connect() as connection:
+            pragmas = {
+                name: (await connection.exec_driver_sql(f"PRAGMA {name}")).scalar()
+                for name in ("journal_mode", "foreign_keys", "busy_timeout", "synchronous")
+            }
+    finally:
+        await engine.dispose()
+    assert pragmas == {
+        "journal_mode": "wal",
+        "foreign_keys": 1,
+        "busy_timeout": 10_000,
+        "synchronous": 1,
+    }
+
+
+@pytest.mark.feature("sqlite-backend")
+async def test_sqlite_in_memory_url_creates_no_directory(
+    tmp_path: Path, keys_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    engine = create_engine(make_settings("sqlite+aiosqlite:///:memory:", keys_dir))
+    try:
+        async with engine.connect() as connection:
+            assert (await connection.execute(text("SELECT 1"))).scalar() == 1
+    finally:
+        await engine.dispose()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.feature("sqlite-backend")
+async def test_sqlite_enforces_foreign_keys(tmp_path: Path, keys_dir: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'fk.db'}"
+    await asyncio.to_thread(migrate, url)
+    engine = create_engine(make_settings(url, keys_dir))
+    orphan = text(
+        "INSERT INTO refresh_families (id, client_id, user_id, scope, auth_time,"
+        " created_at, last_used_at, expires_at)"
+        " VALUES ('f', 'nobody', 'nobody', '', 0, 0, 0, 0)"
+    )
+    try:
+        with pytest.raises(IntegrityError, match="FOREIGN KEY constraint failed"):
+            async with engine.begin() as connection:
+                await connection.execute(orphan)
+        async with engine.connect() as connection:
+            count = await connection.execute(text("SELECT count(*) FROM refresh_families"))
+            assert count.scalar() == 0
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.feature("postgres-backend")
+async def test_postgresql_engine_uses_the_configured_pool(
+    postgresql_url: str, keys_dir: Path
+) -> None:
+    engine = create_engine(
+        make_settings(postgresql_url, keys_dir, db_pool_size=3, db_max_overflow=2)
+    )
+    try:
+        assert engine.dialect.name == "postgresql"
+        assert engine.pool.size() == 3  # type: ignore[attr-defined]
+        assert engine.sync_engine.pool._max_overflow == 2  # type: ignore[attr-defined]
+        async with engine.connect() as connection:
+            assert (await connection.execute(text("SELECT 1"))).scalar() == 1
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.feature("storage-models", "sqlite-backend", "postgres-backend")
+async def test_transaction_commits_on_success_and_rolls_back_on_error(settings: Settings) -> None:
+    committed, rolled_back = f"ok-{uuid.uuid4().hex[:8]}", f"no-{uuid.uuid4().hex[:8]}"
+    engine = create_engine(settings)
+    factory = session_factory(engine)
+    try:
+        async with transaction(factory) as db:
+            db.add(Client(client_id=committed))
+        with pytest.raises(RuntimeError, match="boom"):
+            async with transaction(factory) as db:
+                db.add(Client(client_id=rolled_back))
+                await db.flush()
+                raise RuntimeError("boom")
+        async with factory() as db:
+            found = set(
+                await db.scalars(
+                    select(Client.client_id).where(Client.client_id.in_([committed, rolled_back]))
+                )
+            )
+            stored = await db.get(Client, committed)
+    finally:
+        await engine.dispose()
+    assert found == {committed}
+    assert stored is not None
+    # Column defaults apply on insert, the same on both backends.
+    assert (stored.name, stored.secret_hash, stored.is_admin, stored.grant_types) == (
+        "",
+        None,
+        False,
+        "",
+    )
+    assert stored.created_at > 1_700_000_000

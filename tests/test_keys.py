@@ -1,0 +1,338 @@
+"""Signing keys (SPEC.md "Keys"): PEM files, RFC 7638 kids, lifecycle, JWKS, hot reload."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from server.keys import MANIFEST, KeyStore, KeysUnavailableError
+
+PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth"}
+
+
+def b64url_uint(value: int) -> str:
+    raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def rfc7638_thumbprint(pem: bytes) -> str:
+    """Computed independently of joserfc: SHA-256 over the canonical JSON of e, kty, n."""
+    key = load_pem_private_key(pem, password=None)
+    assert isinstance(key, RSAPrivateKey)
+    numbers = key.public_key().public_numbers()
+    canonical = json.dumps(
+        {"e": b64url_uint(numbers.e), "kty": "RSA", "n": b64url_uint(numbers.n)},
+        separators=(",", ":"),
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(canonical.encode()).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def manifest(directory: Path) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = json.loads((directory / MANIFEST).read_text())["keys"]
+    return entries
+
+
+def states(directory: Path) -> dict[str, str]:
+    return {entry["kid"]: entry["state"] for entry in manifest(directory)}
+
+
+def kid_in(directory: Path, state: str) -> str:
+    (kid,) = [kid for kid, s in states(directory).items() if s == state]
+    return kid
+
+
+def jwks(store: KeyStore) -> list[dict[str, Any]]:
+    keys: list[dict[str, Any]] = json.loads(store.keyset().jwks_bytes)["keys"]
+    return keys
+
+
+@pytest.mark.feature("signing-keys", "key-lifecycle")
+def test_ensure_creates_current_and_next_once(tmp_path: Path) -> None:
+    directory = tmp_path / "nested" / "keys"
+    store = KeyStore(directory)
+    assert store.ensure() is True
+    first = manifest(directory)
+    assert sorted(entry["state"] for entry in first) == ["current", "next"]
+    current = next(entry for entry in first if entry["state"] == "current")
+    assert current["activated_at"] == current["created_at"]
+    assert current["retired_at"] is None
+    assert sorted(p.name for p in directory.glob("*.pem")) == sorted(
+        f"{entry['kid']}.pem" for entry in first
+    )
+
+    assert store.ensure() is False
+    assert KeyStore(directory).ensure() is False
+    assert manifest(directory) == first
+    assert len(list(directory.glob("*.pem"))) == 2
+
+
+@pytest.mark.feature("signing-keys")
+def test_kid_is_the_rfc7638_thumbprint(tmp_path: Path) -> None:
+    KeyStore(tmp_path).ensure()
+    for entry in manifest(tmp_path):
+        pem = (tmp_path / f"{entry['kid']}.pem").read_bytes()
+        assert entry["kid"] == rfc7638_thumbprint(pem)
+        key = load_pem_private_key(pem, password=None)
+        assert isinstance(key, RSAPrivateKey)
+        assert key.key_size == 2048
+
+
+@pytest.mark.feature("signing-keys")
+def test_private_key_files_are_mode_0600_even_with_a_lax_umask(tmp_path: Path) -> None:
+    previous = os.umask(0)
+    try:
+        store = KeyStore(tmp_path)
+        store.ensure()
+        store.rotate()
+    finally:
+        os.umask(previous)
+    pems = list(tmp_path.glob("*.pem"))
+    assert len(pems) == 3
+    for pem in pems:
+        assert stat.S_IMODE(pem.stat().st_mode) == 0o600, pem
+
+
+@pytest.mark.feature("signing-keys", "key-lifecycle")
+def test_jwks_holds_public_keys_only_for_next_current_and_retired(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path)
+    store.ensure()
+    store.rotate()
+    retired = kid_in(tmp_path, "retired")
+    current = kid_in(tmp_path, "current")
+    upcoming = kid_in(tmp_path, "next")
+
+    keyset = store.keyset()
+    published = jwks(store)
+    assert [key["kid"] for key in published] == [current, upcoming, retired]
+    for key in published:
+        assert set(key) == {"kty", "n", "e", "kid", "use", "alg"}
+        assert not PRIVATE_MEMBERS & set(key)
+        assert (key["kty"], key["use"], key["alg"], key["e"]) == ("RSA", "sig", "RS256", "AQAB")
+    assert b'"d"' not in keyset.jwks_bytes
+    assert keyset.etag == '"' + hashlib.sha256(keyset.jwks_bytes).hexdigest()[:32] + '"'
+    assert set(keyset.public) == {current, upcoming, retired}
+    assert keyset.kid == current
+
+
+@pytest.mark.feature("key-lifecycle")
+def test_rotate_moves_next_to_current_to_retired_and_makes_a_new_next(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path)
+    store.ensure()
+    first_current = kid_in(tmp_path, "current")
+    first_next = kid_in(tmp_path, "next")
+    before = int(time.time())
+
+    infos = store.rotate()
+
+    after = int(time.time())
+    by_kid = {entry["kid"]: entry for entry in manifest(tmp_path)}
+    assert [(info.kid, info.state) for info in infos] == [
+        (kid, entry["state"]) for kid, entry in by_kid.items()
+    ]
+    assert by_kid[first_current]["state"] == "retired"
+    assert before <= by_kid[first_current]["retired_at"] <= after
+    assert by_kid[first_next]["state"] == "current"
+    assert before <= by_kid[first_next]["activated_at"] <= after
+    new_next = kid_in(tmp_path, "next")
+    assert new_next not in (first_current, first_next)
+    assert (tmp_path / f"{new_next}.pem").exists()
+    assert store.keyset().kid == first_next
+
+    store.rotate()
+    assert states(tmp_path) == {
+        first_current: "retired",
+        first_next: "retired",
+        new_next: "current",
+        kid_in(tmp_path, "next"): "next",
+    }
+
+
+@pytest.mark.feature("key-lifecycle")
+def test_rotate_on_an_empty_directory_creates_a_pair(tmp_path: Path) -> None:
+    infos = KeyStore(tmp_path / "keys").rotate()
+    assert sorted(info.state for info in infos) == ["current", "next"]
+    assert KeyStore(tmp_path / "keys").keyset().kid == kid_in(tmp_path / "keys", "current")
+
+
+@pytest.mark.feature("key-lifecycle")
+def test_rotate_without_a_next_key_generates_the_new_current(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path)
+    store.ensure()
+    old_current = kid_in(tmp_path, "current")
+    only_current = [entry for entry in manifest(tmp_path) if entry["state"] == "current"]
+    (tmp_path / MANIFEST).write_text(json.dumps({"keys": only_current}))
+
+    store.rotate()
+
+    current = kid_in(tmp_path, "current")
+    assert current != old_current
+    assert states(tmp_path)[old_current] == "retired"
+    assert kid_in(tmp_path, "next") not in (current, old_current)
+    assert (tmp_path / f"{current}.pem").exists()
+
+
+@pytest.mark.feature("key-lifecycle")
+def test_prune_keeps_a_recently_retired_key_and_says_for_how_long(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path)
+    store.ensure()
+    store.rotate()
+    retired = kid_in(tmp_path, "retired")
+
+    removed, kept = store.prune(max_token_lifetime=900)
+
+    assert removed == []
+    assert len(kept) == 1
+    match = re.fullmatch(rf"{retired}: tokens it signed may be valid for (\d+) s more", kept[0])
+    assert match is not None, kept
+    assert 895 <= int(match.group(1)) <= 900
+    assert retired in states(tmp_path)
+    assert (tmp_path / f"{retired}.pem").exists()
+
+
+@pytest.mark.feature("key-lifecycle")
+def test_prune_removes_a_retired_key_whose_tokens_have_expired(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path)
+    store.ensure()
+    store.rotate()
+    retired = kid_in(tmp_path, "retired")
+    current, upcoming = kid_in(tmp_path, "current"), kid_in(tmp_path, "next")
+    assert retired in {key["kid"] for key in jwks(store)}
+
+    removed, kept = store.prune(max_token_lifetime=0)
+
+    assert (removed, kept) == ([retired], [])
+    assert states(tmp_path) == {current: "current", upcoming: "next"}
+    assert not (tmp_path / f"{retired}.pem").exists()
+    assert sorted(p.stem for p in tmp_path.glob("*.pem")) == sorted([current, upcoming])
+    fresh = KeyStore(tmp_path)
+    assert {key["kid"] for key in jwks(fresh)} == {current, upcoming}
+    # Nothing left to prune: nothing removed, nothing kept, current and next untouched.
+    assert fresh.prune(max_token_lifetime=0) == ([], [])
+    assert states(tmp_path) == {current: "current", upcoming: "next"}
+
+
+@pytest.mark.feature("key-lifecycle")
+def test_prune_uses_the_retirement_time(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path)
+    store.ensure()
+    store.rotate()
+    store.rotate()
+    entries = manifest(tmp_path)
+    old, recent = (entry for entry in entries if entry["state"] == "retired")
+    old["retired_at"] = int(time.time()) - 3600
+    (tmp_path / MANIFEST).write_text(json.dumps({"keys": entries}))
+
+    removed, kept = store.prune(max_token_lifetime=900)
+
+    assert removed == [old["kid"]]
+    assert [reason.split(":")[0] for reason in kept] == [recent["kid"]]
+
+
+@pytest.mark.feature("signing-keys")
+def test_load_without_keys_says_how_to_create_them(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path)
+    message = (
+        f"no current signing key in {tmp_path}: run `python -m server keys rotate` to create one"
+    )
+    with pytest.raises(KeysUnavailableError) as caught:
+        store.load()
+    assert str(caught.value) == message
+    with pytest.raises(KeysUnavailableError):
+        store.keyset()
+    assert store.read_manifest() == []
+
+
+@pytest.mark.feature("key-hot-reload")
+def test_reload_picks_up_a_rotation_made_by_another_process(tmp_path: Path) -> None:
+    server = KeyStore(tmp_path)
+    KeyStore(tmp_path).ensure()
+    before = server.keyset()
+    assert server.reload() is False
+    assert server.keyset() is before
+
+    operator = KeyStore(tmp_path)
+    operator.rotate()
+
+    assert server.reload() is True
+    after = server.keyset()
+    assert after.kid == kid_in(tmp_path, "current")
+    assert after.kid != before.kid
+    assert after.etag != before.etag
+    assert server.reload() is False
+
+
+@pytest.mark.feature("key-hot-reload")
+def test_reload_sees_a_rotation_within_the_same_mtime_tick(tmp_path: Path) -> None:
+    """Coarse file timestamps (1 s on some network filesystems) must not hide a rotation."""
+    server = KeyStore(tmp_path)
+    KeyStore(tmp_path).ensure()
+    before = server.keyset()
+    stamp = (tmp_path / MANIFEST).stat()
+
+    KeyStore(tmp_path).rotate()
+    os.utime(tmp_path / MANIFEST, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+
+    assert server.reload() is True
+    assert server.keyset().kid != before.kid
+    assert server.keyset().kid == kid_in(tmp_path, "current")
+
+
+@pytest.mark.feature("signing-keys", "key-lifecycle")
+def test_signed_token_verifies_with_the_published_jwk(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path)
+    store.ensure()
+    keyset = store.keyset()
+    claims = {"iss": "https://auth.example.com", "sub": "user-1", "exp": int(time.time()) + 60}
+
+    token = keyset.sign(claims, "at+jwt")
+
+    header = jwt.get_unverified_header(token)
+    assert header == {"alg": "RS256", "typ": "at+jwt", "kid": keyset.kid}
+    entry = next(key for key in jwks(store) if key["kid"] == header["kid"])
+    decoded = jwt.decode(token, jwt.PyJWK(entry).key, algorithms=["RS256"])
+    assert decoded == claims
+    upcoming = next(key for key in jwks(store) if key["kid"] != keyset.kid)
+    with pytest.raises(jwt.InvalidSignatureError):
+        jwt.decode(token, jwt.PyJWK(upcoming).key, algorithms=["RS256"])
+
+
+@pytest.mark.feature("key-lifecycle", "key-hot-reload")
+def test_tokens_signed_before_a_rotation_still_verify_after_it(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path)
+    store.ensure()
+    old_token = store.keyset().sign({"sub": "a"}, "at+jwt")
+    KeyStore(tmp_path).rotate()
+    assert store.reload() is True
+    new_token = store.keyset().sign({"sub": "b"}, "at+jwt")
+    published = {key["kid"]: key for key in jwks(store)}
+    for token, sub in ((old_token, "a"), (new_token, "b")):
+        kid = jwt.get_unverified_header(token)["kid"]
+        key = jwt.PyJWK(published[kid]).key
+        assert jwt.decode(token, key, algorithms=["RS256"]) == {"sub": sub}
+    assert (
+        jwt.get_unverified_header(old_token)["kid"] != jwt.get_unverified_header(new_token)["kid"]
+    )
+
+
+@pytest.mark.feature("signing-keys")
+def test_missing_key_file_is_a_clear_error(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path)
+    store.ensure()
+    current = next(info for info in store.read_manifest() if info.state == "current")
+    (tmp_path / f"{current.kid}.pem").unlink()
+    with pytest.raises(KeysUnavailableError, match="is missing"):
+        store.load()

@@ -1,0 +1,179 @@
+"""The app factory, health endpoints, request ids and JSON error format."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from server.config import Settings
+from server.db import SchemaNotAtHeadError
+from server.deps import AppState
+from server.main import create_app
+from tests.conftest import MakeClient, MakeUser, make_settings, password_grant
+
+
+@pytest.mark.feature("health")
+async def test_healthz_and_readyz(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready"}
+
+
+@pytest.mark.feature("health")
+async def test_readyz_reports_missing_keys(
+    client: httpx.AsyncClient, state: AppState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken() -> None:
+        raise RuntimeError("no current signing key")
+
+    monkeypatch.setattr(state.keys, "keyset", broken)
+    response = await client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["error_code"] == "not_ready"
+    assert "keys" in response.json()["detail"]
+
+
+@pytest.mark.feature("health")
+async def test_readyz_reports_database_down(
+    client: httpx.AsyncClient, state: AppState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = create_async_engine("postgresql+asyncpg://postgres@127.0.0.1:1/none")
+    monkeypatch.setattr(state, "engine", dead)
+    try:
+        response = await client.get("/readyz")
+    finally:
+        await dead.dispose()
+    assert response.status_code == 503
+    assert response.json()["detail"].startswith("database:")
+
+
+@pytest.mark.feature("request-id")
+async def test_request_id_is_echoed_when_well_formed_and_replaced_otherwise(
+    client: httpx.AsyncClient,
+) -> None:
+    kept = await client.get("/healthz", headers={"X-Request-ID": "abc-123.DEF:9"})
+    assert kept.headers["x-request-id"] == "abc-123.DEF:9"
+    for bad in ("x" * 200, "has space", "semi;colon", "\u00e9t\u00e9"):
+        replaced = await client.get("/healthz", headers={"X-Request-ID": bad.encode()})
+        assert replaced.headers["x-request-id"] != bad
+        assert len(replaced.headers["x-request-id"]) == 32
+    generated = await client.get("/healthz")
+    assert len(generated.headers["x-request-id"]) == 32
+
+
+@pytest.mark.feature("json-errors")
+async def test_unknown_path_is_json_404(client: httpx.AsyncClient) -> None:
+    response = await client.get("/nope")
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Not Found", "error_code": "not_found"}
+
+
+@pytest.mark.feature("json-errors")
+async def test_unexpected_exception_is_a_bare_500(settings: Settings) -> None:
+    app = create_app(settings)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret internals")
+
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            response = await http.get("/boom")
+    assert response.status_code == 500
+    assert response.json() == {"detail": "Internal server error.", "error_code": "internal_error"}
+    assert "secret internals" not in response.text
+
+
+@pytest.mark.feature("json-errors")
+async def test_validation_errors_do_not_echo_input(settings: Settings) -> None:
+    app = create_app(settings)
+
+    @app.get("/echo")
+    async def echo(n: int) -> int:
+        return n
+
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            response = await http.get("/echo", params={"n": "s3cr3t-value"})
+    assert response.status_code == 422
+    assert response.json()["error_code"] == "validation_error"
+    assert "s3cr3t-value" not in response.text
+
+
+@pytest.mark.feature("schema-at-head", "app-factory")
+async def test_app_refuses_to_start_on_unmigrated_database(tmp_path: Path, keys_dir: Path) -> None:
+    settings = make_settings(f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}", keys_dir)
+    app = create_app(settings)
+    with pytest.raises(SchemaNotAtHeadError, match="python -m server migrate"):
+        async with app.router.lifespan_context(app):
+            pass
+
+
+@pytest.mark.feature("app-factory")
+async def test_two_apps_are_isolated(app: FastAPI, settings: Settings) -> None:
+    other = create_app(settings.model_copy(update={"access_token_ttl": 60}))
+    async with other.router.lifespan_context(other):
+        assert other.state.auth.settings.access_token_ttl == 60
+        assert app.state.auth.settings.access_token_ttl == 900
+
+
+@pytest.mark.feature("authlib-bridge", "nonblocking-argon2")
+async def test_password_hash_runs_off_the_event_loop(
+    client: httpx.AsyncClient,
+    state: AppState,
+    make_client: MakeClient,
+    make_user: MakeUser,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    creds = await make_client()
+    user = await make_user()
+    loop_thread = threading.get_ident()
+    seen: list[int] = []
+    original = state.passwords.verify
+
+    def recording_verify(*args: object) -> object:
+        seen.append(threading.get_ident())
+        return original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(state.passwords, "verify", recording_verify)
+    response = await password_grant(client, creds, user)
+    assert response.status_code == 200
+    assert seen and all(ident != loop_thread for ident in seen)
+
+
+@pytest.mark.feature("audit-events", "structured-logs")
+async def test_token_events_are_json_audit_lines_without_secrets(
+    client: httpx.AsyncClient,
+    make_client: MakeClient,
+    make_user: MakeUser,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    creds = await make_client()
+    user = await make_user()
+    body = (await password_grant(client, creds, user)).json()
+    await password_grant(client, creds, user, password="wrong-password-x")
+    lines = [
+        json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")
+    ]
+    events = {line["event"]: line for line in lines}
+    assert events["token.issued"]["grant_type"] == "password"
+    assert events["token.issued"]["request_id"]
+    assert events["token.refused"]["error"] == "invalid_grant"
+    text = "\n".join(json.dumps(line) for line in lines)
+    for secret in (
+        user.password,
+        "wrong-password-x",
+        creds.secret or "",
+        body["access_token"],
+        body["refresh_token"],
+    ):
+        assert secret not in text
