@@ -16,7 +16,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,6 @@ class KeySet:
     public: dict[str, RSAKey]
     jwks_bytes: bytes
     etag: str
-    infos: list[KeyInfo] = field(default_factory=list)
 
     def sign(self, claims: dict[str, Any], typ: str) -> str:
         header = {"alg": "RS256", "typ": typ, "kid": self.kid}
@@ -111,7 +110,6 @@ class KeyStore:
             public=public,
             jwks_bytes=body,
             etag='"' + hashlib.sha256(body).hexdigest()[:32] + '"',
-            infos=infos,
         )
 
     def keyset(self) -> KeySet:

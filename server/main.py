@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException
 
 from .config import Env, Settings
@@ -22,6 +22,8 @@ from .keys import KeyStore
 from .oauth.routes import router as oauth_router
 from .observability import RequestIdMiddleware, configure_logging, log
 from .passwords import Passwords
+
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (OperationalError, InterfaceError, OSError)
 
 
 def error_body(detail: Any, error_code: str) -> dict[str, Any]:
@@ -121,14 +123,19 @@ def _add_error_handlers(app: FastAPI) -> None:
         detail = [{"loc": list(err["loc"]), "msg": err["msg"]} for err in exc.errors()]
         return JSONResponse(error_body(detail, "validation_error"), status_code=422)
 
-    @app.exception_handler(OperationalError)
-    async def database_down(_: Request, exc: OperationalError) -> Response:
-        log.error("database.unavailable", error=type(exc.orig).__name__)
+    async def database_down(_: Request, exc: Exception) -> Response:
+        cause = exc.orig if isinstance(exc, DBAPIError) else exc
+        log.error("database.unavailable", error=type(cause).__name__)
         return JSONResponse(
             error_body("The database is unavailable; try again shortly.", "database_unavailable"),
             status_code=503,
             headers={"Retry-After": "1"},
         )
+
+    # SQLAlchemy wraps errors on open connections; a refused or timed-out *connect* reaches
+    # us as the driver's own OSError (asyncpg re-raises it unwrapped).
+    for unavailable in DATABASE_UNAVAILABLE:
+        app.add_exception_handler(unavailable, database_down)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> Response:

@@ -47,9 +47,6 @@ class User(Base):
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     password_changed_at: Mapped[int] = mapped_column(BigInteger, default=now)
 
-    def get_user_id(self) -> str:
-        return self.id
-
 
 class Client(Base):
     __tablename__ = "clients"
@@ -83,16 +80,6 @@ class Client(Base):
 
     def get_client_id(self) -> str:
         return self.client_id
-
-    def get_default_redirect_uri(self) -> str | None:
-        uris = self.redirect_uri_list
-        return uris[0] if len(uris) == 1 else None
-
-    def get_allowed_scope(self, scope: str | None) -> str:
-        allowed = self.scope_list
-        if not scope:
-            return " ".join(allowed)
-        return " ".join(s for s in scope.split() if s in allowed)
 
     def check_redirect_uri(self, redirect_uri: str) -> bool:
         # Exact string match (RFC 9700 §4.1.3): no prefix or pattern matching.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from pathlib import Path
@@ -9,11 +10,12 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from server.config import Settings
 from server.db import SchemaNotAtHeadError
 from server.deps import AppState
+from server.keys import KeyStore
 from server.main import create_app
 from tests.conftest import MakeClient, MakeUser, make_settings, password_grant
 
@@ -177,3 +179,53 @@ async def test_token_events_are_json_audit_lines_without_secrets(
         body["refresh_token"],
     ):
         assert secret not in text
+
+
+@pytest.mark.feature("json-errors")
+@pytest.mark.parametrize(
+    "dead_url",
+    ["postgresql+asyncpg://postgres@127.0.0.1:1/none", "sqlite+aiosqlite:////nonexistent/dir/x.db"],
+)
+async def test_token_endpoint_answers_503_when_the_database_is_unreachable(
+    client: httpx.AsyncClient,
+    state: AppState,
+    monkeypatch: pytest.MonkeyPatch,
+    dead_url: str,
+) -> None:
+    dead = create_async_engine(dead_url)
+    monkeypatch.setattr(state, "sessions", async_sessionmaker(dead))
+    try:
+        response = await client.post(
+            "/oauth2/token",
+            data={"grant_type": "client_credentials", "client_id": "a", "client_secret": "b"},
+        )
+    finally:
+        await dead.dispose()
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json() == {
+        "detail": "The database is unavailable; try again shortly.",
+        "error_code": "database_unavailable",
+    }
+
+
+@pytest.mark.feature("key-hot-reload")
+async def test_running_app_signs_with_a_rotated_key_without_restart(
+    settings: Settings, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys"
+    app = create_app(settings.model_copy(update={"keys_dir": keys, "key_reload_interval": 0.05}))
+    async with app.router.lifespan_context(app):
+        state: AppState = app.state.auth
+        before = state.keys.keyset().kid
+        upcoming = next(i.kid for i in KeyStore(keys).read_manifest() if i.state == "next")
+        KeyStore(keys).rotate()  # as `python -m server keys rotate` would, from outside
+        for _ in range(200):  # bounded wait for the background reload, no timing asserted
+            if state.keys.keyset().kid != before:
+                break
+            await asyncio.sleep(0.05)
+        assert state.keys.keyset().kid == upcoming
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            jwks = (await http.get("/.well-known/jwks.json")).json()
+        assert {k["kid"] for k in jwks["keys"]} >= {before, upcoming}

@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from ..deps import StateDep
 from ..observability import audit
 from .requests import form_request
-from .server import TokenServer, stamp
+from .server import TokenServer
 
 router = APIRouter()
 
@@ -62,7 +62,6 @@ async def token(request: Request, state: StateDep) -> Response:
             )
     except OAuth2Error as error:
         return token_response(*error())
-    stamp(oauth_request)
     async with state.sessions() as db:
         status, body, headers = await db.run_sync(
             lambda session: TokenServer(state, session).create_token_response(oauth_request)

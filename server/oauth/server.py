@@ -9,12 +9,11 @@ blocks on the database; argon2 leaves the loop through a worker thread (``await_
 from __future__ import annotations
 
 import secrets
-import time
 from typing import Any
 
 from authlib.oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749 import OAuth2Request
-from authlib.oauth2.rfc6749.errors import InvalidClientError, OAuth2Error
+from authlib.oauth2.rfc6749.errors import InvalidClientError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sqlalchemy.util import await_only
@@ -65,10 +64,6 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
     ) -> Response:
         return status, body, headers
 
-    def handle_error_response(self, request: OAuth2Request, error: OAuth2Error) -> Response:
-        response: Response = super().handle_error_response(request, error)
-        return response
-
     def send_signal(self, name: str, *args: Any, **kwargs: Any) -> None:
         """Authlib's hook points; audit events are emitted where the outcome is known."""
 
@@ -77,7 +72,8 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
         refresh_token = token.get("refresh_token")
         if not refresh_token:
             return
-        family: RefreshFamily = request.family
+        family = request.family
+        assert family is not None  # a refresh token is only issued within a family
         self.db.add(
             RefreshToken(
                 family_id=family.id,
@@ -115,7 +111,6 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
         """Open a refresh-token family (one sign-in) for this request, if the client refreshes."""
         client: Client = request.client
         if not client.check_grant_type("refresh_token"):
-            request.family = None
             return
         family = RefreshFamily(
             id=new_id(),
@@ -135,7 +130,7 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
         settings = self.settings
         client: Client = request.client
         user: User | None = request.user
-        family: RefreshFamily | None = getattr(request, "family", None)
+        family: RefreshFamily | None = request.family
         issued_at: int = request.issued_at
         claims: dict[str, Any] = {
             "iss": settings.issuer,
@@ -162,8 +157,3 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
             token["refresh_token"] = secrets.token_urlsafe(REFRESH_TOKEN_BYTES)
         self.save_token(token, request)
         return token
-
-
-def stamp(request: OAuth2Request) -> None:
-    """One clock reading per request, so every row and claim it writes agrees."""
-    request.issued_at = int(time.time())
