@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from . import manage
+from . import check, manage
 from .config import Env, InsecureSettingsError, Settings
 from .db import (
     SchemaNotAtHeadError,
@@ -28,7 +28,7 @@ from .db import (
     create_engine,
     session_factory,
 )
-from .keys import KeyStore, KeysUnavailableError
+from .keys import KeyStore, KeysUnavailableError, RotationTooSoonError
 from .models import Client, User
 from .observability import audit, configure_logging
 from .passwords import Passwords
@@ -76,6 +76,7 @@ def _client_dict(client: Client) -> dict[str, Any]:
         "name": client.name,
         "public": client.is_public,
         "admin": client.is_admin,
+        "resource_server": client.is_resource_server,
         "grant_types": client.grant_type_list,
         "scope": client.scope,
         "redirect_uris": client.redirect_uri_list,
@@ -141,7 +142,7 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
     store = KeyStore(settings.keys_dir)
     if args.keys_command == "rotate":
-        infos = store.rotate()
+        infos = store.rotate(min_next_age=0 if args.force else settings.jwks_max_age)
         current = next(info.kid for info in infos if info.state == "current")
         audit("key.rotated", kid=current)
         print(f"rotated: {current} now signs")
@@ -167,6 +168,18 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokens(settings: Settings, args: argparse.Namespace) -> int:
+    pruned = _run_db(
+        settings,
+        lambda db: manage.prune_tokens(db, access_token_ttl=settings.access_token_ttl),
+    )
+    print(
+        f"deleted {pruned.families} ended sign-ins (with their refresh tokens) and "
+        f"{pruned.revoked_access_tokens} expired access-token revocations"
+    )
+    return 0
+
+
 def cmd_clients(settings: Settings, args: argparse.Namespace) -> int:
     sub = args.clients_command
     if sub == "create":
@@ -177,6 +190,7 @@ def cmd_clients(settings: Settings, args: argparse.Namespace) -> int:
                 client_id=args.client_id,
                 public=args.public,
                 admin=args.admin,
+                resource_server=args.resource_server,
                 grants=args.grant,
                 scope=args.scope,
                 redirect_uris=args.redirect_uri,
@@ -324,8 +338,20 @@ def build_parser() -> argparse.ArgumentParser:
         dest="keys_command", required=True
     )
     keys.add_parser("list")
-    keys.add_parser("rotate", help="next → current → retired, and a new next")
+    rotate_keys = keys.add_parser("rotate", help="next → current → retired, and a new next")
+    rotate_keys.add_argument(
+        "--force",
+        action="store_true",
+        help="promote the next key even if it is younger than the JWKS max-age",
+    )
     keys.add_parser("prune", help="remove retired keys whose tokens have all expired")
+
+    tokens = commands.add_parser("tokens", help="stored token state").add_subparsers(
+        dest="tokens_command", required=True
+    )
+    tokens.add_parser(
+        "prune", help="delete ended sign-ins and expired revocations (safe to run any time)"
+    )
 
     clients = commands.add_parser("clients", help="OAuth clients").add_subparsers(
         dest="clients_command", required=True
@@ -335,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", default="")
     create.add_argument("--public", action="store_true", help="no secret (auth method none)")
     create.add_argument("--admin", action="store_true", help="may receive the admin scope")
+    create.add_argument(
+        "--resource-server",
+        action="store_true",
+        help="may introspect any token (an API that validates tokens online)",
+    )
     create.add_argument("--grant", action="append", help="allowed grant type (repeatable)")
     create.add_argument("--scope", default="", help="space-separated scopes it may ask for")
     create.add_argument("--redirect-uri", action="append", help="repeatable")
@@ -362,10 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
     setpw = users.add_parser("set-password")
     setpw.add_argument("username")
     setpw.add_argument("--password-stdin", action="store_true", required=True)
+
+    check.add_parser(commands)
     return parser
 
 
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
+    "tokens": cmd_tokens,
     "serve": cmd_serve,
     "migrate": cmd_migrate,
     "seed-demo": cmd_seed_demo,
@@ -377,6 +411,10 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "check":
+        # A self-test of a server somewhere else: it needs no local settings, and a broken
+        # local AUTH_* environment must not stop it.
+        return check.cmd_check(args)
     try:
         settings = Settings()
         configure_logging(settings.log_level, stream=sys.stderr)
@@ -392,6 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         manage.ManageError,
         SchemaNotAtHeadError,
         KeysUnavailableError,
+        RotationTooSoonError,
         InsecureSettingsError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)

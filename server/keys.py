@@ -31,6 +31,10 @@ class KeysUnavailableError(RuntimeError):
     """There is no usable signing key; the message says how to create one."""
 
 
+class RotationTooSoonError(RuntimeError):
+    """The next key is too new: a cached JWKS may not hold it yet."""
+
+
 @dataclass
 class KeyInfo:
     kid: str
@@ -145,14 +149,28 @@ class KeyStore:
             self._write_manifest(self._fresh_pair())
             return True
 
-    def rotate(self) -> list[KeyInfo]:
-        """next → current, current → retired, and a new next. Returns the new manifest."""
+    def rotate(self, *, min_next_age: int = 0) -> list[KeyInfo]:
+        """next → current, current → retired, and a new next. Returns the new manifest.
+
+        ``min_next_age`` (the JWKS max-age): refuse to promote a next key published more
+        recently than that, since a verifier's cached JWKS might not hold it yet and would
+        reject every token it signs until the cache expired.
+        """
         with self._locked():
             infos = self.read_manifest()
             if not any(info.state == "current" for info in infos):
                 infos = [*infos, *self._fresh_pair()]
             else:
                 stamp = int(time.time())
+                for info in infos:
+                    age = stamp - info.created_at
+                    if info.state == "next" and age < min_next_age:
+                        raise RotationTooSoonError(
+                            f"the next key {info.kid} was published {age} s ago, but a JWKS "
+                            f"may be cached for {min_next_age} s, so verifiers might not know "
+                            f"it yet: rotate in {min_next_age - age} s, or pass --force if no "
+                            "verifier caches the JWKS (or all refetch it on an unknown kid)"
+                        )
                 for info in infos:
                     if info.state == "current":
                         info.state, info.retired_at = "retired", stamp

@@ -9,10 +9,10 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from .models import Client, RefreshFamily, User, now, sha256_hex
+from .models import Client, RefreshFamily, RevokedAccessToken, User, now, sha256_hex
 from .observability import audit
 from .passwords import Passwords, normalize_username
 
@@ -53,6 +53,7 @@ async def create_client(
     client_id: str,
     public: bool = False,
     admin: bool = False,
+    resource_server: bool = False,
     grants: list[str] | None = None,
     scope: str = "",
     redirect_uris: list[str] | None = None,
@@ -60,8 +61,15 @@ async def create_client(
 ) -> NewClient:
     if not CLIENT_ID_RE.match(client_id):
         raise ManageError("client id must be 1-100 characters of A-Z a-z 0-9 . _ ~ -")
-    if grants is None or not grants:
-        grants = ["password", "refresh_token"] + ([] if public else ["client_credentials"])
+    if resource_server and public:
+        raise ManageError("a resource server must be confidential: it authenticates to introspect")
+    if not grants:
+        # A resource server only introspects; it needs no grant unless asked for one.
+        grants = (
+            []
+            if resource_server
+            else ["password", "refresh_token"] + ([] if public else ["client_credentials"])
+        )
     unknown = [g for g in grants if g not in SUPPORTED_GRANTS]
     if unknown:
         raise ManageError(
@@ -88,13 +96,20 @@ async def create_client(
         name=name or client_id,
         secret_hash=None if secret is None else sha256_hex(secret),
         is_admin=admin,
+        is_resource_server=resource_server,
         grant_types=" ".join(dict.fromkeys(grants)),
         scope=" ".join(dict.fromkeys(scopes)),
         redirect_uris=" ".join(uris),
     )
     db.add(client)
     await db.flush()
-    audit("client.created", client_id=client_id, public=public, admin=admin)
+    audit(
+        "client.created",
+        client_id=client_id,
+        public=public,
+        admin=admin,
+        resource_server=resource_server,
+    )
     return NewClient(client=client, secret=secret)
 
 
@@ -200,3 +215,40 @@ async def set_password(db: AsyncSession, passwords: Passwords, username: str, pa
     revoked = await revoke_user_families(db, user.id, reason="password_changed")
     audit("user.password_changed", user_id=user.id, families_revoked=revoked)
     return revoked
+
+
+@dataclass(frozen=True)
+class Pruned:
+    families: int
+    revoked_access_tokens: int
+
+
+async def prune_tokens(db: AsyncSession, *, access_token_ttl: int) -> Pruned:
+    """Delete what can no longer matter: sign-ins ended (revoked or past their cap) for longer
+    than an access token lives, with their refresh tokens, and deny-listed ``jti``s whose
+    tokens have expired. Live families keep their rotated tokens: replaying one must still
+    be recognised as reuse."""
+    stamp = now()
+    ended_before = stamp - access_token_ttl
+    families = await db.execute(
+        delete(RefreshFamily).where(
+            or_(
+                RefreshFamily.revoked_at <= ended_before,
+                RefreshFamily.expires_at <= ended_before,
+            )
+        )
+    )
+    # Refresh tokens go with their family (ON DELETE CASCADE).
+    revoked = await db.execute(
+        delete(RevokedAccessToken).where(RevokedAccessToken.expires_at <= stamp)
+    )
+    result = Pruned(
+        families=families.rowcount,  # type: ignore[attr-defined]
+        revoked_access_tokens=revoked.rowcount,  # type: ignore[attr-defined]
+    )
+    audit(
+        "tokens.pruned",
+        families=result.families,
+        revoked_access_tokens=result.revoked_access_tokens,
+    )
+    return result

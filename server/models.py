@@ -56,6 +56,8 @@ class Client(Base):
     #: SHA-256 of a 256-bit random secret; ``None`` for a public client.
     secret_hash: Mapped[str | None] = mapped_column(String(64), default=None)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: A resource server may introspect any token (RFC 7662 §2.1); other clients their own.
+    is_resource_server: Mapped[bool] = mapped_column(Boolean, default=False)
     grant_types: Mapped[str] = mapped_column(Text, default="")
     scope: Mapped[str] = mapped_column(Text, default="")
     redirect_uris: Mapped[str] = mapped_column(Text, default="")
@@ -132,3 +134,18 @@ class RefreshToken(Base):
     expires_at: Mapped[int] = mapped_column(BigInteger)
     #: Set once, atomically, by the one request that rotates this token.
     rotated_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
+
+
+class RevokedAccessToken(Base):
+    """An access token revoked before it expired (RFC 7009 §2.1), by its ``jti``.
+
+    Access tokens are self-contained JWTs, so revocation is a deny-list that introspection
+    consults; a row is useless once ``expires_at`` has passed and may then be deleted.
+    """
+
+    __tablename__ = "revoked_access_tokens"
+
+    jti: Mapped[str] = mapped_column(String(64), primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(100))
+    expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    revoked_at: Mapped[int] = mapped_column(BigInteger, default=now)

@@ -34,7 +34,7 @@ from server.cli import main
 from server.config import Settings
 from server.db import create_engine, head_revision, session_factory, transaction
 from server.keys import MANIFEST
-from server.models import Client, RefreshFamily, User, sha256_hex
+from server.models import Client, RefreshFamily, RefreshToken, RevokedAccessToken, User, sha256_hex
 from tests.conftest import _drop_pg_database, _new_pg_database
 
 T = TypeVar("T")
@@ -533,6 +533,7 @@ def test_clients_list_and_show(cli: Cli, db: Settings) -> None:
         "name": "zeta",
         "public": False,
         "admin": False,
+        "resource_server": False,
         "grant_types": ["password", "refresh_token", "client_credentials"],
         "scope": "api",
         "redirect_uris": [],
@@ -887,7 +888,7 @@ def test_keys_list_on_an_empty_directory(
 def test_keys_rotate_promotes_next_and_prints_it(cli: Cli, own_keys: Path) -> None:
     old_current, old_next = kid_in(own_keys, "current"), kid_in(own_keys, "next")
 
-    result = cli("keys", "rotate")
+    result = cli("keys", "rotate", "--force")
 
     assert (result.code, result.messages) == (0, [])
     first, *listing = result.out.splitlines()
@@ -910,6 +911,44 @@ def test_keys_rotate_promotes_next_and_prints_it(cli: Cli, own_keys: Path) -> No
 
 
 @pytest.mark.feature("cli-keys", "key-lifecycle")
+def test_keys_rotate_refuses_a_next_key_younger_than_the_jwks_max_age(
+    cli: Cli, own_keys: Path, environment: pytest.MonkeyPatch
+) -> None:
+    # 1,000 s between rotations: the JWKS may be cached for 100 s.
+    environment.setenv("AUTH_KEY_ROTATION_INTERVAL", "1000")
+    before = (own_keys / MANIFEST).read_text()
+    data = json.loads(before)
+    for entry in data["keys"]:
+        if entry["state"] == "next":
+            entry["created_at"] = int(time.time()) - 40
+    (own_keys / MANIFEST).write_text(json.dumps(data))
+    young = (own_keys / MANIFEST).read_text()
+
+    refused = cli("keys", "rotate")
+
+    assert refused.code == 1
+    assert refused.out == ""
+    assert len(refused.messages) == 1
+    match = re.fullmatch(
+        rf"error: the next key {kid_in(own_keys, 'next')} was published (\d+) s ago, but a JWKS "
+        r"may be cached for 100 s, so verifiers might not know it yet: rotate in (\d+) s, or "
+        r"pass --force if no verifier caches the JWKS \(or all refetch it on an unknown kid\)\n",
+        refused.messages[0] + "\n",
+    )
+    assert match is not None, refused.messages
+    assert 40 <= int(match.group(1)) <= 45
+    assert int(match.group(1)) + int(match.group(2)) == 100
+    assert (own_keys / MANIFEST).read_text() == young, "nothing may change on a refusal"
+
+    # Once the next key has been published for the whole max-age, rotation goes ahead.
+    for entry in data["keys"]:
+        if entry["state"] == "next":
+            entry["created_at"] = int(time.time()) - 100
+    (own_keys / MANIFEST).write_text(json.dumps(data))
+    assert cli("keys", "rotate").code == 0
+
+
+@pytest.mark.feature("cli-keys", "key-lifecycle")
 def test_keys_rotate_creates_keys_in_an_empty_directory(
     cli: Cli, tmp_path: Path, environment: pytest.MonkeyPatch
 ) -> None:
@@ -926,7 +965,7 @@ def test_keys_prune(cli: Cli, own_keys: Path, environment: pytest.MonkeyPatch) -
     nothing = cli("keys", "prune")
     assert (nothing.code, nothing.out) == (0, "no retired keys\n")
 
-    cli("keys", "rotate")
+    cli("keys", "rotate", "--force")
     retired = kid_in(own_keys, "retired")
     environment.setenv("AUTH_ACCESS_TOKEN_TTL", "600")
     kept = cli("keys", "prune")
@@ -1197,3 +1236,70 @@ def test_entry_points_run_the_command_line(
     )
     assert failed.returncode == 1
     assert failed.stderr.splitlines()[-1] == migrate_hint()
+
+
+# -- tokens prune -------------------------------------------------------------------------
+
+
+@pytest.mark.feature("token-cleanup", "cli-tokens")
+def test_tokens_prune_deletes_only_what_can_no_longer_matter(cli: Cli, db: Settings) -> None:
+    cli("clients", "create", "--client-id", "web")
+    cli("users", "create", "--username", "ann", "--password-stdin", stdin="a long passphrase\n")
+    user_id = user_row(db, "ann").id
+    ttl = db.access_token_ttl
+    stamp = int(time.time())
+
+    async def seed(session: AsyncSession) -> None:
+        def family(fid: str, *, expires_at: int, revoked_at: int | None = None) -> None:
+            session.add(
+                RefreshFamily(
+                    id=fid,
+                    client_id="web",
+                    user_id=user_id,
+                    auth_time=stamp,
+                    expires_at=expires_at,
+                    revoked_at=revoked_at,
+                    revoked_reason=None if revoked_at is None else "revoked",
+                )
+            )
+            session.add(
+                RefreshToken(
+                    family_id=fid,
+                    token_hash=sha256_hex(fid),
+                    expires_at=stamp + 60,
+                    rotated_at=stamp - 5,  # rotated: still kept while the family lives
+                )
+            )
+
+        family("live", expires_at=stamp + 86_400)
+        # Revoked moments ago: its access tokens may still be presented (and refused) for a
+        # while, and the account page may show it; kept.
+        family("revoked-now", expires_at=stamp + 86_400, revoked_at=stamp - 5)
+        family("revoked-long-ago", expires_at=stamp + 86_400, revoked_at=stamp - ttl - 1)
+        # Past its cap, but an access token issued just before the cap may still live; kept.
+        family("capped-just-now", expires_at=stamp - 5)
+        family("capped-long-ago", expires_at=stamp - ttl - 1)
+        await session.flush()
+        session.add(RevokedAccessToken(jti="live-jti", client_id="web", expires_at=stamp + 60))
+        session.add(RevokedAccessToken(jti="dead-jti", client_id="web", expires_at=stamp - 1))
+
+    in_db(db, seed)
+
+    result = cli("tokens", "prune")
+
+    assert (result.code, result.messages) == (0, [])
+    assert result.out == (
+        "deleted 2 ended sign-ins (with their refresh tokens) and "
+        "1 expired access-token revocations\n"
+    )
+    assert sorted(families(db)) == ["capped-just-now", "live", "revoked-now"]
+
+    async def leftovers(session: AsyncSession) -> tuple[list[str], list[str]]:
+        tokens = await session.scalars(select(RefreshToken.family_id))
+        jtis = await session.scalars(select(RevokedAccessToken.jti))
+        return sorted(tokens), list(jtis)
+
+    assert in_db(db, leftovers) == (["capped-just-now", "live", "revoked-now"], ["live-jti"])
+    assert [e["event"] for e in result.logs if e.get("audit")] == ["tokens.pruned"]
+    again = cli("tokens", "prune")
+    assert again.out.startswith("deleted 0 ended sign-ins")

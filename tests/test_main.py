@@ -8,16 +8,25 @@ import threading
 from pathlib import Path
 
 import httpx
+import jwt
 import pytest
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
+from server import manage
 from server.config import Settings
 from server.db import SchemaNotAtHeadError
 from server.deps import AppState
 from server.keys import KeyStore
 from server.main import create_app
-from tests.conftest import MakeClient, MakeUser, make_settings, password_grant
+from tests.conftest import (
+    ClientCreds,
+    MakeClient,
+    MakeUser,
+    make_settings,
+    password_grant,
+    truncate,
+)
 
 
 @pytest.mark.feature("health")
@@ -229,3 +238,71 @@ async def test_running_app_signs_with_a_rotated_key_without_restart(
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
             jwks = (await http.get("/.well-known/jwks.json")).json()
         assert {k["kid"] for k in jwks["keys"]} >= {before, upcoming}
+
+
+@pytest.mark.feature("key-lifecycle", "introspection")
+async def test_tokens_signed_before_a_rotation_stay_valid_until_their_key_is_pruned(
+    settings: Settings, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys"
+    app = create_app(settings.model_copy(update={"keys_dir": keys, "key_reload_interval": 0.05}))
+    await truncate(settings.database_url)
+    async with app.router.lifespan_context(app):
+        state: AppState = app.state.auth
+        async with state.sessions() as db:
+            created = await manage.create_client(
+                db, client_id="svc", grants=["client_credentials"], scope="api"
+            )
+            await db.commit()
+        creds = ClientCreds("svc", created.secret)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+
+            async def issue() -> str:
+                response = await http.post(
+                    "/oauth2/token", data={"grant_type": "client_credentials"}, headers=creds.basic
+                )
+                token: str = response.json()["access_token"]
+                return token
+
+            async def active(token: str) -> bool:
+                response = await http.post(
+                    "/oauth2/introspect", data={"token": token}, headers=creds.basic
+                )
+                result: bool = response.json()["active"]
+                return result
+
+            old = await issue()
+            old_kid = state.keys.keyset().kid
+            KeyStore(keys).rotate()
+            for _ in range(200):  # bounded wait for the background reload
+                if state.keys.keyset().kid != old_kid:
+                    break
+                await asyncio.sleep(0.05)
+            new = await issue()
+            assert jwt.get_unverified_header(new)["kid"] != old_kid
+            jwks = {k["kid"] for k in (await http.get("/.well-known/jwks.json")).json()["keys"]}
+            assert old_kid in jwks, "a retired key stays published while its tokens live"
+            assert await active(old) and await active(new)
+
+            # Too early: the retired key is kept, and tokens it signed still verify.
+            removed, kept = KeyStore(keys).prune(max_token_lifetime=settings.access_token_ttl)
+            assert (removed, len(kept)) == ([], 1)
+            # Once its tokens could all have expired (here: pretend the retirement was long
+            # ago), prune removes it; the server drops it from the JWKS and from verification.
+            manifest = json.loads((keys / "keys.json").read_text())
+            for entry in manifest["keys"]:
+                if entry["kid"] == old_kid:
+                    entry["retired_at"] -= settings.access_token_ttl + 1
+            (keys / "keys.json").write_text(json.dumps(manifest))
+            assert KeyStore(keys).prune(max_token_lifetime=settings.access_token_ttl)[0] == [
+                old_kid
+            ]
+            for _ in range(200):
+                if old_kid not in state.keys.keyset().public:
+                    break
+                await asyncio.sleep(0.05)
+            jwks = {k["kid"] for k in (await http.get("/.well-known/jwks.json")).json()["keys"]}
+            assert old_kid not in jwks
+            assert not await active(old)
+            assert await active(new)

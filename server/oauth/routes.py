@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from authlib.oauth2.rfc6749.errors import InvalidRequestError, OAuth2Error
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from ..deps import StateDep
+from ..deps import AppState, StateDep
 from ..observability import audit
 from .requests import form_request
+from .server import Response as ServerResponse
 from .server import TokenServer
 
 router = APIRouter()
 
 GRANT_TYPES = ["password", "refresh_token", "client_credentials"]
 AUTH_METHODS = ["client_secret_basic", "client_secret_post", "none"]
+CONFIDENTIAL_AUTH_METHODS = ["client_secret_basic", "client_secret_post"]
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
@@ -62,11 +65,9 @@ async def token(request: Request, state: StateDep) -> Response:
             )
     except OAuth2Error as error:
         return token_response(*error())
-    async with state.sessions() as db:
-        status, body, headers = await db.run_sync(
-            lambda session: TokenServer(state, session).create_token_response(oauth_request)
-        )
-        await db.commit()
+    status, body, headers = await _run(
+        state, lambda server: server.create_token_response(oauth_request)
+    )
     client_id = getattr(oauth_request.client, "client_id", None)
     if status == 200:
         user_id = getattr(oauth_request.user, "id", None)
@@ -74,6 +75,40 @@ async def token(request: Request, state: StateDep) -> Response:
     else:
         audit("token.refused", grant_type=grant_type, client_id=client_id, error=body.get("error"))
     return token_response(status, body, headers)
+
+
+@router.post("/oauth2/revoke")
+async def revoke(request: Request, state: StateDep) -> Response:
+    """RFC 7009: 200 for a revoked, unknown or already-dead token alike (§2.2)."""
+    return await _endpoint(request, state, "revocation", "/oauth2/revoke")
+
+
+@router.post("/oauth2/introspect")
+async def introspect(request: Request, state: StateDep) -> Response:
+    """RFC 7662: the token's metadata if live and the caller may see it, else active false."""
+    return await _endpoint(request, state, "introspection", "/oauth2/introspect")
+
+
+async def _endpoint(request: Request, state: StateDep, name: str, path: str) -> Response:
+    settings = state.settings
+    try:
+        oauth_request = await form_request(
+            request, uri=settings.issuer + path, limit=settings.max_body_bytes
+        )
+    except OAuth2Error as error:
+        return token_response(*error())
+    status, body, headers = await _run(
+        state, lambda server: server.create_endpoint_response(name, oauth_request)
+    )
+    return token_response(status, body, headers)
+
+
+async def _run(state: AppState, call: Callable[[TokenServer], ServerResponse]) -> ServerResponse:
+    """Run Authlib's synchronous server on one database transaction (see server.py)."""
+    async with state.sessions() as db:
+        result = await db.run_sync(lambda session: call(TokenServer(state, session)))
+        await db.commit()
+    return result
 
 
 @router.get("/.well-known/jwks.json")
@@ -96,6 +131,11 @@ def discovery_document(issuer: str) -> dict[str, Any]:
         "jwks_uri": issuer + "/.well-known/jwks.json",
         "grant_types_supported": GRANT_TYPES,
         "token_endpoint_auth_methods_supported": AUTH_METHODS,
+        "revocation_endpoint": issuer + "/oauth2/revoke",
+        "revocation_endpoint_auth_methods_supported": AUTH_METHODS,
+        "introspection_endpoint": issuer + "/oauth2/introspect",
+        # RFC 7662 §2.1: introspection needs a confidential client.
+        "introspection_endpoint_auth_methods_supported": CONFIDENTIAL_AUTH_METHODS,
         "response_types_supported": [],
     }
 

@@ -19,8 +19,9 @@ from sqlalchemy.orm import Session
 from sqlalchemy.util import await_only
 
 from ..deps import AppState
-from ..models import Client, RefreshFamily, RefreshToken, User, new_id, sha256_hex
+from ..models import Client, RefreshFamily, RefreshToken, User, new_id, now, sha256_hex
 from ..passwords import Verification, normalize_username
+from .endpoints import Introspection, Revocation
 from .grants import ClientCredentialsGrant, PasswordGrant, RefreshTokenGrant
 
 Response = tuple[int, dict[str, Any], list[tuple[str, str]]]
@@ -34,8 +35,12 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
         self.state = state
         self.settings = state.settings
         self.db = db
+        #: One clock reading per request: every expiry decision within it agrees.
+        self.now = now()
         for grant in (PasswordGrant, RefreshTokenGrant, ClientCredentialsGrant):
             self.register_grant(grant)
+        self.register_endpoint(Revocation)
+        self.register_endpoint(Introspection)
 
     # -- Authlib integration points ---------------------------------------------
 
@@ -108,10 +113,20 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
         user.password_hash = await_only(self.state.passwords.hash_async(password))
 
     def start_family(self, request: OAuth2Request, *, scope: str, auth_time: int) -> None:
-        """Open a refresh-token family (one sign-in) for this request, if the client refreshes."""
+        """Open a family (one sign-in) for this request's user.
+
+        Every user token belongs to one, refresh tokens or not, so that signing out, revoking,
+        disabling the user or changing the password ends all of its access tokens through
+        one row (the ``sid`` claim). Without the refresh_token grant the family lives as long
+        as its one access token.
+        """
         client: Client = request.client
-        if not client.check_grant_type("refresh_token"):
-            return
+        refreshable = client.check_grant_type("refresh_token")
+        lifetime = (
+            self.settings.refresh_token_max_lifetime
+            if refreshable
+            else self.settings.access_token_ttl
+        )
         family = RefreshFamily(
             id=new_id(),
             client_id=client.client_id,
@@ -120,7 +135,7 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
             auth_time=auth_time,
             created_at=request.issued_at,
             last_used_at=request.issued_at,
-            expires_at=request.issued_at + self.settings.refresh_token_max_lifetime,
+            expires_at=request.issued_at + lifetime,
         )
         self.db.add(family)
         request.family = family
@@ -153,7 +168,7 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
             "expires_in": settings.access_token_ttl,
             "scope": scope,
         }
-        if family is not None:
+        if family is not None and client.check_grant_type("refresh_token"):
             token["refresh_token"] = secrets.token_urlsafe(REFRESH_TOKEN_BYTES)
         self.save_token(token, request)
         return token

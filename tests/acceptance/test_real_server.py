@@ -7,21 +7,16 @@ PyJWT (not Authlib); replaying a rotated refresh token kills the family.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import jwt
 import pytest
 
-from server.config import Settings
+from .conftest import ROOT, cli
 
 pytestmark = pytest.mark.feature(
     "cli-serve",
@@ -34,65 +29,6 @@ pytestmark = pytest.mark.feature(
     "sqlite-backend",
     "postgres-backend",
 )
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def cli(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "server", *args],
-        env=env,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        check=False,
-    )
-
-
-@pytest.fixture
-def server(clean_db: Settings, tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    port = free_port()
-    issuer = f"http://127.0.0.1:{port}"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("AUTH_")},
-        "AUTH_ENV": "development",
-        "AUTH_DATABASE_URL": clean_db.database_url,
-        "AUTH_KEYS_DIR": str(tmp_path / "keys"),
-        "AUTH_ISSUER": issuer,
-    }
-    assert cli(env, "migrate").returncode == 0
-    log = (tmp_path / "server.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--port", str(port)],
-        env=env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(issuer + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("server did not start: " + (tmp_path / "server.log").read_text())
-            time.sleep(0.1)
-        yield issuer, env
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
-        log.close()
 
 
 def test_password_refresh_verify_and_reuse(server: tuple[str, dict[str, str]]) -> None:

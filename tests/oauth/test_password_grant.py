@@ -87,8 +87,14 @@ async def test_no_refresh_token_without_refresh_grant(
     assert response.status_code == 200
     assert "refresh_token" not in response.json()
     _, claims = decode(state, response.json()["access_token"])
-    assert "sid" not in claims
     assert "auth_time" in claims
+    # Still a sign-in of its own (so signing out or disabling the user ends the token),
+    # living only as long as its access token.
+    async with state.sessions() as db:
+        family = await db.get(RefreshFamily, claims["sid"])
+        assert family is not None
+        assert family.expires_at - family.created_at == state.settings.access_token_ttl
+        assert await db.scalar(select(func.count()).select_from(RefreshToken)) == 0
 
 
 @pytest.mark.feature("client-auth-none")

@@ -62,7 +62,18 @@ async def test_discovery_lists_what_is_supported(client: httpx.AsyncClient, path
         "client_secret_post",
         "none",
     ]
+    assert doc["revocation_endpoint"] == "http://127.0.0.1:8000/oauth2/revoke"
+    assert doc["introspection_endpoint"] == "http://127.0.0.1:8000/oauth2/introspect"
+    assert sorted(doc["revocation_endpoint_auth_methods_supported"]) == [
+        "client_secret_basic",
+        "client_secret_post",
+        "none",
+    ]
+    # RFC 7662 §2.1: introspection is for authenticated (confidential) clients only.
+    assert sorted(doc["introspection_endpoint_auth_methods_supported"]) == [
+        "client_secret_basic",
+        "client_secret_post",
+    ]
     # Nothing advertised that is not served yet.
     assert "authorization_endpoint" not in doc
-    assert "introspection_endpoint" not in doc
     assert "public" in response.headers["cache-control"]

@@ -1,0 +1,195 @@
+"""Revocation (RFC 7009) and introspection (RFC 7662) on Authlib's endpoint classes.
+
+Authlib does the protocol (client authentication, the ``token`` parameter, the hint, the
+response shape); we supply the lookup. ``query_token`` returns only *live* tokens, so
+Authlib's ``is_expired``/``is_revoked`` checks are already settled by the time it asks:
+- an access token is live when ``decode_access_token`` accepts it (signature with a key we
+  publish, RS256 only, ``typ`` at+jwt, ``iss``, ``aud``, ``exp``) and the database does not
+  say otherwise (``access_token_is_live``);
+- a refresh token is live when its row is the family's newest (not rotated), unexpired, and
+  its family is neither revoked nor past its cap, for a user who is not disabled.
+
+Revoking a refresh token revokes its whole family, and with it (through ``sid``) every
+access token of that sign-in (RFC 7009 §2.1: "SHOULD also invalidate all access tokens based
+on the same authorization grant"). Revoking an access token adds its ``jti`` to a deny-list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from authlib.oauth2.rfc6749.errors import InvalidRequestError, OAuth2Error
+from authlib.oauth2.rfc7009 import RevocationEndpoint
+from authlib.oauth2.rfc7662 import IntrospectionEndpoint
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from ..models import Client, RefreshFamily, RefreshToken, RevokedAccessToken, User, sha256_hex
+from ..observability import audit
+from ..tokens import access_token_is_live, decode_access_token
+from .grants import CONFIDENTIAL_CLIENT_AUTH, USER_CLIENT_AUTH
+
+if TYPE_CHECKING:
+    from .server import TokenServer
+
+
+@dataclass
+class LiveToken:
+    """A token ``query_token`` found live; ``claims`` is what introspection may tell."""
+
+    kind: str  # "access_token" | "refresh_token"
+    client_id: str
+    claims: dict[str, Any] = field(default_factory=dict)
+    jti: str | None = None
+    exp: int = 0
+    family_id: str | None = None
+
+    def check_client(self, client: Client) -> bool:
+        return self.client_id == client.client_id
+
+    def is_expired(self) -> bool:
+        return False  # only live tokens are ever returned by query_token
+
+    def is_revoked(self) -> bool:
+        return False
+
+
+class _Lookup:
+    server: TokenServer
+    SUPPORTED_TOKEN_TYPES = ("access_token", "refresh_token")
+
+    def check_params(self, request: Any, client: Client) -> None:
+        if "token" not in request.form:
+            raise InvalidRequestError("Missing 'token' parameter.")
+        hint = request.form.get("token_type_hint")
+        if hint is not None and hint not in self.SUPPORTED_TOKEN_TYPES:
+            # RFC 7009 §2.2.1: an RFC 6749 §5.2 error, so 400. Authlib raises its
+            # ForbiddenError subclass, which is a 401.
+            raise OAuth2Error(
+                error="unsupported_token_type",
+                description="token_type_hint must be access_token or refresh_token.",
+                status_code=400,
+            )
+
+    def query_token(self, token_string: str, token_type_hint: str | None) -> LiveToken | None:
+        """RFC 7009 §2.1, RFC 7662 §2.1: the hint may only speed the search up. Ours cannot
+        mislead it: an access token is a JWT (two dots), a refresh token is base64url."""
+        if token_string.count(".") == 2:
+            return self._access_token(token_string)
+        return self._refresh_token(token_string)
+
+    def _access_token(self, token: str) -> LiveToken | None:
+        server = self.server
+        settings = server.settings
+        claims = decode_access_token(
+            server.state.keys.keyset(),
+            token,
+            issuer=settings.issuer,
+            audience=settings.audience,
+            now=server.now,
+        )
+        if claims is None or not access_token_is_live(server.db, claims):
+            return None
+        public = {
+            "token_type": "Bearer",  # RFC 7662 §2.2, the type of RFC 6749 §7.1
+            **{
+                name: claims[name]
+                for name in ("scope", "client_id", "sub", "exp", "iat", "iss", "aud", "jti")
+            },
+        }
+        return LiveToken(
+            kind="access_token",
+            client_id=claims["client_id"],
+            claims=public,
+            jti=claims["jti"],
+            exp=claims["exp"],
+            family_id=claims.get("sid"),
+        )
+
+    def _refresh_token(self, token: str) -> LiveToken | None:
+        server = self.server
+        now = server.now
+        row = server.db.execute(
+            select(RefreshToken, RefreshFamily)
+            .join(RefreshFamily, RefreshFamily.id == RefreshToken.family_id)
+            .join(User, User.id == RefreshFamily.user_id)
+            .where(
+                RefreshToken.token_hash == sha256_hex(token),
+                RefreshToken.rotated_at.is_(None),
+                RefreshToken.expires_at > now,
+                RefreshFamily.revoked_at.is_(None),
+                RefreshFamily.expires_at > now,
+                User.disabled.is_(False),
+            )
+        ).first()
+        if row is None:
+            return None
+        refresh, family = row
+        return LiveToken(
+            kind="refresh_token",
+            client_id=family.client_id,
+            claims={
+                "token_type": "refresh_token",
+                "scope": family.scope,
+                "client_id": family.client_id,
+                "sub": family.user_id,
+                "exp": refresh.expires_at,
+                "iat": refresh.created_at,
+                "iss": server.settings.issuer,
+            },
+            exp=refresh.expires_at,
+            family_id=family.id,
+        )
+
+
+class Revocation(_Lookup, RevocationEndpoint):  # type: ignore[misc]
+    """RFC 7009. Public clients identify themselves by ``client_id`` (§2.1: the request is
+    authenticated as RFC 6749 §2.3 allows for that client)."""
+
+    CLIENT_AUTH_METHODS = USER_CLIENT_AUTH
+
+    def revoke_token(self, token: LiveToken, request: Any) -> None:
+        server = self.server
+        db = server.db
+        if token.kind == "refresh_token":
+            db.execute(
+                update(RefreshFamily)
+                .where(RefreshFamily.id == token.family_id, RefreshFamily.revoked_at.is_(None))
+                .values(revoked_at=server.now, revoked_reason="revoked")
+                .execution_options(synchronize_session=False)
+            )
+        else:
+            dialect = postgresql if db.get_bind().dialect.name == "postgresql" else sqlite
+            # Idempotent under concurrent revocations of one token: no duplicate-key error.
+            db.execute(
+                dialect.insert(RevokedAccessToken)
+                .values(
+                    jti=token.jti,
+                    client_id=token.client_id,
+                    expires_at=token.exp,
+                    revoked_at=server.now,
+                )
+                .on_conflict_do_nothing(index_elements=["jti"])
+            )
+        audit(
+            "token.revoked",
+            token_type=token.kind,
+            client_id=token.client_id,
+            family_id=token.family_id,
+            jti=token.jti,
+        )
+
+
+class Introspection(_Lookup, IntrospectionEndpoint):  # type: ignore[misc]
+    """RFC 7662, for confidential clients only (§2.1: the endpoint requires authorization)."""
+
+    CLIENT_AUTH_METHODS = CONFIDENTIAL_CLIENT_AUTH
+
+    def check_permission(self, token: LiveToken, client: Client, request: Any) -> bool:
+        # SPEC.md: a client may introspect its own tokens, a resource server any token;
+        # anything else is {"active": false} (RFC 7662 §2.2 allows it, against scanning).
+        return client.is_resource_server or token.check_client(client)
+
+    def introspect_token(self, token: LiveToken) -> dict[str, Any]:
+        return {"active": True, **token.claims}

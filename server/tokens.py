@@ -1,0 +1,101 @@
+"""Validating our own access tokens, as a resource server must (RFC 9068 §4, RFC 8725).
+
+``decode_access_token`` checks the JWT alone (structure, header, signature, claims) and
+returns its claims or ``None``; it never raises on hostile input. ``access_token_state``
+adds what only the database knows: revoked by ``jti``, its client deleted, or its family
+(sign-in) revoked, which is what signing out, disabling the user and changing the password do.
+
+Introspection uses both; the account and admin APIs will too.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from joserfc import jws
+from joserfc.errors import JoseError
+from sqlalchemy.orm import Session
+
+from .keys import KeySet
+from .models import Client, RefreshFamily, RevokedAccessToken
+
+#: Far above any token we sign (about 1 KB); anything longer is not ours.
+MAX_TOKEN_LENGTH = 8192
+#: RFC 9068 §4: the ``typ`` of an access token; compared case-insensitively (RFC 7515 §4.1.9).
+ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
+#: Header members that would let the token choose its own key or demand unknown processing
+#: (RFC 8725 §3.10, RFC 7515 §4.1.11). We publish our keys; a token never brings one.
+FORBIDDEN_HEADERS = frozenset({"jku", "jwk", "x5u", "x5c", "crit"})
+#: The only algorithm we sign with. An exact match rejects "none", "None", "HS256" keyed with
+#: our public key, and every other algorithm-confusion trick (RFC 8725 §2.1, §3.1).
+ALGORITHM = "RS256"
+
+
+def _b64_json(segment: str) -> Any:
+    padded = segment + "=" * (-len(segment) % 4)
+    return json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+
+
+def unverified_header(token: str) -> dict[str, Any] | None:
+    if len(token) > MAX_TOKEN_LENGTH or token.count(".") != 2:
+        return None
+    try:
+        header = _b64_json(token.split(".", 1)[0])
+    except (ValueError, binascii.Error, UnicodeError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def decode_access_token(
+    keyset: KeySet, token: str, *, issuer: str, audience: str, now: int
+) -> dict[str, Any] | None:
+    """The claims of ``token`` if it is a live access token we signed, else ``None``."""
+    header = unverified_header(token)
+    if header is None or header.get("alg") != ALGORITHM:
+        return None
+    typ = header.get("typ")
+    if not isinstance(typ, str) or typ.lower() not in ACCESS_TOKEN_TYPES:
+        return None  # an ID token (typ JWT) is not an access token
+    if FORBIDDEN_HEADERS & header.keys():
+        return None
+    kid = header.get("kid")
+    key = keyset.public.get(kid) if isinstance(kid, str) else None
+    if key is None:
+        return None  # unknown, retired-and-pruned or hostile kid: only an exact lookup
+    try:
+        signed = jws.deserialize_compact(token, key, algorithms=[ALGORITHM])
+        claims = json.loads(signed.payload)
+    except (JoseError, ValueError, TypeError, UnicodeError):
+        return None
+    if not isinstance(claims, dict) or claims.get("iss") != issuer:
+        return None
+    aud = claims.get("aud")
+    if not (aud == audience or (isinstance(aud, list) and audience in aud)):
+        return None
+    exp, iat = claims.get("exp"), claims.get("iat")
+    # ``type(...) is int``: bool is an int subclass, and ``true`` is not a time.
+    if type(exp) is not int or type(iat) is not int or exp <= now:
+        return None
+    for name in ("sub", "jti", "client_id", "scope"):
+        if not isinstance(claims.get(name), str):
+            return None
+    return claims
+
+
+def access_token_is_live(db: Session, claims: dict[str, Any]) -> bool:
+    """The database's view of a validly signed, unexpired access token."""
+    if db.get(RevokedAccessToken, claims["jti"]) is not None:
+        return False
+    if db.get(Client, claims["client_id"]) is None:
+        return False
+    sid = claims.get("sid")
+    if isinstance(sid, str):
+        # Every user token belongs to a family (one sign-in); revoking it, signing out,
+        # disabling the user and changing the password all revoke the family (SPEC.md, Tokens).
+        family = db.get(RefreshFamily, sid)
+        return family is not None and family.revoked_at is None
+    # Only client_credentials tokens have no family; a user token always has one.
+    return "auth_time" not in claims

@@ -1,0 +1,99 @@
+"""`python -m server check URL`, the operator's self-test, against a real server process."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from .conftest import cli, free_port
+
+pytestmark = pytest.mark.feature("check-command")
+PASSWORD = "a long enough passphrase"
+
+
+def set_up(env: dict[str, str]) -> str:
+    created = cli(
+        env, "clients", "create", "--client-id", "web", "--scope", "profile api", "--json"
+    )
+    assert created.returncode == 0, created.stderr
+    user = cli(env, "users", "create", "--username", "carol", "--password-stdin", stdin=PASSWORD)
+    assert user.returncode == 0, user.stderr
+    secret: str = json.loads(created.stdout)["client_secret"]
+    return secret
+
+
+def test_check_passes_against_a_real_server(server: tuple[str, dict[str, str]]) -> None:
+    url, env = server
+    secret = set_up(env)
+
+    result = cli(
+        env,
+        "check",
+        url,
+        "--client-id",
+        "web",
+        "--client-secret",
+        secret,
+        "--username",
+        "carol",
+        "--password-stdin",
+        stdin=PASSWORD + "\n",
+    )
+
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0, result.stdout + result.stderr
+    *checks, summary = lines
+    assert all(line.startswith("PASS ") for line in checks), result.stdout
+    names = {line.split()[1] for line in checks}
+    assert names >= {
+        "discovery",
+        "jwks-hygiene",
+        "jwks-cache",
+        "token-error-format",
+        "invalid-client",
+        "client-credentials",
+        "password-grant",
+        "access-token-claims",
+        "refresh-rotation",
+        "refresh-reuse-detection",
+        "revocation",
+        "revoked-family-inactive",
+        "revoked-access-token-inactive",
+        "introspection-active",
+        "introspection-hostile-tokens",
+        "no-store-headers",
+    }
+    assert summary == f"summary: {len(checks)} passed, 0 failed, 0 skipped"
+    assert secret not in result.stdout + result.stderr
+    assert PASSWORD not in result.stdout + result.stderr
+
+
+def test_check_fails_with_a_reason_and_exit_status(server: tuple[str, dict[str, str]]) -> None:
+    url, env = server
+    set_up(env)
+    # Credentials from the environment, as a CI job would pass them; the secret is wrong.
+    env = {
+        **env,
+        "AUTH_CHECK_CLIENT_ID": "web",
+        "AUTH_CHECK_CLIENT_SECRET": "not-the-secret",
+    }
+
+    result = cli(env, "check", url)
+
+    assert result.returncode == 1
+    assert re.search(r"^FAIL client-credentials: .*invalid_client", result.stdout, re.M), (
+        result.stdout
+    )
+    assert re.search(r"^PASS discovery$", result.stdout, re.M)
+    assert re.fullmatch(
+        r"summary: \d+ passed, [1-9]\d* failed, \d+ skipped", result.stdout.splitlines()[-1]
+    )
+
+
+def test_check_of_an_unreachable_server_fails(server: tuple[str, dict[str, str]]) -> None:
+    _, env = server
+    result = cli(env, "check", f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 1
+    assert "unreachable" in result.stdout
