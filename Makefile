@@ -37,9 +37,11 @@ format: install
 	$(VENV)/bin/ruff check --fix server tests migrations
 	$(VENV)/bin/ruff format server tests migrations
 
-## Run the suite and write artifacts/auth-test/ (features.json, test-results.md).
+## Run the suite and write artifacts/auth-test/ (features.json, test-results.md); the browser
+## test refreshes artifacts/screenshots/*.png.
+report: export AUTH_SCREENSHOT_DIR := $(CURDIR)/artifacts/screenshots
 report: install
-	mkdir -p artifacts/auth-test
+	mkdir -p artifacts/auth-test "$$AUTH_SCREENSHOT_DIR"
 	set -o pipefail; $(PY) -m pytest $(PYTEST_COV) --report-dir artifacts/auth-test 2>&1 \
 		| tee artifacts/auth-test/pytest-output.txt; status=$$?; \
 		$(PY) -m tests.report_md artifacts/auth-test && exit $$status

@@ -77,9 +77,11 @@ def _client_dict(client: Client) -> dict[str, Any]:
         "public": client.is_public,
         "admin": client.is_admin,
         "resource_server": client.is_resource_server,
+        "first_party": client.is_first_party,
         "grant_types": client.grant_type_list,
         "scope": client.scope,
         "redirect_uris": client.redirect_uri_list,
+        "post_logout_redirect_uris": client.post_logout_redirect_uri_list,
         "created_at": client.created_at,
     }
 
@@ -195,6 +197,8 @@ def cmd_clients(settings: Settings, args: argparse.Namespace) -> int:
                 scope=args.scope,
                 redirect_uris=args.redirect_uri,
                 name=args.name,
+                first_party=args.first_party,
+                post_logout_redirect_uris=args.post_logout_redirect_uri,
             ),
         )
         if args.json:
@@ -369,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--grant", action="append", help="allowed grant type (repeatable)")
     create.add_argument("--scope", default="", help="space-separated scopes it may ask for")
     create.add_argument("--redirect-uri", action="append", help="repeatable")
+    create.add_argument(
+        "--first-party", action="store_true", help="your own app: people are not asked to consent"
+    )
+    create.add_argument(
+        "--post-logout-redirect-uri",
+        action="append",
+        help="where sign-out may return the browser (repeatable)",
+    )
     create.add_argument("--json", action="store_true")
     listing = clients.add_parser("list")
     listing.add_argument("--json", action="store_true")

@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     #: How often a running server looks at ``keys_dir`` for a rotation (seconds).
     key_reload_interval: float = Field(default=2.0, gt=0)
 
+    #: Lifetime of a browser sign-in on the hosted pages (the session cookie), in seconds.
+    session_ttl: int = Field(default=86_400, ge=60)
+    #: Whether /register lets people create their own accounts.
+    registration_enabled: bool = True
+    #: Lifetime of an authorization code (RFC 6749 §4.1.2: short; SPEC.md: 60 s).
+    authorization_code_ttl: int = Field(default=60, ge=10, le=600)
+
     rate_limit_storage: str = "memory://"
     rate_limits_enabled: bool = True
     trusted_proxies: Annotated[list[str], NoDecode] = []
@@ -83,6 +90,11 @@ class Settings(BaseSettings):
     @property
     def audience(self) -> str:
         return self.default_audience or self.issuer
+
+    @property
+    def secure_cookies(self) -> bool:
+        """Cookies get ``Secure`` and the ``__Host-`` prefix when the issuer is https."""
+        return self.issuer.startswith("https://")
 
     @property
     def is_sqlite(self) -> bool:

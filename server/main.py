@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException
@@ -19,9 +20,12 @@ from .config import Env, Settings
 from .db import assert_schema_at_head, create_engine, session_factory
 from .deps import AppState, StateDep
 from .keys import KeyStore
+from .oauth.authorize import router as authorize_router
 from .oauth.routes import router as oauth_router
 from .observability import RequestIdMiddleware, configure_logging, log
 from .passwords import Passwords
+from .web.browser import STATIC_DIR, SecurityHeadersMiddleware
+from .web.pages import router as pages_router
 
 DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (OperationalError, InterfaceError, OSError)
 
@@ -80,8 +84,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         openapi_url=None,
     )
+    app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.include_router(oauth_router)
+    app.include_router(authorize_router)
+    app.include_router(pages_router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     _add_health(app)
     _add_error_handlers(app)
     return app

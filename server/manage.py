@@ -58,6 +58,8 @@ async def create_client(
     scope: str = "",
     redirect_uris: list[str] | None = None,
     name: str = "",
+    first_party: bool = False,
+    post_logout_redirect_uris: list[str] | None = None,
 ) -> NewClient:
     if not CLIENT_ID_RE.match(client_id):
         raise ManageError("client id must be 1-100 characters of A-Z a-z 0-9 . _ ~ -")
@@ -86,6 +88,7 @@ async def create_client(
     if admin and "admin" not in scopes:
         scopes.append("admin")
     uris = [_check_redirect_uri(uri) for uri in redirect_uris or []]
+    logout_uris = [_check_redirect_uri(uri) for uri in post_logout_redirect_uris or []]
     if "authorization_code" in grants and not uris:
         raise ManageError("the authorization_code grant needs at least one --redirect-uri")
     if await db.get(Client, client_id) is not None:
@@ -100,6 +103,8 @@ async def create_client(
         grant_types=" ".join(dict.fromkeys(grants)),
         scope=" ".join(dict.fromkeys(scopes)),
         redirect_uris=" ".join(uris),
+        is_first_party=first_party,
+        post_logout_redirect_uris=" ".join(logout_uris),
     )
     db.add(client)
     await db.flush()

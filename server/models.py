@@ -58,6 +58,10 @@ class Client(Base):
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     #: A resource server may introspect any token (RFC 7662 §2.1); other clients their own.
     is_resource_server: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: The operator's own app: people are not asked to consent to it.
+    is_first_party: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Where end-session may send the browser back to (exact match), space-separated.
+    post_logout_redirect_uris: Mapped[str] = mapped_column(Text, default="")
     grant_types: Mapped[str] = mapped_column(Text, default="")
     scope: Mapped[str] = mapped_column(Text, default="")
     redirect_uris: Mapped[str] = mapped_column(Text, default="")
@@ -80,6 +84,10 @@ class Client(Base):
     def redirect_uri_list(self) -> list[str]:
         return self.redirect_uris.split()
 
+    @property
+    def post_logout_redirect_uri_list(self) -> list[str]:
+        return self.post_logout_redirect_uris.split()
+
     def get_client_id(self) -> str:
         return self.client_id
 
@@ -100,6 +108,26 @@ class Client(Base):
     def check_grant_type(self, grant_type: str) -> bool:
         return grant_type in self.grant_type_list
 
+    def check_response_type(self, response_type: str | None) -> bool:
+        # Only the authorization code flow (RFC 9700 §2.1.2: no implicit grant).
+        return response_type == "code" and self.check_grant_type("authorization_code")
+
+    def get_default_redirect_uri(self) -> str | None:
+        # RFC 6749 §3.1.2.3: redirect_uri may be omitted only when exactly one is registered.
+        uris = self.redirect_uri_list
+        return uris[0] if len(uris) == 1 else None
+
+    def get_allowed_scope(self, scope: str | None) -> str | None:
+        """RFC 6749 §3.3: the requested scope if the client may ask for all of it (``None``
+        otherwise, which Authlib answers with ``invalid_scope``); omitted means all."""
+        allowed = self.scope_list
+        if not scope:
+            return " ".join(allowed)
+        wanted = scope.split()
+        if not set(wanted) <= set(allowed):
+            return None
+        return " ".join(dict.fromkeys(wanted))
+
 
 class RefreshFamily(Base):
     """One sign-in: every refresh token rotated from it, bound to one client, user and scope."""
@@ -119,6 +147,11 @@ class RefreshFamily(Base):
     expires_at: Mapped[int] = mapped_column(BigInteger)
     revoked_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
     revoked_reason: Mapped[str | None] = mapped_column(String(50), default=None)
+    #: The browser sign-in that created it (authorization code flow); signing that browser
+    #: out ends this family too.
+    browser_session_id: Mapped[str | None] = mapped_column(
+        ForeignKey("browser_sessions.id", ondelete="SET NULL"), default=None, index=True
+    )
 
 
 class RefreshToken(Base):
@@ -149,3 +182,74 @@ class RevokedAccessToken(Base):
     client_id: Mapped[str] = mapped_column(String(100))
     expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
     revoked_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class BrowserSession(Base):
+    """A person signed in on the hosted pages, in one browser (the session cookie)."""
+
+    __tablename__ = "browser_sessions"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    #: SHA-256 of the cookie value: a stolen database does not yield live cookies.
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    auth_time: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    expires_at: Mapped[int] = mapped_column(BigInteger)
+    ended_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
+
+
+class AuthorizationCode(Base):
+    """RFC 6749 §4.1: single use, short-lived, bound to client, redirect URI and PKCE."""
+
+    __tablename__ = "authorization_codes"
+
+    code_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    client_id: Mapped[str] = mapped_column(
+        ForeignKey("clients.client_id", ondelete="CASCADE"), index=True
+    )
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    browser_session_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    redirect_uri: Mapped[str] = mapped_column(Text)
+    #: Whether the authorization request carried ``redirect_uri`` (then the token request
+    #: must repeat it, RFC 6749 §4.1.3).
+    redirect_uri_given: Mapped[bool] = mapped_column(Boolean, default=True)
+    scope: Mapped[str] = mapped_column(Text, default="")
+    nonce: Mapped[str | None] = mapped_column(String(255), default=None)
+    code_challenge: Mapped[str | None] = mapped_column(String(128), default=None)
+    code_challenge_method: Mapped[str | None] = mapped_column(String(10), default=None)
+    auth_time: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    expires_at: Mapped[int] = mapped_column(BigInteger)
+    #: Set once, atomically, by the exchange that wins; a second exchange is reuse.
+    used_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    #: The family the exchange started, so reuse can revoke what the code issued.
+    family_id: Mapped[str | None] = mapped_column(String(32), default=None)
+
+    # Authlib's AuthorizationCodeMixin, duck-typed.
+    def get_redirect_uri(self) -> str | None:
+        return self.redirect_uri if self.redirect_uri_given else None
+
+    def get_scope(self) -> str:
+        return self.scope
+
+    def get_nonce(self) -> str | None:
+        return self.nonce
+
+    def get_auth_time(self) -> int:
+        return self.auth_time
+
+
+class Consent(Base):
+    """What a person has allowed a client, remembered so they are asked once per scope."""
+
+    __tablename__ = "consents"
+
+    user_id: Mapped[str] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    client_id: Mapped[str] = mapped_column(
+        ForeignKey("clients.client_id", ondelete="CASCADE"), primary_key=True
+    )
+    scope: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[int] = mapped_column(BigInteger, default=now)

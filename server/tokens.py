@@ -26,6 +26,7 @@ from .models import Client, RefreshFamily, RevokedAccessToken
 MAX_TOKEN_LENGTH = 8192
 #: RFC 9068 §4: the ``typ`` of an access token; compared case-insensitively (RFC 7515 §4.1.9).
 ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
+ID_TOKEN_TYPES = frozenset({"jwt"})
 #: Header members that would let the token choose its own key or demand unknown processing
 #: (RFC 8725 §3.10, RFC 7515 §4.1.11). We publish our keys; a token never brings one.
 FORBIDDEN_HEADERS = frozenset({"jku", "jwk", "x5u", "x5c", "crit"})
@@ -49,16 +50,14 @@ def unverified_header(token: str) -> dict[str, Any] | None:
     return header if isinstance(header, dict) else None
 
 
-def decode_access_token(
-    keyset: KeySet, token: str, *, issuer: str, audience: str, now: int
-) -> dict[str, Any] | None:
-    """The claims of ``token`` if it is a live access token we signed, else ``None``."""
+def _verified_claims(keyset: KeySet, token: str, *, types: frozenset[str]) -> dict[str, Any] | None:
+    """Header rules, then the signature; the claims as a dict, or ``None``."""
     header = unverified_header(token)
     if header is None or header.get("alg") != ALGORITHM:
         return None
     typ = header.get("typ")
-    if not isinstance(typ, str) or typ.lower() not in ACCESS_TOKEN_TYPES:
-        return None  # an ID token (typ JWT) is not an access token
+    if not isinstance(typ, str) or typ.lower() not in types:
+        return None
     if FORBIDDEN_HEADERS & header.keys():
         return None
     kid = header.get("kid")
@@ -70,7 +69,24 @@ def decode_access_token(
         claims = json.loads(signed.payload)
     except (JoseError, ValueError, TypeError, UnicodeError):
         return None
-    if not isinstance(claims, dict) or claims.get("iss") != issuer:
+    return claims if isinstance(claims, dict) else None
+
+
+def decode_id_token_hint(keyset: KeySet, token: str, *, issuer: str) -> dict[str, Any] | None:
+    """An ID token we issued, possibly expired (OIDC RP-Initiated Logout §2 allows that)."""
+    claims = _verified_claims(keyset, token, types=ID_TOKEN_TYPES)
+    if claims is None or claims.get("iss") != issuer:
+        return None
+    return claims
+
+
+def decode_access_token(
+    keyset: KeySet, token: str, *, issuer: str, audience: str, now: int
+) -> dict[str, Any] | None:
+    """The claims of ``token`` if it is a live access token we signed, else ``None``."""
+    # RFC 9068 §4: typ at+jwt; an ID token (typ JWT) is not an access token.
+    claims = _verified_claims(keyset, token, types=ACCESS_TOKEN_TYPES)
+    if claims is None or claims.get("iss") != issuer:
         return None
     aud = claims.get("aud")
     if not (aud == audience or (isinstance(aud, list) and audience in aud)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -223,3 +224,38 @@ async def refresh_grant(
 ) -> httpx.Response:
     data = {"grant_type": "refresh_token", "refresh_token": refresh_token, **extra}
     return await http.post("/oauth2/token", data=data, headers=creds.basic)
+
+
+# -- a browser on the hosted pages ---------------------------------------------------------
+
+CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+def csrf_of(page: httpx.Response) -> str:
+    match = CSRF_RE.search(page.text)
+    assert match is not None, page.text[:500]
+    return match.group(1)
+
+
+@pytest.fixture
+async def browser(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """A cookie-keeping client that does not follow redirects, like a browser step by step."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as http:
+        yield http
+
+
+async def sign_in(http: httpx.AsyncClient, user: UserCreds, next_url: str = "") -> httpx.Response:
+    page = await http.get("/login", params={"next": next_url} if next_url else None)
+    assert page.status_code == 200, page.text
+    response = await http.post(
+        "/login",
+        data={
+            "csrf_token": csrf_of(page),
+            "username": user.username,
+            "password": user.password,
+            "next": next_url,
+        },
+    )
+    assert response.status_code == 303, response.text
+    return response

@@ -534,9 +534,11 @@ def test_clients_list_and_show(cli: Cli, db: Settings) -> None:
         "public": False,
         "admin": False,
         "resource_server": False,
+        "first_party": False,
         "grant_types": ["password", "refresh_token", "client_credentials"],
         "scope": "api",
         "redirect_uris": [],
+        "post_logout_redirect_uris": [],
         "created_at": body["created_at"],
     }
     assert abs(body["created_at"] - time.time()) < 60

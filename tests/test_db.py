@@ -29,7 +29,16 @@ from server.db import (
 from server.models import Base, Client
 from tests.conftest import _drop_pg_database, _new_pg_database, make_settings, migrate
 
-TABLES = {"users", "clients", "refresh_families", "refresh_tokens", "revoked_access_tokens"}
+TABLES = {
+    "users",
+    "clients",
+    "refresh_families",
+    "refresh_tokens",
+    "revoked_access_tokens",
+    "browser_sessions",
+    "authorization_codes",
+    "consents",
+}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -11,7 +11,7 @@ Authlib's defaults are overridden where they fall short of SPEC.md:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from authlib.oauth2.rfc6749 import grants
 from authlib.oauth2.rfc6749.errors import (
@@ -20,9 +20,10 @@ from authlib.oauth2.rfc6749.errors import (
     InvalidScopeError,
     UnauthorizedClientError,
 )
+from authlib.oauth2.rfc7636 import CodeChallenge
 from sqlalchemy import select, update
 
-from ..models import Client, RefreshFamily, RefreshToken, User, sha256_hex
+from ..models import AuthorizationCode, Client, RefreshFamily, RefreshToken, User, sha256_hex
 from ..observability import audit
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ USER_CLIENT_AUTH = ["client_secret_basic", "client_secret_post", "none"]
 CONFIDENTIAL_CLIENT_AUTH = ["client_secret_basic", "client_secret_post"]
 BAD_CREDENTIALS = "Invalid username or password."
 BAD_REFRESH_TOKEN = "The refresh token is invalid, expired or revoked."  # noqa: S105
+BAD_CODE = "The authorization code is invalid, expired or already used."
 
 
 def resolve_scope(requested: str | None, allowed: list[str]) -> str:
@@ -193,3 +195,111 @@ class ClientCredentialsGrant(_Grant, grants.ClientCredentialsGrant):  # type: ig
     def create_token_response(self) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
         token = self.server.issue(self.request, scope=self.request.scope)
         return 200, token, self.TOKEN_RESPONSE_HEADER
+
+
+class Pkce(CodeChallenge):  # type: ignore[misc]
+    """RFC 7636 with the rules of RFC 9700 §2.1.1: public clients must send a challenge, and
+    only S256 is accepted (``plain`` would let a leaked code be redeemed)."""
+
+    SUPPORTED_CODE_CHALLENGE_METHOD: ClassVar[list[str]] = ["S256"]
+    DEFAULT_CODE_CHALLENGE_METHOD = "S256"
+
+    def validate_code_challenge(self, grant: Any, redirect_uri: str) -> None:
+        data = grant.request.payload.data
+        if not data.get("code_challenge") and not data.get("code_challenge_method"):
+            if grant.request.client.is_public:
+                raise InvalidRequestError(
+                    "PKCE is required: send code_challenge and code_challenge_method=S256."
+                )
+            return
+        super().validate_code_challenge(grant, redirect_uri)
+        if data.get("code_challenge_method") != "S256":
+            raise InvalidRequestError("code_challenge_method must be S256.")
+
+
+class CodeGrant(_Grant, grants.AuthorizationCodeGrant):  # type: ignore[misc]
+    TOKEN_ENDPOINT_AUTH_METHODS = USER_CLIENT_AUTH
+
+    def save_authorization_code(self, code: str, request: Any) -> None:
+        data = request.payload.data
+        issued = self.server.now
+        self.server.db.add(
+            AuthorizationCode(
+                code_hash=sha256_hex(code),
+                client_id=request.client.client_id,
+                user_id=request.user.id,
+                browser_session_id=request.browser_session_id,
+                redirect_uri=data.get("redirect_uri") or request.client.get_default_redirect_uri(),
+                redirect_uri_given=bool(data.get("redirect_uri")),
+                scope=request.scope,
+                nonce=data.get("nonce"),
+                code_challenge=data.get("code_challenge"),
+                code_challenge_method=data.get("code_challenge_method"),
+                auth_time=request.auth_time,
+                created_at=issued,
+                expires_at=issued + self.server.settings.authorization_code_ttl,
+            )
+        )
+
+    def query_authorization_code(self, code: str, client: Client) -> AuthorizationCode | None:
+        row = self.server.db.get(AuthorizationCode, sha256_hex(code))
+        if row is None or row.client_id != client.client_id:
+            return None  # another client's code is refused and left alone
+        if row.used_at is not None:
+            self._revoke_what_it_issued(row)
+            return None
+        if row.expires_at <= self.server.now:
+            return None
+        return row
+
+    def authenticate_user(self, authorization_code: AuthorizationCode) -> User | None:
+        user = self.server.db.get(User, authorization_code.user_id)
+        return None if user is None or user.disabled else user
+
+    def create_token_response(self) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
+        request = self.request
+        code: AuthorizationCode = request.authorization_code
+        db = self.server.db
+        claimed = db.execute(
+            update(AuthorizationCode)
+            .where(
+                AuthorizationCode.code_hash == code.code_hash, AuthorizationCode.used_at.is_(None)
+            )
+            .values(used_at=self.server.now)
+            .execution_options(synchronize_session=False)
+        )
+        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+            # Another exchange of this code won: a replay (RFC 6749 §4.1.2).
+            db.refresh(code)
+            self._revoke_what_it_issued(code)
+            raise InvalidGrantError(BAD_CODE)
+        user = self.authenticate_user(code)
+        if user is None:
+            raise InvalidGrantError(BAD_CODE)
+        request.user = user
+        request.scope = code.scope
+        self.server.start_family(
+            request,
+            scope=code.scope,
+            auth_time=code.auth_time,
+            browser_session_id=code.browser_session_id,
+        )
+        token = self.server.issue(request, scope=code.scope, nonce=code.nonce)
+        db.execute(
+            update(AuthorizationCode)
+            .where(AuthorizationCode.code_hash == code.code_hash)
+            .values(family_id=request.family.id)
+            .execution_options(synchronize_session=False)
+        )
+        return 200, token, self.TOKEN_RESPONSE_HEADER
+
+    def _revoke_what_it_issued(self, code: AuthorizationCode) -> None:
+        audit("code.reuse_detected", client_id=code.client_id, family_id=code.family_id)
+        if code.family_id is None:
+            return
+        self.server.db.execute(
+            update(RefreshFamily)
+            .where(RefreshFamily.id == code.family_id, RefreshFamily.revoked_at.is_(None))
+            .values(revoked_at=self.server.now, revoked_reason="code_reuse")
+            .execution_options(synchronize_session=False)
+        )

@@ -11,14 +11,19 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ..deps import AppState, StateDep
+from ..models import User, now
 from ..observability import audit
+from ..tokens import access_token_is_live, decode_access_token
 from .requests import form_request
 from .server import Response as ServerResponse
 from .server import TokenServer
 
 router = APIRouter()
 
-GRANT_TYPES = ["password", "refresh_token", "client_credentials"]
+GRANT_TYPES = ["authorization_code", "password", "refresh_token", "client_credentials"]
+SCOPES = ["openid", "profile", "email"]
+#: What /userinfo can return, by scope (OpenID Connect Core §5.4).
+SCOPE_CLAIMS = {"profile": ["preferred_username", "name"], "email": ["email", "email_verified"]}
 AUTH_METHODS = ["client_secret_basic", "client_secret_post", "none"]
 CONFIDENTIAL_AUTH_METHODS = ["client_secret_basic", "client_secret_post"]
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -124,19 +129,43 @@ async def jwks(request: Request, state: StateDep) -> Response:
 
 
 def discovery_document(issuer: str) -> dict[str, Any]:
-    """RFC 8414 metadata: only what this server really supports."""
+    """RFC 8414 / OpenID Connect Discovery 1.0 metadata: only what this server really does."""
     return {
         "issuer": issuer,
+        "authorization_endpoint": issuer + "/oauth2/authorize",
         "token_endpoint": issuer + "/oauth2/token",
         "jwks_uri": issuer + "/.well-known/jwks.json",
-        "grant_types_supported": GRANT_TYPES,
-        "token_endpoint_auth_methods_supported": AUTH_METHODS,
+        "userinfo_endpoint": issuer + "/userinfo",
+        "end_session_endpoint": issuer + "/logout",
         "revocation_endpoint": issuer + "/oauth2/revoke",
-        "revocation_endpoint_auth_methods_supported": AUTH_METHODS,
         "introspection_endpoint": issuer + "/oauth2/introspect",
+        "scopes_supported": SCOPES,
+        "claims_supported": [
+            "sub",
+            "iss",
+            "aud",
+            "exp",
+            "iat",
+            "auth_time",
+            "nonce",
+            "at_hash",
+            "sid",
+            *[claim for claims in SCOPE_CLAIMS.values() for claim in claims],
+        ],
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
+        "grant_types_supported": GRANT_TYPES,
+        "code_challenge_methods_supported": ["S256"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "token_endpoint_auth_methods_supported": AUTH_METHODS,
+        "revocation_endpoint_auth_methods_supported": AUTH_METHODS,
         # RFC 7662 §2.1: introspection needs a confidential client.
         "introspection_endpoint_auth_methods_supported": CONFIDENTIAL_AUTH_METHODS,
-        "response_types_supported": [],
+        "prompt_values_supported": ["none", "login", "consent"],
+        "authorization_response_iss_parameter_supported": True,  # RFC 9207
+        "request_parameter_supported": False,
+        "claims_parameter_supported": False,
     }
 
 
@@ -147,4 +176,50 @@ async def discovery(state: StateDep) -> Response:
         200,
         discovery_document(state.settings.issuer),
         {"Cache-Control": "public, max-age=300"},
+    )
+
+
+@router.api_route("/userinfo", methods=["GET", "POST"])
+async def userinfo(request: Request, state: StateDep) -> Response:
+    """OpenID Connect Core §5.3, with a bearer access token (RFC 6750 §2.1)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        # RFC 6750 §3.1: no credentials, so no error code; just the challenge.
+        return Response(status_code=401, headers={"WWW-Authenticate": 'Bearer realm="userinfo"'})
+    settings = state.settings
+    claims = decode_access_token(
+        state.keys.keyset(),
+        token.strip(),
+        issuer=settings.issuer,
+        audience=settings.audience,
+        now=now(),
+    )
+    async with state.sessions() as db:
+        live = claims is not None and await db.run_sync(
+            lambda session: access_token_is_live(session, claims)
+        )
+        user = await db.get(User, claims["sub"]) if live and claims is not None else None
+    if claims is None or user is None or "auth_time" not in claims:
+        return _bearer_error(401, "invalid_token", "The access token is invalid or expired.")
+    scopes = claims["scope"].split()
+    if "openid" not in scopes:
+        return _bearer_error(403, "insufficient_scope", "The token lacks the openid scope.")
+    body: dict[str, Any] = {"sub": user.id}
+    if "profile" in scopes:
+        body["preferred_username"] = user.username
+        if user.name:
+            body["name"] = user.name
+    if "email" in scopes and user.email:
+        body["email"] = user.email
+        body["email_verified"] = False  # addresses are not verified by this server
+    return json_response(200, body, {"Cache-Control": "no-store"})
+
+
+def _bearer_error(status: int, error: str, description: str) -> Response:
+    # RFC 6750 §3: the error in the WWW-Authenticate challenge, and the same in the body.
+    challenge = f'Bearer realm="userinfo", error="{error}", error_description="{description}"'
+    return json_response(
+        status,
+        {"error": error, "error_description": description},
+        {"WWW-Authenticate": challenge, "Cache-Control": "no-store"},
     )

@@ -14,6 +14,7 @@ from typing import Any
 from authlib.oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749 import OAuth2Request
 from authlib.oauth2.rfc6749.errors import InvalidClientError
+from authlib.oidc.core.util import create_half_hash
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sqlalchemy.util import await_only
@@ -22,7 +23,7 @@ from ..deps import AppState
 from ..models import Client, RefreshFamily, RefreshToken, User, new_id, now, sha256_hex
 from ..passwords import Verification, normalize_username
 from .endpoints import Introspection, Revocation
-from .grants import ClientCredentialsGrant, PasswordGrant, RefreshTokenGrant
+from .grants import ClientCredentialsGrant, CodeGrant, PasswordGrant, Pkce, RefreshTokenGrant
 
 Response = tuple[int, dict[str, Any], list[tuple[str, str]]]
 
@@ -39,6 +40,7 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
         self.now = now()
         for grant in (PasswordGrant, RefreshTokenGrant, ClientCredentialsGrant):
             self.register_grant(grant)
+        self.register_grant(CodeGrant, [Pkce(required=True)])
         self.register_endpoint(Revocation)
         self.register_endpoint(Introspection)
 
@@ -112,7 +114,14 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
     def rehash(self, user: User, password: str) -> None:
         user.password_hash = await_only(self.state.passwords.hash_async(password))
 
-    def start_family(self, request: OAuth2Request, *, scope: str, auth_time: int) -> None:
+    def start_family(
+        self,
+        request: OAuth2Request,
+        *,
+        scope: str,
+        auth_time: int,
+        browser_session_id: str | None = None,
+    ) -> None:
         """Open a family (one sign-in) for this request's user.
 
         Every user token belongs to one, refresh tokens or not, so that signing out, revoking,
@@ -136,11 +145,14 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
             created_at=request.issued_at,
             last_used_at=request.issued_at,
             expires_at=request.issued_at + lifetime,
+            browser_session_id=browser_session_id,
         )
         self.db.add(family)
         request.family = family
 
-    def issue(self, request: OAuth2Request, *, scope: str) -> dict[str, Any]:
+    def issue(
+        self, request: OAuth2Request, *, scope: str, nonce: str | None = None
+    ) -> dict[str, Any]:
         """The token response (RFC 6749 §5.1) with an RFC 9068 JWT access token."""
         settings = self.settings
         client: Client = request.client
@@ -170,5 +182,32 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
         }
         if family is not None and client.check_grant_type("refresh_token"):
             token["refresh_token"] = secrets.token_urlsafe(REFRESH_TOKEN_BYTES)
+        if user is not None and "openid" in scope.split():
+            token["id_token"] = self.id_token(request, token["access_token"], nonce)
         self.save_token(token, request)
         return token
+
+    def id_token(self, request: OAuth2Request, access_token: str, nonce: str | None) -> str:
+        """OpenID Connect Core §2 and §3.1.3.6: who signed in, for the client (``aud``).
+
+        Profile claims are served by /userinfo, not copied here (§5.4: they go in the ID token
+        only when no access token is issued).
+        """
+        settings = self.settings
+        family: RefreshFamily | None = request.family
+        issued_at: int = request.issued_at
+        claims: dict[str, Any] = {
+            "iss": settings.issuer,
+            "sub": request.user.id,
+            "aud": request.client.client_id,
+            "exp": issued_at + settings.access_token_ttl,
+            "iat": issued_at,
+            "auth_time": family.auth_time if family is not None else issued_at,
+            # §3.1.3.6: left half of SHA-256 of the access token, base64url.
+            "at_hash": create_half_hash(access_token, "RS256").decode("ascii"),
+        }
+        if nonce:
+            claims["nonce"] = nonce
+        if family is not None:
+            claims["sid"] = family.id
+        return self.state.keys.keyset().sign(claims, "JWT")

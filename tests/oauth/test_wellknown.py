@@ -41,7 +41,7 @@ async def test_jwks_etag_gives_304(client: httpx.AsyncClient) -> None:
     assert other.status_code == 200
 
 
-@pytest.mark.feature("discovery")
+@pytest.mark.feature("discovery", "id-tokens")
 @pytest.mark.parametrize(
     "path", ["/.well-known/openid-configuration", "/.well-known/oauth-authorization-server"]
 )
@@ -53,6 +53,7 @@ async def test_discovery_lists_what_is_supported(client: httpx.AsyncClient, path
     assert doc["token_endpoint"] == "http://127.0.0.1:8000/oauth2/token"
     assert doc["jwks_uri"] == "http://127.0.0.1:8000/.well-known/jwks.json"
     assert sorted(doc["grant_types_supported"]) == [
+        "authorization_code",
         "client_credentials",
         "password",
         "refresh_token",
@@ -74,6 +75,17 @@ async def test_discovery_lists_what_is_supported(client: httpx.AsyncClient, path
         "client_secret_basic",
         "client_secret_post",
     ]
-    # Nothing advertised that is not served yet.
-    assert "authorization_endpoint" not in doc
+    # OpenID Connect Discovery 1.0 §3 and RFC 8414 §2.
+    assert doc["authorization_endpoint"] == "http://127.0.0.1:8000/oauth2/authorize"
+    assert doc["userinfo_endpoint"] == "http://127.0.0.1:8000/userinfo"
+    assert doc["end_session_endpoint"] == "http://127.0.0.1:8000/logout"
+    assert doc["response_types_supported"] == ["code"]
+    assert doc["code_challenge_methods_supported"] == ["S256"]
+    assert doc["id_token_signing_alg_values_supported"] == ["RS256"]
+    assert doc["subject_types_supported"] == ["public"]
+    assert {"openid", "profile", "email"} <= set(doc["scopes_supported"])
+    assert {"sub", "email", "preferred_username", "name", "email_verified"} <= set(
+        doc["claims_supported"]
+    )
+    assert doc["authorization_response_iss_parameter_supported"] is True
     assert "public" in response.headers["cache-control"]

@@ -1,0 +1,231 @@
+"""The authorization endpoint (RFC 6749 §4.1, OpenID Connect Core §3.1) and its consent page.
+
+``GET|POST /oauth2/authorize`` validates the request with Authlib's ``AuthorizationCodeGrant``
+(client, exact redirect URI, response type, scope, PKCE), then decides:
+- not signed in, or ``prompt=login`` → the sign-in page, which comes back here;
+  ``prompt=none`` → ``login_required`` to the client instead;
+- consent needed (client not first-party and scope not yet allowed, or ``prompt=consent``)
+  → the consent page; ``prompt=none`` → ``consent_required``;
+- otherwise a code, single use, ``AUTH_AUTHORIZATION_CODE_TTL`` (60 s), bound to client,
+  redirect URI, PKCE challenge, nonce and the browser session.
+
+Errors go back to the client only once its redirect URI is known to be registered (Authlib sets
+``error.redirect_uri`` only then); otherwise the error page shows them (§4.1.2.1). Every
+response to the client carries ``iss`` (RFC 9207). At the token endpoint the code is claimed
+by one conditional UPDATE; a second use revokes the family the first one started (§4.1.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+from authlib.common.urls import add_params_to_uri
+from authlib.oauth2.rfc6749.errors import AccessDeniedError, InvalidRequestError, OAuth2Error
+from fastapi import APIRouter, Request
+from starlette.responses import RedirectResponse, Response
+
+from ..deps import AppState, StateDep
+from ..forms import FormError, parse_form, read_form
+from ..models import Client, Consent
+from ..observability import audit
+from ..web.browser import Csrf, SignedIn, current_session, error_page, posted_form, render
+from .grants import CodeGrant
+from .requests import FormRequest
+from .server import TokenServer
+
+router = APIRouter()
+
+SCOPE_DESCRIPTIONS = {
+    "openid": "Confirm who you are (your account id)",
+    "profile": "See your name and username",
+    "email": "See your email address",
+    "offline_access": "Stay signed in when you are away",
+    "api": "Use the API on your behalf",
+}
+MAX_AUTHORIZE_QUERY = 4096
+#: What the error page tells a person, before the technical detail for the developers.
+PEOPLE_ERRORS = {
+    "invalid_client": "The application that sent you here is not registered with this server.",
+    "invalid_request": "The application sent you here with a broken request.",
+    "unsupported_response_type": "The application asked for a kind of sign-in we do not offer.",
+}
+
+
+# -- the endpoint -------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What the synchronous part decided; the route turns it into a response."""
+
+    location: str | None = None  # redirect to the client
+    error: OAuth2Error | None = None  # show on the error page
+    login: bool = False  # send to the sign-in page
+    consent: dict[str, Any] = field(default_factory=dict)  # show the consent page
+
+
+def _with_iss(location: str, issuer: str) -> str:
+    # RFC 9207 §2: iss in every authorization response, success or error.
+    return str(add_params_to_uri(location, [("iss", issuer)]))
+
+
+def _redirect_error(error: OAuth2Error, issuer: str) -> Outcome:
+    if error.redirect_uri:
+        _, _, headers = error()
+        return Outcome(location=_with_iss(dict(headers)["Location"], issuer))
+    return Outcome(error=error)
+
+
+def decide(
+    server: TokenServer,
+    request: FormRequest,
+    who: SignedIn | None,
+    decision: str | None,
+) -> Outcome:
+    issuer = server.settings.issuer
+    prompts = set(request.form.get("prompt", "").split())
+    user = who.user if who is not None else None
+    try:
+        grant: CodeGrant = server.get_consent_grant(request, end_user=user)
+    except OAuth2Error as error:
+        return _redirect_error(error, issuer)
+    redirect_uri = grant.redirect_uri
+    state = request.form.get("state")
+
+    def fail(error: OAuth2Error) -> Outcome:
+        error.redirect_uri, error.state = redirect_uri, state
+        return _redirect_error(error, issuer)
+
+    if "none" in prompts and len(prompts) > 1:
+        # OpenID Connect Core §3.1.2.1.
+        return fail(InvalidRequestError("prompt=none cannot be combined with other values."))
+    max_age = request.form.get("max_age")
+    if max_age is not None and not (max_age.isdigit() and len(max_age) <= 9):
+        return fail(InvalidRequestError("max_age must be a number of seconds."))
+    # OpenID Connect Core §3.1.2.1: max_age asks for a sign-in at most that old.
+    too_old = (
+        who is not None
+        and max_age is not None
+        and server.now - who.session.auth_time > int(max_age)
+    )
+    if who is None or too_old or ("login" in prompts and decision is None):
+        if "none" in prompts:
+            return fail(OAuth2Error(error="login_required", description="Sign-in required."))
+        return Outcome(login=True)
+    client: Client = request.client
+    scope: str = request.scope
+    db = server.db
+    consent = db.get(Consent, (who.user.id, client.client_id))
+    allowed = set(consent.scope.split()) if consent is not None else set()
+    needs_consent = not client.is_first_party and (
+        "consent" in prompts or not set(scope.split()) <= allowed
+    )
+    if decision == "deny":
+        return fail(AccessDeniedError("The request was denied."))
+    if needs_consent and decision != "allow":
+        if "none" in prompts:
+            return fail(OAuth2Error(error="consent_required", description="Consent required."))
+        return Outcome(consent={"client_name": client.name, "scope": scope.split()})
+    if needs_consent:
+        if consent is None:
+            db.add(Consent(user_id=who.user.id, client_id=client.client_id, scope=scope))
+        else:
+            consent.scope = " ".join(dict.fromkeys([*consent.scope.split(), *scope.split()]))
+            consent.updated_at = server.now
+        audit("consent.granted", user_id=who.user.id, client_id=client.client_id, scope=scope)
+    request.browser_session_id = who.session.id
+    request.auth_time = who.session.auth_time
+    _, _, headers = grant.create_authorization_response(redirect_uri, who.user)
+    audit("code.issued", client_id=client.client_id, user_id=who.user.id)
+    return Outcome(location=_with_iss(dict(headers)["Location"], issuer))
+
+
+async def handle(
+    request: Request, state: AppState, params: dict[str, str], decision: str | None
+) -> Response:
+    settings = state.settings
+    query = urlencode(params)
+    oauth_request = FormRequest("GET", settings.issuer + "/oauth2/authorize?" + query, {}, params)
+    async with state.sessions() as db:
+        who = await current_session(request, db, settings)
+        outcome: Outcome = await db.run_sync(
+            lambda session: decide(TokenServer(state, session), oauth_request, who, decision)
+        )
+        await db.commit()
+    # After a POST (the consent form) the browser must follow with a GET: 303.
+    status = 303 if request.method == "POST" else 302
+    if outcome.location is not None:
+        return RedirectResponse(outcome.location, status_code=status)
+    if outcome.error is not None:
+        error = outcome.error
+        explanation = PEOPLE_ERRORS.get(
+            error.error, "The application sent a request we cannot use."
+        )
+        detail = error.description or "the request is malformed"
+        return error_page(
+            400,
+            "This sign-in request is not valid",
+            f"{explanation} Tell the application's developers: {error.error}: {detail}",
+        )
+    if outcome.login:
+        # The sign-in about to happen satisfies prompt=login and max_age: not asked again.
+        again = {k: v for k, v in params.items() if k not in ("prompt", "max_age")}
+        prompts = [p for p in params.get("prompt", "").split() if p != "login"]
+        if prompts:
+            again["prompt"] = " ".join(prompts)
+        target = "/oauth2/authorize?" + urlencode(again)
+        return RedirectResponse("/login?" + urlencode({"next": target}), status_code=status)
+    csrf = Csrf.of(request, settings)
+    return render(
+        "consent.html",
+        csrf=csrf,
+        settings=settings,
+        title="Allow access",
+        user=who.user if who is not None else None,
+        client_name=outcome.consent["client_name"],
+        scopes=[
+            {"name": s, "description": SCOPE_DESCRIPTIONS.get(s, f"Use “{s}”")}
+            for s in outcome.consent["scope"]
+        ],
+        params=[(k, v) for k, v in params.items() if k != "prompt"],
+    )
+
+
+def _bad_request(message: str, status: int = 400) -> Response:
+    return error_page(status, "This sign-in request is not valid", message)
+
+
+@router.get("/oauth2/authorize")
+async def authorize(request: Request, state: StateDep) -> Response:
+    raw = request.url.query
+    if len(raw) > MAX_AUTHORIZE_QUERY:
+        return _bad_request("The request is too long.")
+    try:
+        params = parse_form(raw)
+    except FormError as error:
+        return _bad_request(str(error))
+    return await handle(request, state, params, decision=None)
+
+
+@router.post("/oauth2/authorize")
+async def authorize_post(request: Request, state: StateDep) -> Response:
+    # OpenID Connect Core §3.1.2.1: the endpoint accepts POST with a form body too.
+    try:
+        params = await read_form(request, MAX_AUTHORIZE_QUERY)
+    except FormError as error:
+        return _bad_request(str(error), error.status)
+    return await handle(request, state, params, decision=None)
+
+
+@router.post("/consent")
+async def consent(request: Request, state: StateDep) -> Response:
+    posted = await posted_form(request, state.settings)
+    if isinstance(posted, Response):
+        return posted
+    form, _ = posted
+    decision = form.pop("decision", None)
+    if decision not in ("allow", "deny"):
+        return _bad_request("Choose Allow or Deny.")
+    return await handle(request, state, form, decision=decision)

@@ -1,0 +1,403 @@
+"""The hosted pages: sign in, sign up, sign out (OIDC RP-initiated logout), sessions.
+
+Every form carries a CSRF token; every POST answers 303 (or re-renders the form with a 4xx
+when the input is wrong); redirects go only to a local path or a registered URI.
+The consent page belongs to the authorization endpoint (``server.oauth.authorize``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+from fastapi import APIRouter, Request
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.responses import Response
+
+from .. import manage
+from ..deps import AppState, StateDep
+from ..models import Client, RefreshFamily, User, now
+from ..observability import audit
+from ..passwords import normalize_username
+from ..tokens import decode_id_token_hint
+from .browser import (
+    Csrf,
+    SignedIn,
+    clear_cookie,
+    current_session,
+    end_session,
+    error_page,
+    posted_form,
+    redirect,
+    render,
+    safe_next,
+    set_cookie,
+    start_session,
+)
+
+router = APIRouter()
+
+BAD_SIGN_IN = "Incorrect username or password."
+NOTICES = {
+    "signed_out": "You have been signed out.",
+    "revoked": "That session has been signed out.",
+}
+
+
+def _when(stamp: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(stamp))
+
+
+async def signed_in(request: Request, state: AppState) -> SignedIn | None:
+    async with state.sessions() as db:
+        return await current_session(request, db, state.settings)
+
+
+# -- sign in ------------------------------------------------------------------------------
+
+
+def _login_page(
+    state: AppState,
+    csrf: Csrf,
+    *,
+    next_url: str,
+    username: str = "",
+    error: str | None = None,
+    notice: str | None = None,
+    client_name: str | None = None,
+    http_status: int = 200,
+) -> Response:
+    register_url = (
+        "/register?" + urlencode({"next": next_url})
+        if state.settings.registration_enabled
+        else None
+    )
+    return render(
+        "login.html",
+        http_status=http_status,
+        csrf=csrf,
+        settings=state.settings,
+        title="Sign in",
+        username=username,
+        error=error,
+        next=next_url,
+        client_name=client_name,
+        register_url=register_url,
+        notice=notice,
+    )
+
+
+async def client_name_for(state: AppState, next_url: str) -> str | None:
+    """The client a sign-in is for, when ``next`` is an authorization request."""
+    parts = urlsplit(next_url)
+    if parts.path != "/oauth2/authorize":
+        return None
+    client_id = parse_qs(parts.query).get("client_id", [""])[0]
+    if not client_id or len(client_id) > 100:
+        return None
+    async with state.sessions() as db:
+        client = await db.get(Client, client_id)
+    return client.name if client is not None else None
+
+
+@router.get("/login")
+async def login_form(request: Request, state: StateDep) -> Response:
+    next_url = safe_next(request.query_params.get("next"))
+    notice = NOTICES.get(request.query_params.get("notice", ""))
+    csrf = Csrf.of(request, state.settings)
+    return _login_page(
+        state,
+        csrf,
+        next_url=next_url,
+        notice=notice,
+        client_name=await client_name_for(state, next_url),
+    )
+
+
+@router.post("/login")
+async def login(request: Request, state: StateDep) -> Response:
+    settings = state.settings
+    posted = await posted_form(request, settings)
+    if isinstance(posted, Response):
+        return posted
+    form, csrf = posted
+    next_url = safe_next(form.get("next"))
+    username = form.get("username", "")[:150]
+    password = form.get("password", "")
+    async with state.sessions() as db:
+        user = await db.scalar(
+            select(User).where(User.username_key == normalize_username(username))
+        )
+        password_hash = user.password_hash if user is not None else None
+        await db.commit()  # no transaction held while argon2 runs
+        result = await state.passwords.verify_async(password_hash, password)
+        if user is None or not result.ok or user.disabled or not password:
+            # One message for unknown user, wrong password and disabled account.
+            audit("signin.failed", user_id=user.id if user is not None else None)
+            return _login_page(
+                state,
+                csrf,
+                next_url=next_url,
+                username=username,
+                error=BAD_SIGN_IN,
+                client_name=await client_name_for(state, next_url),
+            )
+        if result.needs_rehash:
+            user.password_hash = await state.passwords.hash_async(password)
+        previous = await current_session(request, db, settings)
+        session, cookie = await start_session(db, settings, user, previous)
+        await db.commit()
+    audit("signin.succeeded", user_id=user.id, session_id=session.id)
+    response = redirect(next_url)
+    set_cookie(response, settings, "session", cookie, settings.session_ttl)
+    # A new CSRF secret with the new session: nothing from before sign-in carries over.
+    set_cookie(response, settings, "csrf", Csrf.new().cookie, None)
+    return response
+
+
+# -- sign up ------------------------------------------------------------------------------
+
+
+def _register_page(
+    state: AppState,
+    csrf: Csrf,
+    *,
+    next_url: str,
+    values: dict[str, str] | None = None,
+    errors: list[str] | None = None,
+    http_status: int = 200,
+) -> Response:
+    values = values or {}
+    return render(
+        "register.html",
+        http_status=http_status,
+        csrf=csrf,
+        settings=state.settings,
+        title="Create an account",
+        next=next_url,
+        username=values.get("username", ""),
+        email=values.get("email", ""),
+        name=values.get("name", ""),
+        errors=errors or [],
+        login_url="/login?" + urlencode({"next": next_url}),
+        password_min_length=state.settings.password_min_length,
+        password_max_length=state.settings.password_max_length,
+    )
+
+
+def _registration_closed() -> Response:
+    return error_page(404, "Registration is closed", "Ask an administrator for an account.")
+
+
+@router.get("/register")
+async def register_form(request: Request, state: StateDep) -> Response:
+    if not state.settings.registration_enabled:
+        return _registration_closed()
+    csrf = Csrf.of(request, state.settings)
+    return _register_page(state, csrf, next_url=safe_next(request.query_params.get("next")))
+
+
+@router.post("/register")
+async def register(request: Request, state: StateDep) -> Response:
+    settings = state.settings
+    if not settings.registration_enabled:
+        return _registration_closed()
+    posted = await posted_form(request, settings)
+    if isinstance(posted, Response):
+        return posted
+    form, csrf = posted
+    next_url = safe_next(form.get("next"))
+    values = {k: form.get(k, "")[:254] for k in ("username", "email", "name")}
+    password = form.get("password", "")
+    errors: list[str] = []
+    if not values["username"]:
+        errors.append("Choose a username.")
+    if password != form.get("password_confirm", ""):
+        errors.append("The two passwords do not match.")
+    user: User | None = None
+    if not errors:
+        async with state.sessions() as db:
+            try:
+                user = await manage.create_user(
+                    db,
+                    state.passwords,
+                    username=values["username"],
+                    password=password,
+                    email=values["email"] or None,
+                    name=values["name"][:200] or None,
+                )
+                previous = await current_session(request, db, settings)
+                session, cookie = await start_session(db, settings, user, previous)
+                await db.commit()
+            except manage.ManageError as error:
+                errors.append(_sentence(str(error)))
+            except IntegrityError:
+                errors.append("That username is taken.")
+    if errors or user is None:
+        return _register_page(
+            state, csrf, next_url=next_url, values=values, errors=errors, http_status=400
+        )
+    audit("signin.succeeded", user_id=user.id, session_id=session.id, registered=True)
+    response = redirect(next_url)
+    set_cookie(response, settings, "session", cookie, settings.session_ttl)
+    set_cookie(response, settings, "csrf", Csrf.new().cookie, None)
+    return response
+
+
+def _sentence(message: str) -> str:
+    if "already exists" in message:
+        return "That username is taken."
+    return message[:1].upper() + message[1:] + ("" if message.endswith(".") else ".")
+
+
+# -- sign out (OIDC RP-Initiated Logout 1.0) ------------------------------------------------
+
+
+async def _logout_target(
+    state: AppState, params: dict[str, str]
+) -> tuple[Client | None, str | None]:
+    """The client asking, and where to send the browser afterwards: only a
+    ``post_logout_redirect_uri`` registered for that client (exact match, §3)."""
+    client_id = params.get("client_id")
+    hint = params.get("id_token_hint")
+    if hint:
+        claims = decode_id_token_hint(state.keys.keyset(), hint, issuer=state.settings.issuer)
+        aud = claims.get("aud") if claims else None
+        hinted = aud if isinstance(aud, str) else None
+        if client_id and hinted and hinted != client_id:
+            return None, None
+        client_id = client_id or hinted
+    if not client_id or len(client_id) > 100:
+        return None, None
+    async with state.sessions() as db:
+        client = await db.get(Client, client_id)
+    if client is None:
+        return None, None
+    uri = params.get("post_logout_redirect_uri")
+    if uri and uri in client.post_logout_redirect_uri_list:
+        state_param = params.get("state")
+        separator = "&" if "?" in uri else "?"
+        return client, uri + (separator + urlencode({"state": state_param}) if state_param else "")
+    return client, None
+
+
+LOGOUT_PARAMS = ("id_token_hint", "client_id", "post_logout_redirect_uri", "state")
+
+
+@router.get("/logout")
+async def logout_form(request: Request, state: StateDep) -> Response:
+    params = {k: v for k in LOGOUT_PARAMS if (v := request.query_params.get(k))}
+    client, target = await _logout_target(state, params)
+    who = await signed_in(request, state)
+    if who is None:
+        if target is not None:
+            return redirect(target)
+        return render(
+            "signed_out.html",
+            title="Signed out",
+            message="You are not signed in.",
+            login_url="/login",
+        )
+    csrf = Csrf.of(request, state.settings)
+    return render(
+        "logout.html",
+        csrf=csrf,
+        settings=state.settings,
+        title="Sign out",
+        user=who.user,
+        client_name=client.name if client is not None else None,
+        params=list(params.items()),
+    )
+
+
+@router.post("/logout")
+async def logout(request: Request, state: StateDep) -> Response:
+    settings = state.settings
+    posted = await posted_form(request, settings)
+    if isinstance(posted, Response):
+        return posted
+    form, _ = posted
+    _, target = await _logout_target(state, {k: form[k] for k in LOGOUT_PARAMS if k in form})
+    async with state.sessions() as db:
+        who = await current_session(request, db, settings)
+        if who is not None:
+            ended = await end_session(db, who.session, reason="signed_out")
+            await db.commit()
+            audit("signout", user_id=who.user.id, session_id=who.session.id, families=ended)
+    response = redirect(target or "/login?notice=signed_out")
+    clear_cookie(response, settings, "session")
+    clear_cookie(response, settings, "csrf")
+    return response
+
+
+# -- the person's sessions ---------------------------------------------------------------
+
+
+async def _sessions(db: AsyncSession, who: SignedIn) -> list[dict[str, Any]]:
+    rows = await db.execute(
+        select(RefreshFamily, Client.name)
+        .join(Client, Client.client_id == RefreshFamily.client_id)
+        .where(
+            RefreshFamily.user_id == who.user.id,
+            RefreshFamily.revoked_at.is_(None),
+            RefreshFamily.expires_at > now(),
+        )
+        .order_by(RefreshFamily.last_used_at.desc())
+    )
+    return [
+        {
+            "id": family.id,
+            "client_name": name,
+            "created": _when(family.created_at),
+            "last_used": _when(family.last_used_at),
+            "current": family.browser_session_id == who.session.id,
+        }
+        for family, name in rows
+    ]
+
+
+@router.get("/account")
+async def account(request: Request, state: StateDep) -> Response:
+    async with state.sessions() as db:
+        who = await current_session(request, db, state.settings)
+        if who is None:
+            return redirect("/login?next=/account")
+        sessions = await _sessions(db, who)
+    return render(
+        "account.html",
+        csrf=Csrf.of(request, state.settings),
+        settings=state.settings,
+        title="Your sessions",
+        user=who.user,
+        sessions=sessions,
+        notice=NOTICES.get(request.query_params.get("notice", "")),
+    )
+
+
+@router.post("/account/sessions/{family_id}/revoke")
+async def revoke_session(family_id: str, request: Request, state: StateDep) -> Response:
+    settings = state.settings
+    posted = await posted_form(request, settings)
+    if isinstance(posted, Response):
+        return posted
+    async with state.sessions() as db:
+        who = await current_session(request, db, settings)
+        if who is None:
+            return redirect("/login?next=/account")
+        result = await db.execute(
+            update(RefreshFamily)
+            .where(
+                RefreshFamily.id == family_id,
+                RefreshFamily.user_id == who.user.id,  # only the person's own sessions
+                RefreshFamily.revoked_at.is_(None),
+            )
+            .values(revoked_at=now(), revoked_reason="signed_out")
+        )
+        await db.commit()
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return error_page(404, "Session not found", "It may have ended already.", "/account")
+    audit("session.revoked", family_id=family_id, user_id=who.user.id)
+    return redirect("/account?notice=revoked")
