@@ -5,10 +5,12 @@ Every default is documented here, where it is defined; README.md lists them for 
 
 from __future__ import annotations
 
+import ipaddress
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
+from limits import parse_many
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -59,6 +61,16 @@ class Settings(BaseSettings):
 
     rate_limit_storage: str = "memory://"
     rate_limits_enabled: bool = True
+    #: Request limits (``limits`` notation, ``;`` between tiers) on /oauth2/token and /login.
+    rate_limit_token_ip: str = "300/minute"  # noqa: S105 (a limit, not a secret)
+    rate_limit_token_client: str = "600/minute"  # noqa: S105
+    rate_limit_token_account: str = "30/minute"  # noqa: S105
+    rate_limit_login_ip: str = "60/minute"
+    rate_limit_login_account: str = "20/minute"
+    #: Failed passwords tolerated before every attempt is refused unchecked: per (account, IP)
+    #: and per account. Longer windows make the delay grow with persistence.
+    throttle_account_ip: str = "5/minute;20/hour"
+    throttle_account: str = "20/minute;100/hour"
     trusted_proxies: Annotated[list[str], NoDecode] = []
 
     #: argon2id parameters: OWASP's recommendation (m = 19 MiB, t = 2, p = 1).
@@ -80,6 +92,33 @@ class Settings(BaseSettings):
     def _split_proxies(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator(
+        "rate_limit_token_ip",
+        "rate_limit_token_client",
+        "rate_limit_token_account",
+        "rate_limit_login_ip",
+        "rate_limit_login_account",
+        "throttle_account_ip",
+        "throttle_account",
+    )
+    @classmethod
+    def _valid_limits(cls, value: str) -> str:
+        try:
+            parse_many(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a rate limit like '5/minute;20/hour'") from None
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _valid_proxies(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network") from None
         return value
 
     @field_validator("issuer")

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from .config import Settings
 from .keys import KeyStore
 from .passwords import Passwords
+from .ratelimit import Limiter
 
 
 @dataclass
@@ -20,6 +21,7 @@ class AppState:
     sessions: async_sessionmaker[AsyncSession]
     keys: KeyStore
     passwords: Passwords
+    limiter: Limiter
 
 
 def get_state(request: Request) -> AppState:

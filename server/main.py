@@ -20,10 +20,13 @@ from .config import Env, Settings
 from .db import assert_schema_at_head, create_engine, session_factory
 from .deps import AppState, StateDep
 from .keys import KeyStore
+from .metrics import MetricsMiddleware
+from .metrics import router as metrics_router
 from .oauth.authorize import router as authorize_router
 from .oauth.routes import router as oauth_router
 from .observability import RequestIdMiddleware, configure_logging, log
 from .passwords import Passwords
+from .ratelimit import Limiter
 from .web.browser import STATIC_DIR, SecurityHeadersMiddleware
 from .web.pages import router as pages_router
 
@@ -68,12 +71,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 sessions=session_factory(engine),
                 keys=keys,
                 passwords=Passwords(settings),
+                limiter=Limiter(settings),
             )
             reloader = asyncio.create_task(_reload_keys(keys, settings.key_reload_interval))
             try:
                 yield
             finally:
                 reloader.cancel()
+                app.state.auth.limiter.close()
         finally:
             await engine.dispose()
 
@@ -86,9 +91,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(MetricsMiddleware)
     app.include_router(oauth_router)
     app.include_router(authorize_router)
     app.include_router(pages_router)
+    app.include_router(metrics_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     _add_health(app)
     _add_error_handlers(app)

@@ -13,8 +13,11 @@ from fastapi.responses import Response
 from ..deps import AppState, StateDep
 from ..models import User, now
 from ..observability import audit
+from ..passwords import normalize_username
+from ..ratelimit import Verdict
 from ..tokens import access_token_is_live, decode_access_token
-from .requests import form_request
+from .grants import BAD_CREDENTIALS
+from .requests import check_basic_auth, form_request
 from .server import Response as ServerResponse
 from .server import TokenServer
 
@@ -55,6 +58,14 @@ def token_response(status: int, body: dict[str, Any], headers: list[tuple[str, s
 @router.post("/oauth2/token")
 async def token(request: Request, state: StateDep) -> Response:
     settings = state.settings
+    limiter = state.limiter
+    ip = limiter.client_ip(request)
+    # Per client IP first, before the body is even read: floods of garbage count too.
+    by_ip = (limiter.token_ip, "token-ip", ip)
+    verdict = await limiter.check([by_ip])
+    if not verdict.allowed:
+        return _too_many(verdict)
+    await limiter.count([by_ip])
     try:
         oauth_request = await form_request(
             request, uri=settings.issuer + "/oauth2/token", limit=settings.max_body_bytes
@@ -69,17 +80,58 @@ async def token(request: Request, state: StateDep) -> Response:
                 description=f"Supported grant types: {', '.join(GRANT_TYPES)}.",
             )
     except OAuth2Error as error:
+        audit("token.refused", grant_type=None, client_id=None, error=error.error)
         return token_response(*error())
+    form = oauth_request.form
+    claimed = check_basic_auth(request.headers) or form.get("client_id")
+    username = form.get("username") if grant_type == "password" else None
+    account = normalize_username(username)[:150] if username else None
+    checks = []
+    if claimed:
+        checks.append((limiter.token_client, "token-client", claimed[:100]))
+    if account:
+        checks.append((limiter.token_account, "token-account", account))
+    verdict = await limiter.check(checks)
+    if not verdict.allowed:
+        return _too_many(verdict)
+    if account is not None and await limiter.throttled(account, ip):
+        # Too many failed passwords: refused unchecked, with the ordinary answer, so the
+        # throttle reveals nothing (not even that the account exists).
+        audit("token.refused", grant_type=grant_type, error="invalid_grant", throttled=True)
+        await limiter.count(checks)
+        return token_response(
+            400, {"error": "invalid_grant", "error_description": BAD_CREDENTIALS}, []
+        )
     status, body, headers = await _run(
         state, lambda server: server.create_token_response(oauth_request)
     )
     client_id = getattr(oauth_request.client, "client_id", None)
+    # Only authenticated requests count against a client: nobody can spend another's quota.
+    await limiter.count(
+        ([(limiter.token_client, "token-client", client_id)] if client_id else [])
+        + ([(limiter.token_account, "token-account", account)] if account else [])
+    )
     if status == 200:
         user_id = getattr(oauth_request.user, "id", None)
         audit("token.issued", grant_type=grant_type, client_id=client_id, user_id=user_id)
     else:
         audit("token.refused", grant_type=grant_type, client_id=client_id, error=body.get("error"))
+        if account is not None and body.get("error") == "invalid_grant":
+            await limiter.failed(account, ip)
     return token_response(status, body, headers)
+
+
+def _too_many(verdict: Verdict) -> Response:
+    retry_after = verdict.retry_after
+    audit("rate_limit.exceeded", endpoint="token", scope=verdict.scope)
+    return token_response(
+        429,
+        {
+            "error": "rate_limited",
+            "error_description": f"Too many requests; retry in {retry_after} s.",
+        },
+        [("Retry-After", str(retry_after))],
+    )
 
 
 @router.post("/oauth2/revoke")

@@ -127,24 +127,45 @@ async def login(request: Request, state: StateDep) -> Response:
     next_url = safe_next(form.get("next"))
     username = form.get("username", "")[:150]
     password = form.get("password", "")
-    async with state.sessions() as db:
-        user = await db.scalar(
-            select(User).where(User.username_key == normalize_username(username))
+    account = normalize_username(username)
+    limiter = state.limiter
+    ip = limiter.client_ip(request)
+    checks = [(limiter.login_ip, "login-ip", ip), (limiter.login_account, "login-account", account)]
+    verdict = await limiter.check(checks)
+    if not verdict.allowed:
+        audit("rate_limit.exceeded", endpoint="login", scope=verdict.scope)
+        response = error_page(
+            429,
+            "Too many attempts",
+            f"Too many sign-in attempts. Wait {verdict.retry_after} seconds and try again.",
+            "/login",
         )
+        response.headers["Retry-After"] = str(verdict.retry_after)
+        return response
+    await limiter.count(checks)
+
+    async def refuse(user_id: str | None, **why: bool) -> Response:
+        # One message for unknown user, wrong password, disabled account and throttling.
+        audit("signin.failed", user_id=user_id, **why)
+        return _login_page(
+            state,
+            csrf,
+            next_url=next_url,
+            username=username,
+            error=BAD_SIGN_IN,
+            client_name=await client_name_for(state, next_url),
+        )
+
+    if await limiter.throttled(account, ip):
+        return await refuse(None, throttled=True)
+    async with state.sessions() as db:
+        user = await db.scalar(select(User).where(User.username_key == account))
         password_hash = user.password_hash if user is not None else None
         await db.commit()  # no transaction held while argon2 runs
         result = await state.passwords.verify_async(password_hash, password)
         if user is None or not result.ok or user.disabled or not password:
-            # One message for unknown user, wrong password and disabled account.
-            audit("signin.failed", user_id=user.id if user is not None else None)
-            return _login_page(
-                state,
-                csrf,
-                next_url=next_url,
-                username=username,
-                error=BAD_SIGN_IN,
-                client_name=await client_name_for(state, next_url),
-            )
+            await limiter.failed(account, ip)
+            return await refuse(user.id if user is not None else None)
         if result.needs_rehash:
             user.password_hash = await state.passwords.hash_async(password)
         previous = await current_session(request, db, settings)

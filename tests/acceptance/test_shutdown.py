@@ -1,0 +1,74 @@
+"""Graceful shutdown of a real server process: SIGTERM lets requests in flight finish."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.config import Settings
+
+from .conftest import cli, server_env, start_server
+
+pytestmark = pytest.mark.feature("graceful-shutdown")
+PASSWORD = "a long enough passphrase"
+
+
+def test_sigterm_finishes_requests_in_flight_then_exits(clean_db: Settings, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    # Slow argon2 (about a quarter of a second per check) keeps requests in flight long enough
+    # to send SIGTERM while they run.
+    slow = {"AUTH_ARGON2_MEMORY_COST": "65536", "AUTH_ARGON2_TIME_COST": "6"}
+    env = server_env(clean_db.database_url, keys, "http://unused", **slow)
+    assert cli(env, "migrate").returncode == 0
+    server = start_server(clean_db.database_url, keys, tmp_path / "server.log", **slow)
+    try:
+        created = cli(server.env, "clients", "create", "--client-id", "web", "--json")
+        secret = json.loads(created.stdout)["client_secret"]
+        made = cli(
+            server.env, "users", "create", "--username", "u", "--password-stdin", stdin=PASSWORD
+        )
+        assert made.returncode == 0, made.stderr
+
+        results: list[int | str] = []
+        connected = threading.Barrier(5)
+
+        def grant() -> None:
+            # Open the connection first, so the request below is in flight, not still connecting,
+            # when SIGTERM arrives.
+            with httpx.Client(base_url=server.url, timeout=30) as http:
+                http.get("/healthz")
+                connected.wait(timeout=30)
+                try:
+                    response = http.post(
+                        "/oauth2/token",
+                        data={"grant_type": "password", "username": "u", "password": PASSWORD},
+                        auth=("web", secret),
+                    )
+                    results.append(response.status_code)
+                except httpx.HTTPError as exc:
+                    results.append(type(exc).__name__)
+
+        workers = [threading.Thread(target=grant) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        connected.wait(timeout=30)
+        time.sleep(0.3)  # the four requests are now being served (argon2 is running)
+        server.process.send_signal(signal.SIGTERM)
+        for worker in workers:
+            worker.join(timeout=60)
+        # uvicorn shuts down gracefully, then re-raises the captured SIGTERM (exit by signal).
+        assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
+        # Every request that was in flight got its answer; none was cut off.
+        assert results == [200, 200, 200, 200], results
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(server.url + "/healthz", timeout=2)
+        log = server.log()
+        assert "Waiting for application shutdown" in log or "Shutting down" in log
+    finally:
+        server.stop()
