@@ -15,6 +15,38 @@ from starlette.requests import Request
 
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 MAX_FIELDS = 50
+#: Parameter names of our endpoints and pages: safe to name in an error message.
+KNOWN_PARAMETERS = frozenset(
+    [
+        "grant_type",
+        "scope",
+        "client_id",
+        "client_secret",
+        "username",
+        "password",
+        "refresh_token",
+        "code",
+        "redirect_uri",
+        "code_verifier",
+        "token",
+        "token_type_hint",
+        "response_type",
+        "state",
+        "nonce",
+        "code_challenge",
+        "code_challenge_method",
+        "prompt",
+        "max_age",
+        "id_token_hint",
+        "post_logout_redirect_uri",
+        "csrf_token",
+        "next",
+        "decision",
+        "email",
+        "name",
+        "password_confirm",
+    ]
+)
 
 
 class FormError(ValueError):
@@ -65,8 +97,10 @@ def parse_form(body: bytes | str) -> dict[str, str]:
         if "\x00" in key or "\x00" in value:
             raise FormError("Parameters must not contain NUL characters.")
         if key in seen:
-            # RFC 6749 §3.1/§3.2: parameters MUST NOT be included more than once. The name is
-            # not echoed: input never comes back in an error (and Authlib refuses quotes).
+            # RFC 6749 §3.1/§3.2: parameters MUST NOT be included more than once. Only names we
+            # define are repeated back; anything else a client sent never is.
+            if key in KNOWN_PARAMETERS:
+                raise FormError(f"Parameter '{key}' sent more than once.")
             raise FormError("A parameter was sent more than once.")
         seen.add(key)
         # RFC 6749 §3.1: a parameter sent without a value is treated as omitted.
