@@ -9,10 +9,18 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from .models import Client, RefreshFamily, RevokedAccessToken, User, now, sha256_hex
+from .models import (
+    Client,
+    RefreshFamily,
+    RevokedAccessToken,
+    User,
+    now,
+    revoke_families,
+    sha256_hex,
+)
 from .observability import audit
 from .passwords import Passwords, normalize_username
 
@@ -191,9 +199,7 @@ async def list_users(db: AsyncSession) -> list[User]:
 
 async def revoke_user_families(db: AsyncSession, user_id: str, *, reason: str) -> int:
     result = await db.execute(
-        update(RefreshFamily)
-        .where(RefreshFamily.user_id == user_id, RefreshFamily.revoked_at.is_(None))
-        .values(revoked_at=now(), revoked_reason=reason)
+        revoke_families(RefreshFamily.user_id == user_id, at=now(), reason=reason)
     )
     count: int = result.rowcount  # type: ignore[attr-defined]
     return count

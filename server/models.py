@@ -12,7 +12,7 @@ import hmac
 import time
 import uuid
 
-from sqlalchemy import BigInteger, Boolean, ForeignKey, String, Text
+from sqlalchemy import BigInteger, Boolean, ColumnElement, ForeignKey, String, Text, Update, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -26,6 +26,17 @@ def new_id() -> str:
 
 def sha256_hex(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
+
+
+def narrow_scope(requested: str | None, allowed: list[str]) -> str | None:
+    """RFC 6749 §3.3: the requested scope if it lies within ``allowed`` (``None`` if not);
+    omitted means all of ``allowed``. Duplicates are dropped, order kept."""
+    if not requested:
+        return " ".join(allowed)
+    wanted = requested.split()
+    if not set(wanted) <= set(allowed):
+        return None
+    return " ".join(dict.fromkeys(wanted))
 
 
 class Base(DeclarativeBase):
@@ -118,15 +129,8 @@ class Client(Base):
         return uris[0] if len(uris) == 1 else None
 
     def get_allowed_scope(self, scope: str | None) -> str | None:
-        """RFC 6749 §3.3: the requested scope if the client may ask for all of it (``None``
-        otherwise, which Authlib answers with ``invalid_scope``); omitted means all."""
-        allowed = self.scope_list
-        if not scope:
-            return " ".join(allowed)
-        wanted = scope.split()
-        if not set(wanted) <= set(allowed):
-            return None
-        return " ".join(dict.fromkeys(wanted))
+        # ``None`` is answered by Authlib with invalid_scope.
+        return narrow_scope(scope, self.scope_list)
 
 
 class RefreshFamily(Base):
@@ -151,6 +155,17 @@ class RefreshFamily(Base):
     #: out ends this family too.
     browser_session_id: Mapped[str | None] = mapped_column(
         ForeignKey("browser_sessions.id", ondelete="SET NULL"), default=None, index=True
+    )
+
+
+def revoke_families(*where: ColumnElement[bool], at: int, reason: str) -> Update:
+    """The one way a family (sign-in) dies: revoked once, never re-stamped. Every rotation and
+    revocation updates the family row, so they serialise on it (see ``RefreshTokenGrant``)."""
+    return (
+        update(RefreshFamily)
+        .where(*where, RefreshFamily.revoked_at.is_(None))
+        .values(revoked_at=at, revoked_reason=reason)
+        .execution_options(synchronize_session=False)
     )
 
 
@@ -226,18 +241,9 @@ class AuthorizationCode(Base):
     #: The family the exchange started, so reuse can revoke what the code issued.
     family_id: Mapped[str | None] = mapped_column(String(32), default=None)
 
-    # Authlib's AuthorizationCodeMixin, duck-typed.
     def get_redirect_uri(self) -> str | None:
+        # What Authlib's token-request validation compares the token request's URI with.
         return self.redirect_uri if self.redirect_uri_given else None
-
-    def get_scope(self) -> str:
-        return self.scope
-
-    def get_nonce(self) -> str | None:
-        return self.nonce
-
-    def get_auth_time(self) -> int:
-        return self.auth_time
 
 
 class Consent(Base):

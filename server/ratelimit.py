@@ -76,6 +76,17 @@ class Limiter:
 
     # -- request rate -------------------------------------------------------------------
 
+    async def hit(self, checks: list[tuple[list[RateLimitItem], str, str]]) -> Verdict:
+        """Count one request against each (limits, scope, key), in one pass: the moving
+        window's ``hit`` only counts a request that fits, and reports whether it did."""
+        if not self.enabled:
+            return Verdict(True)
+        for items, scope, key in checks:
+            for item in items:
+                if not await self.strategy.hit(item, scope, key):
+                    return Verdict(False, await self._retry_after(item, scope, key), scope)
+        return Verdict(True)
+
     async def check(self, checks: list[tuple[list[RateLimitItem], str, str]]) -> Verdict:
         """Whether one more request fits every (limits, scope, key); counts nothing."""
         if not self.enabled:

@@ -301,3 +301,51 @@ async def test_two_apps_on_redis_share_one_count(settings: Settings) -> None:
         await a.limiter.failed(user, ip)
         # The third failure, made on the other replica, throttles this one too.
         assert await b.limiter.throttled(user, ip)
+
+
+async def test_throttled_attempts_claiming_a_client_do_not_spend_its_budget(
+    settings: Settings,
+) -> None:
+    async with (
+        running(
+            settings, rate_limit_token_client="3/minute", throttle_account_ip="1/minute"
+        ) as state,
+        http_from(state) as http,
+    ):
+        assert (await password(http, state, "alice", "wrong")).status_code == 400  # counts once
+        for _ in range(3):
+            # Throttled username, and a secret the attacker does not have: refused unchecked.
+            refused = await http.post(
+                "/oauth2/token",
+                data={"grant_type": "password", "username": "alice", "password": "x"},
+                auth=("app", "not-the-secret"),
+            )
+            assert (refused.status_code, refused.json()["error"]) == (400, "invalid_grant")
+        for _ in range(2):
+            ok = await http.post(
+                "/oauth2/token",
+                data={"grant_type": "client_credentials"},
+                headers=creds(state).basic,
+            )
+            assert ok.status_code == 200
+        limited = await http.post(
+            "/oauth2/token", data={"grant_type": "client_credentials"}, headers=creds(state).basic
+        )
+        assert limited.status_code == 429
+
+
+@pytest.mark.feature("brute-force-throttle")
+async def test_the_sign_in_page_is_limited_per_username_across_addresses(
+    settings: Settings,
+) -> None:
+    async with running(settings, rate_limit_login_account="2/minute") as state:
+        outcomes = []
+        for i, name in enumerate(("alice", "ALICE", "Alice")):
+            async with http_from(state, f"203.0.113.{i + 1}") as http:
+                page = await http.get("/login")
+                response = await http.post(
+                    "/login",
+                    data={"csrf_token": csrf_of(page), "username": name, "password": PASSWORD},
+                )
+                outcomes.append(response.status_code)
+        assert outcomes == [303, 303, 429]

@@ -22,10 +22,18 @@ from typing import TYPE_CHECKING, Any
 from authlib.oauth2.rfc6749.errors import InvalidRequestError, OAuth2Error
 from authlib.oauth2.rfc7009 import RevocationEndpoint
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from ..models import Client, RefreshFamily, RefreshToken, RevokedAccessToken, User, sha256_hex
+from ..models import (
+    Client,
+    RefreshFamily,
+    RefreshToken,
+    RevokedAccessToken,
+    User,
+    revoke_families,
+    sha256_hex,
+)
 from ..observability import audit
 from ..tokens import access_token_is_live, decode_access_token
 from .grants import CONFIDENTIAL_CLIENT_AUTH, USER_CLIENT_AUTH
@@ -154,10 +162,9 @@ class Revocation(_Lookup, RevocationEndpoint):  # type: ignore[misc]
         db = server.db
         if token.kind == "refresh_token":
             db.execute(
-                update(RefreshFamily)
-                .where(RefreshFamily.id == token.family_id, RefreshFamily.revoked_at.is_(None))
-                .values(revoked_at=server.now, revoked_reason="revoked")
-                .execution_options(synchronize_session=False)
+                revoke_families(
+                    RefreshFamily.id == token.family_id, at=server.now, reason="revoked"
+                )
             )
         else:
             dialect = postgresql if db.get_bind().dialect.name == "postgresql" else sqlite

@@ -23,7 +23,16 @@ from authlib.oauth2.rfc6749.errors import (
 from authlib.oauth2.rfc7636 import CodeChallenge
 from sqlalchemy import select, update
 
-from ..models import AuthorizationCode, Client, RefreshFamily, RefreshToken, User, sha256_hex
+from ..models import (
+    AuthorizationCode,
+    Client,
+    RefreshFamily,
+    RefreshToken,
+    User,
+    narrow_scope,
+    revoke_families,
+    sha256_hex,
+)
 from ..observability import audit
 
 if TYPE_CHECKING:
@@ -38,12 +47,10 @@ BAD_CODE = "The authorization code is invalid, expired or already used."
 
 def resolve_scope(requested: str | None, allowed: list[str]) -> str:
     """RFC 6749 §3.3: the requested scope, which must lie within ``allowed``; default all."""
-    if not requested:
-        return " ".join(allowed)
-    wanted = requested.split()
-    if not set(wanted) <= set(allowed):
+    scope = narrow_scope(requested, allowed)
+    if scope is None:
         raise InvalidScopeError("The requested scope exceeds what this grant allows.")
-    return " ".join(dict.fromkeys(wanted))
+    return scope
 
 
 class _Grant:
@@ -176,10 +183,7 @@ class RefreshTokenGrant(_Grant, grants.RefreshTokenGrant):  # type: ignore[misc]
             user_id=family.user_id,
         )
         self.server.db.execute(
-            update(RefreshFamily)
-            .where(RefreshFamily.id == family.id, RefreshFamily.revoked_at.is_(None))
-            .values(revoked_at=self.request.issued_at, revoked_reason=reason)
-            .execution_options(synchronize_session=False)
+            revoke_families(RefreshFamily.id == family.id, at=self.request.issued_at, reason=reason)
         )
 
 
@@ -298,8 +302,7 @@ class CodeGrant(_Grant, grants.AuthorizationCodeGrant):  # type: ignore[misc]
         if code.family_id is None:
             return
         self.server.db.execute(
-            update(RefreshFamily)
-            .where(RefreshFamily.id == code.family_id, RefreshFamily.revoked_at.is_(None))
-            .values(revoked_at=self.server.now, revoked_reason="code_reuse")
-            .execution_options(synchronize_session=False)
+            revoke_families(
+                RefreshFamily.id == code.family_id, at=self.server.now, reason="code_reuse"
+            )
         )

@@ -40,6 +40,8 @@ class FormRequest(OAuth2Request):  # type: ignore[misc]
         #: Authorization requests: the browser session and when its person signed in.
         self.browser_session_id: str | None = None
         self.auth_time: int | None = None
+        #: The client this request says it is (Basic user, else ``client_id``), unverified.
+        self.claimed_client_id: str | None = form.get("client_id")
 
     @property
     def form(self) -> dict[str, str]:
@@ -82,4 +84,6 @@ async def form_request(request: Request, *, uri: str, limit: int) -> FormRequest
         raise InvalidRequestError("Use one client authentication method, not several.")
     if basic_client_id is not None and form.get("client_id", basic_client_id) != basic_client_id:
         raise InvalidRequestError("client_id does not match the HTTP Basic credentials.")
-    return FormRequest(request.method, uri, request.headers, form)
+    oauth_request = FormRequest(request.method, uri, request.headers, form)
+    oauth_request.claimed_client_id = basic_client_id or oauth_request.claimed_client_id
+    return oauth_request

@@ -17,7 +17,7 @@ from ..passwords import normalize_username
 from ..ratelimit import Verdict
 from ..tokens import access_token_is_live, decode_access_token
 from .grants import BAD_CREDENTIALS
-from .requests import check_basic_auth, form_request
+from .requests import form_request
 from .server import Response as ServerResponse
 from .server import TokenServer
 
@@ -61,11 +61,9 @@ async def token(request: Request, state: StateDep) -> Response:
     limiter = state.limiter
     ip = limiter.client_ip(request)
     # Per client IP first, before the body is even read: floods of garbage count too.
-    by_ip = (limiter.token_ip, "token-ip", ip)
-    verdict = await limiter.check([by_ip])
+    verdict = await limiter.hit([(limiter.token_ip, "token-ip", ip)])
     if not verdict.allowed:
         return _too_many(verdict)
-    await limiter.count([by_ip])
     try:
         oauth_request = await form_request(
             request, uri=settings.issuer + "/oauth2/token", limit=settings.max_body_bytes
@@ -83,22 +81,20 @@ async def token(request: Request, state: StateDep) -> Response:
         audit("token.refused", grant_type=None, client_id=None, error=error.error)
         return token_response(*error())
     form = oauth_request.form
-    claimed = check_basic_auth(request.headers) or form.get("client_id")
+    claimed = oauth_request.claimed_client_id
     username = form.get("username") if grant_type == "password" else None
     account = normalize_username(username)[:150] if username else None
-    checks = []
-    if claimed:
-        checks.append((limiter.token_client, "token-client", claimed[:100]))
-    if account:
-        checks.append((limiter.token_account, "token-account", account))
-    verdict = await limiter.check(checks)
+    by_account = [(limiter.token_account, "token-account", account)] if account else []
+    # A client is only checked here; it is counted below, once it has authenticated.
+    checks = [(limiter.token_client, "token-client", claimed[:100])] if claimed else []
+    verdict = await limiter.check(checks + by_account)
     if not verdict.allowed:
         return _too_many(verdict)
     if account is not None and await limiter.throttled(account, ip):
         # Too many failed passwords: refused unchecked, with the ordinary answer, so the
         # throttle reveals nothing (not even that the account exists).
         audit("token.refused", grant_type=grant_type, error="invalid_grant", throttled=True)
-        await limiter.count(checks)
+        await limiter.count(by_account)
         return token_response(
             400, {"error": "invalid_grant", "error_description": BAD_CREDENTIALS}, []
         )
@@ -107,10 +103,8 @@ async def token(request: Request, state: StateDep) -> Response:
     )
     client_id = getattr(oauth_request.client, "client_id", None)
     # Only authenticated requests count against a client: nobody can spend another's quota.
-    await limiter.count(
-        ([(limiter.token_client, "token-client", client_id)] if client_id else [])
-        + ([(limiter.token_account, "token-account", account)] if account else [])
-    )
+    by_client = [(limiter.token_client, "token-client", client_id)] if client_id else []
+    await limiter.count(by_client + by_account)
     if status == 200:
         user_id = getattr(oauth_request.user, "id", None)
         audit("token.issued", grant_type=grant_type, client_id=client_id, user_id=user_id)

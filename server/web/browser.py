@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import Settings
 from ..forms import FormError, read_form
-from ..models import BrowserSession, RefreshFamily, User, new_id, now, sha256_hex
+from ..models import BrowserSession, RefreshFamily, User, new_id, now, revoke_families, sha256_hex
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES_DIR = ROOT / "templates"
@@ -238,12 +238,7 @@ async def end_session(db: AsyncSession, session: BrowserSession, *, reason: str)
         .values(ended_at=stamp)
     )
     result = await db.execute(
-        update(RefreshFamily)
-        .where(
-            RefreshFamily.browser_session_id == session.id,
-            RefreshFamily.revoked_at.is_(None),
-        )
-        .values(revoked_at=stamp, revoked_reason=reason)
+        revoke_families(RefreshFamily.browser_session_id == session.id, at=stamp, reason=reason)
     )
     count: int = result.rowcount  # type: ignore[attr-defined]
     return count

@@ -12,14 +12,14 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from fastapi import APIRouter, Request
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
 from .. import manage
 from ..deps import AppState, StateDep
-from ..models import Client, RefreshFamily, User, now
+from ..models import Client, RefreshFamily, User, now, revoke_families
 from ..observability import audit
 from ..passwords import normalize_username
 from ..tokens import decode_id_token_hint
@@ -49,11 +49,6 @@ NOTICES = {
 
 def _when(stamp: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(stamp))
-
-
-async def signed_in(request: Request, state: AppState) -> SignedIn | None:
-    async with state.sessions() as db:
-        return await current_session(request, db, state.settings)
 
 
 # -- sign in ------------------------------------------------------------------------------
@@ -131,7 +126,7 @@ async def login(request: Request, state: StateDep) -> Response:
     limiter = state.limiter
     ip = limiter.client_ip(request)
     checks = [(limiter.login_ip, "login-ip", ip), (limiter.login_account, "login-account", account)]
-    verdict = await limiter.check(checks)
+    verdict = await limiter.hit(checks)
     if not verdict.allowed:
         audit("rate_limit.exceeded", endpoint="login", scope=verdict.scope)
         response = error_page(
@@ -142,7 +137,6 @@ async def login(request: Request, state: StateDep) -> Response:
         )
         response.headers["Retry-After"] = str(verdict.retry_after)
         return response
-    await limiter.count(checks)
 
     async def refuse(user_id: str | None, **why: bool) -> Response:
         # One message for unknown user, wrong password, disabled account and throttling.
@@ -312,7 +306,8 @@ LOGOUT_PARAMS = ("id_token_hint", "client_id", "post_logout_redirect_uri", "stat
 async def logout_form(request: Request, state: StateDep) -> Response:
     params = {k: v for k in LOGOUT_PARAMS if (v := request.query_params.get(k))}
     client, target = await _logout_target(state, params)
-    who = await signed_in(request, state)
+    async with state.sessions() as db:
+        who = await current_session(request, db, state.settings)
     if who is None:
         if target is not None:
             return redirect(target)
@@ -409,13 +404,12 @@ async def revoke_session(family_id: str, request: Request, state: StateDep) -> R
         if who is None:
             return redirect("/login?next=/account")
         result = await db.execute(
-            update(RefreshFamily)
-            .where(
+            revoke_families(
                 RefreshFamily.id == family_id,
                 RefreshFamily.user_id == who.user.id,  # only the person's own sessions
-                RefreshFamily.revoked_at.is_(None),
+                at=now(),
+                reason="signed_out",
             )
-            .values(revoked_at=now(), revoked_reason="signed_out")
         )
         await db.commit()
     if result.rowcount != 1:  # type: ignore[attr-defined]

@@ -213,6 +213,10 @@ async def test_the_whole_flow(
         },
     )
     assert refreshed.status_code == 200, refreshed.text
+    # OIDC Core §12.2: a refresh with openid scope returns a new ID token, without a nonce.
+    renewed = claims_of(refreshed.json()["id_token"])
+    assert (renewed["aud"], renewed["sub"], renewed["sid"]) == ("spa", user.id, access["sid"])
+    assert "nonce" not in renewed
     async with state.sessions() as db:
         family = await db.get(RefreshFamily, access["sid"])
         assert family is not None and family.browser_session_id is not None
