@@ -85,6 +85,18 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=16_384, ge=1024)
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
+    #: Seconds: to open a connection, to wait for a free pooled one, for one statement.
+    #: A database that stops answering costs a request at most about these, never a hang.
+    db_connect_timeout: float = Field(default=5.0, gt=0)
+    db_pool_timeout: float = Field(default=5.0, gt=0)
+    db_statement_timeout: float = Field(default=10.0, gt=0)
+    #: Attempts for a unit of work that lost its connection before committing (1 = no retry).
+    db_retry_attempts: int = Field(default=3, ge=1, le=10)
+    #: Consecutive transient failures that open the circuit breaker, and how long it stays open.
+    db_breaker_threshold: int = Field(default=5, ge=1)
+    db_breaker_cooldown: float = Field(default=5.0, gt=0)
+    #: Seconds a SQLite writer waits for the database lock before the request gets a 503.
+    sqlite_busy_timeout: float = Field(default=10.0, gt=0)
     log_level: str = "info"
 
     @field_validator("trusted_proxies", mode="before")

@@ -1,33 +1,51 @@
-"""Async engine and session factory, and the schema-at-head check.
+"""Async engine, the guarded unit of work, and the schema-at-head check.
 
 SQLite (aiosqlite) and PostgreSQL (asyncpg) run the same code. On SQLite every transaction
 starts with ``BEGIN IMMEDIATE``: writers queue on the database lock (``busy_timeout``) instead
-of failing with "database is locked" when a read transaction tries to upgrade to a write.
+of failing with "database is locked" when a read transaction tries to upgrade to a write; a
+writer that waits longer than ``AUTH_SQLITE_BUSY_TIMEOUT`` gets a 503, never a 500.
+
+Every request reaches the database through ``Database``: the circuit breaker (breaker.py)
+admits it or fails it fast, a connection is taken with connect faults retried (tenacity,
+exponential backoff with full jitter, bounded), and the outcome is reported to the breaker.
+``Database.run`` also retries a whole unit of work that lost its connection *before* its
+commit, when nothing can have been written; a fault during the commit itself is never
+retried, because the commit may have landed (the client gets a 503 and may try again).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 
+from .breaker import Breaker, DatabaseUnavailable
 from .config import Settings
+from .observability import log
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
-SQLITE_BUSY_TIMEOUT_MS = 10_000
+T = TypeVar("T")
 
 
 class SchemaNotAtHeadError(RuntimeError):
@@ -39,26 +57,36 @@ def create_engine(settings: Settings) -> AsyncEngine:
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-        _configure_sqlite(engine)
+        busy = settings.sqlite_busy_timeout
+        engine = create_async_engine(url, connect_args={"timeout": busy})
+        _configure_sqlite(engine, busy_timeout_ms=int(busy * 1000))
         return engine
+    statement_ms = int(settings.db_statement_timeout * 1000)
     return create_async_engine(
         url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout,
         pool_pre_ping=True,
         pool_recycle=1800,
+        connect_args={
+            "timeout": settings.db_connect_timeout,
+            # Client side: a statement (commit and ping included) on a silent network ends.
+            "command_timeout": settings.db_statement_timeout,
+            # Server side: the database stops working on a statement nobody waits for.
+            "server_settings": {"statement_timeout": str(statement_ms)},
+        },
     )
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
+def _configure_sqlite(engine: AsyncEngine, *, busy_timeout_ms: int) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take transaction control away from the driver so "begin" below decides.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
@@ -76,9 +104,163 @@ def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
 async def transaction(
     factory: async_sessionmaker[AsyncSession],
 ) -> AsyncIterator[AsyncSession]:
-    """One unit of work: commits on success, rolls back on any exception."""
+    """One unit of work outside a request (CLI): commits on success, rolls back on error."""
     async with factory() as session, session.begin():
         yield session
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """The database is down, unreachable, too slow or locked: a 503, not a bug (500).
+
+    Connect failures arrive as the driver's own ``OSError`` (asyncpg re-raises them unwrapped,
+    ``TimeoutError`` included); a connection lost mid-statement as a ``DBAPIError`` with
+    ``connection_invalidated``; SQLite's "database is locked" as an ``OperationalError``.
+    """
+    if isinstance(exc, DatabaseUnavailable | OSError):
+        return True
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+    return False
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """A fault after which running the unit again is safe and may well succeed.
+
+    A refused or reset connection, or one lost mid-statement: the transaction was rolled back
+    by the database. Not a timeout (waiting again only doubles the wait), not SQLite's lock
+    (``busy_timeout`` already waited), not an open breaker.
+    """
+    if isinstance(exc, ConnectionError | NotCommitted):
+        return True
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, InterfaceError)
+    return False
+
+
+class Database:
+    """The engine behind the circuit breaker; every request's unit of work goes through here."""
+
+    def __init__(self, settings: Settings, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.sessions = session_factory(engine)
+        self.retry_attempts = settings.db_retry_attempts
+        self.breaker = Breaker(
+            threshold=settings.db_breaker_threshold, cooldown=settings.db_breaker_cooldown
+        )
+
+    def _retrying(self) -> AsyncRetrying:
+        return AsyncRetrying(
+            retry=retry_if_exception(is_retryable),
+            stop=stop_after_attempt(self.retry_attempts),
+            # Full jitter (random in [0, min(0.5 s, 50 ms * 2^n)]): replicas that lost the
+            # database together do not come back in lockstep.
+            wait=wait_random_exponential(multiplier=0.05, max=0.5),
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+
+    async def probe(self) -> None:
+        """``SELECT 1`` on a connection from the pool (the breaker's half-open test)."""
+        async with self.engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """A session with its connection already taken; the outcome feeds the breaker.
+
+        Raises ``DatabaseUnavailable`` at once, without I/O, while the breaker is open.
+        """
+        await self.breaker.admit(self.probe)
+        try:
+            db = await self._connected_session()
+            async with db:
+                yield db
+        except BaseException as exc:
+            if is_unavailable(exc):
+                self.breaker.failure(type(exc).__name__)
+            raise
+        self.breaker.success()
+
+    async def _connected_session(self) -> AsyncSession:
+        async for attempt in self._retrying():
+            with attempt:
+                db = self.sessions()
+                try:
+                    await db.connection()  # checkout + pre-ping: connect faults surface here
+                except BaseException:
+                    await db.close()
+                    raise
+                return db
+        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    async def run(
+        self,
+        work: Callable[[AsyncSession], Awaitable[T]],
+        settle: Callable[[AsyncSession, T], Awaitable[bool]] | None = None,
+    ) -> T:
+        """Run ``work`` and commit, retrying the whole unit on a fault before the commit.
+
+        A connection lost *during* the commit leaves its fate unknown. With ``settle``, a fresh
+        connection asks the database: ``settle(db, result)`` is True when the unit's writes are
+        there (the result stands and is returned) and False when they are not (the unit runs
+        again; units whose writes are idempotent may always answer False). Without ``settle``,
+        or while the database cannot be asked, the answer is a 503.
+        """
+        async for attempt in self._retrying():
+            with attempt:
+                try:
+                    async with self.session() as db:
+                        result = await work(db)
+                        await _commit(db)
+                    return result
+                except CommitUncertain:
+                    if settle is None or not await self._settled(settle, result):
+                        raise
+                    return result
+        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    async def _settled(
+        self, settle: Callable[[AsyncSession, T], Awaitable[bool]], result: T
+    ) -> bool:
+        """True if the commit landed; raises ``NotCommitted`` if it did not (run again)."""
+        try:
+            async with self.session() as db:
+                landed = await settle(db, result)
+        except Exception as exc:
+            if is_unavailable(exc):
+                return False  # cannot tell: the caller answers 503
+            raise
+        if not landed:
+            raise NotCommitted("the commit did not land; running the unit again")
+        log.info("database.commit_confirmed")
+        return True
+
+
+class CommitUncertain(DatabaseUnavailable):
+    """The connection was lost during COMMIT: the writes may or may not be in the database."""
+
+
+class NotCommitted(DatabaseUnavailable):
+    """Checked after an uncertain commit: nothing was written, so the unit may run again."""
+
+
+async def _commit(db: AsyncSession) -> None:
+    try:
+        await db.commit()
+    except Exception as exc:
+        if is_unavailable(exc):
+            raise CommitUncertain("connection lost during commit") from exc
+        raise
+
+
+def _log_retry(retry_state: RetryCallState) -> None:
+    error = retry_state.outcome.exception() if retry_state.outcome else None
+    log.warning(
+        "database.retry",
+        attempt=retry_state.attempt_number,
+        error=type(error).__name__,
+        wait_ms=round(retry_state.upcoming_sleep * 1000),
+    )
 
 
 def alembic_config(database_url: str) -> Config:

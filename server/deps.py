@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from .config import Settings
+from .db import Database
 from .keys import KeyStore
 from .passwords import Passwords
 from .ratelimit import Limiter
@@ -17,8 +17,7 @@ from .ratelimit import Limiter
 @dataclass
 class AppState:
     settings: Settings
-    engine: AsyncEngine
-    sessions: async_sessionmaker[AsyncSession]
+    db: Database
     keys: KeyStore
     passwords: Passwords
     limiter: Limiter

@@ -13,11 +13,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 
+from .breaker import DatabaseUnavailable
 from .config import Env, Settings
-from .db import assert_schema_at_head, create_engine, session_factory
+from .db import Database, assert_schema_at_head, create_engine, is_unavailable
 from .deps import AppState, StateDep
 from .keys import KeyStore
 from .metrics import MetricsMiddleware
@@ -27,10 +28,13 @@ from .oauth.routes import router as oauth_router
 from .observability import RequestIdMiddleware, configure_logging, log
 from .passwords import Passwords
 from .ratelimit import Limiter
-from .web.browser import STATIC_DIR, SecurityHeadersMiddleware
+from .web.browser import STATIC_DIR, SecurityHeadersMiddleware, error_page
 from .web.pages import router as pages_router
 
-DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (OperationalError, InterfaceError, OSError)
+#: Paths that answer people in a browser: their 503 is a page, not JSON.
+PAGE_PATHS = ("/login", "/register", "/logout", "/account", "/consent", "/oauth2/authorize")
+#: Paths whose clients read RFC 6749 §5.2 error objects.
+OAUTH_PATHS = ("/oauth2/", "/userinfo")
 
 
 def error_body(detail: Any, error_code: str) -> dict[str, Any]:
@@ -67,8 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             keys.reload()
             app.state.auth = AppState(
                 settings=settings,
-                engine=engine,
-                sessions=session_factory(engine),
+                db=Database(settings, engine),
                 keys=keys,
                 passwords=Passwords(settings),
                 limiter=Limiter(settings),
@@ -111,10 +114,14 @@ def _add_health(app: FastAPI) -> None:
     async def readyz(state: StateDep) -> Response:
         problems: list[str] = []
         try:
-            async with state.engine.connect() as connection:
-                await connection.execute(text("SELECT 1"))
-        except (OSError, DBAPIError) as exc:
-            problems.append(f"database: {type(exc).__name__}")
+            # Through the breaker: while it is open this answers at once, without I/O.
+            async with state.db.session() as db:
+                await db.execute(text("SELECT 1"))
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            reason = exc.reason if isinstance(exc, DatabaseUnavailable) else type(exc).__name__
+            problems.append(f"database: {reason}")
         try:
             state.keys.keyset()
         except Exception as exc:
@@ -138,24 +145,40 @@ def _add_error_handlers(app: FastAPI) -> None:
         detail = [{"loc": list(err["loc"]), "msg": err["msg"]} for err in exc.errors()]
         return JSONResponse(error_body(detail, "validation_error"), status_code=422)
 
-    async def database_down(_: Request, exc: Exception) -> Response:
-        cause = exc.orig if isinstance(exc, DBAPIError) else exc
-        log.error("database.unavailable", error=type(cause).__name__)
-        return JSONResponse(
-            error_body("The database is unavailable; try again shortly.", "database_unavailable"),
-            status_code=503,
-            headers={"Retry-After": "1"},
-        )
-
-    # SQLAlchemy wraps errors on open connections; a refused or timed-out *connect* reaches
-    # us as the driver's own OSError (asyncpg re-raises it unwrapped).
-    for unavailable in DATABASE_UNAVAILABLE:
-        app.add_exception_handler(unavailable, database_down)
-
-    @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> Response:
         log.exception("request.failed", error=type(exc).__name__)
         return JSONResponse(error_body("Internal server error.", "internal_error"), status_code=500)
+
+    async def database_error(request: Request, exc: Exception) -> Response:
+        """503 with ``Retry-After`` for the database being down, busy or behind an open
+        breaker (the one test, ``db.is_unavailable``, that the breaker uses too)."""
+        if not is_unavailable(exc):
+            return await unexpected(request, exc)
+        cause = exc.orig if isinstance(exc, DBAPIError) else exc
+        retry_after = exc.retry_after if isinstance(exc, DatabaseUnavailable) else 1
+        log.error("database.unavailable", error=type(cause).__name__, reason=str(exc)[:200])
+        return unavailable_response(request.url.path, retry_after)
+
+    for error in (DatabaseUnavailable, DBAPIError, OSError):
+        app.add_exception_handler(error, database_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def unavailable_response(path: str, retry_after: int) -> Response:
+    """The 503 in the format of the endpoint that was asked."""
+    headers = {"Retry-After": str(retry_after), "Cache-Control": "no-store"}
+    message = "The service is briefly unavailable; try again shortly."
+    response: Response
+    if path.startswith(PAGE_PATHS):
+        response = error_page(503, "Try again shortly", message)
+    elif path.startswith(OAUTH_PATHS):
+        # RFC 6749 §4.1.2.1 names temporarily_unavailable; token clients parse this shape.
+        body = {"error": "temporarily_unavailable", "error_description": message}
+        response = JSONResponse(body, status_code=503)
+    else:
+        response = JSONResponse(error_body(message, "database_unavailable"), status_code=503)
+    response.headers.update(headers)
+    return response
 
 
 def app_factory() -> FastAPI:

@@ -189,7 +189,7 @@ MakeUser = Callable[..., Awaitable[UserCreds]]
 def make_client(state: AppState) -> MakeClient:
     async def factory(client_id: str = "app", **kwargs: Any) -> ClientCreds:
         kwargs.setdefault("scope", "profile email api")
-        async with state.sessions() as db:
+        async with state.db.sessions() as db:
             created = await manage.create_client(db, client_id=client_id, **kwargs)
             await db.commit()
         return ClientCreds(client_id, created.secret)
@@ -202,7 +202,7 @@ def make_user(state: AppState) -> MakeUser:
     async def factory(
         username: str = "alice", password: str = "correct horse battery", **kwargs: Any
     ) -> UserCreds:
-        async with state.sessions() as db:
+        async with state.db.sessions() as db:
             user = await manage.create_user(
                 db, state.passwords, username=username, password=password, **kwargs
             )

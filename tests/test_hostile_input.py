@@ -837,7 +837,7 @@ async def _seed(settings: Settings) -> str:
     application = create_app(settings)
     async with application.router.lifespan_context(application):
         state: AppState = application.state.auth
-        async with state.sessions() as db:
+        async with state.db.sessions() as db:
             created = await manage.create_client(db, client_id="app", scope="profile api")
             await db.commit()
     assert created.secret is not None

@@ -11,11 +11,11 @@ import httpx
 import jwt
 import pytest
 from fastapi import FastAPI
-from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from server import manage
 from server.config import Settings
-from server.db import SchemaNotAtHeadError
+from server.db import Database, SchemaNotAtHeadError
 from server.deps import AppState
 from server.keys import KeyStore
 from server.main import create_app
@@ -56,7 +56,7 @@ async def test_readyz_reports_database_down(
     client: httpx.AsyncClient, state: AppState, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dead = create_async_engine("postgresql+asyncpg://postgres@127.0.0.1:1/none")
-    monkeypatch.setattr(state, "engine", dead)
+    monkeypatch.setattr(state, "db", Database(state.settings, dead))
     try:
         response = await client.get("/readyz")
     finally:
@@ -202,7 +202,7 @@ async def test_token_endpoint_answers_503_when_the_database_is_unreachable(
     dead_url: str,
 ) -> None:
     dead = create_async_engine(dead_url)
-    monkeypatch.setattr(state, "sessions", async_sessionmaker(dead))
+    monkeypatch.setattr(state, "db", Database(state.settings, dead))
     try:
         response = await client.post(
             "/oauth2/token",
@@ -212,9 +212,11 @@ async def test_token_endpoint_answers_503_when_the_database_is_unreachable(
         await dead.dispose()
     assert response.status_code == 503
     assert response.headers["retry-after"] == "1"
+    assert response.headers["cache-control"] == "no-store"
+    # RFC 6749 §5.2's shape, so OAuth client libraries read it.
     assert response.json() == {
-        "detail": "The database is unavailable; try again shortly.",
-        "error_code": "database_unavailable",
+        "error": "temporarily_unavailable",
+        "error_description": "The service is briefly unavailable; try again shortly.",
     }
 
 
@@ -249,7 +251,7 @@ async def test_tokens_signed_before_a_rotation_stay_valid_until_their_key_is_pru
     await truncate(settings.database_url)
     async with app.router.lifespan_context(app):
         state: AppState = app.state.auth
-        async with state.sessions() as db:
+        async with state.db.sessions() as db:
             created = await manage.create_client(
                 db, client_id="svc", grants=["client_credentials"], scope="api"
             )

@@ -27,7 +27,7 @@ async def running(settings: Settings, **overrides: Any) -> AsyncIterator[AppStat
     app = create_app(settings.model_copy(update=overrides))
     async with app.router.lifespan_context(app):
         state: AppState = app.state.auth
-        async with state.sessions() as db:
+        async with state.db.sessions() as db:
             created = await manage.create_client(db, client_id="app", scope="api")
             await manage.create_client(db, client_id="other", scope="api")
             await manage.create_user(db, state.passwords, username="Alice", password=PASSWORD)

@@ -148,7 +148,7 @@ async def handle(
     settings = state.settings
     query = urlencode(params)
     oauth_request = FormRequest("GET", settings.issuer + "/oauth2/authorize?" + query, {}, params)
-    async with state.sessions() as db:
+    async with state.db.session() as db:
         who = await current_session(request, db, settings)
         outcome: Outcome = await db.run_sync(
             lambda session: decide(TokenServer(state, session), oauth_request, who, decision)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from authlib.oauth2.rfc6749.errors import InvalidRequestError, OAuth2Error
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..deps import AppState, StateDep
-from ..models import User, now
+from ..models import RefreshFamily, RefreshToken, User, now, sha256_hex
 from ..observability import audit
 from ..passwords import normalize_username
 from ..ratelimit import Verdict
@@ -98,8 +100,27 @@ async def token(request: Request, state: StateDep) -> Response:
         return token_response(
             400, {"error": "invalid_grant", "error_description": BAD_CREDENTIALS}, []
         )
+
+    async def landed(db: AsyncSession, result: ServerResponse) -> bool:
+        """After an uncertain commit: are this grant's writes in the database?
+
+        Asked so that a rotation that landed is answered with its tokens, not with a 503 whose
+        retry would be refused as reuse (and would end the sign-in).
+        """
+        status, body, _ = result
+        if status != 200:
+            return False  # errors write only idempotent revocations: run again
+        if refresh_token := body.get("refresh_token"):
+            row = select(RefreshToken.id).where(
+                RefreshToken.token_hash == sha256_hex(refresh_token)
+            )
+            return await db.scalar(row) is not None
+        if oauth_request.family is not None:
+            return await db.get(RefreshFamily, oauth_request.family.id) is not None
+        return True  # client_credentials writes nothing
+
     status, body, headers = await _run(
-        state, lambda server: server.create_token_response(oauth_request)
+        state, lambda server: server.create_token_response(oauth_request), landed
     )
     client_id = getattr(oauth_request.client, "client_id", None)
     # Only authenticated requests count against a client: nobody can spend another's quota.
@@ -149,17 +170,32 @@ async def _endpoint(request: Request, state: StateDep, name: str, path: str) -> 
     except OAuth2Error as error:
         return token_response(*error())
     status, body, headers = await _run(
-        state, lambda server: server.create_endpoint_response(name, oauth_request)
+        state, lambda server: server.create_endpoint_response(name, oauth_request), _run_again
     )
     return token_response(status, body, headers)
 
 
-async def _run(state: AppState, call: Callable[[TokenServer], ServerResponse]) -> ServerResponse:
-    """Run Authlib's synchronous server on one database transaction (see server.py)."""
-    async with state.sessions() as db:
-        result = await db.run_sync(lambda session: call(TokenServer(state, session)))
-        await db.commit()
-    return result
+async def _run_again(db: AsyncSession, result: ServerResponse) -> bool:
+    """Revocation and introspection: running them twice answers the same, so run again."""
+    return False
+
+
+async def _run(
+    state: AppState,
+    call: Callable[[TokenServer], ServerResponse],
+    landed: Callable[[AsyncSession, ServerResponse], Awaitable[bool]],
+) -> ServerResponse:
+    """Run Authlib's synchronous server on one database transaction (see server.py).
+
+    A connection lost before the commit runs the whole grant again on a fresh transaction
+    (``Database.run``): nothing of the first attempt was written. One lost during the commit
+    asks ``landed`` whether it was.
+    """
+
+    async def unit(db: AsyncSession) -> ServerResponse:
+        return await db.run_sync(lambda session: call(TokenServer(state, session)))
+
+    return await state.db.run(unit, landed)
 
 
 @router.get("/.well-known/jwks.json")
@@ -240,7 +276,7 @@ async def userinfo(request: Request, state: StateDep) -> Response:
         audience=settings.audience,
         now=now(),
     )
-    async with state.sessions() as db:
+    async with state.db.session() as db:
         live = claims is not None and await db.run_sync(
             lambda session: access_token_is_live(session, claims)
         )

@@ -93,7 +93,7 @@ async def client_name_for(state: AppState, next_url: str) -> str | None:
     client_id = parse_qs(parts.query).get("client_id", [""])[0]
     if not client_id or len(client_id) > 100:
         return None
-    async with state.sessions() as db:
+    async with state.db.session() as db:
         client = await db.get(Client, client_id)
     return client.name if client is not None else None
 
@@ -152,7 +152,7 @@ async def login(request: Request, state: StateDep) -> Response:
 
     if await limiter.throttled(account, ip):
         return await refuse(None, throttled=True)
-    async with state.sessions() as db:
+    async with state.db.session() as db:
         user = await db.scalar(select(User).where(User.username_key == account))
         password_hash = user.password_hash if user is not None else None
         await db.commit()  # no transaction held while argon2 runs
@@ -234,7 +234,7 @@ async def register(request: Request, state: StateDep) -> Response:
         errors.append("The two passwords do not match.")
     user: User | None = None
     if not errors:
-        async with state.sessions() as db:
+        async with state.db.session() as db:
             try:
                 user = await manage.create_user(
                     db,
@@ -287,7 +287,7 @@ async def _logout_target(
         client_id = client_id or hinted
     if not client_id or len(client_id) > 100:
         return None, None
-    async with state.sessions() as db:
+    async with state.db.session() as db:
         client = await db.get(Client, client_id)
     if client is None:
         return None, None
@@ -306,7 +306,7 @@ LOGOUT_PARAMS = ("id_token_hint", "client_id", "post_logout_redirect_uri", "stat
 async def logout_form(request: Request, state: StateDep) -> Response:
     params = {k: v for k in LOGOUT_PARAMS if (v := request.query_params.get(k))}
     client, target = await _logout_target(state, params)
-    async with state.sessions() as db:
+    async with state.db.session() as db:
         who = await current_session(request, db, state.settings)
     if who is None:
         if target is not None:
@@ -337,7 +337,7 @@ async def logout(request: Request, state: StateDep) -> Response:
         return posted
     form, _ = posted
     _, target = await _logout_target(state, {k: form[k] for k in LOGOUT_PARAMS if k in form})
-    async with state.sessions() as db:
+    async with state.db.session() as db:
         who = await current_session(request, db, settings)
         if who is not None:
             ended = await end_session(db, who.session, reason="signed_out")
@@ -377,7 +377,7 @@ async def _sessions(db: AsyncSession, who: SignedIn) -> list[dict[str, Any]]:
 
 @router.get("/account")
 async def account(request: Request, state: StateDep) -> Response:
-    async with state.sessions() as db:
+    async with state.db.session() as db:
         who = await current_session(request, db, state.settings)
         if who is None:
             return redirect("/login?next=/account")
@@ -399,7 +399,7 @@ async def revoke_session(family_id: str, request: Request, state: StateDep) -> R
     posted = await posted_form(request, settings)
     if isinstance(posted, Response):
         return posted
-    async with state.sessions() as db:
+    async with state.db.session() as db:
         who = await current_session(request, db, settings)
         if who is None:
             return redirect("/login?next=/account")

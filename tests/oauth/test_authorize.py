@@ -217,7 +217,7 @@ async def test_the_whole_flow(
     renewed = claims_of(refreshed.json()["id_token"])
     assert (renewed["aud"], renewed["sub"], renewed["sid"]) == ("spa", user.id, access["sid"])
     assert "nonce" not in renewed
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         family = await db.get(RefreshFamily, access["sid"])
         assert family is not None and family.browser_session_id is not None
 
@@ -324,7 +324,7 @@ async def test_a_code_is_single_use_and_reuse_revokes_what_it_issued(
         },
     )
     assert refresh.json()["error"] == "invalid_grant", "the first exchange's family must be dead"
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         family = await db.get(RefreshFamily, claims_of(tokens["access_token"])["sid"])
         assert family is not None and family.revoked_reason == "code_reuse"
 
@@ -336,7 +336,7 @@ async def test_an_expired_code_is_refused(
     await sign_in(browser, await make_user())
     verifier, challenge = pkce()
     code = await get_code(browser, challenge)
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         row = await db.execute(update(AuthorizationCode).values(expires_at=1))
         assert row.rowcount == 1  # type: ignore[attr-defined]
         await db.commit()
@@ -589,7 +589,7 @@ async def test_simultaneous_exchanges_of_one_code_issue_at_most_once(
     statuses = sorted(r.status_code for r in results)
     assert statuses.count(200) <= 1
     assert all(r.json().get("error") == "invalid_grant" for r in results if r.status_code != 200)
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         from sqlalchemy import select
 
         live = [f for f in await db.scalars(select(RefreshFamily)) if f.revoked_at is None]
@@ -621,7 +621,7 @@ async def test_the_endpoint_accepts_post_and_refuses_malformed_requests(
     # The person is disabled between the code and its exchange: no tokens.
     from server import manage
 
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         await manage.disable_user(db, user.username)
         await db.commit()
     response = await exchange(browser, code, verifier)
@@ -640,7 +640,7 @@ async def test_max_age_asks_for_a_fresh_sign_in(
         "/oauth2/authorize", params=authorize_params(challenge, max_age="600")
     )
     assert fresh.status_code == 302 and "code=" in fresh.headers["location"]
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         await db.execute(update(BrowserSession).values(auth_time=BrowserSession.auth_time - 601))
         await db.commit()
     stale = await browser.get(

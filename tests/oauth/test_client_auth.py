@@ -63,7 +63,7 @@ async def test_public_client_cannot_use_client_credentials(
 
     from server.models import Client
 
-    async with state.sessions() as db:  # even if someone allowed it by hand
+    async with state.db.sessions() as db:  # even if someone allowed it by hand
         await db.execute(update(Client).values(grant_types="password client_credentials"))
         await db.commit()
     response = await client.post("/oauth2/token", data={**CC, "client_id": "pub"})

@@ -347,7 +347,7 @@ async def test_disabling_the_user_or_changing_the_password_makes_tokens_inactive
     for creds, token in ((with_family, a["access_token"]), (no_family, b["access_token"])):
         assert (await introspect(client, creds, token)).json()["active"] is True
 
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         await manage.set_password(db, state.passwords, user.username, "another long password")
         await db.commit()
 
@@ -359,7 +359,7 @@ async def test_disabling_the_user_or_changing_the_password_makes_tokens_inactive
     user.password = "another long password"
     c = (await password_grant(client, no_family, user)).json()
     assert (await introspect(client, no_family, c["access_token"])).json()["active"] is True
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         await manage.disable_user(db, user.username)
         await db.commit()
     assert (await introspect(client, no_family, c["access_token"])).json() == INACTIVE
@@ -376,7 +376,7 @@ async def test_tokens_of_a_deleted_client_are_inactive(
         )
     ).json()["access_token"]
     assert (await introspect(client, api, token)).json()["active"] is True
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         await manage.delete_client(db, "svc")
         await db.commit()
     assert (await introspect(client, api, token)).json() == INACTIVE

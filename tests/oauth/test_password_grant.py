@@ -60,7 +60,7 @@ async def test_issues_rfc9068_access_token_and_refresh_token(
     assert claims["exp"] == claims["iat"] + 900  # type: ignore[operator]
     assert claims["auth_time"] == claims["iat"]
     assert isinstance(claims["jti"], str) and len(claims["jti"]) >= 16
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         family = (await db.scalars(select(RefreshFamily))).one()
         stored = (await db.scalars(select(RefreshToken))).one()
     assert claims["sid"] == family.id
@@ -90,7 +90,7 @@ async def test_no_refresh_token_without_refresh_grant(
     assert "auth_time" in claims
     # Still a sign-in of its own (so signing out or disabling the user ends the token),
     # living only as long as its access token.
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         family = await db.get(RefreshFamily, claims["sid"])
         assert family is not None
         assert family.expires_at - family.created_at == state.settings.access_token_ttl
@@ -123,7 +123,7 @@ async def test_wrong_password_unknown_user_and_disabled_user_look_the_same(
     creds = await make_client()
     user = await make_user()
     await make_user("bob", "another good password")
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         bob = (await db.scalars(select(User).where(User.username == "bob"))).one()
         bob.disabled = True
         await db.commit()
@@ -172,14 +172,14 @@ async def test_sign_in_rehashes_when_parameters_change(
     user = await make_user()
     # A hash made with weaker (older) parameters than the configured ones.
     weak = PasswordHasher(memory_cost=512, time_cost=1, parallelism=1).hash(user.password)
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         stored = await db.get(User, user.id)
         assert stored is not None
         stored.password_hash = weak
         await db.commit()
     response = await password_grant(client, creds, user)
     assert response.status_code == 200
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         stored = await db.get(User, user.id)
         assert stored is not None
         assert stored.password_hash != weak
@@ -201,7 +201,7 @@ async def test_admin_scope_only_for_admin_clients(
 ) -> None:
     creds = await make_client(scope="profile")
     # Even if the column were edited by hand, a non-admin client never gets "admin".
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         row = await db.get(Client, "app")
         assert row is not None
         row.scope = "profile admin"
@@ -229,5 +229,5 @@ async def test_client_not_allowed_the_grant_is_unauthorized_client(
     response = await password_grant(client, creds, await make_user())
     assert response.status_code == 400
     assert response.json()["error"] == "unauthorized_client"
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         assert await db.scalar(select(func.count()).select_from(RefreshFamily)) == 0

@@ -28,7 +28,7 @@ async def sign_in(
 
 
 async def family_of(state: AppState, refresh_token: str) -> RefreshFamily:
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         token = (
             await db.scalars(
                 select(RefreshToken).where(RefreshToken.token_hash == sha256_hex(refresh_token))
@@ -52,7 +52,7 @@ async def test_every_refresh_rotates(
     assert body["access_token"] != first["access_token"]
     third = await refresh_grant(client, creds, body["refresh_token"])
     assert third.status_code == 200
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         tokens = list(await db.scalars(select(RefreshToken).order_by(RefreshToken.created_at)))
         families = list(await db.scalars(select(RefreshFamily)))
     assert len(families) == 1
@@ -104,7 +104,7 @@ async def test_twenty_simultaneous_refreshes_have_exactly_one_winner(
     assert {r.json()["error"] for r in responses if r.status_code == 400} == {"invalid_grant"}
     family = await family_of(state, first["refresh_token"])
     assert family.revoked_at is not None
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         tokens = list(await db.scalars(select(RefreshToken)))
     # The original and the one the winner got; never two live tokens from one parent.
     assert len(tokens) == 2
@@ -119,13 +119,13 @@ async def test_new_token_never_outlives_the_family_cap(
     creds, first = await sign_in(client, make_client, make_user)
     family = await family_of(state, first["refresh_token"])
     cap = int(time.time()) + 120
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         await db.execute(
             update(RefreshFamily).where(RefreshFamily.id == family.id).values(expires_at=cap)
         )
         await db.commit()
     second = (await refresh_grant(client, creds, first["refresh_token"])).json()
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         token = (
             await db.scalars(
                 select(RefreshToken).where(
@@ -141,7 +141,7 @@ async def test_token_lifetime_is_the_refresh_ttl(
     client: httpx.AsyncClient, state: AppState, make_client: MakeClient, make_user: MakeUser
 ) -> None:
     await sign_in(client, make_client, make_user)
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         token = (await db.scalars(select(RefreshToken))).one()
     assert token.expires_at - token.created_at == 7 * 86400
 
@@ -157,7 +157,7 @@ async def test_expired_token_or_family_is_invalid_grant(
 ) -> None:
     creds, first = await sign_in(client, make_client, make_user)
     past = int(time.time()) - 1
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         model = RefreshToken if expired == "token" else RefreshFamily
         await db.execute(update(model).values(expires_at=past))
         await db.commit()
@@ -215,7 +215,7 @@ async def test_disabling_user_or_changing_password_kills_the_family(
     action: str,
 ) -> None:
     creds, first = await sign_in(client, make_client, make_user)
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         if action == "disable":
             await manage.disable_user(db, "alice")
         else:
@@ -234,7 +234,7 @@ async def test_disabled_user_cannot_refresh_even_with_live_family(
     from server.models import User
 
     creds, first = await sign_in(client, make_client, make_user)
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         await db.execute(update(User).values(disabled=True))
         await db.commit()
     response = await refresh_grant(client, creds, first["refresh_token"])
@@ -247,7 +247,7 @@ async def test_client_without_refresh_grant_cannot_refresh(
     creds, first = await sign_in(client, make_client, make_user)
     from server.models import Client
 
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         await db.execute(update(Client).values(grant_types="password"))
         await db.commit()
     response = await refresh_grant(client, creds, first["refresh_token"])
@@ -285,5 +285,5 @@ async def test_revoked_family_concurrently_blocks_rotation(
     finally:
         RefreshTokenGrant.validate_token_request = original  # type: ignore[method-assign]
     assert response.json()["error"] == "invalid_grant"
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         assert len(list(await db.scalars(select(RefreshToken)))) == 1

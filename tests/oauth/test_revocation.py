@@ -69,7 +69,7 @@ async def test_revoking_a_refresh_token_kills_its_family_and_its_access_tokens(
         assert await introspect(client, creds, token) == {"active": False}
     refused = await refresh_grant(client, creds, second["refresh_token"])
     assert (refused.status_code, refused.json()["error"]) == (400, "invalid_grant")
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         family = (await db.scalars(select(RefreshFamily))).one()
     assert (family.revoked_reason, family.revoked_at is not None) == ("revoked", True)
 
@@ -85,7 +85,7 @@ async def test_revoking_an_access_token_deny_lists_its_jti_and_leaves_the_family
 
     assert (response.status_code, response.json()) == (200, {})
     assert await introspect(client, creds, tokens["access_token"]) == {"active": False}
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         row = (await db.scalars(select(RevokedAccessToken))).one()
     claims = jwt_claims(tokens["access_token"])
     assert (row.jti, row.client_id, row.expires_at) == (claims["jti"], "app", claims["exp"])
@@ -143,7 +143,7 @@ async def test_revoking_twice_and_concurrently_is_idempotent(
     assert [r.status_code for r in results] == [200] * 16
     again = await revoke(client, creds, tokens["refresh_token"])
     assert (again.status_code, again.json()) == (200, {})
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         assert await db.scalar(select(func.count()).select_from(RevokedAccessToken)) == 1
 
 

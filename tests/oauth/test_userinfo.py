@@ -96,7 +96,7 @@ async def test_a_client_token_or_a_dead_sign_in_is_refused(
     assert response.status_code == 401  # no person behind a client_credentials token
 
     token = await token_for(client, make_client, make_user, "openid")
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         await manage.disable_user(db, "alice")
         await db.commit()
     response = await client.get("/userinfo", headers={"Authorization": f"Bearer {token}"})

@@ -82,7 +82,7 @@ async def test_cookies_on_https_use_the_host_prefix_and_secure(
         state: AppState = app.state.auth
         from server import manage
 
-        async with state.sessions() as db:
+        async with state.db.sessions() as db:
             await manage.create_user(
                 db, state.passwords, username="hana", password="correct horse battery"
             )
@@ -150,7 +150,7 @@ async def test_sign_in_starts_a_new_session_every_time(
     first = set_cookies(await sign_in(browser, user))["session"]["value"]
     second = set_cookies(await sign_in(browser, user))["session"]["value"]
     assert first != second
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         rows = list(await db.scalars(select(BrowserSession).order_by(BrowserSession.created_at)))
     assert len(rows) == 2
     assert sum(row.ended_at is None for row in rows) == 1, "the fixated/old one is ended"
@@ -180,7 +180,7 @@ async def test_one_generic_message_for_every_failed_sign_in(
     elif case == "wrong-password":
         password = "not the password"
     else:
-        async with state.sessions() as db:
+        async with state.db.sessions() as db:
             await manage.disable_user(db, user.username)
             await db.commit()
     page = await browser.get("/login")
@@ -338,7 +338,7 @@ async def test_a_person_cannot_sign_out_someone_elses_session(
     creds = await make_client()
     victim = await make_user("victim")
     await password_grant(client, creds, victim)
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         family = (await db.scalars(select(RefreshFamily))).one()
     await sign_in(browser, await make_user("mallory"))
     page = await browser.get("/login")  # mallory has no session forms; same CSRF cookie
@@ -346,7 +346,7 @@ async def test_a_person_cannot_sign_out_someone_elses_session(
         f"/account/sessions/{family.id}/revoke", data={"csrf_token": csrf_of(page)}
     )
     assert response.status_code == 404
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         assert (await db.get(RefreshFamily, family.id)).revoked_at is None  # type: ignore[union-attr]
 
 
@@ -381,7 +381,7 @@ async def test_sign_out_ends_the_session_and_returns_to_a_registered_uri_only(
     assert done.status_code == 303
     assert done.headers["location"] == "https://app.example/bye?state=s1"
     assert (await browser.get("/account")).status_code == 303  # signed out
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         sessions = list(await db.scalars(select(BrowserSession)))
     assert [s.ended_at is not None for s in sessions] == [True]
 
@@ -447,12 +447,12 @@ async def test_sign_in_rehashes_a_password_hashed_with_old_parameters(
 
     user = await make_user()
     old = PasswordHasher(time_cost=3, memory_cost=512, parallelism=1).hash(user.password)
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         row = (await db.scalars(select(User))).one()
         row.password_hash = old
         await db.commit()
     await sign_in(browser, user)
-    async with state.sessions() as db:
+    async with state.db.sessions() as db:
         assert (await db.scalars(select(User))).one().password_hash != old
 
 
