@@ -7,7 +7,7 @@ PORT ?= 8000
 STAMP := $(VENV)/.installed-stamp
 PYTEST_COV := --cov=server --cov-branch --cov-report=term-missing:skip-covered --cov-fail-under=90
 
-.PHONY: install run test lint format report clean
+.PHONY: install run test lint format report bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,13 +29,13 @@ test: install
 	$(PY) -m pytest $(PYTEST_COV)
 
 lint: install
-	$(VENV)/bin/ruff check server tests migrations
-	$(VENV)/bin/ruff format --check server tests migrations
+	$(VENV)/bin/ruff check server tests migrations bench
+	$(VENV)/bin/ruff format --check server tests migrations bench
 	$(VENV)/bin/mypy
 
 format: install
-	$(VENV)/bin/ruff check --fix server tests migrations
-	$(VENV)/bin/ruff format server tests migrations
+	$(VENV)/bin/ruff check --fix server tests migrations bench
+	$(VENV)/bin/ruff format server tests migrations bench
 
 ## Run the suite and write artifacts/auth-test/ (features.json, test-results.md); the browser
 ## test refreshes artifacts/screenshots/*.png.
@@ -45,6 +45,12 @@ report: install
 	set -o pipefail; $(PY) -m pytest $(PYTEST_COV) --report-dir artifacts/auth-test 2>&1 \
 		| tee artifacts/auth-test/pytest-output.txt; status=$$?; \
 		$(PY) -m tests.report_md artifacts/auth-test && exit $$status
+
+## Load benchmark: real servers (SQLite and PostgreSQL, 1 and 2 workers) under wrk, against
+## floors measured in the same run; writes artifacts/benchmarks.md and artifacts/benchmarks.png.
+bench: install
+	command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
+	$(PY) -m bench.run
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

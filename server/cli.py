@@ -105,6 +105,9 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     if settings.env is not Env.production:
         KeyStore(settings.keys_dir).ensure()
     _preflight(settings)
+    # The workers share the cores: unless told otherwise, each hashes on its share of them.
+    cores = os.cpu_count() or 1
+    os.environ.setdefault("AUTH_ARGON2_CONCURRENCY", str(max(1, cores // max(1, args.workers))))
     uvicorn.run(
         "server.main:app_factory",
         factory=True,

@@ -6,6 +6,7 @@ Every default is documented here, where it is defined; README.md lists them for 
 from __future__ import annotations
 
 import ipaddress
+import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -77,6 +78,9 @@ class Settings(BaseSettings):
     argon2_memory_cost: int = Field(default=19_456, ge=8)
     argon2_time_cost: int = Field(default=2, ge=1)
     argon2_parallelism: int = Field(default=1, ge=1)
+    #: Password hashes computed at once per process (default: the number of cores; ``serve
+    #: --workers N`` divides them among its workers).
+    argon2_concurrency: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=64)
     #: Passwords longer than this are refused before hashing (hashing cost stays bounded).
     password_max_length: int = Field(default=256, ge=16, le=4096)
     password_min_length: int = Field(default=8, ge=1)

@@ -55,10 +55,15 @@ class SchemaNotAtHeadError(RuntimeError):
 def create_engine(settings: Settings) -> AsyncEngine:
     url = make_url(settings.database_url)
     if url.get_backend_name() == "sqlite":
+        busy = settings.sqlite_busy_timeout
+        pool: dict[str, Any] = {}
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        busy = settings.sqlite_busy_timeout
-        engine = create_async_engine(url, connect_args={"timeout": busy})
+            # One connection per process: transactions queue for it in the pool (an async
+            # wait) instead of in SQLite's busy handler, which sleeps in growing steps (p99 in
+            # seconds under load). SQLite has one writer at a time anyway.
+            pool = {"pool_size": 1, "max_overflow": 0, "pool_timeout": busy}
+        engine = create_async_engine(url, connect_args={"timeout": busy}, **pool)
         _configure_sqlite(engine, busy_timeout_ms=int(busy * 1000))
         return engine
     statement_ms = int(settings.db_statement_timeout * 1000)
@@ -67,7 +72,8 @@ def create_engine(settings: Settings) -> AsyncEngine:
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout,
-        pool_pre_ping=True,
+        # No pre-ping (a round trip per checkout): a dead connection fails its first statement,
+        # SQLAlchemy then invalidates the whole pool, and Database retries the unit.
         pool_recycle=1800,
         connect_args={
             "timeout": settings.db_connect_timeout,

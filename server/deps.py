@@ -23,7 +23,8 @@ class AppState:
     limiter: Limiter
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    # async: FastAPI runs a plain ``def`` dependency on a worker thread, a thread hop per request.
     state: AppState = request.app.state.auth
     return state
 

@@ -20,6 +20,7 @@ from .breaker import DatabaseUnavailable
 from .config import Env, Settings
 from .db import Database, assert_schema_at_head, create_engine, is_unavailable
 from .deps import AppState, StateDep
+from .jwks import JwksMiddleware
 from .keys import KeyStore
 from .metrics import MetricsMiddleware
 from .metrics import router as metrics_router
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             finally:
                 reloader.cancel()
                 app.state.auth.limiter.close()
+                app.state.auth.passwords.close()
         finally:
             await engine.dispose()
 
@@ -92,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
         openapi_url=None,
     )
+    app.add_middleware(JwksMiddleware)  # innermost of ours: inside metrics, ids, headers
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(MetricsMiddleware)

@@ -440,12 +440,16 @@ async def test_when_the_database_cannot_be_asked_the_uncertain_commit_is_a_503(
     async def work(db: AsyncSession) -> None:
         db.add(Client(client_id="unknowable", name="x"))
 
+    asked: list[bool] = []
+
     async def landed(db: AsyncSession, result: None) -> bool:
-        raise AssertionError("never reached: the database cannot be asked")
+        asked.append(True)
+        return await client_exists(db, "unknowable")  # the question itself cannot get through
 
     with pytest.raises(DatabaseUnavailable) as raised:
         await pg.state.db.run(work, landed)
     assert raised.value.reason == "connection lost during commit"
+    assert asked in ([], [True])  # the question failed to connect, or failed on the wire
     monkeypatch.undo()
     proxy.restore()
 

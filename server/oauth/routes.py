@@ -198,18 +198,6 @@ async def _run(
     return await state.db.run(unit, landed)
 
 
-@router.get("/.well-known/jwks.json")
-async def jwks(request: Request, state: StateDep) -> Response:
-    keyset = state.keys.keyset()
-    headers = {
-        "Cache-Control": f"public, max-age={state.settings.jwks_max_age}",
-        "ETag": keyset.etag,
-    }
-    if keyset.etag in request.headers.get("if-none-match", ""):
-        return Response(status_code=304, headers=headers)
-    return Response(keyset.jwks_bytes, media_type="application/json", headers=headers)
-
-
 def discovery_document(issuer: str) -> dict[str, Any]:
     """RFC 8414 / OpenID Connect Discovery 1.0 metadata: only what this server really does."""
     return {
