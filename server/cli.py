@@ -144,6 +144,31 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_copy_from(settings: Settings, args: argparse.Namespace) -> int:
+    """Copy a whole database (the SQLite default, say) into AUTH_DATABASE_URL's, empty one."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from .dbcopy import CopyRefusedError, copy_database
+
+    async def run() -> dict[str, int]:
+        source = create_async_engine(args.source_url)
+        target = create_engine(settings)
+        try:
+            return await copy_database(source, target)
+        finally:
+            await source.dispose()
+            await target.dispose()
+
+    try:
+        copied = asyncio.run(run())
+    except CopyRefusedError as exc:
+        raise CommandError(str(exc)) from None
+    for table, count in copied.items():
+        print(f"{table}: {count}")
+    audit("database.copied", rows=sum(copied.values()))
+    return 0
+
+
 def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
     store = KeyStore(settings.keys_dir)
     if args.keys_command == "rotate":
@@ -340,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("migrate", help="migrate the database to head (idempotent)")
     commands.add_parser("seed-demo", help="seed a demo client and user into an empty database")
+    copy = commands.add_parser(
+        "copy-from", help="copy every row of another database into AUTH_DATABASE_URL (empty)"
+    )
+    copy.add_argument("source_url", help="e.g. sqlite+aiosqlite:///./data/auth.db")
 
     keys = commands.add_parser("keys", help="signing keys").add_subparsers(
         dest="keys_command", required=True
@@ -418,6 +447,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "serve": cmd_serve,
     "migrate": cmd_migrate,
     "seed-demo": cmd_seed_demo,
+    "copy-from": cmd_copy_from,
     "keys": cmd_keys,
     "clients": cmd_clients,
     "users": cmd_users,

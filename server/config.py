@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     db_connect_timeout: float = Field(default=5.0, gt=0)
     db_pool_timeout: float = Field(default=5.0, gt=0)
     db_statement_timeout: float = Field(default=10.0, gt=0)
+    #: Seconds after which a pooled PostgreSQL connection is replaced (load balancers and
+    #: proxies such as PgBouncer drop idle connections on their own schedule).
+    db_pool_recycle: int = Field(default=1800, ge=30)
     #: Attempts for a unit of work that lost its connection before committing (1 = no retry).
     db_retry_attempts: int = Field(default=3, ge=1, le=10)
     #: Consecutive transient failures that open the circuit breaker, and how long it stays open.

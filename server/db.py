@@ -74,7 +74,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
         pool_timeout=settings.db_pool_timeout,
         # No pre-ping (a round trip per checkout): a dead connection fails its first statement,
         # SQLAlchemy then invalidates the whole pool, and Database retries the unit.
-        pool_recycle=1800,
+        pool_recycle=settings.db_pool_recycle,
         connect_args={
             "timeout": settings.db_connect_timeout,
             # Client side: a statement (commit and ping included) on a silent network ends.

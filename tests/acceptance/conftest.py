@@ -7,6 +7,7 @@ one database and one keys directory, as replicas do.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -19,10 +20,26 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from server.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def sha256_hex(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+async def fetch(url: str, sql: str) -> list[tuple[object, ...]]:
+    """Rows of ``sql``, read straight from the database (not through a server)."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as connection:
+            return [tuple(row) for row in await connection.execute(text(sql))]
+    finally:
+        await engine.dispose()
 
 
 def free_port() -> int:

@@ -9,7 +9,6 @@ with quick 503s, leave no half-written state, and recover by itself (same proces
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import statistics
 import threading
@@ -19,14 +18,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.conftest import truncate
 from tests.faultproxy import FaultProxy
 
-from .conftest import cli, server_env, start_server
+from .conftest import cli, fetch, server_env, sha256_hex, start_server
 
 pytestmark = pytest.mark.feature("db-retry-breaker", "postgres-backend")
 PASSWORD = "a long enough passphrase"
@@ -42,19 +39,6 @@ class Chain:
     latencies_503: list[float] = field(default_factory=list)
     successes_after_restore: int = 0
     broken: str | None = None  # the error that ended the chain, if any
-
-
-def sha256_hex(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()
-
-
-async def fetch(url: str, sql: str) -> list[tuple[object, ...]]:
-    engine = create_async_engine(url)
-    try:
-        async with engine.connect() as connection:
-            return [tuple(row) for row in await connection.execute(text(sql))]
-    finally:
-        await engine.dispose()
 
 
 def test_postgres_cut_mid_load_gives_fast_503s_no_half_written_state_and_recovery(

@@ -1,0 +1,174 @@
+"""deploy/nginx/token-server.conf in front of two real replicas (PostgreSQL and Redis shared).
+
+nginx runs the deployment's own server block, with only its listen line and upstream servers
+pointed at loopback. Requests reach both replicas; the replicas believe X-Forwarded-For from
+nginx only (``AUTH_TRUSTED_PROXIES=127.0.0.1``), so a client on another loopback address that
+forges the header is still limited as itself; ``/metrics`` is not exposed.
+nginx comes from Debian's packages (.ci/run installs it and sets AUTH_TEST_REQUIRE_NGINX=1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import _drop_pg_database, _new_pg_database, migrate
+
+from .conftest import ROOT, RunningServer, cli, free_port, server_env, start_server
+from .test_replicas import REDIS, require_redis
+
+pytestmark = pytest.mark.feature("deployment-kit", "multi-replica", "trusted-proxies")
+CONF = ROOT / "deploy" / "nginx" / "token-server.conf"
+IP_LIMIT = 4
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+    if found is None:
+        reason = "nginx not found: apt-get install nginx-light"
+        if os.environ.get("AUTH_TEST_REQUIRE_NGINX") == "1":
+            pytest.fail(f"{reason} (AUTH_TEST_REQUIRE_NGINX=1)")
+        pytest.skip(reason)
+    return found
+
+
+def render(conf: str, port: int, upstreams: list[str]) -> str:
+    """The deployment's server block with loopback addresses; nothing else changes."""
+    conf = conf.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    servers = "".join(f"    server {u} max_fails=3 fail_timeout=5s;\n" for u in upstreams)
+    conf, count = re.subn(r"(?m)^    server app\d:8000 [^\n]*\n", "", conf)
+    assert count == 2, "deploy/nginx/token-server.conf no longer names app1 and app2"
+    return conf.replace("upstream token_server {\n", "upstream token_server {\n" + servers)
+
+
+@pytest.fixture(scope="module")
+def balanced(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, list[RunningServer], tuple[str, str]]]:
+    binary = nginx_binary()
+    require_redis()
+    database_url = _new_pg_database()
+    tmp = tmp_path_factory.mktemp("nginx")
+    keys = tmp / "keys"
+    extra = {
+        "AUTH_RATE_LIMIT_STORAGE": REDIS,
+        "AUTH_TRUSTED_PROXIES": "127.0.0.1",
+        "AUTH_RATE_LIMIT_TOKEN_IP": f"{IP_LIMIT}/minute",
+    }
+    replicas: list[RunningServer] = []
+    nginx: subprocess.Popen[bytes] | None = None
+    try:
+        migrate(database_url)
+        env = server_env(database_url, keys, "http://auth.test", **extra)
+        created = cli(env, "clients", "create", "--client-id", "svc", "--scope", "api", "--json")
+        assert created.returncode == 0, created.stderr
+        auth = ("svc", json.loads(created.stdout)["client_secret"])
+        for name in ("app1", "app2"):
+            replicas.append(
+                start_server(
+                    database_url, keys, tmp / f"{name}.log", issuer="http://auth.test", **extra
+                )
+            )
+        port = free_port()
+        upstreams = [r.url.removeprefix("http://") for r in replicas]
+        (tmp / "logs").mkdir()
+        (tmp / "nginx.conf").write_text(
+            "pid nginx.pid;\nerror_log logs/error.log;\nevents {}\nhttp {\n"
+            "  access_log off;\n  client_body_temp_path tmp;\n  proxy_temp_path tmp;\n"
+            + render(CONF.read_text(), port, upstreams)
+            + "\n}\n"
+        )
+        (tmp / "tmp").mkdir()
+        nginx = subprocess.Popen(
+            [binary, "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL,  # it logs to logs/error.log
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("nginx did not start: " + (tmp / "logs" / "error.log").read_text())
+        yield url, replicas, auth
+    finally:
+        if nginx is not None:
+            nginx.terminate()
+            nginx.wait(timeout=10)
+        for replica in replicas:
+            replica.stop()
+        _drop_pg_database(database_url)
+
+
+def loopback() -> str:
+    """A loopback address of its own: Redis outlives a run, and so do its counts per address."""
+    second, third, fourth = (
+        secrets.randbelow(200) + 20,
+        *(secrets.randbelow(250) + 1 for _ in "ab"),
+    )
+    return f"127.{second}.{third}.{fourth}"
+
+
+def client_from(address: str, url: str) -> httpx.Client:
+    """A client whose connections come from another loopback address (as another host would)."""
+    return httpx.Client(
+        base_url=url, transport=httpx.HTTPTransport(local_address=address), timeout=30
+    )
+
+
+def test_requests_through_nginx_reach_both_replicas(
+    balanced: tuple[str, list[RunningServer], tuple[str, str]],
+) -> None:
+    url, replicas, auth = balanced
+    with client_from(loopback(), url) as http:
+        for _ in range(IP_LIMIT):
+            issued = http.post(
+                "/oauth2/token", data={"grant_type": "client_credentials"}, auth=auth
+            )
+            assert issued.status_code == 200, issued.text
+    served = [replica.log().count('"token.issued"') for replica in replicas]
+    assert all(count >= 1 for count in served), served  # round robin: both took a share
+
+
+def test_a_forged_forwarded_for_does_not_escape_the_limit_behind_nginx(
+    balanced: tuple[str, list[RunningServer], tuple[str, str]],
+) -> None:
+    url, _, auth = balanced
+    with client_from(loopback(), url) as http:
+        statuses = [
+            http.post(
+                "/oauth2/token",
+                data={"grant_type": "client_credentials"},
+                auth=auth,
+                headers={"X-Forwarded-For": f"203.0.113.{n}"},  # a new "address" every time
+            ).status_code
+            for n in range(IP_LIMIT + 2)
+        ]
+    # Counted by the client's own address (nginx's view of its peer), whichever replica answered.
+    assert statuses == [200] * IP_LIMIT + [429, 429], statuses
+    with client_from(loopback(), url) as other:  # another client keeps its own budget
+        fine = other.post("/oauth2/token", data={"grant_type": "client_credentials"}, auth=auth)
+        assert fine.status_code == 200
+
+
+def test_metrics_are_not_exposed_through_the_load_balancer(
+    balanced: tuple[str, list[RunningServer], tuple[str, str]],
+) -> None:
+    url, replicas, _ = balanced
+    assert httpx.get(url + "/metrics", timeout=10).status_code == 404
+    assert httpx.get(replicas[0].url + "/metrics", timeout=10).status_code == 200

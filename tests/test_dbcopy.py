@@ -1,0 +1,127 @@
+"""Moving a SQLite deployment to PostgreSQL: ``migrate``, then ``copy-from``.
+
+A server on SQLite signs people in; its database is copied into a freshly migrated PostgreSQL
+one with the real CLI; a server on PostgreSQL then finds every user and client (secrets
+included) and accepts every live refresh token, while a revoked one stays revoked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server import manage
+from server.config import Settings
+from server.deps import AppState
+from server.main import create_app
+from tests.acceptance.conftest import cli, server_env
+from tests.conftest import _drop_pg_database, _new_pg_database, make_settings, migrate
+
+pytestmark = pytest.mark.feature("sqlite-to-postgres", "sqlite-backend", "postgres-backend")
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def empty_pg() -> Iterator[str]:
+    url = _new_pg_database()
+    try:
+        yield url
+    finally:
+        _drop_pg_database(url)
+
+
+async def _populate(settings: Settings) -> dict[str, str]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        state: AppState = app.state.auth
+        async with state.db.sessions() as db:
+            created = await manage.create_client(
+                db, client_id="app", grants=["password", "refresh_token", "client_credentials"]
+            )
+            for name in ("ann", "bob", "cat"):
+                await manage.create_user(db, state.passwords, username=name, password=PASSWORD)
+            await db.commit()
+        assert created.secret is not None
+        auth = ("app", created.secret)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            tokens = {}
+            for name in ("ann", "bob"):
+                response = await http.post(
+                    "/oauth2/token",
+                    data={"grant_type": "password", "username": name, "password": PASSWORD},
+                    auth=auth,
+                )
+                tokens[name] = response.json()["refresh_token"]
+            revoked = await http.post("/oauth2/revoke", data={"token": tokens["bob"]}, auth=auth)
+            assert revoked.status_code == 200
+        return {"secret": created.secret, **tokens}
+
+
+async def _check(settings: Settings, saved: dict[str, str]) -> None:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        state: AppState = app.state.auth
+        async with state.db.sessions() as db:
+            assert sorted(u.username for u in await manage.list_users(db)) == ["ann", "bob", "cat"]
+        auth = ("app", saved["secret"])
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            issued = await http.post(
+                "/oauth2/token", data={"grant_type": "client_credentials"}, auth=auth
+            )
+            assert issued.status_code == 200, issued.text  # the secret's hash came along
+            live = await http.post(
+                "/oauth2/token",
+                data={"grant_type": "refresh_token", "refresh_token": saved["ann"]},
+                auth=auth,
+            )
+            assert live.status_code == 200, live.text  # a live sign-in keeps working
+            dead = await http.post(
+                "/oauth2/token",
+                data={"grant_type": "refresh_token", "refresh_token": saved["bob"]},
+                auth=auth,
+            )
+            assert dead.status_code == 400  # and a revoked one stays revoked
+            signed_in = await http.post(
+                "/oauth2/token",
+                data={"grant_type": "password", "username": "cat", "password": PASSWORD},
+                auth=auth,
+            )
+            assert signed_in.status_code == 200  # password hashes came along
+
+
+def test_a_sqlite_deployment_moves_to_postgresql(
+    tmp_path: Path, keys_dir: Path, empty_pg: str
+) -> None:
+    sqlite_url = f"sqlite+aiosqlite:///{tmp_path / 'auth.db'}"
+    migrate(sqlite_url)
+    saved = asyncio.run(_populate(make_settings(sqlite_url, keys_dir)))
+
+    env = server_env(empty_pg, keys_dir, "http://127.0.0.1:8000")
+    assert cli(env, "migrate").returncode == 0
+    copied = cli(env, "copy-from", sqlite_url)
+    assert copied.returncode == 0, copied.stderr
+    lines = dict(line.split(": ") for line in copied.stdout.splitlines())
+    assert lines["users"] == "3"
+    assert lines["clients"] == "1"
+    assert lines["refresh_tokens"] == "2"
+
+    asyncio.run(_check(make_settings(empty_pg, keys_dir), saved))
+
+    again = cli(env, "copy-from", sqlite_url)  # never into a database that has rows
+    assert again.returncode == 1
+    assert "the target database is not empty (clients holds 1 row)" in again.stderr
+
+
+def test_copy_refuses_a_source_that_is_not_migrated(tmp_path: Path, keys_dir: Path) -> None:
+    target = f"sqlite+aiosqlite:///{tmp_path / 'target.db'}"
+    migrate(target)
+    env = server_env(target, keys_dir, "http://127.0.0.1:8000")
+    result = cli(env, "copy-from", f"sqlite+aiosqlite:///{tmp_path / 'nothing.db'}")
+    assert result.returncode == 1
+    assert "run `python -m server migrate`" in result.stderr
