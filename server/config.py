@@ -105,6 +105,8 @@ class Settings(BaseSettings):
     #: Seconds a SQLite writer waits for the database lock before the request gets a 503.
     sqlite_busy_timeout: float = Field(default=10.0, gt=0)
     log_level: str = "info"
+    #: ``/openapi.json`` and ``/docs``: on by default except in production.
+    api_docs: bool | None = None
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod
@@ -144,6 +146,10 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_issuer(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @property
+    def docs_enabled(self) -> bool:
+        return self.env is not Env.production if self.api_docs is None else self.api_docs
 
     @property
     def audience(self) -> str:

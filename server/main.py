@@ -10,12 +10,15 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 
+from .api.account import router as account_router
+from .api.auth import ApiError
 from .breaker import DatabaseUnavailable
 from .config import Env, Settings
 from .db import Database, assert_schema_at_head, create_engine, is_unavailable
@@ -89,19 +92,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="Token server",
+        summary="JSON APIs of the token server (the OAuth endpoints are described by discovery)",
+        version="1",
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,
+        openapi_url="/openapi.json" if settings.docs_enabled else None,
     )
     app.add_middleware(JwksMiddleware)  # innermost of ours: inside metrics, ids, headers
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(MetricsMiddleware)
-    app.include_router(oauth_router)
-    app.include_router(authorize_router)
-    app.include_router(pages_router)
-    app.include_router(metrics_router)
+    # The schema describes the JSON APIs; OAuth endpoints are described by discovery (RFC 8414).
+    app.include_router(oauth_router, include_in_schema=False)
+    app.include_router(authorize_router, include_in_schema=False)
+    app.include_router(pages_router, include_in_schema=False)
+    app.include_router(metrics_router, include_in_schema=False)
+    app.include_router(account_router)
+    if settings.docs_enabled:
+        _add_docs(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     _add_health(app)
     _add_error_handlers(app)
@@ -109,11 +118,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _add_health(app: FastAPI) -> None:
-    @app.get("/healthz")
+    @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", include_in_schema=False)
     async def readyz(state: StateDep) -> Response:
         problems: list[str] = []
         try:
@@ -134,7 +143,29 @@ def _add_health(app: FastAPI) -> None:
         return JSONResponse({"status": "ready"})
 
 
+#: Swagger UI loads its script and style from jsDelivr and starts with one inline script.
+DOCS_CSP = (
+    "default-src 'none'; script-src https://cdn.jsdelivr.net 'unsafe-inline'; "
+    "style-src https://cdn.jsdelivr.net; img-src 'self' data: https://fastapi.tiangolo.com; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+
+
+def _add_docs(app: FastAPI) -> None:
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        page = get_swagger_ui_html(openapi_url="/openapi.json", title="Token server API")
+        page.headers["Content-Security-Policy"] = DOCS_CSP
+        return page
+
+
 def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> Response:
+        return JSONResponse(
+            error_body(exc.detail, exc.error_code), status_code=exc.status, headers=exc.headers
+        )
+
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
@@ -145,7 +176,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> Response:
         # Field locations and messages only: never echo the submitted values back.
-        detail = [{"loc": list(err["loc"]), "msg": err["msg"]} for err in exc.errors()]
+        detail = [
+            {"loc": list(err["loc"]), "msg": err["msg"], "type": err["type"]}
+            for err in exc.errors()
+        ]
         return JSONResponse(error_body(detail, "validation_error"), status_code=422)
 
     async def unexpected(_: Request, exc: Exception) -> Response:

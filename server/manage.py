@@ -28,12 +28,19 @@ SUPPORTED_GRANTS = ("password", "refresh_token", "client_credentials", "authoriz
 CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._~-]{1,100}$")
 USERNAME_RE = re.compile(r"^[\w.@+-]{1,150}$")
 SCOPE_TOKEN_RE = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]{1,64}$")  # RFC 6749 §3.3 scope-token
-EMAIL_RE = re.compile(r"^[^@\s\x00-\x1f]{1,64}@[^@\s\x00-\x1f]{1,189}\.[^@\s\x00-\x1f]{1,63}$")
+#: Spelled without ``\s``: the same pattern is published in the OpenAPI schema, and ECMAScript's
+#: ``\s`` (what schema tools use) and Python's differ on characters such as U+0085.
+_EMAIL_CHAR = r"[^@ \t\n\r\f\v\x00-\x1f\x7f-\x9f]"
+EMAIL_RE = re.compile(rf"^{_EMAIL_CHAR}{{1,64}}@{_EMAIL_CHAR}{{1,189}}\.{_EMAIL_CHAR}{{1,63}}$")
 SECRET_BYTES = 32  # 256 bits
 
 
 class ManageError(ValueError):
     """An operator mistake; the message is one line meant for the operator."""
+
+
+class AlreadyExistsError(ManageError):
+    """The username or client id is taken (the JSON APIs answer 409)."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,7 @@ async def create_client(
     if "authorization_code" in grants and not uris:
         raise ManageError("the authorization_code grant needs at least one --redirect-uri")
     if await db.get(Client, client_id) is not None:
-        raise ManageError(f"client {client_id!r} already exists")
+        raise AlreadyExistsError(f"client {client_id!r} already exists")
     secret = None if public else new_secret()
     client = Client(
         client_id=client_id,
@@ -172,7 +179,7 @@ async def create_user(
         raise ManageError(str(exc)) from None
     key = normalize_username(username)
     if await db.scalar(select(User.id).where(User.username_key == key)) is not None:
-        raise ManageError(f"user {username!r} already exists")
+        raise AlreadyExistsError(f"user {username!r} already exists")
     user = User(
         username=username,
         username_key=key,

@@ -12,7 +12,18 @@ import hmac
 import time
 import uuid
 
-from sqlalchemy import BigInteger, Boolean, ColumnElement, ForeignKey, String, Text, Update, update
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ColumnElement,
+    ForeignKey,
+    Select,
+    String,
+    Text,
+    Update,
+    select,
+    update,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -155,6 +166,20 @@ class RefreshFamily(Base):
     #: out ends this family too.
     browser_session_id: Mapped[str | None] = mapped_column(
         ForeignKey("browser_sessions.id", ondelete="SET NULL"), default=None, index=True
+    )
+
+
+def live_families(user_id: str, at: int) -> Select[RefreshFamily, str]:
+    """A person's live sign-ins with their client's name, most recently used first."""
+    return (
+        select(RefreshFamily, Client.name)
+        .join(Client, Client.client_id == RefreshFamily.client_id)
+        .where(
+            RefreshFamily.user_id == user_id,
+            RefreshFamily.revoked_at.is_(None),
+            RefreshFamily.expires_at > at,
+        )
+        .order_by(RefreshFamily.last_used_at.desc(), RefreshFamily.id)
     )
 
 

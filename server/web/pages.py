@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from .. import manage
 from ..deps import AppState, StateDep
-from ..models import Client, RefreshFamily, User, now, revoke_families
+from ..models import Client, RefreshFamily, User, live_families, now, revoke_families
 from ..observability import audit
 from ..passwords import normalize_username
 from ..tokens import decode_id_token_hint
@@ -353,16 +353,7 @@ async def logout(request: Request, state: StateDep) -> Response:
 
 
 async def _sessions(db: AsyncSession, who: SignedIn) -> list[dict[str, Any]]:
-    rows = await db.execute(
-        select(RefreshFamily, Client.name)
-        .join(Client, Client.client_id == RefreshFamily.client_id)
-        .where(
-            RefreshFamily.user_id == who.user.id,
-            RefreshFamily.revoked_at.is_(None),
-            RefreshFamily.expires_at > now(),
-        )
-        .order_by(RefreshFamily.last_used_at.desc())
-    )
+    rows = await db.execute(live_families(who.user.id, now()))
     return [
         {
             "id": family.id,

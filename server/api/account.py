@@ -1,0 +1,236 @@
+"""The account API for first-party apps: the signed-in person and their sign-ins (/api/v1).
+
+Each sign-in (a refresh-token family) is listed and can be ended, as on the /account page.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import IntegrityError
+
+from .. import manage
+from ..deps import StateDep
+from ..models import RefreshFamily, User, live_families, now, revoke_families
+from ..observability import audit
+from ..passwords import normalize_username
+from .auth import ApiError, CallerDep
+
+router = APIRouter(prefix="/api/v1", tags=["account"])
+
+
+class Me(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    username: str
+    email: str | None
+    name: str | None
+
+
+class NewUser(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: Letters, digits and ``. @ + - _`` (400 ``invalid_user``): not a schema pattern, because
+    #: ``\w`` means ASCII letters to schema tools and every script's letters here.
+    username: str = Field(min_length=1, max_length=150)
+    password: str = Field(min_length=1, max_length=4096)
+    email: str | None = Field(default=None, max_length=254, pattern=manage.EMAIL_RE.pattern)
+    name: str | None = Field(default=None, max_length=200)
+
+
+class ProfileChange(BaseModel):
+    """Only the fields sent change; ``null`` clears one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    email: str | None = Field(default=None, max_length=254, pattern=manage.EMAIL_RE.pattern)
+    name: str | None = Field(default=None, max_length=200)
+
+
+class PasswordChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    current_password: str = Field(min_length=1, max_length=4096)
+    new_password: str = Field(min_length=1, max_length=4096)
+
+
+class Session(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    client_id: str
+    client_name: str
+    scope: str
+    created_at: int
+    last_used_at: int
+    expires_at: int
+    #: The sign-in that issued the token making this request.
+    current: bool
+
+
+class Sessions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sessions: list[Session]
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "No token, or an invalid, expired or revoked one (`invalid_token`)"},
+    403: {"description": "A token without a person behind it (`insufficient_scope`)"},
+}
+
+
+def _me(user: User) -> Me:
+    return Me(id=user.id, username=user.username, email=user.email, name=user.name)
+
+
+@router.post(
+    "/users",
+    status_code=201,
+    responses={
+        400: {"description": "`invalid_user` or `weak_password`"},
+        403: {"description": "Registration is switched off (`registration_disabled`)"},
+        409: {"description": "The username is taken (`username_taken`)"},
+        429: {"description": "Too many sign-ups from this address (`rate_limited`)"},
+    },
+)
+async def register(new: NewUser, request: Request, state: StateDep) -> Me:
+    """Self-registration, with the sign-up page's password policy and its switch."""
+    if not state.settings.registration_enabled:
+        raise ApiError(403, "registration_disabled", "Registration is switched off.")
+    limiter = state.limiter
+    verdict = await limiter.hit([(limiter.login_ip, "register-ip", limiter.client_ip(request))])
+    if not verdict.allowed:
+        retry = str(verdict.retry_after)
+        raise ApiError(
+            429, "rate_limited", f"Too many requests; retry in {retry} s.", {"Retry-After": retry}
+        )
+    async with state.db.session() as db:
+        try:
+            user = await manage.create_user(
+                db,
+                state.passwords,
+                username=new.username,
+                password=new.password,
+                email=new.email,
+                name=new.name,
+            )
+            await db.commit()
+        except manage.AlreadyExistsError:
+            raise ApiError(409, "username_taken", "That username is taken.") from None
+        except IntegrityError:  # a simultaneous sign-up with the same name won the insert
+            raise ApiError(409, "username_taken", "That username is taken.") from None
+        except manage.ManageError as error:
+            code = "weak_password" if "password" in str(error) else "invalid_user"
+            raise ApiError(400, code, str(error)) from None
+    return _me(user)
+
+
+@router.get("/me", responses=ERRORS)
+async def me(caller: CallerDep) -> Me:
+    return _me(caller.user)
+
+
+@router.patch("/me", responses=ERRORS)
+async def change_profile(change: ProfileChange, caller: CallerDep, state: StateDep) -> Me:
+    fields = change.model_dump(exclude_unset=True)
+    async with state.db.session() as db:
+        user = await db.get(User, caller.user.id)
+        assert user is not None  # the caller was loaded a moment ago; users are never deleted
+        for field, value in fields.items():
+            setattr(user, field, value or None)
+        await db.commit()
+    audit("user.profile_changed", user_id=user.id, fields=sorted(fields))
+    return _me(user)
+
+
+@router.post(
+    "/me/password",
+    status_code=204,
+    responses={
+        **ERRORS,
+        400: {"description": "`wrong_password` (the current one) or `weak_password`"},
+    },
+)
+async def change_password(
+    change: PasswordChange, request: Request, caller: CallerDep, state: StateDep
+) -> Response:
+    """Needs the current password; ends every other sign-in of the person (SPEC: a password
+    change kills the families), keeping the one making the request."""
+    limiter = state.limiter
+    account = normalize_username(caller.user.username)
+    ip = limiter.client_ip(request)
+    if await limiter.throttled(account, ip):
+        raise ApiError(400, "wrong_password", "The current password is not correct.")
+    result = await state.passwords.verify_async(caller.user.password_hash, change.current_password)
+    if not result.ok:
+        await limiter.failed(account, ip)
+        raise ApiError(400, "wrong_password", "The current password is not correct.")
+    try:
+        state.passwords.check_policy(change.new_password, username=caller.user.username)
+    except ValueError as exc:
+        raise ApiError(400, "weak_password", str(exc)) from None
+    new_hash = await state.passwords.hash_async(change.new_password)
+    async with state.db.session() as db:
+        user = await db.get(User, caller.user.id)
+        assert user is not None
+        user.password_hash = new_hash
+        user.password_changed_at = now()
+        ended = await db.execute(
+            revoke_families(
+                RefreshFamily.user_id == user.id,
+                RefreshFamily.id != caller.family_id,
+                at=now(),
+                reason="password_changed",
+            )
+        )
+        await db.commit()
+    audit("user.password_changed", user_id=user.id, families_revoked=ended.rowcount, via="api")  # type: ignore[attr-defined]
+    return Response(status_code=204)
+
+
+@router.get("/me/sessions", responses=ERRORS)
+async def my_sessions(caller: CallerDep, state: StateDep) -> Sessions:
+    async with state.db.session() as db:
+        families = list(await db.execute(live_families(caller.user.id, now())))
+    return Sessions(
+        sessions=[
+            Session(
+                id=family.id,
+                client_id=family.client_id,
+                client_name=name,
+                scope=family.scope,
+                created_at=family.created_at,
+                last_used_at=family.last_used_at,
+                expires_at=family.expires_at,
+                current=family.id == caller.family_id,
+            )
+            for family, name in families
+        ]
+    )
+
+
+@router.delete(
+    "/me/sessions/{session_id}",
+    status_code=204,
+    responses={**ERRORS, 404: {"description": "No such live sign-in of yours (`not_found`)"}},
+)
+async def end_session(session_id: str, caller: CallerDep, state: StateDep) -> Response:
+    """End one sign-in: its refresh token and every access token it issued stop working."""
+    async with state.db.session() as db:
+        result = await db.execute(
+            revoke_families(
+                RefreshFamily.id == session_id,
+                RefreshFamily.user_id == caller.user.id,  # only the person's own sign-ins
+                at=now(),
+                reason="signed_out",
+            )
+        )
+        await db.commit()
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise ApiError(404, "not_found", "No such live sign-in of yours.")
+    audit("session.revoked", family_id=session_id, user_id=caller.user.id, via="api")
+    return Response(status_code=204)
