@@ -43,6 +43,10 @@ class AlreadyExistsError(ManageError):
     """The username or client id is taken (the JSON APIs answer 409)."""
 
 
+class PasswordPolicyError(ManageError):
+    """The password policy refused the password (the JSON APIs answer 400 weak_password)."""
+
+
 @dataclass(frozen=True)
 class NewClient:
     client: Client
@@ -176,7 +180,7 @@ async def create_user(
     try:
         passwords.check_policy(password, username=username)
     except ValueError as exc:
-        raise ManageError(str(exc)) from None
+        raise PasswordPolicyError(str(exc)) from None
     key = normalize_username(username)
     if await db.scalar(select(User.id).where(User.username_key == key)) is not None:
         raise AlreadyExistsError(f"user {username!r} already exists")
@@ -227,7 +231,7 @@ async def set_password(db: AsyncSession, passwords: Passwords, username: str, pa
     try:
         passwords.check_policy(password, username=user.username)
     except ValueError as exc:
-        raise ManageError(str(exc)) from None
+        raise PasswordPolicyError(str(exc)) from None
     user.password_hash = await passwords.hash_async(password)
     user.password_changed_at = now()
     revoked = await revoke_user_families(db, user.id, reason="password_changed")

@@ -123,9 +123,10 @@ async def register(new: NewUser, request: Request, state: StateDep) -> Me:
             raise ApiError(409, "username_taken", "That username is taken.") from None
         except IntegrityError:  # a simultaneous sign-up with the same name won the insert
             raise ApiError(409, "username_taken", "That username is taken.") from None
+        except manage.PasswordPolicyError as error:
+            raise ApiError(400, "weak_password", str(error)) from None
         except manage.ManageError as error:
-            code = "weak_password" if "password" in str(error) else "invalid_user"
-            raise ApiError(400, code, str(error)) from None
+            raise ApiError(400, "invalid_user", str(error)) from None
     return _me(user)
 
 

@@ -89,3 +89,23 @@ async def test_discovery_lists_what_is_supported(client: httpx.AsyncClient, path
     )
     assert doc["authorization_response_iss_parameter_supported"] is True
     assert "public" in response.headers["cache-control"]
+
+
+@pytest.mark.feature("jwks-endpoint")
+async def test_jwks_answers_head_and_refuses_other_methods(client: httpx.AsyncClient) -> None:
+    """The JWKS is served before FastAPI's router (server/jwks.py): HEAD and 405 too."""
+    full = await client.get("/.well-known/jwks.json")
+    head = await client.head("/.well-known/jwks.json")
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-length"] == str(len(full.content))
+    assert head.headers["etag"] == full.headers["etag"]
+    posted = await client.post("/.well-known/jwks.json")
+    assert posted.status_code == 405
+    assert posted.headers["allow"] == "GET, HEAD"
+    assert posted.json() == {"detail": "Method Not Allowed", "error_code": "method_not_allowed"}
+    # Like every route: security headers and a request id are added on the way out.
+    assert head.headers["x-content-type-options"] == "nosniff"
+    assert "x-request-id" in posted.headers
+    scraped = (await client.get("/metrics")).text
+    assert 'route="/.well-known/jwks.json"' in scraped  # counted under its template
