@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -29,7 +29,6 @@ from .db import (
     session_factory,
 )
 from .keys import KeyStore, KeysUnavailableError, RotationTooSoonError
-from .models import Client, User
 from .observability import audit, configure_logging
 from .passwords import Passwords
 
@@ -68,32 +67,6 @@ def _read_password() -> str:
 
 def _when(stamp: int | None) -> str:
     return "-" if stamp is None else time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(stamp))
-
-
-def _client_dict(client: Client) -> dict[str, Any]:
-    return {
-        "client_id": client.client_id,
-        "name": client.name,
-        "public": client.is_public,
-        "admin": client.is_admin,
-        "resource_server": client.is_resource_server,
-        "first_party": client.is_first_party,
-        "grant_types": client.grant_type_list,
-        "scope": client.scope,
-        "redirect_uris": client.redirect_uri_list,
-        "post_logout_redirect_uris": client.post_logout_redirect_uri_list,
-        "created_at": client.created_at,
-    }
-
-
-def _user_dict(user: User) -> dict[str, Any]:
-    return {
-        "id": user.id,
-        "username": user.username,
-        "email": user.email,
-        "disabled": user.disabled,
-        "created_at": user.created_at,
-    }
 
 
 # -- commands ------------------------------------------------------------------------
@@ -230,7 +203,9 @@ def cmd_clients(settings: Settings, args: argparse.Namespace) -> int:
             ),
         )
         if args.json:
-            print(json.dumps({**_client_dict(created.client), "client_secret": created.secret}))
+            print(
+                json.dumps({**manage.client_view(created.client), "client_secret": created.secret})
+            )
         else:
             print(f"created client {created.client.client_id}")
             if created.secret is not None:
@@ -240,14 +215,14 @@ def cmd_clients(settings: Settings, args: argparse.Namespace) -> int:
     if sub == "list":
         clients = _run_db(settings, manage.list_clients)
         if args.json:
-            print(json.dumps([_client_dict(c) for c in clients]))
+            print(json.dumps([manage.client_view(c) for c in clients]))
         for c in [] if args.json else clients:
             kind = "public" if c.is_public else "confidential"
             print(f"{c.client_id:<30} {kind:<12} {c.grant_types:<45} {c.scope}")
         return 0
     if sub == "show":
         client = _run_db(settings, lambda db: manage.get_client(db, args.client_id))
-        print(json.dumps(_client_dict(client), indent=2))
+        print(json.dumps(manage.client_view(client), indent=2))
         return 0
     if sub == "delete":
         _run_db(settings, lambda db: manage.delete_client(db, args.client_id))
@@ -279,7 +254,7 @@ def cmd_users(settings: Settings, args: argparse.Namespace) -> int:
             ),
         )
         print(
-            json.dumps(_user_dict(user))
+            json.dumps(manage.user_view(user))
             if args.json
             else f"created user {user.username} ({user.id})"
         )
@@ -287,7 +262,7 @@ def cmd_users(settings: Settings, args: argparse.Namespace) -> int:
     if sub == "list":
         users = _run_db(settings, manage.list_users)
         if args.json:
-            print(json.dumps([_user_dict(u) for u in users]))
+            print(json.dumps([manage.user_view(u) for u in users]))
         for u in [] if args.json else users:
             status = "disabled" if u.disabled else "active"
             print(f"{u.username:<30} {status:<9} {u.email or '-':<30} {u.id}")

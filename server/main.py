@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 
 from .api.account import router as account_router
+from .api.admin import router as admin_router
 from .api.auth import ApiError
 from .breaker import DatabaseUnavailable
 from .config import Env, Settings
@@ -109,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(pages_router, include_in_schema=False)
     app.include_router(metrics_router, include_in_schema=False)
     app.include_router(account_router)
+    app.include_router(admin_router)
     if settings.docs_enabled:
         _add_docs(app)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -162,12 +164,18 @@ def _add_docs(app: FastAPI) -> None:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> Response:
+        headers = {"Cache-Control": "no-store", **exc.headers}
         return JSONResponse(
-            error_body(exc.detail, exc.error_code), status_code=exc.status, headers=exc.headers
+            error_body(exc.detail, exc.error_code), status_code=exc.status, headers=headers
         )
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            # FastAPI's answer to a JSON body that is not UTF-8 (RFC 8259 §8.1): invalid JSON,
+            # so the same 422 as a syntax error, which every operation documents.
+            invalid = [{"loc": ["body"], "msg": "JSON decode error", "type": "json_invalid"}]
+            return JSONResponse(error_body(invalid, "validation_error"), status_code=422)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(
             error_body(exc.detail, code), status_code=exc.status_code, headers=exc.headers

@@ -1,15 +1,20 @@
-"""Operator actions on clients and users: what the CLI (and later the admin API) call.
+"""Operator actions on clients and users: what the CLI and the admin API call.
 
-Every function takes an open session and leaves committing to the caller.
+Every function takes an open session and leaves committing to the caller. Functions that
+change something emit an audit event; ``actor`` names the admin-API client acting (the CLI
+passes none: its operator is whoever ran it, in the shell's own history).
 """
 
 from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
 
-from sqlalchemy import delete, or_, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .models import (
@@ -33,6 +38,7 @@ SCOPE_TOKEN_RE = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]{1,64}$")  # RFC 6749 §3
 _EMAIL_CHAR = r"[^@ \t\n\r\f\v\x00-\x1f\x7f-\x9f]"
 EMAIL_RE = re.compile(rf"^{_EMAIL_CHAR}{{1,64}}@{_EMAIL_CHAR}{{1,189}}\.{_EMAIL_CHAR}{{1,63}}$")
 SECRET_BYTES = 32  # 256 bits
+MAX_URI_LENGTH = 2000
 
 
 class ManageError(ValueError):
@@ -47,6 +53,51 @@ class PasswordPolicyError(ManageError):
     """The password policy refused the password (the JSON APIs answer 400 weak_password)."""
 
 
+class RedirectUriError(ManageError):
+    """A redirect URI we will not register (the admin API answers 400 invalid_redirect_uri)."""
+
+
+class NotFoundError(ManageError):
+    """No such client or user (the JSON APIs answer 404)."""
+
+
+def _audit(event: str, actor: str | None, **fields: Any) -> None:
+    if actor is not None:
+        fields.update(actor_client_id=actor, via="admin_api")
+    audit(event, **fields)
+
+
+def client_view(client: Client) -> dict[str, Any]:
+    """A client as ``clients … --json`` prints it and the admin API answers it (member names
+    from RFC 7591 §2 client metadata where one exists); never a secret or its hash."""
+    return {
+        "client_id": client.client_id,
+        "name": client.name,
+        "public": client.is_public,
+        "admin": client.is_admin,
+        "resource_server": client.is_resource_server,
+        "first_party": client.is_first_party,
+        "grant_types": client.grant_type_list,
+        "scope": client.scope,
+        "redirect_uris": client.redirect_uri_list,
+        "post_logout_redirect_uris": client.post_logout_redirect_uri_list,
+        "created_at": client.created_at,
+    }
+
+
+def user_view(user: User) -> dict[str, Any]:
+    """A user as ``users … --json`` prints it and the admin API answers it; never the hash."""
+    return {
+        "id": user.id,
+        "username": user.username,
+        "email": user.email,
+        "name": user.name,
+        "disabled": user.disabled,
+        "created_at": user.created_at,
+        "password_changed_at": user.password_changed_at,
+    }
+
+
 @dataclass(frozen=True)
 class NewClient:
     client: Client
@@ -58,12 +109,53 @@ def new_secret() -> str:
     return secrets.token_urlsafe(SECRET_BYTES)
 
 
-def _check_redirect_uri(uri: str) -> str:
+def check_redirect_uri(uri: str, *, https_only: bool = False) -> str:
+    """An absolute URI, stored and later compared as the exact string (RFC 9700 §4.1.3): no
+    fragment (RFC 6749 §3.1.2), no spaces, no wildcard. ``https_only`` (production, through
+    the admin API) also refuses every other scheme."""
+    if len(uri) > MAX_URI_LENGTH:
+        raise RedirectUriError(f"a redirect URI is at most {MAX_URI_LENGTH} characters")
     if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^\s#]+$", uri) and not re.match(
         r"^[a-z][a-z0-9+.-]*\.[a-z0-9+.-]+:/[^\s#]*$", uri
     ):
-        raise ManageError(f"redirect URI {uri!r} must be absolute, without a fragment or spaces")
+        raise RedirectUriError(
+            f"redirect URI {uri!r} must be absolute, without a fragment or spaces"
+        )
+    if "*" in uri:
+        raise RedirectUriError(f"redirect URI {uri!r}: URIs are exact strings, not patterns")
+    if https_only:
+        parts = urlsplit(uri)
+        if parts.scheme != "https" or not parts.hostname:
+            raise RedirectUriError(f"redirect URI {uri!r} must be https in production")
     return uri
+
+
+def _checked_grants(grants: Sequence[str], *, public: bool) -> list[str]:
+    unknown = [g for g in grants if g not in SUPPORTED_GRANTS]
+    if unknown:
+        raise ManageError(
+            f"unsupported grant {unknown[0]!r}; choose from {', '.join(SUPPORTED_GRANTS)}"
+        )
+    if public and "client_credentials" in grants:
+        raise ManageError("a public client cannot use client_credentials (it has no secret)")
+    return list(dict.fromkeys(grants))
+
+
+def _checked_scopes(scopes: Sequence[str], *, admin: bool) -> list[str]:
+    bad = [s for s in scopes if not SCOPE_TOKEN_RE.match(s)]
+    if bad:
+        raise ManageError(f"invalid scope token {bad[0]!r}")
+    if "admin" in scopes and not admin:
+        raise ManageError("only an --admin client may be given the admin scope")
+    result = list(dict.fromkeys(scopes))
+    if admin and "admin" not in result:
+        result.append("admin")
+    return result
+
+
+def _check_redirect_needs(grants: Sequence[str], uris: Sequence[str]) -> None:
+    if "authorization_code" in grants and not uris:
+        raise ManageError("the authorization_code grant needs at least one --redirect-uri")
 
 
 async def create_client(
@@ -79,6 +171,8 @@ async def create_client(
     name: str = "",
     first_party: bool = False,
     post_logout_redirect_uris: list[str] | None = None,
+    https_only: bool = False,
+    actor: str | None = None,
 ) -> NewClient:
     if not CLIENT_ID_RE.match(client_id):
         raise ManageError("client id must be 1-100 characters of A-Z a-z 0-9 . _ ~ -")
@@ -91,25 +185,13 @@ async def create_client(
             if resource_server
             else ["password", "refresh_token"] + ([] if public else ["client_credentials"])
         )
-    unknown = [g for g in grants if g not in SUPPORTED_GRANTS]
-    if unknown:
-        raise ManageError(
-            f"unsupported grant {unknown[0]!r}; choose from {', '.join(SUPPORTED_GRANTS)}"
-        )
-    if public and "client_credentials" in grants:
-        raise ManageError("a public client cannot use client_credentials (it has no secret)")
-    scopes = scope.split()
-    bad = [s for s in scopes if not SCOPE_TOKEN_RE.match(s)]
-    if bad:
-        raise ManageError(f"invalid scope token {bad[0]!r}")
-    if "admin" in scopes and not admin:
-        raise ManageError("only an --admin client may be given the admin scope")
-    if admin and "admin" not in scopes:
-        scopes.append("admin")
-    uris = [_check_redirect_uri(uri) for uri in redirect_uris or []]
-    logout_uris = [_check_redirect_uri(uri) for uri in post_logout_redirect_uris or []]
-    if "authorization_code" in grants and not uris:
-        raise ManageError("the authorization_code grant needs at least one --redirect-uri")
+    grants = _checked_grants(grants, public=public)
+    scopes = _checked_scopes(scope.split(), admin=admin)
+    uris = [check_redirect_uri(uri, https_only=https_only) for uri in redirect_uris or []]
+    logout_uris = [
+        check_redirect_uri(uri, https_only=https_only) for uri in post_logout_redirect_uris or []
+    ]
+    _check_redirect_needs(grants, uris)
     if await db.get(Client, client_id) is not None:
         raise AlreadyExistsError(f"client {client_id!r} already exists")
     secret = None if public else new_secret()
@@ -119,16 +201,17 @@ async def create_client(
         secret_hash=None if secret is None else sha256_hex(secret),
         is_admin=admin,
         is_resource_server=resource_server,
-        grant_types=" ".join(dict.fromkeys(grants)),
-        scope=" ".join(dict.fromkeys(scopes)),
+        grant_types=" ".join(grants),
+        scope=" ".join(scopes),
         redirect_uris=" ".join(uris),
         is_first_party=first_party,
         post_logout_redirect_uris=" ".join(logout_uris),
     )
     db.add(client)
     await db.flush()
-    audit(
+    _audit(
         "client.created",
+        actor,
         client_id=client_id,
         public=public,
         admin=admin,
@@ -140,7 +223,7 @@ async def create_client(
 async def get_client(db: AsyncSession, client_id: str) -> Client:
     client = await db.get(Client, client_id)
     if client is None:
-        raise ManageError(f"no client {client_id!r}")
+        raise NotFoundError(f"no client {client_id!r}")
     return client
 
 
@@ -148,19 +231,75 @@ async def list_clients(db: AsyncSession) -> list[Client]:
     return list(await db.scalars(select(Client).order_by(Client.client_id)))
 
 
-async def delete_client(db: AsyncSession, client_id: str) -> None:
+async def page_clients(db: AsyncSession, *, after: str | None, limit: int) -> list[Client]:
+    """Up to ``limit`` clients by ``client_id``, after ``after`` (keyset pagination)."""
+    query = select(Client).order_by(Client.client_id).limit(limit)
+    if after is not None:
+        query = query.where(Client.client_id > after)
+    return list(await db.scalars(query))
+
+
+#: What ``update_client`` may change: everything but identity, secret and the admin and
+#: resource-server roles (which decide what the client may do to others: set at creation).
+CLIENT_CHANGES = frozenset(
+    {"name", "grant_types", "scope", "redirect_uris", "post_logout_redirect_uris", "first_party"}
+)
+
+
+async def update_client(
+    db: AsyncSession,
+    client_id: str,
+    changes: dict[str, Any],
+    *,
+    https_only: bool = False,
+    actor: str | None = None,
+) -> Client:
+    """Change the fields in ``changes`` (keys from ``CLIENT_CHANGES``), checked as at creation
+    against the client's resulting registration."""
+    unknown = set(changes) - CLIENT_CHANGES
+    if unknown:
+        raise ManageError(f"cannot change {sorted(unknown)[0]!r}")
+    client = await get_client(db, client_id)
+    grants = _checked_grants(
+        changes.get("grant_types", client.grant_type_list), public=client.is_public
+    )
+    scopes = _checked_scopes(changes.get("scope", client.scope).split(), admin=client.is_admin)
+    uris = [
+        check_redirect_uri(uri, https_only=https_only)
+        for uri in changes.get("redirect_uris", client.redirect_uri_list)
+    ]
+    logout_uris = [
+        check_redirect_uri(uri, https_only=https_only)
+        for uri in changes.get("post_logout_redirect_uris", client.post_logout_redirect_uri_list)
+    ]
+    _check_redirect_needs(grants, uris)
+    client.name = changes.get("name") or client.name
+    client.is_first_party = bool(changes.get("first_party", client.is_first_party))
+    client.grant_types = " ".join(grants)
+    client.scope = " ".join(scopes)
+    client.redirect_uris = " ".join(dict.fromkeys(uris))
+    client.post_logout_redirect_uris = " ".join(dict.fromkeys(logout_uris))
+    _audit("client.updated", actor, client_id=client_id, fields=sorted(changes))
+    return client
+
+
+async def delete_client(db: AsyncSession, client_id: str, *, actor: str | None = None) -> None:
+    """Delete the client; its sign-ins and codes go with it (ON DELETE CASCADE), and its
+    access tokens stop being live (introspection and the APIs look the client up)."""
     client = await get_client(db, client_id)
     await db.delete(client)
-    audit("client.deleted", client_id=client_id)
+    _audit("client.deleted", actor, client_id=client_id)
 
 
-async def rotate_client_secret(db: AsyncSession, client_id: str) -> str:
+async def rotate_client_secret(
+    db: AsyncSession, client_id: str, *, actor: str | None = None
+) -> str:
     client = await get_client(db, client_id)
     if client.is_public:
         raise ManageError(f"client {client_id!r} is public: it has no secret")
     secret = new_secret()
     client.secret_hash = sha256_hex(secret)
-    audit("client.secret_rotated", client_id=client_id)
+    _audit("client.secret_rotated", actor, client_id=client_id)
     return secret
 
 
@@ -172,6 +311,7 @@ async def create_user(
     password: str,
     email: str | None = None,
     name: str | None = None,
+    actor: str | None = None,
 ) -> User:
     if not USERNAME_RE.match(username):
         raise ManageError("username must be 1-150 letters, digits or . @ + - _")
@@ -193,19 +333,65 @@ async def create_user(
     )
     db.add(user)
     await db.flush()
-    audit("user.created", user_id=user.id)
+    _audit("user.created", actor, user_id=user.id)
     return user
 
 
 async def get_user(db: AsyncSession, username: str) -> User:
     user = await db.scalar(select(User).where(User.username_key == normalize_username(username)))
     if user is None:
-        raise ManageError(f"no user {username!r}")
+        raise NotFoundError(f"no user {username!r}")
+    return user
+
+
+async def get_user_by_id(db: AsyncSession, user_id: str) -> User:
+    user = await db.get(User, user_id)
+    if user is None:
+        raise NotFoundError(f"no user {user_id!r}")
     return user
 
 
 async def list_users(db: AsyncSession) -> list[User]:
     return list(await db.scalars(select(User).order_by(User.username_key)))
+
+
+async def page_users(
+    db: AsyncSession,
+    *,
+    after: str | None,
+    limit: int,
+    search: str | None = None,
+    disabled: bool | None = None,
+) -> list[User]:
+    """Up to ``limit`` users by normalised username, after ``after`` (keyset pagination).
+    ``search`` matches part of the username (compared normalised, as sign-in does) or of the
+    email address (case-insensitively); ``%`` and ``_`` in it are literal."""
+    query = select(User).order_by(User.username_key).limit(limit)
+    if after is not None:
+        query = query.where(User.username_key > after)
+    if search:
+        query = query.where(
+            or_(
+                User.username_key.contains(normalize_username(search), autoescape=True),
+                func.lower(User.email).contains(search.lower(), autoescape=True),
+            )
+        )
+    if disabled is not None:
+        query = query.where(User.disabled.is_(disabled))
+    return list(await db.scalars(query))
+
+
+async def end_sign_in(db: AsyncSession, user_id: str, family_id: str, *, reason: str) -> bool:
+    """End one live sign-in of ``user_id`` (never another person's); False if there is none."""
+    result = await db.execute(
+        revoke_families(
+            RefreshFamily.id == family_id,
+            RefreshFamily.user_id == user_id,
+            at=now(),
+            reason=reason,
+        )
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
 async def revoke_user_families(db: AsyncSession, user_id: str, *, reason: str) -> int:
@@ -216,18 +402,29 @@ async def revoke_user_families(db: AsyncSession, user_id: str, *, reason: str) -
     return count
 
 
-async def disable_user(db: AsyncSession, username: str) -> int:
-    """Disable the account and end every sign-in it has; returns the families revoked."""
-    user = await get_user(db, username)
+async def disable(db: AsyncSession, user: User, *, actor: str | None = None) -> int:
+    """Disable the account and end every sign-in it has; returns the families revoked.
+    Hosted-page sessions of a disabled person stop working too (they check the flag)."""
     user.disabled = True
     revoked = await revoke_user_families(db, user.id, reason="user_disabled")
-    audit("user.disabled", user_id=user.id, families_revoked=revoked)
+    _audit("user.disabled", actor, user_id=user.id, families_revoked=revoked)
     return revoked
 
 
-async def set_password(db: AsyncSession, passwords: Passwords, username: str, password: str) -> int:
+async def disable_user(db: AsyncSession, username: str) -> int:
+    return await disable(db, await get_user(db, username))
+
+
+async def enable(db: AsyncSession, user: User, *, actor: str | None = None) -> None:
+    """Let the person sign in again; the sign-ins ended by disabling stay ended."""
+    user.disabled = False
+    _audit("user.enabled", actor, user_id=user.id)
+
+
+async def reset_password(
+    db: AsyncSession, passwords: Passwords, user: User, password: str, *, actor: str | None = None
+) -> int:
     """Change the password and end every sign-in; returns the families revoked."""
-    user = await get_user(db, username)
     try:
         passwords.check_policy(password, username=user.username)
     except ValueError as exc:
@@ -235,8 +432,12 @@ async def set_password(db: AsyncSession, passwords: Passwords, username: str, pa
     user.password_hash = await passwords.hash_async(password)
     user.password_changed_at = now()
     revoked = await revoke_user_families(db, user.id, reason="password_changed")
-    audit("user.password_changed", user_id=user.id, families_revoked=revoked)
+    _audit("user.password_changed", actor, user_id=user.id, families_revoked=revoked)
     return revoked
+
+
+async def set_password(db: AsyncSession, passwords: Passwords, username: str, password: str) -> int:
+    return await reset_password(db, passwords, await get_user(db, username), password)
 
 
 @dataclass(frozen=True)

@@ -100,8 +100,13 @@ def test_memory_growth_between_passes_is_reported() -> None:
     assert verdicts["no memory growth between two identical passes"] is False
 
 
-def test_the_report_and_chart_are_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("wrk_installed", [True, False], ids=["wrk", "no-wrk"])
+def test_the_report_and_chart_are_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wrk_installed: bool
+) -> None:
     monkeypatch.setattr(report, "ARTIFACTS", tmp_path)
+    if not wrk_installed:  # the report names wrk's version; it must not need wrk to be written
+        monkeypatch.setenv("PATH", str(tmp_path))
     report.write(synthetic(jwks=9000), 300.0, Settings(_env_file=None))  # type: ignore[call-arg]
     markdown = (tmp_path / "benchmarks.md").read_text()
     assert "| JWKS ≥ 10,000/s | 9000/s | **no** |" in markdown

@@ -5,9 +5,9 @@ Each sign-in (a refresh-token family) is listed and can be ended, as on the /acc
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Self
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 
@@ -16,9 +16,9 @@ from ..deps import StateDep
 from ..models import RefreshFamily, User, live_families, now, revoke_families
 from ..observability import audit
 from ..passwords import normalize_username
-from .auth import ApiError, CallerDep
+from .auth import ApiError, CallerDep, no_store
 
-router = APIRouter(prefix="/api/v1", tags=["account"])
+router = APIRouter(prefix="/api/v1", tags=["account"], dependencies=[Depends(no_store)])
 
 
 class Me(BaseModel):
@@ -57,7 +57,9 @@ class PasswordChange(BaseModel):
     new_password: str = Field(min_length=1, max_length=4096)
 
 
-class Session(BaseModel):
+class UserSession(BaseModel):
+    """One sign-in: a refresh-token family, with the client it was made through."""
+
     model_config = ConfigDict(extra="forbid")
 
     id: str
@@ -67,6 +69,22 @@ class Session(BaseModel):
     created_at: int
     last_used_at: int
     expires_at: int
+
+    @classmethod
+    def of(cls, family: RefreshFamily, client_name: str, **extra: Any) -> Self:
+        return cls(
+            id=family.id,
+            client_id=family.client_id,
+            client_name=client_name,
+            scope=family.scope,
+            created_at=family.created_at,
+            last_used_at=family.last_used_at,
+            expires_at=family.expires_at,
+            **extra,
+        )
+
+
+class Session(UserSession):
     #: The sign-in that issued the token making this request.
     current: bool
 
@@ -76,6 +94,8 @@ class Sessions(BaseModel):
 
     sessions: list[Session]
 
+
+SessionId = Annotated[str, Path(min_length=1, max_length=64, description="A sign-in's id")]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "No token, or an invalid, expired or revoked one (`invalid_token`)"},
@@ -199,16 +219,7 @@ async def my_sessions(caller: CallerDep, state: StateDep) -> Sessions:
         families = list(await db.execute(live_families(caller.user.id, now())))
     return Sessions(
         sessions=[
-            Session(
-                id=family.id,
-                client_id=family.client_id,
-                client_name=name,
-                scope=family.scope,
-                created_at=family.created_at,
-                last_used_at=family.last_used_at,
-                expires_at=family.expires_at,
-                current=family.id == caller.family_id,
-            )
+            Session.of(family, name, current=family.id == caller.family_id)
             for family, name in families
         ]
     )
@@ -219,19 +230,17 @@ async def my_sessions(caller: CallerDep, state: StateDep) -> Sessions:
     status_code=204,
     responses={**ERRORS, 404: {"description": "No such live sign-in of yours (`not_found`)"}},
 )
-async def end_session(session_id: str, caller: CallerDep, state: StateDep) -> Response:
+async def end_session(
+    session_id: SessionId,
+    caller: CallerDep,
+    state: StateDep,
+) -> Response:
     """End one sign-in: its refresh token and every access token it issued stop working."""
     async with state.db.session() as db:
-        result = await db.execute(
-            revoke_families(
-                RefreshFamily.id == session_id,
-                RefreshFamily.user_id == caller.user.id,  # only the person's own sign-ins
-                at=now(),
-                reason="signed_out",
-            )
-        )
+        # Only the person's own sign-ins.
+        ended = await manage.end_sign_in(db, caller.user.id, session_id, reason="signed_out")
         await db.commit()
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    if not ended:
         raise ApiError(404, "not_found", "No such live sign-in of yours.")
     audit("session.revoked", family_id=session_id, user_id=caller.user.id, via="api")
     return Response(status_code=204)

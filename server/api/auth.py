@@ -1,11 +1,16 @@
-"""Protecting the JSON APIs with our own access tokens, as a resource server must.
+"""Protecting the JSON APIs (and /userinfo) with our own access tokens, as a resource server must.
 
-``current_user`` validates the bearer token exactly as introspection does (tokens.py: RFC 9068
-§4 signature with a published key, ``typ`` at+jwt, ``iss``, ``aud``, ``exp``; then the deny-list,
-the client and the family in the database) and injects the signed-in user. Errors follow
-RFC 6750 §3: 401 with ``WWW-Authenticate: Bearer`` (no error code when no token was sent,
-``error="invalid_token"`` otherwise) and 403 ``insufficient_scope``; the body is SPEC's
-``{"detail", "error_code"}``.
+``live_bearer`` validates a bearer token exactly as introspection does (tokens.py: RFC 9068 §4
+signature with a published key, ``typ`` at+jwt, ``iss``, ``aud``, ``exp``; then, in one
+transaction, the deny-list, the client and the family) and loads who is behind it. On top of it:
+
+- ``current_caller`` (``CallerDep``): a person's token; the account API.
+- ``ClientScope(scope)``: a client_credentials token carrying ``scope`` from a client still
+  allowed it; ``AdminDep`` is ``ClientScope("admin")``, the admin API.
+
+Errors follow RFC 6750 §3: 401 with ``WWW-Authenticate: Bearer`` (no error code when no token
+was sent, ``error="invalid_token"`` otherwise) and 403 ``insufficient_scope``; the body is
+SPEC's ``{"detail", "error_code"}``.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
+from sqlalchemy.orm import Session
 
 from ..deps import AppState, StateDep
-from ..models import User, now
+from ..models import Client, User, now
+from ..observability import audit
 from ..tokens import access_token_is_live, decode_access_token
 
 REALM = "api"
@@ -35,8 +42,11 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def _challenge(error: str | None = None, description: str = "", scope: str = "") -> dict[str, str]:
-    parts = [f'realm="{REALM}"']
+def challenge(
+    realm: str, error: str | None = None, description: str = "", scope: str = ""
+) -> dict[str, str]:
+    """The RFC 6750 §3 ``WWW-Authenticate`` header."""
+    parts = [f'realm="{realm}"']
     if error:
         parts.append(f'error="{error}"')
     if description:
@@ -47,6 +57,81 @@ def _challenge(error: str | None = None, description: str = "", scope: str = "")
 
 
 @dataclass(frozen=True)
+class Bearer:
+    """A live access token: its claims, its client and, for a user token, the person."""
+
+    claims: dict[str, Any]
+    client: Client
+    #: ``None`` for a client_credentials token (no ``auth_time``: nobody signed in).
+    user: User | None
+
+    @property
+    def scopes(self) -> frozenset[str]:
+        return frozenset(str(self.claims["scope"]).split())
+
+
+def bearer_token(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer`` header (RFC 6750 §2.1), if one was sent."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+async def live_bearer(state: AppState, token: str) -> Bearer | None:
+    """The token's claims and subjects if it is live now, else ``None`` (never raises on
+    hostile input). A user token of a disabled person is not live."""
+    claims = decode_access_token(
+        state.keys.keyset(),
+        token,
+        issuer=state.settings.issuer,
+        audience=state.settings.audience,
+        now=now(),
+    )
+    if claims is None:
+        return None
+
+    def load(db: Session) -> Bearer | None:
+        if not access_token_is_live(db, claims):
+            return None
+        client = db.get(Client, claims["client_id"])
+        assert client is not None  # access_token_is_live found it, in this same transaction
+        if "auth_time" not in claims:
+            return Bearer(claims, client, None)
+        user = db.get(User, claims["sub"])
+        return None if user is None or user.disabled else Bearer(claims, client, user)
+
+    async with state.db.session() as db:
+        return await db.run_sync(load)
+
+
+def _missing() -> ApiError:
+    # RFC 6750 §3.1: a request without credentials gets the challenge and no error code.
+    return ApiError(401, "missing_token", "A bearer access token is required.", challenge(REALM))
+
+
+def _invalid() -> ApiError:
+    description = "The access token is invalid, expired or revoked."
+    return ApiError(
+        401, "invalid_token", description, challenge(REALM, "invalid_token", description)
+    )
+
+
+def _insufficient(description: str, scope: str = "") -> ApiError:
+    headers = challenge(REALM, "insufficient_scope", description, scope)
+    return ApiError(403, "insufficient_scope", description, headers)
+
+
+async def _bearer(request: Request, state: AppState) -> Bearer:
+    token = bearer_token(request)
+    if token is None:
+        raise _missing()
+    bearer = await live_bearer(state, token)
+    if bearer is None:
+        raise _invalid()
+    return bearer
+
+
+@dataclass(frozen=True)
 class Caller:
     """The person behind a validated user access token, and what the token grants."""
 
@@ -54,51 +139,56 @@ class Caller:
     claims: dict[str, Any]
 
     @property
-    def scopes(self) -> frozenset[str]:
-        return frozenset(str(self.claims.get("scope", "")).split())
-
-    @property
     def family_id(self) -> str:
         return str(self.claims["sid"])
 
 
-async def _claims(request: Request, state: AppState) -> dict[str, Any]:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        # RFC 6750 §3.1: a request without credentials gets the challenge and no error code.
-        raise ApiError(401, "missing_token", "A bearer access token is required.", _challenge())
-    claims = decode_access_token(
-        state.keys.keyset(),
-        token.strip(),
-        issuer=state.settings.issuer,
-        audience=state.settings.audience,
-        now=now(),
-    )
-    if claims is None:
-        raise _invalid()
-    return claims
-
-
-def _invalid() -> ApiError:
-    description = "The access token is invalid, expired or revoked."
-    return ApiError(401, "invalid_token", description, _challenge("invalid_token", description))
-
-
 async def current_caller(request: Request, state: StateDep) -> Caller:
     """The signed-in person: a live user token (not a client_credentials one)."""
-    claims = await _claims(request, state)
-    if "auth_time" not in claims:
+    bearer = await _bearer(request, state)
+    if bearer.user is None:
         # A valid client_credentials token: no person behind it (RFC 6750 §3.1, 403).
-        description = "This API needs a token issued to a person, not to a client."
-        raise ApiError(
-            403, "insufficient_scope", description, _challenge("insufficient_scope", description)
+        raise _insufficient("This API needs a token issued to a person, not to a client.")
+    return Caller(bearer.user, bearer.claims)
+
+
+class ClientScope:
+    """Dependency: a live client_credentials token whose ``scope`` claim holds ``scope``, from
+    a client whose registration still allows it (a client stripped of ``admin`` since the
+    token was issued is refused at once). Yields the acting client. Refusals of a valid token
+    are audited: they are either a misconfigured client or someone probing."""
+
+    def __init__(self, scope: str) -> None:
+        self.scope = scope
+
+    async def __call__(self, request: Request, state: StateDep) -> Client:
+        bearer = await _bearer(request, state)
+        if bearer.user is not None:
+            reason = "user_token"
+            description = "This API needs a client_credentials token, not a person's token."
+        elif self.scope not in bearer.scopes:
+            reason = "scope_missing"
+            description = f"The token lacks the {self.scope} scope."
+        elif self.scope not in bearer.client.scope_list:
+            reason = "scope_withdrawn"
+            description = f"The client is no longer allowed the {self.scope} scope."
+        else:
+            return bearer.client
+        audit(
+            "api.access_denied",
+            client_id=bearer.client.client_id,
+            scope=self.scope,
+            reason=reason,
+            path=request.url.path,
         )
-    async with state.db.session() as db:
-        live = await db.run_sync(lambda session: access_token_is_live(session, claims))
-        user = await db.get(User, claims["sub"]) if live else None
-    if user is None or user.disabled:
-        raise _invalid()
-    return Caller(user, claims)
+        raise _insufficient(description, self.scope)
 
 
 CallerDep = Annotated[Caller, Depends(current_caller)]
+AdminDep = Annotated[Client, Depends(ClientScope("admin"))]
+
+
+def no_store(response: Response) -> None:
+    """Router dependency: answers with personal data or secrets are never cached (RFC 9111
+    §5.2.2.5); the OAuth endpoints do the same (RFC 6749 §5.1)."""
+    response.headers["Cache-Control"] = "no-store"

@@ -136,7 +136,10 @@ class RefreshTokenGrant(_Grant, grants.RefreshTokenGrant):  # type: ignore[misc]
         user = db.get(User, family.user_id)
         if user is None or user.disabled:
             raise InvalidGrantError(BAD_REFRESH_TOKEN)
-        self.request.scope = resolve_scope(self.request.payload.scope, family.scope.split())
+        # RFC 6749 §6: never wider than the sign-in's grant, nor than what the client is
+        # registered for now (the admin API may have withdrawn a scope since).
+        allowed = [s for s in family.scope.split() if s in client.scope_list]
+        self.request.scope = resolve_scope(self.request.payload.scope, allowed)
         self.request.refresh_token = token
         self.request.family = family
         self.request.user = user

@@ -12,12 +12,12 @@ from fastapi.responses import Response
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from ..api.auth import bearer_token, challenge, live_bearer
 from ..deps import AppState, StateDep
-from ..models import RefreshFamily, RefreshToken, User, now, sha256_hex
+from ..models import RefreshFamily, RefreshToken, sha256_hex
 from ..observability import audit
 from ..passwords import normalize_username
 from ..ratelimit import Verdict
-from ..tokens import access_token_is_live, decode_access_token
 from .grants import BAD_CREDENTIALS
 from .requests import form_request
 from .server import Response as ServerResponse
@@ -252,25 +252,14 @@ async def discovery(state: StateDep) -> Response:
 @router.api_route("/userinfo", methods=["GET", "POST"])
 async def userinfo(request: Request, state: StateDep) -> Response:
     """OpenID Connect Core §5.3, with a bearer access token (RFC 6750 §2.1)."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = bearer_token(request)
+    if token is None:
         # RFC 6750 §3.1: no credentials, so no error code; just the challenge.
-        return Response(status_code=401, headers={"WWW-Authenticate": 'Bearer realm="userinfo"'})
-    settings = state.settings
-    claims = decode_access_token(
-        state.keys.keyset(),
-        token.strip(),
-        issuer=settings.issuer,
-        audience=settings.audience,
-        now=now(),
-    )
-    async with state.db.session() as db:
-        live = claims is not None and await db.run_sync(
-            lambda session: access_token_is_live(session, claims)
-        )
-        user = await db.get(User, claims["sub"]) if live and claims is not None else None
-    if claims is None or user is None or "auth_time" not in claims:
+        return Response(status_code=401, headers=challenge("userinfo"))
+    bearer = await live_bearer(state, token)
+    if bearer is None or bearer.user is None:
         return _bearer_error(401, "invalid_token", "The access token is invalid or expired.")
+    user, claims = bearer.user, bearer.claims
     scopes = claims["scope"].split()
     if "openid" not in scopes:
         return _bearer_error(403, "insufficient_scope", "The token lacks the openid scope.")
@@ -287,9 +276,8 @@ async def userinfo(request: Request, state: StateDep) -> Response:
 
 def _bearer_error(status: int, error: str, description: str) -> Response:
     # RFC 6750 §3: the error in the WWW-Authenticate challenge, and the same in the body.
-    challenge = f'Bearer realm="userinfo", error="{error}", error_description="{description}"'
     return json_response(
         status,
         {"error": error, "error_description": description},
-        {"WWW-Authenticate": challenge, "Cache-Control": "no-store"},
+        {**challenge("userinfo", error, description), "Cache-Control": "no-store"},
     )

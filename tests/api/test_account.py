@@ -196,6 +196,19 @@ async def test_a_disabled_person_is_refused_at_once(
 async def test_the_schema_lists_the_json_apis_only(client: httpx.AsyncClient) -> None:
     schema = (await client.get("/openapi.json")).json()
     assert sorted(schema["paths"]) == [
+        "/admin/v1/clients",
+        "/admin/v1/clients/{client_id}",
+        "/admin/v1/clients/{client_id}/secret",
+        "/admin/v1/keys",
+        "/admin/v1/keys/prune",
+        "/admin/v1/keys/rotate",
+        "/admin/v1/users",
+        "/admin/v1/users/{user_id}",
+        "/admin/v1/users/{user_id}/disable",
+        "/admin/v1/users/{user_id}/enable",
+        "/admin/v1/users/{user_id}/password",
+        "/admin/v1/users/{user_id}/sessions",
+        "/admin/v1/users/{user_id}/sessions/{session_id}",
         "/api/v1/me",
         "/api/v1/me/password",
         "/api/v1/me/sessions",
@@ -363,3 +376,54 @@ async def test_password_change_needs_the_current_one_and_ends_the_other_sign_ins
     assert old.status_code == 400
     new = UserCreds(user.id, user.username, "a brand new passphrase")
     assert (await password_grant(client, app_client, new)).status_code == 200
+
+
+#: Every protected operation of the account API, with a body that would succeed.
+PROTECTED: list[tuple[str, str, dict[str, object] | None]] = [
+    ("GET", "/api/v1/me", None),
+    ("PATCH", "/api/v1/me", {"name": "Z"}),
+    ("POST", "/api/v1/me/password", {"current_password": "x", "new_password": "y"}),
+    ("GET", "/api/v1/me/sessions", None),
+    ("DELETE", "/api/v1/me/sessions/0123", None),
+]
+
+
+@pytest.mark.parametrize("operation", PROTECTED, ids=[f"{m} {p}" for m, p, _ in PROTECTED])
+async def test_every_protected_operation_refuses_every_wrong_token(
+    client: httpx.AsyncClient,
+    app_client: ClientCreds,
+    make_user: MakeUser,
+    state: AppState,
+    operation: tuple[str, str, dict[str, object] | None],
+) -> None:
+    method, path, body = operation
+    live = (await sign_in(client, app_client, await make_user("kate")))["access_token"]
+    keyset = state.keys.keyset()
+    claims = decode_access_token(
+        keyset,
+        live,
+        issuer=state.settings.issuer,
+        audience=state.settings.audience,
+        now=int(time.time()),
+    )
+    assert claims is not None
+    stamp = int(time.time())
+    expired = keyset.sign({**claims, "iat": stamp - 3600, "exp": stamp - 60}, "at+jwt")
+    gone = (await sign_in(client, app_client, await make_user("gone")))["access_token"]
+    async with state.db.sessions() as db:
+        await manage.disable_user(db, "gone")
+        await db.commit()
+    robot = await client.post(
+        "/oauth2/token", data={"grant_type": "client_credentials"}, headers=app_client.basic
+    )
+
+    async def status(headers: dict[str, str]) -> tuple[int, str]:
+        response = await client.request(method, path, json=body, headers=headers)
+        return response.status_code, response.json()["error_code"]
+
+    assert await status({}) == (401, "missing_token")
+    assert await status(bearer(expired)) == (401, "invalid_token")
+    assert await status(bearer(gone)) == (401, "invalid_token")
+    assert await status(bearer(robot.json()["access_token"])) == (403, "insufficient_scope")
+    # The same token before it expired: the refusal above was the expiry alone.
+    assert (await client.get("/api/v1/me", headers=bearer(live))).status_code == 200
