@@ -6,10 +6,12 @@ Every default is documented here, where it is defined; README.md lists them for 
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from limits import parse_many
 from pydantic import Field, field_validator
@@ -107,10 +109,16 @@ class Settings(BaseSettings):
     log_level: str = "info"
     #: ``/openapi.json`` and ``/docs``: on by default except in production.
     api_docs: bool | None = None
+    #: Exact origins (``https://app.example.com``) whose browser apps may call the token,
+    #: revocation and userinfo endpoints, the JWKS, discovery and the account API; comma-
+    #: separated. Empty (the default): no CORS at all.
+    cors_origins: Annotated[list[str], NoDecode] = []
 
-    @field_validator("trusted_proxies", mode="before")
+    @field_validator("trusted_proxies", "cors_origins", mode="before")
     @classmethod
-    def _split_proxies(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().startswith("["):
+            return json.loads(value)
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
@@ -141,6 +149,30 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError(f"{entry!r} is not an IP address or network") from None
         return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _exact_origins(cls, value: list[str]) -> list[str]:
+        """Origins as browsers send them (Fetch §3.2: scheme, host, port; lower case): an
+        entry that could never equal an ``Origin`` header is a mistake, said at start-up."""
+        origins: list[str] = []
+        for entry in value:
+            parts = urlsplit(entry)
+            if (
+                parts.scheme not in ("http", "https")
+                or not parts.hostname
+                or "*" in entry
+                or entry.endswith("/")
+                or parts.path
+                or parts.query
+                or parts.fragment
+                or parts.username is not None
+            ):
+                raise ValueError(
+                    f"AUTH_CORS_ORIGINS: {entry!r} is not an origin such as https://app.example.com"
+                )
+            origins.append(entry.lower())
+        return list(dict.fromkeys(origins))
 
     @field_validator("issuer")
     @classmethod
@@ -191,6 +223,12 @@ class Settings(BaseSettings):
             reasons.append(
                 f"no signing keys in AUTH_KEYS_DIR={str(self.keys_dir)!r}: "
                 "run `python -m server keys rotate` to create them"
+            )
+        plain = [origin for origin in self.cors_origins if origin.startswith("http://")]
+        if plain:
+            reasons.append(
+                f"AUTH_CORS_ORIGINS has http origins ({', '.join(plain)}): a network attacker "
+                "could serve a page there; list https origins only"
             )
         if self.argon2_memory_cost < 19_456 or self.argon2_time_cost < 2:
             reasons.append(

@@ -22,6 +22,7 @@ from .api.admin import router as admin_router
 from .api.auth import ApiError
 from .breaker import DatabaseUnavailable
 from .config import Env, Settings
+from .cors import Cors
 from .db import Database, assert_schema_at_head, create_engine, is_unavailable
 from .deps import AppState, StateDep
 from .jwks import JwksMiddleware
@@ -101,6 +102,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url="/openapi.json" if settings.docs_enabled else None,
     )
     app.add_middleware(JwksMiddleware)  # innermost of ours: inside metrics, ids, headers
+    if settings.cors_origins:
+        # Outside the JWKS fast path, inside the headers: preflights get ids and headers too.
+        app.add_middleware(Cors, origins=settings.cors_origins)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(MetricsMiddleware)
