@@ -30,6 +30,8 @@ from .observability import audit
 from .passwords import Passwords, normalize_username
 
 SUPPORTED_GRANTS = ("password", "refresh_token", "client_credentials", "authorization_code")
+#: Checked with ``fullmatch``: Python's ``$`` also matches before a final newline, which would let
+#: "alice\n" through as a look-alike of "alice". (The ``^…$`` stay for the OpenAPI schema.)
 CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._~-]{1,100}$")
 USERNAME_RE = re.compile(r"^[\w.@+-]{1,150}$")
 SCOPE_TOKEN_RE = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]{1,64}$")  # RFC 6749 §3.3 scope-token
@@ -115,7 +117,7 @@ def check_redirect_uri(uri: str, *, https_only: bool = False) -> str:
     the admin API) also refuses every other scheme."""
     if len(uri) > MAX_URI_LENGTH:
         raise RedirectUriError(f"a redirect URI is at most {MAX_URI_LENGTH} characters")
-    if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^\s#]+$", uri) and not re.match(
+    if not re.fullmatch(r"^[A-Za-z][A-Za-z0-9+.-]*://[^\s#]+$", uri) and not re.fullmatch(
         r"^[a-z][a-z0-9+.-]*\.[a-z0-9+.-]+:/[^\s#]*$", uri
     ):
         raise RedirectUriError(
@@ -142,7 +144,7 @@ def _checked_grants(grants: Sequence[str], *, public: bool) -> list[str]:
 
 
 def _checked_scopes(scopes: Sequence[str], *, admin: bool) -> list[str]:
-    bad = [s for s in scopes if not SCOPE_TOKEN_RE.match(s)]
+    bad = [s for s in scopes if not SCOPE_TOKEN_RE.fullmatch(s)]
     if bad:
         raise ManageError(f"invalid scope token {bad[0]!r}")
     if "admin" in scopes and not admin:
@@ -174,7 +176,7 @@ async def create_client(
     https_only: bool = False,
     actor: str | None = None,
 ) -> NewClient:
-    if not CLIENT_ID_RE.match(client_id):
+    if not CLIENT_ID_RE.fullmatch(client_id):
         raise ManageError("client id must be 1-100 characters of A-Z a-z 0-9 . _ ~ -")
     if resource_server and public:
         raise ManageError("a resource server must be confidential: it authenticates to introspect")
@@ -313,9 +315,9 @@ async def create_user(
     name: str | None = None,
     actor: str | None = None,
 ) -> User:
-    if not USERNAME_RE.match(username):
+    if not USERNAME_RE.fullmatch(username):
         raise ManageError("username must be 1-150 letters, digits or . @ + - _")
-    if email is not None and (len(email) > 254 or not EMAIL_RE.match(email)):
+    if email is not None and (len(email) > 254 or not EMAIL_RE.fullmatch(email)):
         raise ManageError(f"{email!r} is not a valid email address")
     try:
         passwords.check_policy(password, username=username)

@@ -263,7 +263,7 @@ def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
     for name, value in headers:
         if name == b"x-request-id":
             candidate = value.decode("latin-1")
-            if _VALID_REQUEST_ID.match(candidate):
+            if _VALID_REQUEST_ID.fullmatch(candidate):
                 return candidate
             break
     return uuid.uuid4().hex

@@ -132,7 +132,7 @@ async def test_a_bad_token_is_a_401_invalid_token(client: httpx.AsyncClient, tok
 async def test_an_expired_token_is_refused(
     settings: Settings, keys_dir: Path, make_user: MakeUser, make_client: MakeClient
 ) -> None:
-    short = create_app(settings.model_copy(update={"access_token_ttl": 1}))
+    short = create_app(settings.model_copy(update={"access_token_ttl": 2}))
     async with short.router.lifespan_context(short):
         transport = httpx.ASGITransport(app=short)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
@@ -154,7 +154,9 @@ async def test_an_expired_token_is_refused(
             )
             token = issued.json()["access_token"]
             assert (await http.get("/api/v1/me", headers=bearer(token))).status_code == 200
-            time.sleep(2.1)  # past exp (second granularity); no timing is asserted
+            # exp is whole seconds: with a 1 s lifetime a token issued late in a second could
+            # be expired at once (a flake seen once); with 2 s it lives at least 1 s.
+            time.sleep(3.1)  # past exp; no timing is asserted
             expired = await http.get("/api/v1/me", headers=bearer(token))
             assert expired.status_code == 401
             assert expired.json()["error_code"] == "invalid_token"

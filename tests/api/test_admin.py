@@ -217,7 +217,7 @@ async def test_a_non_admin_client_cannot_get_the_admin_scope(
 async def test_an_expired_admin_token_is_refused(
     settings: Settings, make_client: MakeClient
 ) -> None:
-    short = create_app(settings.model_copy(update={"access_token_ttl": 1}))
+    short = create_app(settings.model_copy(update={"access_token_ttl": 2}))
     async with short.router.lifespan_context(short):
         state: AppState = short.state.auth
         async with state.db.sessions() as db:
@@ -230,7 +230,9 @@ async def test_an_expired_admin_token_is_refused(
             creds = ClientCreds("quick-ops", created.secret)
             token = (await client_token(http, creds, scope="admin")).json()["access_token"]
             assert (await http.get("/admin/v1/clients", headers=bearer(token))).status_code == 200
-            time.sleep(2.1)  # past exp (second granularity); no timing is asserted
+            # exp is whole seconds: with a 1 s lifetime a token issued late in a second could
+            # be expired at once (a flake seen once); with 2 s it lives at least 1 s.
+            time.sleep(3.1)  # past exp; no timing is asserted
             expired = await http.get("/admin/v1/clients", headers=bearer(token))
             assert expired.status_code == 401
             assert expired.json()["error_code"] == "invalid_token"
@@ -1056,3 +1058,40 @@ async def test_only_the_registration_may_be_changed(state: AppState, ops: Client
     async with state.db.sessions() as db:
         with pytest.raises(manage.ManageError, match="cannot change 'admin'"):
             await manage.update_client(db, "ops", {"admin": False})
+
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        lambda: manage.check_redirect_uri("https://app.example.com/cb\n"),
+        lambda: manage.check_redirect_uri("com.example.app:/cb\n"),
+    ],
+    ids=["https", "private-scheme"],
+)
+def test_a_trailing_newline_is_not_an_exact_string(check: Any) -> None:
+    # Python's ``$`` also matches before a final newline: every rule is a full match.
+    with pytest.raises(manage.RedirectUriError):
+        check()
+
+
+async def test_names_with_a_trailing_newline_are_refused(
+    client: httpx.AsyncClient, admin: dict[str, str], make_user: MakeUser, state: AppState
+) -> None:
+    await make_user("alice")
+    # Not a second, look-alike "alice".
+    body = {"username": "alice\n", "password": "correct horse battery"}
+    response = await client.post("/admin/v1/users", json=body, headers=admin)
+    assert response.status_code == 400 and response.json()["error_code"] == "invalid_user"
+    registered = await client.post("/api/v1/users", json=body)
+    assert registered.status_code == 400
+    async with state.db.sessions() as db:
+        with pytest.raises(manage.ManageError):
+            await manage.create_client(db, client_id="app\n")
+        with pytest.raises(manage.ManageError):
+            await manage.create_user(
+                db,
+                state.passwords,
+                username="bob",
+                password="correct horse battery",
+                email="bob@example.com\n",
+            )
