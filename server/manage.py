@@ -59,6 +59,10 @@ class RedirectUriError(ManageError):
     """A redirect URI we will not register (the admin API answers 400 invalid_redirect_uri)."""
 
 
+class PublicClientError(ManageError):
+    """A public client has no secret to rotate (the admin API answers 409 public_client)."""
+
+
 class NotFoundError(ManageError):
     """No such client or user (the JSON APIs answer 404)."""
 
@@ -298,7 +302,7 @@ async def rotate_client_secret(
 ) -> str:
     client = await get_client(db, client_id)
     if client.is_public:
-        raise ManageError(f"client {client_id!r} is public: it has no secret")
+        raise PublicClientError(f"client {client_id!r} is public: it has no secret")
     secret = new_secret()
     client.secret_hash = sha256_hex(secret)
     _audit("client.secret_rotated", actor, client_id=client_id)
@@ -396,10 +400,14 @@ async def end_sign_in(db: AsyncSession, user_id: str, family_id: str, *, reason:
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
-async def revoke_user_families(db: AsyncSession, user_id: str, *, reason: str) -> int:
-    result = await db.execute(
-        revoke_families(RefreshFamily.user_id == user_id, at=now(), reason=reason)
-    )
+async def revoke_user_families(
+    db: AsyncSession, user_id: str, *, reason: str, keep: str | None = None
+) -> int:
+    """End every live sign-in of the user but ``keep``; returns how many ended."""
+    where = [RefreshFamily.user_id == user_id]
+    if keep is not None:
+        where.append(RefreshFamily.id != keep)
+    result = await db.execute(revoke_families(*where, at=now(), reason=reason))
     count: int = result.rowcount  # type: ignore[attr-defined]
     return count
 
@@ -424,16 +432,23 @@ async def enable(db: AsyncSession, user: User, *, actor: str | None = None) -> N
 
 
 async def reset_password(
-    db: AsyncSession, passwords: Passwords, user: User, password: str, *, actor: str | None = None
+    db: AsyncSession,
+    passwords: Passwords,
+    user: User,
+    password: str,
+    *,
+    actor: str | None = None,
+    keep_family: str | None = None,
 ) -> int:
-    """Change the password and end every sign-in; returns the families revoked."""
+    """Change the password and end every sign-in but ``keep_family`` (the one a person changing
+    their own password is using); returns the families revoked."""
     try:
         passwords.check_policy(password, username=user.username)
     except ValueError as exc:
         raise PasswordPolicyError(str(exc)) from None
     user.password_hash = await passwords.hash_async(password)
     user.password_changed_at = now()
-    revoked = await revoke_user_families(db, user.id, reason="password_changed")
+    revoked = await revoke_user_families(db, user.id, reason="password_changed", keep=keep_family)
     _audit("user.password_changed", actor, user_id=user.id, families_revoked=revoked)
     return revoked
 

@@ -9,14 +9,13 @@ from typing import Annotated, Any, Self
 
 from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.exc import IntegrityError
 
 from .. import manage
 from ..deps import StateDep
-from ..models import RefreshFamily, User, live_families, now, revoke_families
+from ..models import RefreshFamily, User, live_families, now
 from ..observability import audit
 from ..passwords import normalize_username
-from .auth import ApiError, CallerDep, no_store
+from .auth import ApiError, CallerDep, no_store, user_refusals
 
 router = APIRouter(prefix="/api/v1", tags=["account"], dependencies=[Depends(no_store)])
 
@@ -129,7 +128,7 @@ async def register(new: NewUser, request: Request, state: StateDep) -> Me:
             429, "rate_limited", f"Too many requests; retry in {retry} s.", {"Retry-After": retry}
         )
     async with state.db.session() as db:
-        try:
+        with user_refusals():
             user = await manage.create_user(
                 db,
                 state.passwords,
@@ -139,14 +138,6 @@ async def register(new: NewUser, request: Request, state: StateDep) -> Me:
                 name=new.name,
             )
             await db.commit()
-        except manage.AlreadyExistsError:
-            raise ApiError(409, "username_taken", "That username is taken.") from None
-        except IntegrityError:  # a simultaneous sign-up with the same name won the insert
-            raise ApiError(409, "username_taken", "That username is taken.") from None
-        except manage.PasswordPolicyError as error:
-            raise ApiError(400, "weak_password", str(error)) from None
-        except manage.ManageError as error:
-            raise ApiError(400, "invalid_user", str(error)) from None
     return _me(user)
 
 
@@ -190,26 +181,14 @@ async def change_password(
     if not result.ok:
         await limiter.failed(account, ip)
         raise ApiError(400, "wrong_password", "The current password is not correct.")
-    try:
-        state.passwords.check_policy(change.new_password, username=caller.user.username)
-    except ValueError as exc:
-        raise ApiError(400, "weak_password", str(exc)) from None
-    new_hash = await state.passwords.hash_async(change.new_password)
     async with state.db.session() as db:
         user = await db.get(User, caller.user.id)
-        assert user is not None
-        user.password_hash = new_hash
-        user.password_changed_at = now()
-        ended = await db.execute(
-            revoke_families(
-                RefreshFamily.user_id == user.id,
-                RefreshFamily.id != caller.family_id,
-                at=now(),
-                reason="password_changed",
+        assert user is not None  # the caller was loaded a moment ago; users are never deleted
+        with user_refusals():
+            await manage.reset_password(
+                db, state.passwords, user, change.new_password, keep_family=caller.family_id
             )
-        )
         await db.commit()
-    audit("user.password_changed", user_id=user.id, families_revoked=ended.rowcount, via="api")  # type: ignore[attr-defined]
     return Response(status_code=204)
 
 

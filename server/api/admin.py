@@ -13,15 +13,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
 from anyio import to_thread
 from fastapi import APIRouter, Depends, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.exc import IntegrityError
 
 from .. import manage
 from ..config import Env
@@ -30,7 +27,7 @@ from ..keys import KeyInfo, RotationTooSoonError
 from ..models import User, live_families, now
 from ..observability import audit
 from .account import NewUser, SessionId, UserSession
-from .auth import AdminDep, ApiError, no_store
+from .auth import AdminDep, ApiError, client_refusals, no_store, user_refusals
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "No token, or an invalid, expired or revoked one (`invalid_token`)"},
@@ -207,33 +204,6 @@ def _page(kind: str, rows: list[Any], limit: int, key: str) -> tuple[list[Any], 
     return rows, _cursor(kind, getattr(rows[-1], key))
 
 
-@contextmanager
-def _refusals(invalid_code: str, taken_code: str) -> Iterator[None]:
-    """``manage``'s errors as the API's: 404, 409, 400 with the right code; never a 500."""
-    try:
-        yield
-    except manage.NotFoundError as error:
-        raise ApiError(404, "not_found", str(error)) from None
-    except manage.AlreadyExistsError as error:
-        raise ApiError(409, taken_code, str(error)) from None
-    except IntegrityError:  # a simultaneous create with the same key won the insert
-        raise ApiError(409, taken_code, "It already exists.") from None
-    except manage.RedirectUriError as error:
-        raise ApiError(400, "invalid_redirect_uri", str(error)) from None
-    except manage.PasswordPolicyError as error:
-        raise ApiError(400, "weak_password", str(error)) from None
-    except manage.ManageError as error:
-        raise ApiError(400, invalid_code, str(error)) from None
-
-
-def _client_refusals() -> AbstractContextManager[None]:
-    return _refusals("invalid_client_metadata", "client_exists")
-
-
-def _user_refusals() -> AbstractContextManager[None]:
-    return _refusals("invalid_user", "username_taken")
-
-
 def _https_only(state: AppState) -> bool:
     return state.settings.env is Env.production
 
@@ -265,7 +235,7 @@ CLIENT_INPUT_ERRORS: dict[int | str, dict[str, Any]] = {
 async def create_client(new: NewClient, admin: AdminDep, state: StateDep) -> CreatedClient:
     """Register a client. Its secret is in this answer and nowhere else, ever."""
     async with state.db.session() as db:
-        with _client_refusals():
+        with client_refusals():
             created = await manage.create_client(
                 db,
                 client_id=new.client_id,
@@ -302,7 +272,7 @@ async def list_clients(
 @router.get("/clients/{client_id}", responses=CLIENT_ERRORS)
 async def show_client(client_id: ClientId, admin: AdminDep, state: StateDep) -> ClientOut:
     async with state.db.session() as db:
-        with _client_refusals():
+        with client_refusals():
             client = await manage.get_client(db, client_id)
     audit("admin.client_viewed", actor_client_id=admin.client_id, client_id=client_id)
     return ClientOut(**manage.client_view(client))
@@ -315,7 +285,7 @@ async def update_client(
     """Change the name, consent, grants, scopes or URIs; sign-ins already made keep only the
     scopes the client still has when they next refresh."""
     async with state.db.session() as db:
-        with _client_refusals():
+        with client_refusals():
             client = await manage.update_client(
                 db,
                 client_id,
@@ -335,10 +305,7 @@ async def rotate_secret(client_id: ClientId, admin: AdminDep, state: StateDep) -
     """A new secret, shown once; the old one stops working at once. Tokens already issued
     stay valid until they expire."""
     async with state.db.session() as db:
-        with _client_refusals():
-            client = await manage.get_client(db, client_id)
-            if client.is_public:
-                raise ApiError(409, "public_client", "A public client has no secret.")
+        with client_refusals():
             secret = await manage.rotate_client_secret(db, client_id, actor=admin.client_id)
             await db.commit()
     return ClientSecret(client_id=client_id, client_secret=secret)
@@ -358,7 +325,7 @@ async def delete_client(client_id: ClientId, admin: AdminDep, state: StateDep) -
         # Deleting the last admin client would leave only the CLI; the CLI can do it.
         raise ApiError(409, "cannot_delete_self", "A client cannot delete itself here.")
     async with state.db.session() as db:
-        with _client_refusals():
+        with client_refusals():
             await manage.delete_client(db, client_id, actor=admin.client_id)
             await db.commit()
     return Response(status_code=204)
@@ -378,7 +345,7 @@ async def delete_client(client_id: ClientId, admin: AdminDep, state: StateDep) -
 async def create_user(new: NewUser, admin: AdminDep, state: StateDep) -> UserOut:
     """Create a person, with the password policy of sign-up (registration need not be on)."""
     async with state.db.session() as db:
-        with _user_refusals():
+        with user_refusals():
             user = await manage.create_user(
                 db,
                 state.passwords,
@@ -427,7 +394,7 @@ async def list_users(
 @router.get("/users/{user_id}", responses=USER_ERRORS)
 async def show_user(user_id: UserId, admin: AdminDep, state: StateDep) -> UserOut:
     async with state.db.session() as db:
-        with _user_refusals():
+        with user_refusals():
             user = await manage.get_user_by_id(db, user_id)
     audit("admin.user_viewed", actor_client_id=admin.client_id, user_id=user_id)
     return _user_out(user)
@@ -437,7 +404,7 @@ async def show_user(user_id: UserId, admin: AdminDep, state: StateDep) -> UserOu
 async def disable_user(user_id: UserId, admin: AdminDep, state: StateDep) -> UserOut:
     """The person can no longer sign in; every sign-in and token of theirs stops at once."""
     async with state.db.session() as db:
-        with _user_refusals():
+        with user_refusals():
             user = await manage.get_user_by_id(db, user_id)
             await manage.disable(db, user, actor=admin.client_id)
             await db.commit()
@@ -448,7 +415,7 @@ async def disable_user(user_id: UserId, admin: AdminDep, state: StateDep) -> Use
 async def enable_user(user_id: UserId, admin: AdminDep, state: StateDep) -> UserOut:
     """The person may sign in again; sign-ins ended by disabling stay ended."""
     async with state.db.session() as db:
-        with _user_refusals():
+        with user_refusals():
             user = await manage.get_user_by_id(db, user_id)
             await manage.enable(db, user, actor=admin.client_id)
             await db.commit()
@@ -465,7 +432,7 @@ async def reset_password(
 ) -> Response:
     """Set a new password (the sign-up policy applies); every sign-in of the person ends."""
     async with state.db.session() as db:
-        with _user_refusals():
+        with user_refusals():
             user = await manage.get_user_by_id(db, user_id)
             await manage.reset_password(
                 db, state.passwords, user, reset.password, actor=admin.client_id
@@ -478,7 +445,7 @@ async def reset_password(
 async def list_sessions(user_id: UserId, admin: AdminDep, state: StateDep) -> UserSessions:
     """The person's live sign-ins, most recently used first."""
     async with state.db.session() as db:
-        with _user_refusals():
+        with user_refusals():
             user = await manage.get_user_by_id(db, user_id)
         families = list(await db.execute(live_families(user.id, now())))
     audit("admin.sessions_listed", actor_client_id=admin.client_id, user_id=user_id)
@@ -489,7 +456,7 @@ async def list_sessions(user_id: UserId, admin: AdminDep, state: StateDep) -> Us
 async def revoke_sessions(user_id: UserId, admin: AdminDep, state: StateDep) -> Revoked:
     """End every sign-in of the person (they may sign in again)."""
     async with state.db.session() as db:
-        with _user_refusals():
+        with user_refusals():
             user = await manage.get_user_by_id(db, user_id)
         count = await manage.revoke_user_families(db, user.id, reason="revoked_by_admin")
         await db.commit()

@@ -15,12 +15,16 @@ SPEC's ``{"detail", "error_code"}``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from .. import manage
 from ..deps import AppState, StateDep
 from ..models import Client, User, now
 from ..observability import audit
@@ -182,6 +186,35 @@ class ClientScope:
             path=request.url.path,
         )
         raise _insufficient(description, self.scope)
+
+
+@contextmanager
+def _refusals(invalid_code: str, taken_code: str) -> Iterator[None]:
+    """``manage``'s errors as the API's: 404, 409, 400 with the right code; never a 500."""
+    try:
+        yield
+    except manage.NotFoundError as error:
+        raise ApiError(404, "not_found", str(error)) from None
+    except manage.PublicClientError as error:
+        raise ApiError(409, "public_client", str(error)) from None
+    except manage.AlreadyExistsError as error:
+        raise ApiError(409, taken_code, str(error)) from None
+    except IntegrityError:  # a simultaneous create with the same key won the insert
+        raise ApiError(409, taken_code, "It already exists.") from None
+    except manage.RedirectUriError as error:
+        raise ApiError(400, "invalid_redirect_uri", str(error)) from None
+    except manage.PasswordPolicyError as error:
+        raise ApiError(400, "weak_password", str(error)) from None
+    except manage.ManageError as error:
+        raise ApiError(400, invalid_code, str(error)) from None
+
+
+def client_refusals() -> AbstractContextManager[None]:
+    return _refusals("invalid_client_metadata", "client_exists")
+
+
+def user_refusals() -> AbstractContextManager[None]:
+    return _refusals("invalid_user", "username_taken")
 
 
 CallerDep = Annotated[Caller, Depends(current_caller)]

@@ -138,7 +138,8 @@ class RefreshTokenGrant(_Grant, grants.RefreshTokenGrant):  # type: ignore[misc]
             raise InvalidGrantError(BAD_REFRESH_TOKEN)
         # RFC 6749 §6: never wider than the sign-in's grant, nor than what the client is
         # registered for now (the admin API may have withdrawn a scope since).
-        allowed = [s for s in family.scope.split() if s in client.scope_list]
+        registered = set(client.scope_list)
+        allowed = [s for s in family.scope.split() if s in registered]
         self.request.scope = resolve_scope(self.request.payload.scope, allowed)
         self.request.refresh_token = token
         self.request.family = family
