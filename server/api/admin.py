@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from anyio import to_thread
 from fastapi import APIRouter, Depends, Path, Query, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from .. import manage
 from ..config import Env
@@ -92,7 +92,7 @@ class _Registration(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     #: The operator's own app: people are not asked to consent.
-    first_party: bool = False
+    first_party: StrictBool = False
     grant_types: list[Grant] = Field(default_factory=list, max_length=4)
     #: Space-separated scope tokens (RFC 6749 §3.3); ``admin`` only for an admin client.
     scope: str = Field(default="", max_length=2000, pattern=SCOPE_PATTERN)
@@ -106,11 +106,11 @@ class NewClient(_Registration):
 
     client_id: str = Field(min_length=1, max_length=100, pattern=manage.CLIENT_ID_RE.pattern)
     name: str = Field(default="", max_length=200)
-    public: bool = False
+    public: StrictBool = False
     #: May receive the ``admin`` scope, and so act on this API.
-    admin: bool = False
+    admin: StrictBool = False
     #: May introspect every token (RFC 7662 §2.1); must be confidential.
-    resource_server: bool = False
+    resource_server: StrictBool = False
 
 
 class ClientChange(_Registration):
@@ -523,7 +523,7 @@ class KeyRotation(BaseModel):
 
     #: Promote the next key even if it was published less than a JWKS max-age ago (only
     #: safe when no verifier caches the JWKS, or all refetch it on an unknown ``kid``).
-    force: bool = False
+    force: StrictBool = False
 
 
 class KeysPruned(BaseModel):

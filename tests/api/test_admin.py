@@ -495,6 +495,11 @@ async def test_a_public_clients_secret_cannot_be_rotated(
         ({"client_id": "new", "scope": 'a"b'}, 422, "validation_error"),
         ({"client_id": "new", "redirect_uris": ["x" * 2001]}, 422, "validation_error"),
         ({"client_id": "new", "redirect_uris": "https://one.example"}, 422, "validation_error"),
+        # Booleans are JSON booleans: pydantic's lax mode would read 1 and "true" as True.
+        ({"client_id": "new", "public": 1}, 422, "validation_error"),
+        ({"client_id": "new", "admin": "true"}, 422, "validation_error"),
+        ({"client_id": "new", "resource_server": 1}, 422, "validation_error"),
+        ({"client_id": "new", "first_party": "yes"}, 422, "validation_error"),
         (
             {"client_id": "new", "public": True, "grant_types": ["client_credentials"]},
             400,
@@ -539,6 +544,10 @@ async def test_a_public_clients_secret_cannot_be_rotated(
         "quote-in-scope",
         "long-uri",
         "uris-not-a-list",
+        "public-as-1",
+        "admin-as-string",
+        "resource-server-as-1",
+        "first-party-as-string",
         "public-client-credentials",
         "public-resource-server",
         "code-without-redirect",
@@ -571,6 +580,7 @@ async def test_bad_clients_are_refused_with_their_code(
         ({"admin": True}, 422, "validation_error"),
         ({"name": ""}, 422, "validation_error"),
         ({"grant_types": None}, 422, "validation_error"),
+        ({"first_party": 0}, 422, "validation_error"),
         ({"grant_types": ["authorization_code"]}, 400, "invalid_client_metadata"),
         ({"scope": "admin"}, 400, "invalid_client_metadata"),
         ({"redirect_uris": ["not a uri"]}, 400, "invalid_redirect_uri"),
@@ -580,6 +590,7 @@ async def test_bad_clients_are_refused_with_their_code(
         "promote",
         "empty-name",
         "null-list",
+        "first-party-as-0",
         "code-without-redirect",
         "admin-scope",
         "bad-uri",
@@ -1007,7 +1018,9 @@ async def test_keys_are_listed_rotated_and_pruned(own_keys: httpx.AsyncClient) -
     assert pruned.status_code == 200
     assert pruned.json()["removed"] == []  # its tokens may still be live
     assert pruned.json()["kept"][0].startswith(before["current"])
-    assert (await http.post("/admin/v1/keys/rotate", json={"force": "maybe"})).status_code == 422
+    for lax in ("maybe", "true", 1, 0):  # only a JSON boolean; 1 is not true (schemathesis)
+        refused = await http.post("/admin/v1/keys/rotate", json={"force": lax})
+        assert refused.status_code == 422, lax
 
 
 async def test_simultaneous_creates_of_one_id_give_one_201_and_409s(
