@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     refresh_token_max_lifetime: int = Field(default=30 * 86_400, ge=60)
     #: ``aud`` of access tokens when no RFC 8707 ``resource`` is asked for; empty = issuer.
     default_audience: str = ""
+    #: RFC 8707 resource indicators clients may ask for (``resource=…``), each becoming the
+    #: ``aud`` of the token; comma-separated absolute URIs. The default audience always may be.
+    resources: Annotated[list[str], NoDecode] = []
     #: How often operators are expected to run ``keys rotate``; bounds the JWKS max-age.
     key_rotation_interval: int = Field(default=30 * 86_400, ge=60)
     #: How often a running server looks at ``keys_dir`` for a rotation (seconds).
@@ -114,7 +117,7 @@ class Settings(BaseSettings):
     #: separated. Empty (the default): no CORS at all.
     cors_origins: Annotated[list[str], NoDecode] = []
 
-    @field_validator("trusted_proxies", "cors_origins", mode="before")
+    @field_validator("trusted_proxies", "cors_origins", "resources", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str) and value.strip().startswith("["):
@@ -174,6 +177,19 @@ class Settings(BaseSettings):
             origins.append(entry.lower())
         return list(dict.fromkeys(origins))
 
+    @field_validator("resources")
+    @classmethod
+    def _absolute_uris(cls, value: list[str]) -> list[str]:
+        """RFC 8707 §2: a resource is an absolute URI (RFC 3986 §4.3: a scheme, so URNs too)
+        without a fragment. Compared as exact strings, as ``aud`` is (RFC 7519 §4.1.3)."""
+        for entry in value:
+            if not urlsplit(entry).scheme or "#" in entry or any(c.isspace() for c in entry):
+                raise ValueError(
+                    f"AUTH_RESOURCES: {entry!r} is not an absolute URI such as "
+                    "https://api.example.com (RFC 8707 §2: no fragment)"
+                )
+        return list(dict.fromkeys(value))
+
     @field_validator("issuer")
     @classmethod
     def _strip_issuer(cls, value: str) -> str:
@@ -186,6 +202,11 @@ class Settings(BaseSettings):
     @property
     def audience(self) -> str:
         return self.default_audience or self.issuer
+
+    @property
+    def audiences(self) -> frozenset[str]:
+        """Every ``aud`` we issue tokens for: introspection and revocation accept them all."""
+        return frozenset([self.audience, *self.resources])
 
     @property
     def secure_cookies(self) -> bool:

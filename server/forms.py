@@ -45,8 +45,12 @@ KNOWN_PARAMETERS = frozenset(
         "email",
         "name",
         "password_confirm",
+        "resource",
     ]
 )
+#: Parameters that may be sent more than once (RFC 8707 §2: ``resource``). Their values are
+#: URIs, which hold no whitespace, so the form keeps them space-separated in one string.
+REPEATABLE = frozenset(["resource"])
 
 
 class FormError(ValueError):
@@ -96,6 +100,12 @@ def parse_form(body: bytes | str) -> dict[str, str]:
     for key, value in pairs:
         if "\x00" in key or "\x00" in value:
             raise FormError("Parameters must not contain NUL characters.")
+        if key in REPEATABLE:
+            if any(c.isspace() for c in value):
+                raise FormError(f"Parameter '{key}' must be an absolute URI.")
+            if value:
+                form[key] = f"{form[key]} {value}" if key in form else value
+            continue
         if key in seen:
             # RFC 6749 §3.1/§3.2: parameters MUST NOT be included more than once. Only names we
             # define are repeated back; anything else a client sent never is.
@@ -107,6 +117,15 @@ def parse_form(body: bytes | str) -> dict[str, str]:
         if value:
             form[key] = value
     return form
+
+
+def repeated(params: dict[str, str]) -> list[tuple[str, str]]:
+    """``params`` as pairs to send on, each repeatable parameter's values one pair each."""
+    return [
+        (key, item)
+        for key, value in params.items()
+        for item in (value.split() if key in REPEATABLE else [value])
+    ]
 
 
 async def read_form(request: Request, limit: int) -> dict[str, str]:

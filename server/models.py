@@ -155,6 +155,9 @@ class RefreshFamily(Base):
     )
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     scope: Mapped[str] = mapped_column(Text, default="")
+    #: RFC 8707 resources the sign-in was granted, space-separated; empty: the default
+    #: audience only. A refresh may ask for any of them, never another.
+    resources: Mapped[str] = mapped_column(Text, default="")
     auth_time: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     last_used_at: Mapped[int] = mapped_column(BigInteger, default=now)
@@ -255,6 +258,8 @@ class AuthorizationCode(Base):
     #: must repeat it, RFC 6749 §4.1.3).
     redirect_uri_given: Mapped[bool] = mapped_column(Boolean, default=True)
     scope: Mapped[str] = mapped_column(Text, default="")
+    #: RFC 8707 resources of the authorization request (as on ``RefreshFamily``).
+    resources: Mapped[str] = mapped_column(Text, default="")
     nonce: Mapped[str | None] = mapped_column(String(255), default=None)
     code_challenge: Mapped[str | None] = mapped_column(String(128), default=None)
     code_challenge_method: Mapped[str | None] = mapped_column(String(10), default=None)

@@ -81,15 +81,21 @@ def decode_id_token_hint(keyset: KeySet, token: str, *, issuer: str) -> dict[str
 
 
 def decode_access_token(
-    keyset: KeySet, token: str, *, issuer: str, audience: str, now: int
+    keyset: KeySet, token: str, *, issuer: str, audience: str | frozenset[str], now: int
 ) -> dict[str, Any] | None:
-    """The claims of ``token`` if it is a live access token we signed, else ``None``."""
+    """The claims of ``token`` if it is a live access token we signed, else ``None``.
+
+    ``audience``: the one this caller serves, or (introspection, revocation) any of several;
+    the token's ``aud`` must hold one of them (RFC 7519 §4.1.3).
+    """
     # RFC 9068 §4: typ at+jwt; an ID token (typ JWT) is not an access token.
     claims = _verified_claims(keyset, token, types=ACCESS_TOKEN_TYPES)
     if claims is None or claims.get("iss") != issuer:
         return None
+    accepted = frozenset([audience]) if isinstance(audience, str) else audience
     aud = claims.get("aud")
-    if not (aud == audience or (isinstance(aud, list) and audience in aud)):
+    auds = aud if isinstance(aud, list) else [aud]
+    if not any(isinstance(a, str) and a in accepted for a in auds):
         return None
     exp, iat = claims.get("exp"), claims.get("iat")
     # ``type(...) is int``: bool is an int subclass, and ``true`` is not a time.

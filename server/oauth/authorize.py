@@ -27,10 +27,11 @@ from fastapi import APIRouter, Request
 from starlette.responses import RedirectResponse, Response
 
 from ..deps import AppState, StateDep
-from ..forms import FormError, parse_form, read_form
+from ..forms import FormError, parse_form, read_form, repeated
 from ..models import Client, Consent
 from ..observability import audit
 from ..web.browser import Csrf, SignedIn, current_session, error_page, posted_form, render
+from . import resources as rfc8707
 from .grants import CodeGrant
 from .requests import FormRequest
 from .server import TokenServer
@@ -104,6 +105,11 @@ def decide(
     max_age = request.form.get("max_age")
     if max_age is not None and not (max_age.isdigit() and len(max_age) <= 9):
         return fail(InvalidRequestError("max_age must be a number of seconds."))
+    try:
+        # RFC 8707 §2: the resources the grant is for; the token requests may narrow them.
+        request.resources = rfc8707.allowed(rfc8707.requested(request.form), server.settings)
+    except OAuth2Error as error:
+        return fail(error)
     # OpenID Connect Core §3.1.2.1: max_age asks for a sign-in at most that old.
     too_old = (
         who is not None
@@ -146,7 +152,7 @@ async def handle(
     request: Request, state: AppState, params: dict[str, str], decision: str | None
 ) -> Response:
     settings = state.settings
-    query = urlencode(params)
+    query = urlencode(repeated(params))
     oauth_request = FormRequest("GET", settings.issuer + "/oauth2/authorize?" + query, {}, params)
     async with state.db.session() as db:
         who = await current_session(request, db, settings)
@@ -175,7 +181,7 @@ async def handle(
         prompts = [p for p in params.get("prompt", "").split() if p != "login"]
         if prompts:
             again["prompt"] = " ".join(prompts)
-        target = "/oauth2/authorize?" + urlencode(again)
+        target = "/oauth2/authorize?" + urlencode(repeated(again))
         return RedirectResponse("/login?" + urlencode({"next": target}), status_code=status)
     csrf = Csrf.of(request, settings)
     return render(
@@ -189,7 +195,7 @@ async def handle(
             {"name": s, "description": SCOPE_DESCRIPTIONS.get(s, f"Use “{s}”")}
             for s in outcome.consent["scope"]
         ],
-        params=[(k, v) for k, v in params.items() if k != "prompt"],
+        params=[(k, v) for k, v in repeated(params) if k != "prompt"],
     )
 
 

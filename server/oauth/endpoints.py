@@ -94,7 +94,9 @@ class _Lookup:
             server.state.keys.keyset(),
             token,
             issuer=settings.issuer,
-            audience=settings.audience,
+            # Tokens for every resource we serve (RFC 8707): a resource server introspects
+            # its own, and any of them may be revoked.
+            audience=settings.audiences,
             now=server.now,
         )
         if claims is None or not access_token_is_live(server.db, claims):

@@ -34,6 +34,7 @@ from ..models import (
     sha256_hex,
 )
 from ..observability import audit
+from . import resources as rfc8707
 
 if TYPE_CHECKING:
     from .server import TokenServer
@@ -67,6 +68,10 @@ class _Grant:
         self.request.client = client
         return client
 
+    def _resources(self) -> list[str]:
+        """RFC 8707 §2: the ``resource`` values asked for, each one we serve."""
+        return rfc8707.allowed(rfc8707.requested(self.request.form), self.server.settings)
+
     def _required(self, name: str) -> str:
         value: str | None = self.request.form.get(name)
         if value is None:
@@ -84,6 +89,7 @@ class PasswordGrant(_Grant, grants.ResourceOwnerPasswordCredentialsGrant):  # ty
         username = self._required("username")
         password = self._required("password")
         self.request.scope = resolve_scope(self.request.payload.scope, client.scope_list)
+        self.request.resources = self._resources()
         self.request.user = self.authenticate_user(username, password)
 
     def authenticate_user(self, username: str, password: str) -> User:
@@ -99,7 +105,12 @@ class PasswordGrant(_Grant, grants.ResourceOwnerPasswordCredentialsGrant):  # ty
 
     def create_token_response(self) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
         request = self.request
-        self.server.start_family(request, scope=request.scope, auth_time=request.issued_at)
+        self.server.start_family(
+            request,
+            scope=request.scope,
+            resources=" ".join(request.resources),
+            auth_time=request.issued_at,
+        )
         token = self.server.issue(request, scope=request.scope)
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
@@ -139,8 +150,12 @@ class RefreshTokenGrant(_Grant, grants.RefreshTokenGrant):  # type: ignore[misc]
         # RFC 6749 §6: never wider than the sign-in's grant, nor than what the client is
         # registered for now (the admin API may have withdrawn a scope since).
         registered = set(client.scope_list)
-        allowed = [s for s in family.scope.split() if s in registered]
-        self.request.scope = resolve_scope(self.request.payload.scope, allowed)
+        granted = [s for s in family.scope.split() if s in registered]
+        self.request.scope = resolve_scope(self.request.payload.scope, granted)
+        # RFC 8707 §2.2: a token for any of the sign-in's resources, never another.
+        self.request.resources = rfc8707.within(
+            rfc8707.requested(self.request.form), family.resources, self.server.settings
+        )
         self.request.refresh_token = token
         self.request.family = family
         self.request.user = user
@@ -199,6 +214,7 @@ class ClientCredentialsGrant(_Grant, grants.ClientCredentialsGrant):  # type: ig
     def validate_token_request(self) -> None:
         client = self._client()
         self.request.scope = resolve_scope(self.request.payload.scope, client.scope_list)
+        self.request.resources = self._resources()
 
     def create_token_response(self) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
         token = self.server.issue(self.request, scope=self.request.scope)
@@ -240,6 +256,7 @@ class CodeGrant(_Grant, grants.AuthorizationCodeGrant):  # type: ignore[misc]
                 redirect_uri=data.get("redirect_uri") or request.client.get_default_redirect_uri(),
                 redirect_uri_given=bool(data.get("redirect_uri")),
                 scope=request.scope,
+                resources=" ".join(request.resources),
                 nonce=data.get("nonce"),
                 code_challenge=data.get("code_challenge"),
                 code_challenge_method=data.get("code_challenge_method"),
@@ -268,6 +285,11 @@ class CodeGrant(_Grant, grants.AuthorizationCodeGrant):  # type: ignore[misc]
         request = self.request
         code: AuthorizationCode = request.authorization_code
         db = self.server.db
+        # RFC 8707 §2.2: within the authorization request's resources; checked before the
+        # code is spent, so a client can correct the request.
+        request.resources = rfc8707.within(
+            rfc8707.requested(request.form), code.resources, self.server.settings
+        )
         claimed = db.execute(
             update(AuthorizationCode)
             .where(
@@ -289,6 +311,7 @@ class CodeGrant(_Grant, grants.AuthorizationCodeGrant):  # type: ignore[misc]
         self.server.start_family(
             request,
             scope=code.scope,
+            resources=code.resources,
             auth_time=code.auth_time,
             browser_session_id=code.browser_session_id,
         )

@@ -40,6 +40,8 @@ class FormRequest(OAuth2Request):  # type: ignore[misc]
         #: Authorization requests: the browser session and when its person signed in.
         self.browser_session_id: str | None = None
         self.auth_time: int | None = None
+        #: RFC 8707: the audiences of the token this request gets (empty: the default one).
+        self.resources: list[str] = []
         #: The client this request says it is (Basic user, else ``client_id``), unverified.
         self.claimed_client_id: str | None = form.get("client_id")
 

@@ -24,6 +24,7 @@ from ..models import Client, RefreshFamily, RefreshToken, User, new_id, now, sha
 from ..passwords import Verification, normalize_username
 from .endpoints import Introspection, Revocation
 from .grants import ClientCredentialsGrant, CodeGrant, PasswordGrant, Pkce, RefreshTokenGrant
+from .resources import audience
 
 Response = tuple[int, dict[str, Any], list[tuple[str, str]]]
 
@@ -120,6 +121,7 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
         *,
         scope: str,
         auth_time: int,
+        resources: str = "",
         browser_session_id: str | None = None,
     ) -> None:
         """Open a family (one sign-in) for this request's user.
@@ -141,6 +143,7 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
             client_id=client.client_id,
             user_id=request.user.id,
             scope=scope,
+            resources=resources,
             auth_time=auth_time,
             created_at=request.issued_at,
             last_used_at=request.issued_at,
@@ -162,7 +165,8 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
         claims: dict[str, Any] = {
             "iss": settings.issuer,
             "sub": user.id if user is not None else client.client_id,
-            "aud": settings.audience,
+            # RFC 8707 §2 / RFC 9068 §3: the resources asked for, else the default audience.
+            "aud": audience(request.resources, settings),
             "exp": issued_at + settings.access_token_ttl,
             "iat": issued_at,
             "jti": secrets.token_urlsafe(16),
