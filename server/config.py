@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     authorization_code_ttl: int = Field(default=60, ge=10, le=600)
 
     rate_limit_storage: str = "memory://"
+    #: Redis key prefix of the counts: deployments sharing one Redis set different ones.
+    rate_limit_prefix: str = Field(default="token-server", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     rate_limits_enabled: bool = True
     #: Request limits (``limits`` notation, ``;`` between tiers) on /oauth2/token and /login.
     rate_limit_token_ip: str = "300/minute"  # noqa: S105 (a limit, not a secret)

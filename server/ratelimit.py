@@ -39,6 +39,19 @@ def _async_url(url: str) -> str:
     return url if url.startswith("async+") else "async+" + url
 
 
+def _storage(settings: Settings) -> Storage:
+    """The storage of ``AUTH_RATE_LIMIT_STORAGE``; Redis (and Valkey) keys start with
+    ``AUTH_RATE_LIMIT_PREFIX``, so deployments sharing one server never share counts."""
+    url = _async_url(settings.rate_limit_storage)
+    scheme = url.partition("://")[0]
+    shared = "redis" in scheme or "valkey" in scheme
+    store = storage_from_string(
+        url, **({"key_prefix": settings.rate_limit_prefix} if shared else {})
+    )
+    assert isinstance(store, Storage)
+    return store
+
+
 @dataclass
 class Verdict:
     allowed: bool
@@ -52,8 +65,7 @@ class Limiter:
 
     def __init__(self, settings: Settings, storage: Storage | None = None) -> None:
         self.enabled = settings.rate_limits_enabled
-        store = storage or storage_from_string(_async_url(settings.rate_limit_storage))
-        assert isinstance(store, Storage)
+        store = storage or _storage(settings)
         self.storage = store
         self.strategy = MovingWindowRateLimiter(store)
         self.token_ip = parse_many(settings.rate_limit_token_ip)

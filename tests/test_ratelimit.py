@@ -7,8 +7,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import coredis
 import httpx
 import pytest
+from fastapi import FastAPI
 from pydantic import ValidationError
 
 from server import manage
@@ -301,6 +303,45 @@ async def test_two_apps_on_redis_share_one_count(settings: Settings) -> None:
         await a.limiter.failed(user, ip)
         # The third failure, made on the other replica, throttles this one too.
         assert await b.limiter.throttled(user, ip)
+
+
+@pytest.mark.feature("brute-force-throttle")
+async def test_deployments_sharing_one_redis_keep_their_own_counts(settings: Settings) -> None:
+    url = redis_url()
+    run = secrets.token_hex(4)
+    user, ip = f"prefixed-{run}", "198.51.100.7"
+
+    def deployment(prefix: str) -> FastAPI:
+        return create_app(
+            settings.model_copy(
+                update={
+                    "rate_limit_storage": url,
+                    "rate_limit_prefix": prefix,
+                    "throttle_account_ip": "2/minute",
+                }
+            )
+        )
+
+    staging, production = deployment(f"staging-{run}"), deployment(f"production-{run}")
+    async with (
+        staging.router.lifespan_context(staging),
+        production.router.lifespan_context(production),
+    ):
+        a: AppState = staging.state.auth
+        b: AppState = production.state.auth
+        await a.limiter.failed(user, ip)
+        await a.limiter.failed(user, ip)
+        assert await a.limiter.throttled(user, ip)
+        assert not await b.limiter.throttled(user, ip)  # another deployment's failures
+        redis = coredis.Redis.from_url(url, decode_responses=True)
+        keys = list(await redis.keys(f"*{user}*"))
+        assert keys and all(k.startswith(f"staging-{run}:") for k in keys), keys
+
+
+def test_the_prefix_is_a_plain_name() -> None:
+    for bad in ("", "has space", "x" * 65, "a/b"):
+        with pytest.raises(ValidationError):
+            Settings(_env_file=None, rate_limit_prefix=bad)  # type: ignore[call-arg]
 
 
 async def test_throttled_attempts_claiming_a_client_do_not_spend_its_budget(

@@ -64,6 +64,7 @@ def balanced(
     keys = tmp / "keys"
     extra = {
         "AUTH_RATE_LIMIT_STORAGE": REDIS,
+        "AUTH_RATE_LIMIT_PREFIX": f"test-nginx-{secrets.token_hex(4)}",
         "AUTH_TRUSTED_PROXIES": "127.0.0.1",
         "AUTH_RATE_LIMIT_TOKEN_IP": f"{IP_LIMIT}/minute",
     }

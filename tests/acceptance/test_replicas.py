@@ -94,6 +94,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     keys = tmp / "keys"
     extra = {
         "AUTH_RATE_LIMIT_STORAGE": REDIS,
+        # Redis outlives a run: this run's counts under a prefix of their own.
+        "AUTH_RATE_LIMIT_PREFIX": f"test-replicas-{secrets.token_hex(4)}",
         "AUTH_RATE_LIMIT_TOKEN_ACCOUNT": f"{ACCOUNT_LIMIT}/minute",
         # The load below is one client from one address, and Redis outlives a run: only the
         # per-username limit (fresh usernames each run) is exercised.
