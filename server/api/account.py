@@ -15,7 +15,7 @@ from ..deps import StateDep
 from ..models import RefreshFamily, User, live_families, now
 from ..observability import audit
 from ..passwords import normalize_username
-from .auth import ApiError, CallerDep, no_store, user_refusals
+from .auth import ApiError, Body, CallerDep, no_store, user_refusals
 
 router = APIRouter(prefix="/api/v1", tags=["account"], dependencies=[Depends(no_store)])
 
@@ -29,9 +29,7 @@ class Me(BaseModel):
     name: str | None
 
 
-class NewUser(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class NewUser(Body):
     #: Letters, digits and ``. @ + - _`` (400 ``invalid_user``): not a schema pattern, because
     #: ``\w`` means ASCII letters to schema tools and every script's letters here.
     username: str = Field(min_length=1, max_length=150)
@@ -40,18 +38,14 @@ class NewUser(BaseModel):
     name: str | None = Field(default=None, max_length=200)
 
 
-class ProfileChange(BaseModel):
+class ProfileChange(Body):
     """Only the fields sent change; ``null`` clears one."""
-
-    model_config = ConfigDict(extra="forbid")
 
     email: str | None = Field(default=None, max_length=254, pattern=manage.EMAIL_RE.pattern)
     name: str | None = Field(default=None, max_length=200)
 
 
-class PasswordChange(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class PasswordChange(Body):
     current_password: str = Field(min_length=1, max_length=4096)
     new_password: str = Field(min_length=1, max_length=4096)
 

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from anyio import to_thread
 from fastapi import APIRouter, Depends, Path, Query, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field
 
 from .. import manage
 from ..config import Env
@@ -27,7 +27,7 @@ from ..keys import KeyInfo, RotationTooSoonError
 from ..models import User, live_families, now
 from ..observability import audit
 from .account import NewUser, SessionId, UserSession
-from .auth import AdminDep, ApiError, client_refusals, no_store, user_refusals
+from .auth import AdminDep, ApiError, Body, client_refusals, no_store, user_refusals
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "No token, or an invalid, expired or revoked one (`invalid_token`)"},
@@ -86,13 +86,11 @@ class ClientSecret(BaseModel):
     client_secret: str
 
 
-class _Registration(BaseModel):
+class _Registration(Body):
     """What creating and changing a client share."""
 
-    model_config = ConfigDict(extra="forbid")
-
     #: The operator's own app: people are not asked to consent.
-    first_party: StrictBool = False
+    first_party: bool = False
     grant_types: list[Grant] = Field(default_factory=list, max_length=4)
     #: Space-separated scope tokens (RFC 6749 §3.3); ``admin`` only for an admin client.
     scope: str = Field(default="", max_length=2000, pattern=SCOPE_PATTERN)
@@ -106,11 +104,11 @@ class NewClient(_Registration):
 
     client_id: str = Field(min_length=1, max_length=100, pattern=manage.CLIENT_ID_RE.pattern)
     name: str = Field(default="", max_length=200)
-    public: StrictBool = False
+    public: bool = False
     #: May receive the ``admin`` scope, and so act on this API.
-    admin: StrictBool = False
+    admin: bool = False
     #: May introspect every token (RFC 7662 §2.1); must be confidential.
-    resource_server: StrictBool = False
+    resource_server: bool = False
 
 
 class ClientChange(_Registration):
@@ -145,9 +143,7 @@ class UserPage(BaseModel):
     next_cursor: str | None
 
 
-class PasswordReset(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class PasswordReset(Body):
     password: str = Field(min_length=1, max_length=4096)
 
 
@@ -518,12 +514,10 @@ class Keys(BaseModel):
     keys: list[KeyOut]
 
 
-class KeyRotation(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class KeyRotation(Body):
     #: Promote the next key even if it was published less than a JWKS max-age ago (only
     #: safe when no verifier caches the JWKS, or all refetch it on an unknown ``kid``).
-    force: StrictBool = False
+    force: bool = False
 
 
 class KeysPruned(BaseModel):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -31,6 +32,13 @@ from ..observability import audit
 from ..tokens import access_token_is_live, decode_access_token
 
 REALM = "api"
+
+
+class Body(BaseModel):
+    """A request body of the JSON APIs: exactly what its schema says. No unknown fields, and
+    no lax conversions (pydantic would otherwise read ``1`` and ``"yes"`` as ``true``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ApiError(Exception):

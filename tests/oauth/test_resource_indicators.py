@@ -18,9 +18,11 @@ import pytest
 from pydantic import ValidationError
 from sqlalchemy import select, update
 
+from server import manage
 from server.config import Settings
 from server.deps import AppState
 from server.forms import FormError, parse_form, repeated
+from server.main import create_app
 from server.models import AuthorizationCode, RefreshFamily
 from tests.conftest import (
     ClientCreds,
@@ -31,6 +33,7 @@ from tests.conftest import (
     password_grant,
     refresh_grant,
     sign_in,
+    truncate,
 )
 from tests.oauth.test_authorize import (
     CALLBACK,
@@ -355,6 +358,35 @@ async def test_introspection_and_revocation_know_tokens_for_every_resource(
     assert revoked.status_code == 200
     after = await client.post("/oauth2/introspect", data={"token": token}, headers=rs.basic)
     assert after.json() == {"active": False}
+
+
+async def test_auth_default_audience_is_the_aud_without_resource_and_what_we_accept(
+    database_url: str, keys_dir: Path
+) -> None:
+    """SPEC: AUTH_DEFAULT_AUDIENCE is the ``aud`` when no ``resource`` is asked for; then the
+    issuer is just a URI, not an audience we serve."""
+    default = "https://default.example.com"
+    app = create_app(make_settings(database_url, keys_dir, default_audience=default))
+    await truncate(database_url)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http,
+    ):
+        state: AppState = app.state.auth
+        async with state.db.sessions() as db:
+            created = await manage.create_client(db, client_id="app", scope="openid profile")
+            user = await manage.create_user(
+                db, state.passwords, username="ann", password="correct horse battery"
+            )
+            await db.commit()
+        creds = ClientCreds("app", created.secret)
+        ann = UserCreds(user.id, "ann", "correct horse battery")
+        token = await token_for(http, creds, ann)
+        assert aud(token) == default
+        assert aud(await token_for(http, creds, ann, default)) == default
+        refused(await token_for(http, creds, ann, ISSUER))
+        bearer = {"Authorization": "Bearer " + token.json()["access_token"]}
+        assert (await http.get("/userinfo", headers=bearer)).status_code == 200
 
 
 # -- configuration and form parsing ----------------------------------------------------------
