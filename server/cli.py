@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import ipaddress
 import json
 import os
 import sys
@@ -72,9 +73,28 @@ def _when(stamp: int | None) -> str:
 # -- commands ------------------------------------------------------------------------
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name or a wildcard: reachable from elsewhere
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
+    if settings.env is Env.production and not _loopback(args.host) and not settings.trusted_proxies:
+        # uvicorn bounds neither the size of request headers nor the time a client may take
+        # to send them: on an address others can reach, production serves behind a proxy that
+        # does (deploy/nginx/token-server.conf), and AUTH_TRUSTED_PROXIES names that proxy.
+        raise CommandError(
+            f"refusing to listen on {args.host} in production without a proxy in front: "
+            "put deploy/nginx/token-server.conf (or another proxy that limits request headers "
+            "and their timing) in front and name it in AUTH_TRUSTED_PROXIES, or serve on "
+            "127.0.0.1 behind a proxy on the same host"
+        )
     if settings.env is not Env.production:
         KeyStore(settings.keys_dir).ensure()
     _preflight(settings)

@@ -1111,6 +1111,7 @@ def test_serve_in_production_with_secure_settings_hands_over_to_uvicorn(
     cli: Cli, db: Settings, environment: pytest.MonkeyPatch, served: list[Any]
 ) -> None:
     secure_production(environment)
+    environment.setenv("AUTH_TRUSTED_PROXIES", "192.0.2.1")  # the proxy in front
     result = cli("serve", "--host", "192.0.2.10", "--port", "8443", "--workers", "4")
     assert (result.code, result.messages) == (0, [])
     ((args, kwargs),) = served
@@ -1121,6 +1122,35 @@ def test_serve_in_production_with_secure_settings_hands_over_to_uvicorn(
         8443,
         4,
     )
+
+
+@pytest.mark.feature("cli-serve", "production-guard", "header-limits")
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.10", "::", "auth.internal"])  # noqa: S104
+def test_serve_in_production_refuses_an_exposed_address_without_a_proxy(
+    cli: Cli, db: Settings, environment: pytest.MonkeyPatch, served: list[Any], host: str
+) -> None:
+    secure_production(environment)
+    result = cli("serve", "--host", host)
+    assert (result.code, result.out) == (1, "")
+    (message,) = result.messages
+    assert message.startswith(
+        f"error: refusing to listen on {host} in production without a proxy in front: "
+    )
+    assert "AUTH_TRUSTED_PROXIES" in message
+    assert served == []
+
+
+@pytest.mark.feature("cli-serve", "production-guard", "header-limits")
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_serve_in_production_on_loopback_needs_no_proxy_setting(
+    cli: Cli, db: Settings, environment: pytest.MonkeyPatch, served: list[Any], host: str
+) -> None:
+    # A proxy on the same host (the systemd unit in deploy/) reaches it over loopback.
+    secure_production(environment)
+    result = cli("serve", "--host", host)
+    assert (result.code, result.messages) == (0, [])
+    ((_, kwargs),) = served
+    assert kwargs["host"] == host
 
 
 @pytest.mark.feature("cli-serve", "sqlite-backend", "postgres-backend")

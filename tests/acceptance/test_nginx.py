@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -44,9 +45,16 @@ def nginx_binary() -> str:
     return found
 
 
+#: The deployment waits 10 s for a request's headers; the test waits this long instead.
+HEADER_TIMEOUT = 2
+
+
 def render(conf: str, port: int, upstreams: list[str]) -> str:
-    """The deployment's server block with loopback addresses; nothing else changes."""
+    """The deployment's server block with loopback addresses and a shorter header timeout;
+    nothing else changes."""
     conf = conf.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    assert "    client_header_timeout 10s;\n" in conf
+    conf = conf.replace("client_header_timeout 10s;", f"client_header_timeout {HEADER_TIMEOUT}s;")
     servers = "".join(f"    server {u} max_fails=3 fail_timeout=5s;\n" for u in upstreams)
     conf, count = re.subn(r"(?m)^    server app\d:8000 [^\n]*\n", "", conf)
     assert count == 2, "deploy/nginx/token-server.conf no longer names app1 and app2"
@@ -173,3 +181,67 @@ def test_metrics_are_not_exposed_through_the_load_balancer(
     url, replicas, _ = balanced
     assert httpx.get(url + "/metrics", timeout=10).status_code == 404
     assert httpx.get(replicas[0].url + "/metrics", timeout=10).status_code == 200
+
+
+# -- header limits: what uvicorn does not bound, the production front does -----------------
+
+
+def healthz_served(replica: RunningServer) -> float:
+    """How many /healthz requests a replica has answered (its own Prometheus counter)."""
+    metrics = httpx.get(replica.url + "/metrics", timeout=10).text
+    pattern = r'http_requests_total\{[^}]*route="/healthz"[^}]*\} ([0-9.e+]+)'
+    return sum(float(value) for value in re.findall(pattern, metrics))
+
+
+@pytest.mark.feature("header-limits")
+def test_oversized_request_headers_are_refused_before_any_replica(
+    balanced: tuple[str, list[RunningServer], tuple[str, str]],
+) -> None:
+    url, replicas, _ = balanced
+    before = sum(healthz_served(replica) for replica in replicas)
+    with httpx.Client(base_url=url, timeout=10) as http:
+        header = http.get("/healthz", headers={"X-Padding": "a" * 64 * 1024})
+        many = http.get("/healthz", headers={f"X-Pad-{n}": "b" * 7000 for n in range(8)})
+        line = http.get("/oauth2/authorize?" + "c" * 16 * 1024)
+        # What the server itself accepts still passes: a 4 KiB authorization request and a
+        # header of a few KiB (a long bearer token) reach a replica.
+        query = http.get("/oauth2/authorize?client_id=" + "d" * 4000)
+        token = http.get("/api/v1/me", headers={"Authorization": "Bearer " + "e" * 6000})
+    assert (header.status_code, many.status_code, line.status_code) == (400, 400, 414)
+    assert all("nginx" in r.text for r in (header, many, line))  # nginx's own answers
+    assert sum(healthz_served(replica) for replica in replicas) == before  # none forwarded
+    assert query.status_code == 400 and "This sign-in request is not valid" in query.text
+    assert token.status_code == 401 and token.json()["error_code"] == "invalid_token"
+
+
+@pytest.mark.feature("header-limits")
+def test_a_client_trickling_its_headers_is_cut_off(
+    balanced: tuple[str, list[RunningServer], tuple[str, str]],
+) -> None:
+    url, _, _ = balanced
+    host, port = url.removeprefix("http://").split(":")
+    sent = 0
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=HEADER_TIMEOUT * 5) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: auth.test\r\n")
+        # One header line every quarter second, for up to five times the header timeout: a
+        # client that never finishes its headers must not keep the connection.
+        for n in range(HEADER_TIMEOUT * 20):
+            try:
+                sock.sendall(f"X-Slow-{n}: x\r\n".encode())
+                sent += 1
+                time.sleep(0.25)
+                sock.setblocking(False)
+                try:
+                    chunk = sock.recv(4096)
+                except BlockingIOError:
+                    chunk = None
+                finally:
+                    sock.setblocking(True)
+                if chunk is not None:
+                    answer = chunk
+                    break  # nginx answered or closed: the request is over
+            except OSError:
+                break  # reset: nginx closed the connection
+    assert sent < HEADER_TIMEOUT * 20, "the connection was still open after every header line"
+    assert b"200 OK" not in answer  # the request was never completed and served
