@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import ColumnElement, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .models import (
+    AuthorizationCode,
+    BrowserSession,
     Client,
     RefreshFamily,
     RevokedAccessToken,
@@ -400,10 +402,84 @@ async def end_sign_in(db: AsyncSession, user_id: str, family_id: str, *, reason:
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
+@dataclass(frozen=True)
+class EndedBrowserSessions:
+    sessions: int
+    #: Authorization codes issued through them and not yet exchanged, now spent.
+    codes: int
+    #: Sign-ins (families) created through them and revoked (only when asked to).
+    families: int
+
+
+async def end_browser_sessions(
+    db: AsyncSession, *where: ColumnElement[bool], reason: str, end_families: bool = False
+) -> EndedBrowserSessions:
+    """End the live browser sessions (hosted-page sign-ins) matching ``where``: their cookies
+    stop working and the codes issued through them and not yet exchanged are spent. With
+    ``end_families`` (an explicit sign-out) the sign-ins they created are revoked too.
+
+    The one way a browser session ends. The statements run in this order so that a code
+    exchange racing with it either loses or has its family revoked: the exchange claims its
+    code with one conditional UPDATE (``used_at IS NULL``) and only then creates the family.
+    - Codes first: if the exchange claimed the code first, this UPDATE waits for its row lock
+      (PostgreSQL) and, once the exchange has committed, skips the used code; the family the
+      exchange created is then visible to the next statement, which revokes it. If this
+      UPDATE spends the code first, the exchange's claim finds it used and fails.
+    - Families next (only with ``end_families``), then the session rows.
+    SQLite runs one writing transaction at a time, so there the two simply serialise.
+    """
+    stamp = now()
+    ids = list(
+        await db.scalars(select(BrowserSession.id).where(*where, BrowserSession.ended_at.is_(None)))
+    )
+    if not ids:
+        return EndedBrowserSessions(0, 0, 0)
+    # RFC 6749 §4.1.2: a code must not outlive what it was issued through; marked used, so
+    # the exchange's claim (``used_at IS NULL``) refuses it.
+    codes = await db.execute(
+        update(AuthorizationCode)
+        .where(AuthorizationCode.browser_session_id.in_(ids), AuthorizationCode.used_at.is_(None))
+        .values(used_at=stamp)
+        .execution_options(synchronize_session=False)
+    )
+    families = 0
+    if end_families:
+        revoked = await db.execute(
+            revoke_families(RefreshFamily.browser_session_id.in_(ids), at=stamp, reason=reason)
+        )
+        families = revoked.rowcount  # type: ignore[attr-defined]
+    await db.execute(
+        update(BrowserSession)
+        .where(BrowserSession.id.in_(ids), BrowserSession.ended_at.is_(None))
+        .values(ended_at=stamp)
+        .execution_options(synchronize_session=False)
+    )
+    return EndedBrowserSessions(len(ids), codes.rowcount, families)  # type: ignore[attr-defined]
+
+
 async def revoke_user_families(
     db: AsyncSession, user_id: str, *, reason: str, keep: str | None = None
 ) -> int:
-    """End every live sign-in of the user but ``keep``; returns how many ended."""
+    """End every sign-in of the user but ``keep``: every browser session (but the one
+    ``keep`` was created through, if any) with its unexchanged codes, then every family.
+    Returns the families revoked.
+
+    Browser sessions go first, codes before families, for the reason given in
+    ``end_browser_sessions``: a code exchange racing with this either loses or has its new
+    family revoked by the statement that follows."""
+    sessions: list[ColumnElement[bool]] = [BrowserSession.user_id == user_id]
+    kept_session = (
+        None
+        if keep is None
+        else await db.scalar(
+            select(RefreshFamily.browser_session_id).where(
+                RefreshFamily.id == keep, RefreshFamily.user_id == user_id
+            )
+        )
+    )
+    if kept_session is not None:
+        sessions.append(BrowserSession.id != kept_session)
+    await end_browser_sessions(db, *sessions, reason=reason)
     where = [RefreshFamily.user_id == user_id]
     if keep is not None:
         where.append(RefreshFamily.id != keep)
@@ -413,8 +489,9 @@ async def revoke_user_families(
 
 
 async def disable(db: AsyncSession, user: User, *, actor: str | None = None) -> int:
-    """Disable the account and end every sign-in it has; returns the families revoked.
-    Hosted-page sessions of a disabled person stop working too (they check the flag)."""
+    """Disable the account and end every sign-in it has, browser sessions included (so that
+    enabling it again revives none of them); returns the families revoked. A session is
+    also refused while its person is disabled (``current_session`` checks the flag)."""
     user.disabled = True
     revoked = await revoke_user_families(db, user.id, reason="user_disabled")
     _audit("user.disabled", actor, user_id=user.id, families_revoked=revoked)
@@ -440,8 +517,9 @@ async def reset_password(
     actor: str | None = None,
     keep_family: str | None = None,
 ) -> int:
-    """Change the password and end every sign-in but ``keep_family`` (the one a person changing
-    their own password is using); returns the families revoked."""
+    """Change the password and end every sign-in and browser session but ``keep_family`` (the
+    one a person changing their own password is using) and the browser session it was
+    created through; returns the families revoked."""
     try:
         passwords.check_policy(password, username=user.username)
     except ValueError as exc:

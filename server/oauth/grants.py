@@ -25,6 +25,7 @@ from sqlalchemy import select, update
 
 from ..models import (
     AuthorizationCode,
+    BrowserSession,
     Client,
     RefreshFamily,
     RefreshToken,
@@ -290,18 +291,27 @@ class CodeGrant(_Grant, grants.AuthorizationCodeGrant):  # type: ignore[misc]
         request.resources = rfc8707.within(
             rfc8707.requested(request.form), code.resources, self.server.settings
         )
+        # The browser session is read back from the claimed row, not from the row loaded
+        # before: signing in again may have moved the code to the browser's new session
+        # meanwhile, and the family must follow it there (a later sign-out ends it).
         claimed = db.execute(
             update(AuthorizationCode)
             .where(
                 AuthorizationCode.code_hash == code.code_hash, AuthorizationCode.used_at.is_(None)
             )
             .values(used_at=self.server.now)
+            .returning(AuthorizationCode.browser_session_id)
             .execution_options(synchronize_session=False)
-        )
-        if claimed.rowcount != 1:  # type: ignore[attr-defined]
-            # Another exchange of this code won: a replay (RFC 6749 §4.1.2).
+        ).first()
+        if claimed is None:
+            # Another exchange of this code won (a replay, RFC 6749 §4.1.2), or the browser
+            # session it was issued through ended (``manage.end_browser_sessions``).
             db.refresh(code)
             self._revoke_what_it_issued(code)
+            raise InvalidGrantError(BAD_CODE)
+        if not self._browser_session_live(claimed.browser_session_id):
+            # Issued while the browser was signing out (after the sign-out spent the
+            # session's codes): the sign-in it would start would outlive the sign-out.
             raise InvalidGrantError(BAD_CODE)
         user = self.authenticate_user(code)
         if user is None:
@@ -313,7 +323,7 @@ class CodeGrant(_Grant, grants.AuthorizationCodeGrant):  # type: ignore[misc]
             scope=code.scope,
             resources=code.resources,
             auth_time=code.auth_time,
-            browser_session_id=code.browser_session_id,
+            browser_session_id=claimed.browser_session_id,
         )
         token = self.server.issue(request, scope=code.scope, nonce=code.nonce)
         db.execute(
@@ -323,6 +333,16 @@ class CodeGrant(_Grant, grants.AuthorizationCodeGrant):  # type: ignore[misc]
             .execution_options(synchronize_session=False)
         )
         return 200, token, self.TOKEN_RESPONSE_HEADER
+
+    def _browser_session_live(self, session_id: str | None) -> bool:
+        """Whether the browser session a code was issued through has not ended (one that
+        merely expired still counts: its codes were issued while it lived)."""
+        if session_id is None:
+            return True
+        ended = self.server.db.execute(
+            select(BrowserSession.ended_at).where(BrowserSession.id == session_id)
+        ).first()
+        return ended is not None and ended.ended_at is None
 
     def _revoke_what_it_issued(self, code: AuthorizationCode) -> None:
         audit("code.reuse_detected", client_id=code.client_id, family_id=code.family_id)
