@@ -539,15 +539,29 @@ async def set_password(db: AsyncSession, passwords: Passwords, username: str, pa
 class Pruned:
     families: int
     revoked_access_tokens: int
+    authorization_codes: int = 0
+    browser_sessions: int = 0
 
 
-async def prune_tokens(db: AsyncSession, *, access_token_ttl: int) -> Pruned:
-    """Delete what can no longer matter: sign-ins ended (revoked or past their cap) for longer
-    than an access token lives, with their refresh tokens, and deny-listed ``jti``s whose
-    tokens have expired. Live families keep their rotated tokens: replaying one must still
-    be recognised as reuse."""
+async def prune_tokens(
+    db: AsyncSession, *, access_token_ttl: int, authorization_code_ttl: int = 600
+) -> Pruned:
+    """Delete what can no longer matter, each only a safety margin after it stopped mattering
+    (deleting must never widen access):
+
+    - sign-ins ended (revoked or past their cap) for longer than an access token lives, with
+      their refresh tokens: their access tokens have expired by then. Live families keep
+      their rotated tokens: replaying one must still be recognised as reuse;
+    - deny-listed ``jti``s whose tokens have expired;
+    - authorization codes expired for longer than the margin, unless the sign-in their
+      exchange started is still live (see below);
+    - browser sessions ended or expired for longer than the margin.
+
+    The margin is the longer of an access token's and a code's lifetime (``margin_before``).
+    """
     stamp = now()
     ended_before = stamp - access_token_ttl
+    margin_before = stamp - max(access_token_ttl, authorization_code_ttl)
     families = await db.execute(
         delete(RefreshFamily).where(
             or_(
@@ -560,13 +574,50 @@ async def prune_tokens(db: AsyncSession, *, access_token_ttl: int) -> Pruned:
     revoked = await db.execute(
         delete(RevokedAccessToken).where(RevokedAccessToken.expires_at <= stamp)
     )
+    # Why deleting these codes is safe: the token endpoint refuses an expired code whether
+    # its row exists or not (a missing row is ``invalid_grant`` too), so no exchange can
+    # succeed that would have failed; and with the margin no exchange that read the row
+    # before it expired is still running. What a row adds after expiry is reuse detection
+    # (RFC 6749 §4.1.2: a replayed code revokes the sign-in it started), so a code whose
+    # sign-in is still live is kept until that sign-in ends and is pruned itself.
+    live_family_ids = select(RefreshFamily.id).where(
+        RefreshFamily.revoked_at.is_(None), RefreshFamily.expires_at > stamp
+    )
+    codes = await db.execute(
+        delete(AuthorizationCode).where(
+            AuthorizationCode.expires_at <= margin_before,
+            or_(
+                AuthorizationCode.family_id.is_(None),
+                AuthorizationCode.family_id.not_in(live_family_ids),
+            ),
+        )
+    )
+    # Why deleting these browser sessions is safe: ``current_session`` refuses an ended or
+    # expired row, so a cookie whose row is gone signs in nobody, exactly as before. A
+    # family created through a deleted session loses its link (ON DELETE SET NULL); the link
+    # only lets a sign-out of that session end the family, and nobody can sign out of an
+    # ended or expired session any more. The margin outlasts the session's codes (a code
+    # issued just before the session expired may still be exchanged for up to a code's
+    # lifetime, and its family refers to the session).
+    sessions = await db.execute(
+        delete(BrowserSession).where(
+            or_(
+                BrowserSession.ended_at <= margin_before,
+                BrowserSession.expires_at <= margin_before,
+            )
+        )
+    )
     result = Pruned(
         families=families.rowcount,  # type: ignore[attr-defined]
         revoked_access_tokens=revoked.rowcount,  # type: ignore[attr-defined]
+        authorization_codes=codes.rowcount,  # type: ignore[attr-defined]
+        browser_sessions=sessions.rowcount,  # type: ignore[attr-defined]
     )
     audit(
         "tokens.pruned",
         families=result.families,
         revoked_access_tokens=result.revoked_access_tokens,
+        authorization_codes=result.authorization_codes,
+        browser_sessions=result.browser_sessions,
     )
     return result
