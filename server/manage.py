@@ -435,11 +435,12 @@ async def end_browser_sessions(
     if not ids:
         return EndedBrowserSessions(0, 0, 0)
     # RFC 6749 §4.1.2: a code must not outlive what it was issued through; marked used, so
-    # the exchange's claim (``used_at IS NULL``) refuses it.
+    # the exchange's claim (``used_at IS NULL``) refuses it, and expired at the same second,
+    # which tells it from a code an exchange claimed (a later use of that one is a replay).
     codes = await db.execute(
         update(AuthorizationCode)
         .where(AuthorizationCode.browser_session_id.in_(ids), AuthorizationCode.used_at.is_(None))
-        .values(used_at=stamp)
+        .values(used_at=stamp, expires_at=stamp)
         .execution_options(synchronize_session=False)
     )
     families = 0

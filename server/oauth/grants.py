@@ -242,6 +242,13 @@ class Pkce(CodeChallenge):  # type: ignore[misc]
             raise InvalidRequestError("code_challenge_method must be S256.")
 
 
+def _replayed(code: AuthorizationCode) -> bool:
+    """Whether a used code was claimed by an exchange (so using it again is a replay), not
+    spent when its browser session ended. An exchange claims a code only before it expires
+    (``used_at < expires_at``); ending a session stamps both with the same time."""
+    return code.used_at is not None and code.used_at < code.expires_at
+
+
 class CodeGrant(_Grant, grants.AuthorizationCodeGrant):  # type: ignore[misc]
     TOKEN_ENDPOINT_AUTH_METHODS = USER_CLIENT_AUTH
 
@@ -272,7 +279,8 @@ class CodeGrant(_Grant, grants.AuthorizationCodeGrant):  # type: ignore[misc]
         if row is None or row.client_id != client.client_id:
             return None  # another client's code is refused and left alone
         if row.used_at is not None:
-            self._revoke_what_it_issued(row)
+            if _replayed(row):
+                self._revoke_what_it_issued(row)
             return None
         if row.expires_at <= self.server.now:
             return None
@@ -307,7 +315,8 @@ class CodeGrant(_Grant, grants.AuthorizationCodeGrant):  # type: ignore[misc]
             # Another exchange of this code won (a replay, RFC 6749 §4.1.2), or the browser
             # session it was issued through ended (``manage.end_browser_sessions``).
             db.refresh(code)
-            self._revoke_what_it_issued(code)
+            if _replayed(code):
+                self._revoke_what_it_issued(code)
             raise InvalidGrantError(BAD_CODE)
         if not self._browser_session_live(claimed.browser_session_id):
             # Issued while the browser was signing out (after the sign-out spent the

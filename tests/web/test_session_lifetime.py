@@ -23,6 +23,7 @@ from sqlalchemy import select, update
 from server import manage
 from server.deps import AppState
 from server.models import AuthorizationCode, BrowserSession, RefreshFamily
+from server.observability import AUDIT_LISTENERS
 from tests.conftest import (
     ClientCreds,
     MakeClient,
@@ -218,8 +219,14 @@ async def test_a_code_issued_before_sign_out_cannot_be_exchanged_after_it(
     signed_out = await browser.post("/logout", data={"csrf_token": csrf_of(confirm)})
     assert signed_out.status_code == 303
 
-    late = await exchange(browser, pending, verifier)
+    seen: list[str] = []
+    AUDIT_LISTENERS.append(lambda event, fields: seen.append(event))
+    try:
+        late = await exchange(browser, pending, verifier)
+    finally:
+        AUDIT_LISTENERS.pop()
     assert (late.status_code, late.json()["error"]) == (400, "invalid_grant")
+    assert "code.reuse_detected" not in seen  # spent by the sign-out, not replayed
     assert await refresh(browser, exchanged["refresh_token"]) == 400
     async with state.db.sessions() as db:
         live = await db.scalars(select(RefreshFamily).where(RefreshFamily.revoked_at.is_(None)))
@@ -386,7 +393,11 @@ async def test_a_code_minted_while_signing_out_is_refused_after_it(
     # As if the authorization request had committed its code just after the sign-out spent
     # the session's codes (two requests of one browser, racing).
     async with state.db.sessions() as db:
-        await db.execute(update(AuthorizationCode).values(used_at=None))
+        await db.execute(
+            update(AuthorizationCode).values(
+                used_at=None, expires_at=AuthorizationCode.created_at + 60
+            )
+        )
         await db.commit()
     late = await exchange(browser, pending, verifier)
     assert (late.status_code, late.json()["error"]) == (400, "invalid_grant")
