@@ -429,11 +429,11 @@ async def end_browser_sessions(
     SQLite runs one writing transaction at a time, so there the two simply serialise.
     """
     stamp = now()
-    ids = list(
-        await db.scalars(select(BrowserSession.id).where(*where, BrowserSession.ended_at.is_(None)))
-    )
-    if not ids:
-        return EndedBrowserSessions(0, 0, 0)
+    # A subquery, not a list of ids: however many sessions a person has piled up, one
+    # statement each. A session that starts between these statements and matches ``where``
+    # is ended by the last one; a code issued through it meanwhile is refused at the token
+    # endpoint, which checks that the code's browser session has not ended.
+    ids = select(BrowserSession.id).where(*where, BrowserSession.ended_at.is_(None))
     # RFC 6749 §4.1.2: a code must not outlive what it was issued through; marked used, so
     # the exchange's claim (``used_at IS NULL``) refuses it, and expired at the same second,
     # which tells it from a code an exchange claimed (a later use of that one is a replay).
@@ -449,13 +449,17 @@ async def end_browser_sessions(
             revoke_families(RefreshFamily.browser_session_id.in_(ids), at=stamp, reason=reason)
         )
         families = revoked.rowcount  # type: ignore[attr-defined]
-    await db.execute(
+    ended = await db.execute(
         update(BrowserSession)
-        .where(BrowserSession.id.in_(ids), BrowserSession.ended_at.is_(None))
+        .where(*where, BrowserSession.ended_at.is_(None))
         .values(ended_at=stamp)
         .execution_options(synchronize_session=False)
     )
-    return EndedBrowserSessions(len(ids), codes.rowcount, families)  # type: ignore[attr-defined]
+    return EndedBrowserSessions(
+        ended.rowcount,  # type: ignore[attr-defined]
+        codes.rowcount,  # type: ignore[attr-defined]
+        families,
+    )
 
 
 async def revoke_user_families(
