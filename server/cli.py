@@ -194,11 +194,17 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_tokens(settings: Settings, args: argparse.Namespace) -> int:
     pruned = _run_db(
         settings,
-        lambda db: manage.prune_tokens(db, access_token_ttl=settings.access_token_ttl),
+        lambda db: manage.prune_tokens(
+            db,
+            access_token_ttl=settings.access_token_ttl,
+            authorization_code_ttl=settings.authorization_code_ttl,
+        ),
     )
     print(
-        f"deleted {pruned.families} ended sign-ins (with their refresh tokens) and "
-        f"{pruned.revoked_access_tokens} expired access-token revocations"
+        f"deleted {pruned.families} ended sign-ins (with their refresh tokens), "
+        f"{pruned.revoked_access_tokens} expired access-token revocations, "
+        f"{pruned.authorization_codes} expired authorization codes and "
+        f"{pruned.browser_sessions} ended browser sessions"
     )
     return 0
 
@@ -381,7 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="tokens_command", required=True
     )
     tokens.add_parser(
-        "prune", help="delete ended sign-ins and expired revocations (safe to run any time)"
+        "prune",
+        help="delete ended sign-ins, expired revocations and codes, and ended browser sessions "
+        "(safe to run any time)",
     )
 
     clients = commands.add_parser("clients", help="OAuth clients").add_subparsers(

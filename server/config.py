@@ -69,12 +69,15 @@ class Settings(BaseSettings):
     #: Redis key prefix of the counts: deployments sharing one Redis set different ones.
     rate_limit_prefix: str = Field(default="token-server", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     rate_limits_enabled: bool = True
-    #: Request limits (``limits`` notation, ``;`` between tiers) on /oauth2/token and /login.
+    #: Request limits (``limits`` notation, ``;`` between tiers) on /oauth2/token and /login
+    #: (``login_ip`` also counts sign-ups per address, on /register and the account API).
     rate_limit_token_ip: str = "300/minute"  # noqa: S105 (a limit, not a secret)
     rate_limit_token_client: str = "600/minute"  # noqa: S105
     rate_limit_token_account: str = "30/minute"  # noqa: S105
     rate_limit_login_ip: str = "60/minute"
     rate_limit_login_account: str = "20/minute"
+    #: Authorization codes one browser session may be issued at /oauth2/authorize.
+    rate_limit_authorize: str = "30/minute"
     #: Failed passwords tolerated before every attempt is refused unchecked: per (account, IP)
     #: and per account. Longer windows make the delay grow with persistence.
     throttle_account_ip: str = "5/minute;20/hour"
@@ -134,6 +137,7 @@ class Settings(BaseSettings):
         "rate_limit_token_account",
         "rate_limit_login_ip",
         "rate_limit_login_account",
+        "rate_limit_authorize",
         "throttle_account_ip",
         "throttle_account",
     )

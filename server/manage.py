@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import ColumnElement, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .models import (
+    AuthorizationCode,
+    BrowserSession,
     Client,
     RefreshFamily,
     RevokedAccessToken,
@@ -400,10 +402,89 @@ async def end_sign_in(db: AsyncSession, user_id: str, family_id: str, *, reason:
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
+@dataclass(frozen=True)
+class EndedBrowserSessions:
+    sessions: int
+    #: Authorization codes issued through them and not yet exchanged, now spent.
+    codes: int
+    #: Sign-ins (families) created through them and revoked (only when asked to).
+    families: int
+
+
+async def end_browser_sessions(
+    db: AsyncSession, *where: ColumnElement[bool], reason: str, end_families: bool = False
+) -> EndedBrowserSessions:
+    """End the live browser sessions (hosted-page sign-ins) matching ``where``: their cookies
+    stop working and the codes issued through them and not yet exchanged are spent. With
+    ``end_families`` (an explicit sign-out) the sign-ins they created are revoked too.
+
+    The one way a browser session ends. The statements run in this order so that a code
+    exchange racing with it either loses or has its family revoked: the exchange claims its
+    code with one conditional UPDATE (``used_at IS NULL``) and only then creates the family.
+    - Codes first: if the exchange claimed the code first, this UPDATE waits for its row lock
+      (PostgreSQL) and, once the exchange has committed, skips the used code; the family the
+      exchange created is then visible to the next statement, which revokes it. If this
+      UPDATE spends the code first, the exchange's claim finds it used and fails.
+    - Families next (only with ``end_families``), then the session rows.
+    SQLite runs one writing transaction at a time, so there the two simply serialise.
+    """
+    stamp = now()
+    # A subquery, not a list of ids: however many sessions a person has piled up, one
+    # statement each. A session that starts between these statements and matches ``where``
+    # is ended by the last one; a code issued through it meanwhile is refused at the token
+    # endpoint, which checks that the code's browser session has not ended.
+    ids = select(BrowserSession.id).where(*where, BrowserSession.ended_at.is_(None))
+    # RFC 6749 §4.1.2: a code must not outlive what it was issued through; marked used, so
+    # the exchange's claim (``used_at IS NULL``) refuses it, and expired at the same second,
+    # which tells it from a code an exchange claimed (a later use of that one is a replay).
+    codes = await db.execute(
+        update(AuthorizationCode)
+        .where(AuthorizationCode.browser_session_id.in_(ids), AuthorizationCode.used_at.is_(None))
+        .values(used_at=stamp, expires_at=stamp)
+        .execution_options(synchronize_session=False)
+    )
+    families = 0
+    if end_families:
+        revoked = await db.execute(
+            revoke_families(RefreshFamily.browser_session_id.in_(ids), at=stamp, reason=reason)
+        )
+        families = revoked.rowcount  # type: ignore[attr-defined]
+    ended = await db.execute(
+        update(BrowserSession)
+        .where(*where, BrowserSession.ended_at.is_(None))
+        .values(ended_at=stamp)
+        .execution_options(synchronize_session=False)
+    )
+    return EndedBrowserSessions(
+        ended.rowcount,  # type: ignore[attr-defined]
+        codes.rowcount,  # type: ignore[attr-defined]
+        families,
+    )
+
+
 async def revoke_user_families(
     db: AsyncSession, user_id: str, *, reason: str, keep: str | None = None
 ) -> int:
-    """End every live sign-in of the user but ``keep``; returns how many ended."""
+    """End every sign-in of the user but ``keep``: every browser session (but the one
+    ``keep`` was created through, if any) with its unexchanged codes, then every family.
+    Returns the families revoked.
+
+    Browser sessions go first, codes before families, for the reason given in
+    ``end_browser_sessions``: a code exchange racing with this either loses or has its new
+    family revoked by the statement that follows."""
+    sessions: list[ColumnElement[bool]] = [BrowserSession.user_id == user_id]
+    kept_session = (
+        None
+        if keep is None
+        else await db.scalar(
+            select(RefreshFamily.browser_session_id).where(
+                RefreshFamily.id == keep, RefreshFamily.user_id == user_id
+            )
+        )
+    )
+    if kept_session is not None:
+        sessions.append(BrowserSession.id != kept_session)
+    await end_browser_sessions(db, *sessions, reason=reason)
     where = [RefreshFamily.user_id == user_id]
     if keep is not None:
         where.append(RefreshFamily.id != keep)
@@ -413,8 +494,9 @@ async def revoke_user_families(
 
 
 async def disable(db: AsyncSession, user: User, *, actor: str | None = None) -> int:
-    """Disable the account and end every sign-in it has; returns the families revoked.
-    Hosted-page sessions of a disabled person stop working too (they check the flag)."""
+    """Disable the account and end every sign-in it has, browser sessions included (so that
+    enabling it again revives none of them); returns the families revoked. A session is
+    also refused while its person is disabled (``current_session`` checks the flag)."""
     user.disabled = True
     revoked = await revoke_user_families(db, user.id, reason="user_disabled")
     _audit("user.disabled", actor, user_id=user.id, families_revoked=revoked)
@@ -440,8 +522,9 @@ async def reset_password(
     actor: str | None = None,
     keep_family: str | None = None,
 ) -> int:
-    """Change the password and end every sign-in but ``keep_family`` (the one a person changing
-    their own password is using); returns the families revoked."""
+    """Change the password and end every sign-in and browser session but ``keep_family`` (the
+    one a person changing their own password is using) and the browser session it was
+    created through; returns the families revoked."""
     try:
         passwords.check_policy(password, username=user.username)
     except ValueError as exc:
@@ -461,15 +544,29 @@ async def set_password(db: AsyncSession, passwords: Passwords, username: str, pa
 class Pruned:
     families: int
     revoked_access_tokens: int
+    authorization_codes: int = 0
+    browser_sessions: int = 0
 
 
-async def prune_tokens(db: AsyncSession, *, access_token_ttl: int) -> Pruned:
-    """Delete what can no longer matter: sign-ins ended (revoked or past their cap) for longer
-    than an access token lives, with their refresh tokens, and deny-listed ``jti``s whose
-    tokens have expired. Live families keep their rotated tokens: replaying one must still
-    be recognised as reuse."""
+async def prune_tokens(
+    db: AsyncSession, *, access_token_ttl: int, authorization_code_ttl: int = 600
+) -> Pruned:
+    """Delete what can no longer matter, each only a safety margin after it stopped mattering
+    (deleting must never widen access):
+
+    - sign-ins ended (revoked or past their cap) for longer than an access token lives, with
+      their refresh tokens: their access tokens have expired by then. Live families keep
+      their rotated tokens: replaying one must still be recognised as reuse;
+    - deny-listed ``jti``s whose tokens have expired;
+    - authorization codes expired for longer than the margin, unless the sign-in their
+      exchange started is still live (see below);
+    - browser sessions ended or expired for longer than the margin.
+
+    The margin is the longer of an access token's and a code's lifetime (``margin_before``).
+    """
     stamp = now()
     ended_before = stamp - access_token_ttl
+    margin_before = stamp - max(access_token_ttl, authorization_code_ttl)
     families = await db.execute(
         delete(RefreshFamily).where(
             or_(
@@ -482,13 +579,50 @@ async def prune_tokens(db: AsyncSession, *, access_token_ttl: int) -> Pruned:
     revoked = await db.execute(
         delete(RevokedAccessToken).where(RevokedAccessToken.expires_at <= stamp)
     )
+    # Why deleting these codes is safe: the token endpoint refuses an expired code whether
+    # its row exists or not (a missing row is ``invalid_grant`` too), so no exchange can
+    # succeed that would have failed; and with the margin no exchange that read the row
+    # before it expired is still running. What a row adds after expiry is reuse detection
+    # (RFC 6749 §4.1.2: a replayed code revokes the sign-in it started), so a code whose
+    # sign-in is still live is kept until that sign-in ends and is pruned itself.
+    live_family_ids = select(RefreshFamily.id).where(
+        RefreshFamily.revoked_at.is_(None), RefreshFamily.expires_at > stamp
+    )
+    codes = await db.execute(
+        delete(AuthorizationCode).where(
+            AuthorizationCode.expires_at <= margin_before,
+            or_(
+                AuthorizationCode.family_id.is_(None),
+                AuthorizationCode.family_id.not_in(live_family_ids),
+            ),
+        )
+    )
+    # Why deleting these browser sessions is safe: ``current_session`` refuses an ended or
+    # expired row, so a cookie whose row is gone signs in nobody, exactly as before. A
+    # family created through a deleted session loses its link (ON DELETE SET NULL); the link
+    # only lets a sign-out of that session end the family, and nobody can sign out of an
+    # ended or expired session any more. The margin outlasts the session's codes (a code
+    # issued just before the session expired may still be exchanged for up to a code's
+    # lifetime, and its family refers to the session).
+    sessions = await db.execute(
+        delete(BrowserSession).where(
+            or_(
+                BrowserSession.ended_at <= margin_before,
+                BrowserSession.expires_at <= margin_before,
+            )
+        )
+    )
     result = Pruned(
         families=families.rowcount,  # type: ignore[attr-defined]
         revoked_access_tokens=revoked.rowcount,  # type: ignore[attr-defined]
+        authorization_codes=codes.rowcount,  # type: ignore[attr-defined]
+        browser_sessions=sessions.rowcount,  # type: ignore[attr-defined]
     )
     audit(
         "tokens.pruned",
         families=result.families,
         revoked_access_tokens=result.revoked_access_tokens,
+        authorization_codes=result.authorization_codes,
+        browser_sessions=result.browser_sessions,
     )
     return result

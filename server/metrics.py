@@ -65,9 +65,11 @@ OAUTH_ERRORS = frozenset(
     }
 )
 TOKEN_TYPES = frozenset({"access_token", "refresh_token"})
-RATE_LIMIT_ENDPOINTS = frozenset({"token", "login", "register", "revoke", "introspect"})
+RATE_LIMIT_ENDPOINTS = frozenset(
+    {"token", "login", "register", "revoke", "introspect", "authorize"}
+)
 #: What a limit is counted per; the limiter names them "<endpoint>-<scope>" ("token-ip").
-RATE_LIMIT_SCOPES = frozenset({"ip", "client", "account"})
+RATE_LIMIT_SCOPES = frozenset({"ip", "client", "account", "session"})
 BREAKER_STATES = {"closed": 0, "half-open": 1, "open": 2}
 
 #: From 1 ms (a cached discovery document) to 2.5 s (argon2 under load, a slow database).

@@ -4,7 +4,8 @@ Two mechanisms, one storage (``AUTH_RATE_LIMIT_STORAGE``: in-process memory by d
 Redis to share counts between replicas):
 
 - **Rate limits** count *requests*, per client IP, per client and per account, on the token
-  endpoint (every grant) and on the sign-in page. Over a limit: 429 with ``Retry-After``.
+  endpoint (every grant), on the sign-in and sign-up pages, and the authorization codes
+  issued per browser session. Over a limit: 429 with ``Retry-After``.
 - **Throttling** counts *failed passwords*, per (account, IP) with tight tiers and per
   account with looser ones. While any tier is exhausted every attempt for that account, the
   correct password included, gets the ordinary "invalid credentials" answer: the throttle
@@ -73,6 +74,7 @@ class Limiter:
         self.token_account = parse_many(settings.rate_limit_token_account)
         self.login_ip = parse_many(settings.rate_limit_login_ip)
         self.login_account = parse_many(settings.rate_limit_login_account)
+        self.authorize_session = parse_many(settings.rate_limit_authorize)
         self.failures_account_ip = parse_many(settings.throttle_account_ip)
         self.failures_account = parse_many(settings.throttle_account)
         self.proxies: list[IpNetwork] = [

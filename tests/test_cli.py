@@ -34,7 +34,16 @@ from server.cli import main
 from server.config import Settings
 from server.db import create_engine, head_revision, session_factory, transaction
 from server.keys import MANIFEST
-from server.models import Client, RefreshFamily, RefreshToken, RevokedAccessToken, User, sha256_hex
+from server.models import (
+    AuthorizationCode,
+    BrowserSession,
+    Client,
+    RefreshFamily,
+    RefreshToken,
+    RevokedAccessToken,
+    User,
+    sha256_hex,
+)
 from tests.conftest import _drop_pg_database, _new_pg_database
 
 T = TypeVar("T")
@@ -1321,8 +1330,9 @@ def test_tokens_prune_deletes_only_what_can_no_longer_matter(cli: Cli, db: Setti
 
     assert (result.code, result.messages) == (0, [])
     assert result.out == (
-        "deleted 2 ended sign-ins (with their refresh tokens) and "
-        "1 expired access-token revocations\n"
+        "deleted 2 ended sign-ins (with their refresh tokens), "
+        "1 expired access-token revocations, 0 expired authorization codes and "
+        "0 ended browser sessions\n"
     )
     assert sorted(families(db)) == ["capped-just-now", "live", "revoked-now"]
 
@@ -1335,3 +1345,102 @@ def test_tokens_prune_deletes_only_what_can_no_longer_matter(cli: Cli, db: Setti
     assert [e["event"] for e in result.logs if e.get("audit")] == ["tokens.pruned"]
     again = cli("tokens", "prune")
     assert again.out.startswith("deleted 0 ended sign-ins")
+
+
+@pytest.mark.feature("growth-limits", "token-cleanup", "cli-tokens")
+def test_tokens_prune_deletes_expired_codes_and_ended_browser_sessions(
+    cli: Cli, db: Settings
+) -> None:
+    cli("clients", "create", "--client-id", "web")
+    cli("users", "create", "--username", "ann", "--password-stdin", stdin="a long passphrase\n")
+    user_id = user_row(db, "ann").id
+    margin = max(db.access_token_ttl, db.authorization_code_ttl)
+    stamp = int(time.time())
+    long_ago = stamp - margin - 1
+
+    async def seed(session: AsyncSession) -> None:
+        def browser(sid: str, *, expires_at: int, ended_at: int | None = None) -> None:
+            session.add(
+                BrowserSession(
+                    id=sid,
+                    token_hash=sha256_hex(sid),
+                    user_id=user_id,
+                    auth_time=stamp - 90_000,
+                    created_at=stamp - 90_000,
+                    expires_at=expires_at,
+                    ended_at=ended_at,
+                )
+            )
+
+        browser("live", expires_at=stamp + 3600)
+        browser("ended-just-now", expires_at=stamp + 3600, ended_at=stamp - 5)
+        browser("ended-long-ago", expires_at=stamp + 3600, ended_at=long_ago)
+        browser("expired-just-now", expires_at=stamp - 5)
+        browser("expired-long-ago", expires_at=long_ago)
+        await session.flush()
+        for fid, revoked_at in (("live", None), ("revoked", stamp - 5)):
+            session.add(
+                RefreshFamily(
+                    id=fid,
+                    client_id="web",
+                    user_id=user_id,
+                    auth_time=stamp,
+                    expires_at=stamp + 86_400,
+                    revoked_at=revoked_at,
+                    # Created through a browser session that expired long ago.
+                    browser_session_id="expired-long-ago",
+                )
+            )
+        await session.flush()
+
+        def code(
+            name: str, *, expires_at: int, used: bool = False, family: str | None = None
+        ) -> None:
+            session.add(
+                AuthorizationCode(
+                    code_hash=sha256_hex(name),
+                    client_id="web",
+                    user_id=user_id,
+                    browser_session_id="live",
+                    redirect_uri="https://app.example/cb",
+                    auth_time=stamp,
+                    created_at=expires_at - 60,
+                    expires_at=expires_at,
+                    used_at=expires_at - 30 if used else None,
+                    family_id=family,
+                )
+            )
+
+        code("live", expires_at=stamp + 30)
+        code("expired-just-now", expires_at=stamp - 5)
+        code("expired-long-ago", expires_at=long_ago)
+        code("used-long-ago", expires_at=long_ago, used=True)
+        # Its sign-in still lives: a replay of the code must still revoke it (RFC 6749 §4.1.2).
+        code("used-live-family", expires_at=long_ago, used=True, family="live")
+        code("used-revoked-family", expires_at=long_ago, used=True, family="revoked")
+
+    in_db(db, seed)
+
+    result = cli("tokens", "prune")
+
+    assert (result.code, result.messages) == (0, [])
+    assert result.out == (
+        "deleted 0 ended sign-ins (with their refresh tokens), "
+        "0 expired access-token revocations, 3 expired authorization codes and "
+        "2 ended browser sessions\n"
+    )
+
+    async def leftovers(session: AsyncSession) -> tuple[list[str], list[str], list[str | None]]:
+        sessions = await session.scalars(select(BrowserSession.id))
+        codes = await session.scalars(select(AuthorizationCode.code_hash))
+        links = await session.scalars(select(RefreshFamily.browser_session_id))
+        return sorted(sessions), sorted(codes), list(links)
+
+    sessions, codes, links = in_db(db, leftovers)
+    assert sessions == ["ended-just-now", "expired-just-now", "live"]
+    kept = ["expired-just-now", "live", "used-live-family"]
+    assert codes == sorted(sha256_hex(name) for name in kept)
+    assert links == [None, None]  # the families live on, unlinked from the deleted session
+    (event,) = [e for e in result.logs if e.get("audit")]
+    assert event["event"] == "tokens.pruned"
+    assert (event["authorization_codes"], event["browser_sessions"]) == (3, 2)

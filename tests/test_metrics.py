@@ -303,6 +303,8 @@ def test_audit_events_map_to_bounded_labels() -> None:
          "rate_limit_hits_total", {"endpoint": "token", "scope": "client"}),
         ("rate_limit.exceeded", {"endpoint": "login", "scope": "login-account"},
          "rate_limit_hits_total", {"endpoint": "login", "scope": "account"}),
+        ("rate_limit.exceeded", {"endpoint": "authorize", "scope": "authorize-session"},
+         "rate_limit_hits_total", {"endpoint": "authorize", "scope": "session"}),
         ("rate_limit.exceeded", {"endpoint": "login", "scope": "ip"}, "rate_limit_hits_total",
          {"endpoint": "login", "scope": "ip"}),
         ("rate_limit.exceeded", {"endpoint": "login", "scope": "token-ip"},

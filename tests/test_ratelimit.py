@@ -262,6 +262,7 @@ async def test_a_trusted_proxy_names_the_client(settings: Settings) -> None:
 def test_settings_refuse_malformed_limits_and_proxies(settings: Settings) -> None:
     for field, value in (
         ("rate_limit_token_ip", "lots"),
+        ("rate_limit_authorize", "30 a minute"),
         ("throttle_account", "5 per fortnight"),
         ("trusted_proxies", "not-an-ip"),
     ):
@@ -390,3 +391,97 @@ async def test_the_sign_in_page_is_limited_per_username_across_addresses(
                 )
                 outcomes.append(response.status_code)
         assert outcomes == [303, 303, 429]
+
+
+# -- growth: sign-ups on the page, codes per browser session ------------------------------------
+
+
+@pytest.mark.feature("growth-limits")
+async def test_the_sign_up_page_shares_the_account_apis_per_address_limit(
+    settings: Settings,
+) -> None:
+    async with (
+        running(settings, rate_limit_login_ip="3/minute") as state,
+        http_from(state) as http,
+        http_from(state, "192.0.2.99") as other,
+    ):
+
+        async def sign_up(browser: httpx.AsyncClient, username: str) -> httpx.Response:
+            page = await browser.get("/register")
+            browser.cookies.delete("session")  # a fresh visitor each time
+            return await browser.post(
+                "/register",
+                data={
+                    "csrf_token": csrf_of(page),
+                    "username": username,
+                    "password": PASSWORD,
+                    "password_confirm": PASSWORD,
+                },
+            )
+
+        api = await http.post("/api/v1/users", json={"username": "api1", "password": PASSWORD})
+        assert api.status_code == 201
+        assert [(await sign_up(http, f"page{n}")).status_code for n in range(2)] == [303, 303]
+        limited = await sign_up(http, "page3")  # the 4th sign-up from this address
+        assert limited.status_code == 429
+        assert "Too many sign-ups" in limited.text
+        assert 1 <= int(limited.headers["retry-after"]) <= 60
+        assert "session" not in limited.cookies
+        again = await http.post("/api/v1/users", json={"username": "api2", "password": PASSWORD})
+        assert again.status_code == 429  # one bucket for the page and the API
+        assert (await sign_up(other, "elsewhere")).status_code == 303
+        async with state.db.sessions() as db:
+            names = {u.username for u in await manage.list_users(db)}
+        assert names == {"Alice", "api1", "page0", "page1", "elsewhere"}
+
+
+@pytest.mark.feature("growth-limits")
+async def test_a_browser_session_is_limited_in_the_codes_it_is_issued(
+    settings: Settings,
+) -> None:
+    from sqlalchemy import func, select
+
+    from server.models import AuthorizationCode
+
+    async with running(settings, rate_limit_authorize="3/minute") as state:
+        async with state.db.sessions() as db:
+            await manage.create_client(
+                db,
+                client_id="web",
+                first_party=True,
+                grants=["authorization_code"],
+                redirect_uris=["https://app.example/cb"],
+            )
+            await manage.create_user(db, state.passwords, username="Bob", password=PASSWORD)
+            await db.commit()
+        params = {
+            "response_type": "code",
+            "client_id": "web",
+            "redirect_uri": "https://app.example/cb",
+            "state": "s",
+        }
+
+        async def signed_in(http: httpx.AsyncClient, username: str) -> None:
+            page = await http.get("/login")
+            data = {"csrf_token": csrf_of(page), "username": username, "password": PASSWORD}
+            assert (await http.post("/login", data=data)).status_code == 303
+
+        async with http_from(state) as http, http_from(state) as second:
+            # Not signed in: sent to the sign-in page, no code, nothing counted.
+            for _ in range(4):
+                anonymous = await http.get("/oauth2/authorize", params=params)
+                assert anonymous.headers["location"].startswith("/login?next=")
+            await signed_in(http, "Alice")
+            issued = [await http.get("/oauth2/authorize", params=params) for _ in range(3)]
+            assert all("code=" in r.headers["location"] for r in issued)
+            limited = await http.get("/oauth2/authorize", params=params)
+            assert limited.status_code == 429
+            assert "location" not in limited.headers
+            assert 1 <= int(limited.headers["retry-after"]) <= 60
+            assert "Too many sign-in requests" in limited.text
+            # Another browser session (same address) has its own budget.
+            await signed_in(second, "Bob")
+            fine = await second.get("/oauth2/authorize", params=params)
+            assert "code=" in fine.headers["location"]
+        async with state.db.sessions() as db:
+            assert await db.scalar(select(func.count()).select_from(AuthorizationCode)) == 4

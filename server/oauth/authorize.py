@@ -30,6 +30,7 @@ from ..deps import AppState, StateDep
 from ..forms import FormError, parse_form, read_form, repeated
 from ..models import Client, Consent
 from ..observability import audit
+from ..ratelimit import Verdict
 from ..web.browser import Csrf, SignedIn, current_session, error_page, posted_form, render
 from . import resources as rfc8707
 from .grants import CodeGrant
@@ -65,6 +66,7 @@ class Outcome:
     error: OAuth2Error | None = None  # show on the error page
     login: bool = False  # send to the sign-in page
     consent: dict[str, Any] = field(default_factory=dict)  # show the consent page
+    issued: bool = False  # the redirect carries a new code
 
 
 def _with_iss(location: str, issuer: str) -> str:
@@ -145,7 +147,7 @@ def decide(
     request.auth_time = who.session.auth_time
     _, _, headers = grant.create_authorization_response(redirect_uri, who.user)
     audit("code.issued", client_id=client.client_id, user_id=who.user.id)
-    return Outcome(location=_with_iss(dict(headers)["Location"], issuer))
+    return Outcome(location=_with_iss(dict(headers)["Location"], issuer), issued=True)
 
 
 async def handle(
@@ -154,12 +156,24 @@ async def handle(
     settings = state.settings
     query = urlencode(repeated(params))
     oauth_request = FormRequest("GET", settings.issuer + "/oauth2/authorize?" + query, {}, params)
+    limiter = state.limiter
     async with state.db.session() as db:
         who = await current_session(request, db, settings)
+        # Codes issued per browser session (``AUTH_RATE_LIMIT_AUTHORIZE``): each is a row, so
+        # one signed-in browser must not mint them without limit. Checked before, counted
+        # only when a code was issued.
+        codes = []
+        if who is not None:
+            codes = [(limiter.authorize_session, "authorize-session", who.session.id)]
+        verdict = await limiter.check(codes)
+        if not verdict.allowed:
+            return _too_many_codes(verdict)
         outcome: Outcome = await db.run_sync(
             lambda session: decide(TokenServer(state, session), oauth_request, who, decision)
         )
         await db.commit()
+    if outcome.issued:
+        await limiter.count(codes)
     # After a POST (the consent form) the browser must follow with a GET: 303.
     status = 303 if request.method == "POST" else 302
     if outcome.location is not None:
@@ -197,6 +211,20 @@ async def handle(
         ],
         params=[(k, v) for k, v in repeated(params) if k != "prompt"],
     )
+
+
+def _too_many_codes(verdict: Verdict) -> Response:
+    """429 with ``Retry-After`` (RFC 6585 §4): shown by the browser, never sent to the client
+    (its redirect URI has not been checked yet)."""
+    audit("rate_limit.exceeded", endpoint="authorize", scope=verdict.scope)
+    response = error_page(
+        429,
+        "Too many sign-in requests",
+        f"This browser asked for too many sign-ins. Wait {verdict.retry_after} seconds "
+        "and try again.",
+    )
+    response.headers["Retry-After"] = str(verdict.retry_after)
+    return response
 
 
 def _bad_request(message: str, status: int = 400) -> Response:

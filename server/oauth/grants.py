@@ -25,6 +25,7 @@ from sqlalchemy import select, update
 
 from ..models import (
     AuthorizationCode,
+    BrowserSession,
     Client,
     RefreshFamily,
     RefreshToken,
@@ -241,6 +242,13 @@ class Pkce(CodeChallenge):  # type: ignore[misc]
             raise InvalidRequestError("code_challenge_method must be S256.")
 
 
+def _replayed(code: AuthorizationCode) -> bool:
+    """Whether a used code was claimed by an exchange (so using it again is a replay), not
+    spent when its browser session ended. An exchange claims a code only before it expires
+    (``used_at < expires_at``); ending a session stamps both with the same time."""
+    return code.used_at is not None and code.used_at < code.expires_at
+
+
 class CodeGrant(_Grant, grants.AuthorizationCodeGrant):  # type: ignore[misc]
     TOKEN_ENDPOINT_AUTH_METHODS = USER_CLIENT_AUTH
 
@@ -271,7 +279,8 @@ class CodeGrant(_Grant, grants.AuthorizationCodeGrant):  # type: ignore[misc]
         if row is None or row.client_id != client.client_id:
             return None  # another client's code is refused and left alone
         if row.used_at is not None:
-            self._revoke_what_it_issued(row)
+            if _replayed(row):
+                self._revoke_what_it_issued(row)
             return None
         if row.expires_at <= self.server.now:
             return None
@@ -290,18 +299,28 @@ class CodeGrant(_Grant, grants.AuthorizationCodeGrant):  # type: ignore[misc]
         request.resources = rfc8707.within(
             rfc8707.requested(request.form), code.resources, self.server.settings
         )
+        # The browser session is read back from the claimed row, not from the row loaded
+        # before: signing in again may have moved the code to the browser's new session
+        # meanwhile, and the family must follow it there (a later sign-out ends it).
         claimed = db.execute(
             update(AuthorizationCode)
             .where(
                 AuthorizationCode.code_hash == code.code_hash, AuthorizationCode.used_at.is_(None)
             )
             .values(used_at=self.server.now)
+            .returning(AuthorizationCode.browser_session_id)
             .execution_options(synchronize_session=False)
-        )
-        if claimed.rowcount != 1:  # type: ignore[attr-defined]
-            # Another exchange of this code won: a replay (RFC 6749 §4.1.2).
+        ).first()
+        if claimed is None:
+            # Another exchange of this code won (a replay, RFC 6749 §4.1.2), or the browser
+            # session it was issued through ended (``manage.end_browser_sessions``).
             db.refresh(code)
-            self._revoke_what_it_issued(code)
+            if _replayed(code):
+                self._revoke_what_it_issued(code)
+            raise InvalidGrantError(BAD_CODE)
+        if not self._browser_session_live(claimed.browser_session_id):
+            # Issued while the browser was signing out (after the sign-out spent the
+            # session's codes): the sign-in it would start would outlive the sign-out.
             raise InvalidGrantError(BAD_CODE)
         user = self.authenticate_user(code)
         if user is None:
@@ -313,7 +332,7 @@ class CodeGrant(_Grant, grants.AuthorizationCodeGrant):  # type: ignore[misc]
             scope=code.scope,
             resources=code.resources,
             auth_time=code.auth_time,
-            browser_session_id=code.browser_session_id,
+            browser_session_id=claimed.browser_session_id,
         )
         token = self.server.issue(request, scope=code.scope, nonce=code.nonce)
         db.execute(
@@ -323,6 +342,16 @@ class CodeGrant(_Grant, grants.AuthorizationCodeGrant):  # type: ignore[misc]
             .execution_options(synchronize_session=False)
         )
         return 200, token, self.TOKEN_RESPONSE_HEADER
+
+    def _browser_session_live(self, session_id: str | None) -> bool:
+        """Whether the browser session a code was issued through has not ended (one that
+        merely expired still counts: its codes were issued while it lived)."""
+        if session_id is None:
+            return True
+        ended = self.server.db.execute(
+            select(BrowserSession.ended_at).where(BrowserSession.id == session_id)
+        ).first()
+        return ended is not None and ended.ended_at is None
 
     def _revoke_what_it_issued(self, code: AuthorizationCode) -> None:
         audit("code.reuse_detected", client_id=code.client_id, family_id=code.family_id)

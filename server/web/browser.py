@@ -3,7 +3,8 @@ security headers and rendering.
 
 - **Session**: a random cookie value; the database keeps only its SHA-256 (``BrowserSession``).
   A new session (new value, new row) on every sign-in, so a value planted before sign-in is
-  worthless after it (session fixation).
+  worthless after it (session fixation). Every use of a session goes through
+  ``current_session``, which also re-checks that the person is not disabled.
 - **CSRF**: signed double-submit (OWASP): a random ``csrf`` cookie, and in every form
   HMAC(secret_key, cookie). A cross-site form can neither read the cookie nor forge the HMAC.
   ``SameSite=Lax`` on both cookies is a second layer.
@@ -31,9 +32,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .. import manage
 from ..config import Settings
 from ..forms import FormError, read_form
-from ..models import BrowserSession, RefreshFamily, User, new_id, now, revoke_families, sha256_hex
+from ..models import AuthorizationCode, BrowserSession, RefreshFamily, User, new_id, now, sha256_hex
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES_DIR = ROOT / "templates"
@@ -211,9 +213,16 @@ async def current_session(
 async def start_session(
     db: AsyncSession, settings: Settings, user: User, previous: SignedIn | None
 ) -> tuple[BrowserSession, str]:
-    """A new session for ``user``; the previous one of this browser (if any) ends."""
-    if previous is not None:
-        await end_session(db, previous.session, reason="signed_in_again")
+    """A new session for ``user`` (new cookie value, new row, new ``auth_time``), so that a
+    value planted or seen before this sign-in is worthless after it (session fixation).
+
+    The browser's previous session (if any) ends, but signing in again is not signing out:
+    nothing another client was granted ends with it. When the same person signs in again
+    (``prompt=login``, ``max_age``, or simply twice), the sign-ins and unexchanged codes of
+    the previous session move to the new one, so that a later sign-out still ends them.
+    When another person signs in, the previous person's sign-ins stay theirs (linked to the
+    ended session, which nobody can sign out any more) and the previous session's
+    unexchanged codes are spent with it."""
     value = secrets.token_urlsafe(SESSION_BYTES)
     stamp = now()
     session = BrowserSession(
@@ -226,22 +235,38 @@ async def start_session(
     )
     db.add(session)
     await db.flush()
+    if previous is not None:
+        old = previous.session.id
+        if previous.user.id == user.id:
+            # Codes first, then families, as in ``end_browser_sessions``: an exchange racing
+            # with this either has its code moved before it claims it (and reads the new id
+            # when claiming), or has claimed it first and its family is moved next.
+            await db.execute(
+                update(AuthorizationCode)
+                .where(
+                    AuthorizationCode.browser_session_id == old,
+                    AuthorizationCode.used_at.is_(None),
+                )
+                .values(browser_session_id=session.id)
+                .execution_options(synchronize_session=False)
+            )
+            await db.execute(
+                update(RefreshFamily)
+                .where(RefreshFamily.browser_session_id == old)
+                .values(browser_session_id=session.id)
+                .execution_options(synchronize_session=False)
+            )
+        await manage.end_browser_sessions(db, BrowserSession.id == old, reason="signed_in_again")
     return session, value
 
 
 async def end_session(db: AsyncSession, session: BrowserSession, *, reason: str) -> int:
-    """End the browser session and every sign-in (family) it created; returns those ended."""
-    stamp = now()
-    await db.execute(
-        update(BrowserSession)
-        .where(BrowserSession.id == session.id, BrowserSession.ended_at.is_(None))
-        .values(ended_at=stamp)
+    """Sign out: end the browser session, spend its unexchanged codes and end every sign-in
+    (family) it created; returns the sign-ins ended."""
+    ended = await manage.end_browser_sessions(
+        db, BrowserSession.id == session.id, reason=reason, end_families=True
     )
-    result = await db.execute(
-        revoke_families(RefreshFamily.browser_session_id == session.id, at=stamp, reason=reason)
-    )
-    count: int = result.rowcount  # type: ignore[attr-defined]
-    return count
+    return ended.families
 
 
 # -- redirects ----------------------------------------------------------------------------

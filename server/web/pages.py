@@ -22,6 +22,7 @@ from ..deps import AppState, StateDep
 from ..models import Client, RefreshFamily, User, live_families, now, revoke_families
 from ..observability import audit
 from ..passwords import normalize_username
+from ..ratelimit import Verdict
 from ..tokens import decode_id_token_hint
 from .browser import (
     Csrf,
@@ -49,6 +50,19 @@ NOTICES = {
 
 def _when(stamp: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(stamp))
+
+
+def _too_many(verdict: Verdict, endpoint: str, what: str, back_url: str) -> Response:
+    """429 with ``Retry-After`` (RFC 6585 §4) when a rate limit is exhausted."""
+    audit("rate_limit.exceeded", endpoint=endpoint, scope=verdict.scope)
+    response = error_page(
+        429,
+        "Too many attempts",
+        f"{what} Wait {verdict.retry_after} seconds and try again.",
+        back_url,
+    )
+    response.headers["Retry-After"] = str(verdict.retry_after)
+    return response
 
 
 # -- sign in ------------------------------------------------------------------------------
@@ -128,15 +142,7 @@ async def login(request: Request, state: StateDep) -> Response:
     checks = [(limiter.login_ip, "login-ip", ip), (limiter.login_account, "login-account", account)]
     verdict = await limiter.hit(checks)
     if not verdict.allowed:
-        audit("rate_limit.exceeded", endpoint="login", scope=verdict.scope)
-        response = error_page(
-            429,
-            "Too many attempts",
-            f"Too many sign-in attempts. Wait {verdict.retry_after} seconds and try again.",
-            "/login",
-        )
-        response.headers["Retry-After"] = str(verdict.retry_after)
-        return response
+        return _too_many(verdict, "login", "Too many sign-in attempts.", "/login")
 
     async def refuse(user_id: str | None, **why: bool) -> Response:
         # One message for unknown user, wrong password, disabled account and throttling.
@@ -224,6 +230,12 @@ async def register(request: Request, state: StateDep) -> Response:
     if isinstance(posted, Response):
         return posted
     form, csrf = posted
+    # Sign-ups per address, in the same bucket as the account API's (``POST /api/v1/users``):
+    # each one adds an account row, so the page must not be a way around that limit.
+    limiter = state.limiter
+    verdict = await limiter.hit([(limiter.login_ip, "register-ip", limiter.client_ip(request))])
+    if not verdict.allowed:
+        return _too_many(verdict, "register", "Too many sign-ups from this address.", "/register")
     next_url = safe_next(form.get("next"))
     values = {k: form.get(k, "")[:254] for k in ("username", "email", "name")}
     password = form.get("password", "")
