@@ -993,7 +993,9 @@ def test_keys_prune(cli: Cli, own_keys: Path, environment: pytest.MonkeyPatch) -
 # -- seed-demo ----------------------------------------------------------------------------
 
 
-@pytest.mark.feature("cli-clients", "cli-users", "sqlite-backend", "postgres-backend")
+@pytest.mark.feature(
+    "cli-clients", "cli-users", "sqlite-backend", "postgres-backend", "account-api-scope"
+)
 def test_seed_demo_seeds_an_empty_database_once(cli: Cli, db: Settings, tmp_path: Path) -> None:
     result = cli("seed-demo")
 
@@ -1015,7 +1017,8 @@ def test_seed_demo_seeds_an_empty_database_once(cli: Cli, db: Settings, tmp_path
     assert client is not None
     assert client.check_client_secret(creds["client_secret"])
     assert client.check_grant_type("password")
-    assert client.scope == "profile email api"
+    assert client.scope == "profile email api account"
+    assert client.is_first_party  # the account API, password change included, works for it
     demo = user_row(db, "demo")
     assert demo.email == "demo@example.com"
     assert verifies(demo.password_hash, creds["password"])
