@@ -695,18 +695,27 @@ def test_users_create_refuses_a_duplicate_username_case_insensitively(
     assert [u.username for u in all_users(db)] == ["Alice"]
 
 
-@pytest.mark.feature("cli-users", "sqlite-backend", "postgres-backend")
+@pytest.mark.feature("cli-users", "sqlite-backend", "postgres-backend", "username-profile")
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--username", "no spaces"], "error: username must be 1-150 letters, digits or . @ + - _"),
+        (
+            ["--username", "p\u0430ypal"],  # a Cyrillic а among Latin letters
+            "error: username must not mix letters of different scripts",
+        ),
+        (
+            ["--username", "paypal\u3164"],  # HANGUL FILLER, invisible
+            "error: username must not contain U+3164: usernames are made of visible letters"
+            " and digits",
+        ),
         (["--username", "x" * 151], "error: username must be 1-150 letters, digits or . @ + - _"),
         (
             ["--username", "dave", "--email", "not-an-email"],
             "error: 'not-an-email' is not a valid email address",
         ),
     ],
-    ids=["space", "too-long", "email"],
+    ids=["space", "mixed-script", "invisible", "too-long", "email"],
 )
 def test_users_create_refuses_bad_identity(
     cli: Cli, db: Settings, extra: list[str], message: str
