@@ -313,8 +313,13 @@ def cmd_seed_demo(settings: Settings, args: argparse.Namespace) -> int:
     async def seed(db: AsyncSession) -> dict[str, str] | None:
         if await manage.list_clients(db) or await manage.list_users(db):
             return None
+        # First-party with the account scope: the README's account API calls work with its token.
         created = await manage.create_client(
-            db, client_id="demo-client", scope="profile email api", name="Demo client"
+            db,
+            client_id="demo-client",
+            scope="profile email api account",
+            name="Demo client",
+            first_party=True,
         )
         password = manage.new_secret()[:20]
         await manage.create_user(

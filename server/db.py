@@ -15,6 +15,7 @@ retried, because the commit may have landed (the client gets a 503 and may try a
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -52,13 +53,41 @@ class SchemaNotAtHeadError(RuntimeError):
     """The database schema is missing or older (or newer) than this code expects."""
 
 
+def create_private_sqlite_file(path: Path) -> None:
+    """Create the SQLite database file 0600, and the directories it needs 0700, whatever the
+    umask: it holds password hashes and sign-ins. SQLite then creates ``-wal`` and ``-shm``
+    with the database file's mode (it ``fchmod``s them to it). What already exists, a
+    directory or the file, is the operator's and keeps its mode."""
+    missing: list[Path] = []
+    parent = path.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # made by another process meanwhile: not ours to change
+        os.chmod(directory, 0o700)  # mkdir's mode went through the umask
+    try:
+        # 0600 from the first byte, as the signing keys (keys.py); an empty file is an
+        # empty SQLite database.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 def create_engine(settings: Settings) -> AsyncEngine:
     url = make_url(settings.database_url)
     if url.get_backend_name() == "sqlite":
         busy = settings.sqlite_busy_timeout
         pool: dict[str, Any] = {}
         if url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            create_private_sqlite_file(Path(url.database))
             # One connection per process: transactions queue for it in the pool (an async
             # wait) instead of in SQLite's busy handler, which sleeps in growing steps (p99 in
             # seconds under load). SQLite has one writer at a time anyway.

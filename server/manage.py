@@ -30,6 +30,7 @@ from .models import (
 )
 from .observability import audit
 from .passwords import Passwords, normalize_username
+from .usernames import UsernameError, check_username
 
 SUPPORTED_GRANTS = ("password", "refresh_token", "client_credentials", "authorization_code")
 #: Checked with ``fullmatch``: Python's ``$`` also matches before a final newline, which would let
@@ -323,6 +324,10 @@ async def create_user(
 ) -> User:
     if not USERNAME_RE.fullmatch(username):
         raise ManageError("username must be 1-150 letters, digits or . @ + - _")
+    try:
+        check_username(username)  # no look-alikes: invisible characters, mixed scripts
+    except UsernameError as error:
+        raise ManageError(str(error)) from None
     if email is not None and (len(email) > 254 or not EMAIL_RE.fullmatch(email)):
         raise ManageError(f"{email!r} is not a valid email address")
     try:

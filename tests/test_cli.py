@@ -704,18 +704,27 @@ def test_users_create_refuses_a_duplicate_username_case_insensitively(
     assert [u.username for u in all_users(db)] == ["Alice"]
 
 
-@pytest.mark.feature("cli-users", "sqlite-backend", "postgres-backend")
+@pytest.mark.feature("cli-users", "sqlite-backend", "postgres-backend", "username-profile")
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--username", "no spaces"], "error: username must be 1-150 letters, digits or . @ + - _"),
+        (
+            ["--username", "p\u0430ypal"],  # a Cyrillic а among Latin letters
+            "error: username must not mix letters of different scripts",
+        ),
+        (
+            ["--username", "paypal\u3164"],  # HANGUL FILLER, invisible
+            "error: username must not contain U+3164: usernames are made of visible letters"
+            " and digits",
+        ),
         (["--username", "x" * 151], "error: username must be 1-150 letters, digits or . @ + - _"),
         (
             ["--username", "dave", "--email", "not-an-email"],
             "error: 'not-an-email' is not a valid email address",
         ),
     ],
-    ids=["space", "too-long", "email"],
+    ids=["space", "mixed-script", "invisible", "too-long", "email"],
 )
 def test_users_create_refuses_bad_identity(
     cli: Cli, db: Settings, extra: list[str], message: str
@@ -1002,7 +1011,9 @@ def test_keys_prune(cli: Cli, own_keys: Path, environment: pytest.MonkeyPatch) -
 # -- seed-demo ----------------------------------------------------------------------------
 
 
-@pytest.mark.feature("cli-clients", "cli-users", "sqlite-backend", "postgres-backend")
+@pytest.mark.feature(
+    "cli-clients", "cli-users", "sqlite-backend", "postgres-backend", "account-api-scope"
+)
 def test_seed_demo_seeds_an_empty_database_once(cli: Cli, db: Settings, tmp_path: Path) -> None:
     result = cli("seed-demo")
 
@@ -1024,7 +1035,8 @@ def test_seed_demo_seeds_an_empty_database_once(cli: Cli, db: Settings, tmp_path
     assert client is not None
     assert client.check_client_secret(creds["client_secret"])
     assert client.check_grant_type("password")
-    assert client.scope == "profile email api"
+    assert client.scope == "profile email api account"
+    assert client.is_first_party  # the account API, password change included, works for it
     demo = user_row(db, "demo")
     assert demo.email == "demo@example.com"
     assert verifies(demo.password_hash, creds["password"])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -15,6 +19,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
+from server.cli import cmd_migrate
 from server.config import Settings
 from server.db import (
     MIGRATIONS_DIR,
@@ -26,6 +31,7 @@ from server.db import (
     session_factory,
     transaction,
 )
+from server.main import create_app
 from server.models import Base, Client
 from tests.conftest import _drop_pg_database, _new_pg_database, make_settings, migrate
 
@@ -204,6 +210,56 @@ async def test_sqlite_engine_uses_wal_foreign_keys_and_a_busy_timeout(
         "busy_timeout": 10_000,
         "synchronous": 1,
     }
+
+
+@pytest.fixture(params=[0o022, 0o000], ids=["umask-022", "umask-000"])
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+    """The process umask for the test, restored after it."""
+    old = os.umask(request.param)
+    try:
+        yield int(request.param)
+    finally:
+        os.umask(old)
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.feature("sqlite-backend")
+async def test_the_sqlite_database_is_created_private_whatever_the_umask(
+    tmp_path: Path, keys_dir: Path, umask: int
+) -> None:
+    tmp_path.chmod(0o755)
+    before = mode_of(tmp_path)
+    # migrate creates the directory and the file; the server then runs on them (WAL).
+    path = tmp_path / "data" / "auth.db"
+    settings = make_settings(f"sqlite+aiosqlite:///{path}", keys_dir)
+    assert await asyncio.to_thread(cmd_migrate, settings, argparse.Namespace()) == 0
+    assert mode_of(path.parent) == 0o700
+    assert mode_of(path) == 0o600
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            assert (await http.get("/readyz")).status_code == 200
+            # SQLite creates -wal and -shm with the database file's mode.
+            for name in ("auth.db", "auth.db-wal", "auth.db-shm"):
+                assert mode_of(path.parent / name) == 0o600, name
+    # The server creating a database itself (before its schema check refuses it): the same.
+    fresh = tmp_path / "new" / "deeper" / "auth.db"
+    engine = create_engine(make_settings(f"sqlite+aiosqlite:///{fresh}", keys_dir))
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text("CREATE TABLE t (x INTEGER)"))
+            await connection.commit()
+            for name in ("auth.db", "auth.db-wal", "auth.db-shm"):
+                assert mode_of(fresh.parent / name) == 0o600, name
+    finally:
+        await engine.dispose()
+    assert mode_of(fresh.parent) == mode_of(fresh.parent.parent) == 0o700
+    # A directory that was already there is the operator's: its mode is left alone.
+    assert mode_of(tmp_path) == before
 
 
 @pytest.mark.feature("sqlite-backend")

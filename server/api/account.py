@@ -1,6 +1,8 @@
 """The account API for first-party apps: the signed-in person and their sign-ins (/api/v1).
 
 Each sign-in (a refresh-token family) is listed and can be ended, as on the /account page.
+Every endpoint but registration needs a person's token with the ``account`` scope; the password
+change also a first-party client (``auth.PersonScope``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from ..deps import StateDep
 from ..models import RefreshFamily, User, live_families, now
 from ..observability import audit
 from ..passwords import normalize_username
-from .auth import ApiError, Body, CallerDep, no_store, user_refusals
+from .auth import ApiError, Body, CallerDep, FirstPartyCallerDep, no_store, user_refusals
 
 router = APIRouter(prefix="/api/v1", tags=["account"], dependencies=[Depends(no_store)])
 
@@ -92,7 +94,19 @@ SessionId = Annotated[str, Path(min_length=1, max_length=64, description="A sign
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "No token, or an invalid, expired or revoked one (`invalid_token`)"},
-    403: {"description": "A token without a person behind it (`insufficient_scope`)"},
+    403: {
+        "description": "`insufficient_scope`: a token without a person behind it, or without"
+        ' the `account` scope (`scope="account"` in the challenge), or from a client no longer'
+        " registered with it"
+    },
+}
+#: The password change: also refused to a client that is not first-party.
+PASSWORD_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    403: {
+        "description": "`insufficient_scope`: as for the other endpoints (no person, no"
+        " `account` scope), or a client that is not first-party"
+    },
 }
 
 
@@ -157,12 +171,12 @@ async def change_profile(change: ProfileChange, caller: CallerDep, state: StateD
     "/me/password",
     status_code=204,
     responses={
-        **ERRORS,
+        **PASSWORD_ERRORS,
         400: {"description": "`wrong_password` (the current one) or `weak_password`"},
     },
 )
 async def change_password(
-    change: PasswordChange, request: Request, caller: CallerDep, state: StateDep
+    change: PasswordChange, request: Request, caller: FirstPartyCallerDep, state: StateDep
 ) -> Response:
     """Needs the current password; ends every other sign-in of the person (SPEC: a password
     change kills the families), keeping the one making the request."""

@@ -4,7 +4,9 @@
 signature with a published key, ``typ`` at+jwt, ``iss``, ``aud``, ``exp``; then, in one
 transaction, the deny-list, the client and the family) and loads who is behind it. On top of it:
 
-- ``current_caller`` (``CallerDep``): a person's token; the account API.
+- ``PersonScope(scope)``: a person's token carrying ``scope`` from a client still allowed it;
+  ``CallerDep`` is ``PersonScope("account")`` (the account API), ``FirstPartyCallerDep`` the
+  same from a first-party client (the password change).
 - ``ClientScope(scope)``: a client_credentials token carrying ``scope`` from a client still
   allowed it; ``AdminDep`` is ``ClientScope("admin")``, the admin API.
 
@@ -155,13 +157,43 @@ class Caller:
         return str(self.claims["sid"])
 
 
-async def current_caller(request: Request, state: StateDep) -> Caller:
-    """The signed-in person: a live user token (not a client_credentials one)."""
-    bearer = await _bearer(request, state)
-    if bearer.user is None:
-        # A valid client_credentials token: no person behind it (RFC 6750 §3.1, 403).
-        raise _insufficient("This API needs a token issued to a person, not to a client.")
-    return Caller(bearer.user, bearer.claims)
+class PersonScope:
+    """Dependency: a live token issued to a person, whose ``scope`` claim holds ``scope``, from a
+    client whose registration still allows it; with ``first_party``, from a first-party client
+    only. Yields the caller. The account API must not be reachable with a sign-in token
+    (``openid`` alone): a client the person let see who they are could otherwise read and
+    change their profile and recovery email (RFC 6750 §3.1 ``insufficient_scope``, with
+    ``scope`` in the challenge). Refusals of a valid token are audited like the admin API's."""
+
+    def __init__(self, scope: str, *, first_party: bool = False) -> None:
+        self.scope = scope
+        self.first_party = first_party
+
+    async def __call__(self, request: Request, state: StateDep) -> Caller:
+        bearer = await _bearer(request, state)
+        if bearer.user is None:
+            # A valid client_credentials token: no person behind it (RFC 6750 §3.1, 403).
+            reason = "client_token"
+            description = "This API needs a token issued to a person, not to a client."
+        elif self.scope not in bearer.scopes:
+            reason = "scope_missing"
+            description = f"The token lacks the {self.scope} scope."
+        elif self.scope not in bearer.client.scope_list:
+            reason = "scope_withdrawn"
+            description = f"The client is no longer allowed the {self.scope} scope."
+        elif self.first_party and not bearer.client.is_first_party:
+            reason = "not_first_party"
+            description = "Only a first-party application may do this."
+        else:
+            return Caller(bearer.user, bearer.claims)
+        audit(
+            "api.access_denied",
+            client_id=bearer.client.client_id,
+            scope=self.scope,
+            reason=reason,
+            path=request.url.path,
+        )
+        raise _insufficient(description, self.scope)
 
 
 class ClientScope:
@@ -225,7 +257,10 @@ def user_refusals() -> AbstractContextManager[None]:
     return _refusals("invalid_user", "username_taken")
 
 
-CallerDep = Annotated[Caller, Depends(current_caller)]
+#: The account API: a person's token with the ``account`` scope.
+ACCOUNT_SCOPE = "account"
+CallerDep = Annotated[Caller, Depends(PersonScope(ACCOUNT_SCOPE))]
+FirstPartyCallerDep = Annotated[Caller, Depends(PersonScope(ACCOUNT_SCOPE, first_party=True))]
 AdminDep = Annotated[Client, Depends(ClientScope("admin"))]
 
 

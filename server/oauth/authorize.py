@@ -45,6 +45,8 @@ SCOPE_DESCRIPTIONS = {
     "email": "See your email address",
     "offline_access": "Stay signed in when you are away",
     "api": "Use the API on your behalf",
+    # The account API (/api/v1/me…): never implied by a sign-in, named in full on consent.
+    "account": "Read and change your profile and email address, and end your sign-ins",
 }
 MAX_AUTHORIZE_QUERY = 4096
 #: What the error page tells a person, before the technical detail for the developers.

@@ -262,7 +262,10 @@ async def userinfo(request: Request, state: StateDep) -> Response:
     user, claims = bearer.user, bearer.claims
     scopes = claims["scope"].split()
     if "openid" not in scopes:
-        return _bearer_error(403, "insufficient_scope", "The token lacks the openid scope.")
+        # OpenID Connect Core §5.3: only a token with openid; RFC 6750 §3 names the scope.
+        return _bearer_error(
+            403, "insufficient_scope", "The token lacks the openid scope.", scope="openid"
+        )
     body: dict[str, Any] = {"sub": user.id}
     if "profile" in scopes:
         body["preferred_username"] = user.username
@@ -274,10 +277,10 @@ async def userinfo(request: Request, state: StateDep) -> Response:
     return json_response(200, body, {"Cache-Control": "no-store"})
 
 
-def _bearer_error(status: int, error: str, description: str) -> Response:
+def _bearer_error(status: int, error: str, description: str, scope: str = "") -> Response:
     # RFC 6750 §3: the error in the WWW-Authenticate challenge, and the same in the body.
     return json_response(
         status,
         {"error": error, "error_description": description},
-        {**challenge("userinfo", error, description), "Cache-Control": "no-store"},
+        {**challenge("userinfo", error, description, scope), "Cache-Control": "no-store"},
     )

@@ -31,6 +31,10 @@ Response = tuple[int, dict[str, Any], list[tuple[str, str]]]
 REFRESH_TOKEN_BYTES = 32  # 256 bits from the OS CSPRNG
 
 
+#: The one description of a failed client authentication (RFC 6749 §5.2 ``invalid_client``).
+CLIENT_AUTH_FAILED = "Client authentication failed."
+
+
 class TokenServer(AuthorizationServer):  # type: ignore[misc]
     def __init__(self, state: AppState, db: Session) -> None:
         super().__init__()
@@ -58,6 +62,10 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
         except InvalidClientError as error:
             # SPEC: invalid_client is always 401 with WWW-Authenticate (RFC 6749 §5.2).
             error.status_code = 401
+            # One description for an unknown client and a wrong secret (Authlib words them
+            # differently): the answer must not tell which client ids exist. Used by the
+            # token, revocation and introspection endpoints alike.
+            error.description = CLIENT_AUTH_FAILED
             raise
         return client
 

@@ -97,7 +97,17 @@ def server(tmp_path: Path, apps: tuple[str, str]) -> Iterator[RunningServer]:
     assert cli(server_env(database_url, keys, "http://unused"), "migrate").returncode == 0
     running = start_server(database_url, keys, tmp_path / "server.log", AUTH_CORS_ORIGINS=apps[0])
     try:
-        made = cli(running.env, "clients", "create", "--client-id", "spa", "--public")
+        made = cli(
+            running.env,
+            "clients",
+            "create",
+            "--client-id",
+            "spa",
+            "--public",
+            "--first-party",
+            "--scope",
+            "account",
+        )
         assert made.returncode == 0, made.stderr
         user = cli(
             running.env, "users", "create", "--username", "sam", "--password-stdin", stdin=PASSWORD

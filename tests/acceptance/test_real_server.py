@@ -140,3 +140,7 @@ def test_demo_seed_prints_a_working_curl(
     signing_key = jwt.PyJWKClient(issuer + "/.well-known/jwks.json").get_signing_key_from_jwt(token)
     claims = jwt.decode(token, signing_key.key, algorithms=["RS256"], audience=issuer)
     assert claims["client_id"] == "demo-client"
+    # The README's account API calls work with that token: the demo client has `account`.
+    me = httpx.get(issuer + "/api/v1/me", headers={"Authorization": f"Bearer {token}"})
+    assert me.status_code == 200, me.text
+    assert me.json()["username"] == "demo"

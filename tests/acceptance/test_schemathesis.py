@@ -40,7 +40,17 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
     try:
         # Ids longer than what generated path parameters usually are, so no generated DELETE
         # or secret rotation lands on the clients the run itself uses.
-        created = cli(server.env, "clients", "create", "--client-id", "account-app", "--json")
+        created = cli(
+            server.env,
+            "clients",
+            "create",
+            "--client-id",
+            "account-app",
+            "--first-party",
+            "--scope",
+            "account",
+            "--json",
+        )
         secret = json.loads(created.stdout)["client_secret"]
         ops = cli(
             server.env,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -12,6 +14,7 @@ from server import manage
 from server.config import Env, Settings
 from server.deps import AppState
 from server.main import create_app
+from server.observability import AUDIT_LISTENERS
 from server.tokens import decode_access_token
 from tests.conftest import (
     ClientCreds,
@@ -23,6 +26,7 @@ from tests.conftest import (
 )
 
 pytestmark = pytest.mark.feature("account-api")
+Events = list[tuple[str, dict[str, Any]]]
 
 
 async def sign_in(client: httpx.AsyncClient, creds: ClientCreds, user: UserCreds) -> dict[str, str]:
@@ -37,8 +41,26 @@ def bearer(token: str) -> dict[str, str]:
 
 
 @pytest.fixture
+def events() -> Iterator[Events]:
+    seen: Events = []
+
+    def record(event: str, fields: dict[str, Any]) -> None:
+        seen.append((event, fields))
+
+    AUDIT_LISTENERS.append(record)
+    yield seen
+    AUDIT_LISTENERS.remove(record)
+
+
+@pytest.fixture
 async def app_client(make_client: MakeClient) -> ClientCreds:
-    return await make_client("app", grants=["password", "refresh_token", "client_credentials"])
+    # A first-party app allowed the account scope: what the account API is for.
+    return await make_client(
+        "app",
+        grants=["password", "refresh_token", "client_credentials"],
+        scope="profile email api account",
+        first_party=True,
+    )
 
 
 async def test_me_is_the_signed_in_person(
@@ -138,7 +160,9 @@ async def test_an_expired_token_is_refused(
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
             state: AppState = short.state.auth
             async with state.db.sessions() as db:
-                created = await manage.create_client(db, client_id="quick", grants=["password"])
+                created = await manage.create_client(
+                    db, client_id="quick", grants=["password"], scope="account"
+                )
                 await manage.create_user(
                     db, state.passwords, username="eve", password="correct horse battery"
                 )
@@ -429,3 +453,94 @@ async def test_every_protected_operation_refuses_every_wrong_token(
     assert await status(bearer(robot.json()["access_token"])) == (403, "insufficient_scope")
     # The same token before it expired: the refusal above was the expiry alone.
     assert (await client.get("/api/v1/me", headers=bearer(live))).status_code == 200
+
+
+# -- the account scope ----------------------------------------------------------------------------
+
+
+def refused_for_scope(response: httpx.Response) -> bool:
+    """RFC 6750 §3.1: 403 insufficient_scope, naming the scope needed in the challenge."""
+    challenge = response.headers.get("www-authenticate", "")
+    return (
+        response.status_code == 403
+        and response.json()["error_code"] == "insufficient_scope"
+        and 'error="insufficient_scope"' in challenge
+        and 'scope="account"' in challenge
+    )
+
+
+@pytest.mark.feature("account-api-scope")
+@pytest.mark.parametrize("operation", PROTECTED, ids=[f"{m} {p}" for m, p, _ in PROTECTED])
+async def test_a_token_without_the_account_scope_is_refused(
+    client: httpx.AsyncClient,
+    app_client: ClientCreds,
+    make_client: MakeClient,
+    make_user: MakeUser,
+    events: Events,
+    operation: tuple[str, str, dict[str, object] | None],
+) -> None:
+    method, path, body = operation
+    user = await make_user("lou", email="lou@example.com", name="Lou")
+    # A sign-in only (what /userinfo would answer with `sub` alone), from a third party...
+    rp = await make_client("rp", grants=["password"], scope="openid")
+    signed_in = (await sign_in(client, rp, user))["access_token"]
+    # ...and from the first-party app itself, asking for less than account.
+    narrow = (await password_grant(client, app_client, user, scope="profile email")).json()
+    for token in (signed_in, narrow["access_token"]):
+        response = await client.request(method, path, json=body, headers=bearer(token))
+        assert refused_for_scope(response), response.text
+    denials = [fields for event, fields in events if event == "api.access_denied"]
+    assert [(d["client_id"], d["reason"], d["scope"]) for d in denials] == [
+        ("rp", "scope_missing", "account"),
+        ("app", "scope_missing", "account"),
+    ]
+    # Nothing was read or changed: the email is the person's, the sign-ins all live.
+    full = (await sign_in(client, app_client, user))["access_token"]
+    me = await client.get("/api/v1/me", headers=bearer(full))
+    assert me.json()["email"] == "lou@example.com" and me.json()["name"] == "Lou"
+    sessions = (await client.get("/api/v1/me/sessions", headers=bearer(full))).json()["sessions"]
+    assert len(sessions) == 3
+    assert (await password_grant(client, app_client, user)).status_code == 200
+
+
+@pytest.mark.feature("account-api-scope")
+async def test_a_client_stripped_of_the_account_scope_is_refused_at_once(
+    client: httpx.AsyncClient, app_client: ClientCreds, make_user: MakeUser, state: AppState
+) -> None:
+    token = (await sign_in(client, app_client, await make_user("max")))["access_token"]
+    assert (await client.get("/api/v1/me", headers=bearer(token))).status_code == 200
+    async with state.db.sessions() as db:
+        await manage.update_client(db, "app", {"scope": "profile email api"})
+        await db.commit()
+    assert refused_for_scope(await client.get("/api/v1/me", headers=bearer(token)))
+
+
+@pytest.mark.feature("account-api-scope")
+async def test_only_a_first_party_client_may_change_the_password(
+    client: httpx.AsyncClient, make_client: MakeClient, make_user: MakeUser
+) -> None:
+    user = await make_user("ned", email="ned@example.com")
+    third = await make_client("third", grants=["password"], scope="account")
+    token = (await sign_in(client, third, user))["access_token"]
+    # The account scope, consented to, is enough for the profile and the sign-ins...
+    assert (await client.get("/api/v1/me", headers=bearer(token))).status_code == 200
+    # ...not for the password, even with the right current one.
+    change = {"current_password": user.password, "new_password": "a brand new passphrase"}
+    refused = await client.post("/api/v1/me/password", json=change, headers=bearer(token))
+    assert refused_for_scope(refused), refused.text
+    assert "first-party" in refused.json()["detail"]
+    assert (await sign_in(client, third, user))["access_token"]  # the old password still works
+
+
+@pytest.mark.feature("account-api-scope")
+async def test_the_schema_documents_the_scope_refusals(client: httpx.AsyncClient) -> None:
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    for path, method in [
+        ("/api/v1/me", "get"),
+        ("/api/v1/me", "patch"),
+        ("/api/v1/me/password", "post"),
+        ("/api/v1/me/sessions", "get"),
+        ("/api/v1/me/sessions/{session_id}", "delete"),
+    ]:
+        assert "`account`" in paths[path][method]["responses"]["403"]["description"], path
+    assert "first-party" in paths["/api/v1/me/password"]["post"]["responses"]["403"]["description"]

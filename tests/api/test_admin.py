@@ -73,7 +73,12 @@ def events() -> Iterator[Events]:
 
 @pytest.fixture
 async def app_client(make_client: MakeClient) -> ClientCreds:
-    return await make_client("app", grants=["password", "refresh_token", "client_credentials"])
+    # With the account scope: some tests watch a sign-in live or die through /api/v1/me.
+    return await make_client(
+        "app",
+        grants=["password", "refresh_token", "client_credentials"],
+        scope="profile email api account",
+    )
 
 
 # -- who may call it -----------------------------------------------------------------------
@@ -394,7 +399,7 @@ async def test_a_client_is_updated_and_what_it_lost_stops_working(
 ) -> None:
     user = await make_user()
     tokens = (await password_grant(client, app_client, user)).json()
-    assert tokens["scope"] == "profile email api"
+    assert tokens["scope"] == "profile email api account"
     changed = await client.patch(
         "/admin/v1/clients/app",
         json={

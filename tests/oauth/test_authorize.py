@@ -57,11 +57,11 @@ def header_of(jwt: str) -> dict[str, Any]:
 
 async def spa(make_client: MakeClient, **extra: Any) -> ClientCreds:
     """A public single-page app: PKCE, no secret."""
+    extra.setdefault("scope", "openid profile email api")
     return await make_client(
         "spa",
         public=True,
         grants=["authorization_code", "refresh_token"],
-        scope="openid profile email api",
         redirect_uris=[CALLBACK],
         name="Photo App",
         **extra,
@@ -236,6 +236,37 @@ async def test_consent_is_remembered_per_client_and_scope(
     # A wider one asks again; prompt=consent always asks.
     await get_code(browser, challenge, scope="openid profile email api")
     await get_code(browser, challenge, consent=True, prompt="consent")
+
+
+@pytest.mark.feature("account-api-scope")
+async def test_the_account_scope_needs_its_own_consent_naming_what_it_allows(
+    browser: httpx.AsyncClient, make_client: MakeClient, make_user: MakeUser
+) -> None:
+    await spa(make_client, scope="openid profile email account")
+    await sign_in(browser, await make_user(email="alice@example.com"))
+    verifier, challenge = pkce()
+    # Consent to sign-in only: that token cannot reach the account API.
+    code = await get_code(browser, challenge, scope="openid")
+    token = (await exchange(browser, code, verifier)).json()["access_token"]
+    refused = await browser.get("/api/v1/me", headers={"Authorization": f"Bearer {token}"})
+    assert refused.status_code == 403
+    assert 'scope="account"' in refused.headers["www-authenticate"]
+    # Asking for account asks again, and the page says what it allows.
+    page = await browser.get(
+        "/oauth2/authorize", params=authorize_params(challenge, scope="openid account")
+    )
+    assert page.status_code == 200, page.text
+    assert "Read and change your profile and email address, and end your sign-ins" in page.text
+    code = await get_code(browser, challenge, scope="openid account")
+    granted = (await exchange(browser, code, verifier)).json()["access_token"]
+    me = await browser.get("/api/v1/me", headers={"Authorization": f"Bearer {granted}"})
+    assert me.status_code == 200 and me.json()["email"] == "alice@example.com"
+    # Consented to, it is still not the password: that is for first-party apps.
+    change = {"current_password": "correct horse battery", "new_password": "a new passphrase!"}
+    password = await browser.post(
+        "/api/v1/me/password", json=change, headers={"Authorization": f"Bearer {granted}"}
+    )
+    assert password.status_code == 403
 
 
 async def test_a_first_party_client_skips_consent(

@@ -140,6 +140,39 @@ async def test_failed_client_authentication_is_401(
     assert_invalid_client(response)
 
 
+@pytest.mark.feature("client-auth-basic", "revocation", "introspection")
+@pytest.mark.parametrize(
+    ("path", "data"),
+    [
+        ("/oauth2/token", CC),
+        ("/oauth2/revoke", {"token": "x"}),
+        ("/oauth2/introspect", {"token": "x"}),
+    ],
+    ids=["token", "revoke", "introspect"],
+)
+async def test_an_unknown_client_and_a_wrong_secret_get_the_same_answer(
+    client: httpx.AsyncClient, make_client: MakeClient, path: str, data: dict[str, str]
+) -> None:
+    # RFC 6749 §5.2 invalid_client; the description must not tell which of the two it was,
+    # or client ids could be enumerated.
+    await make_client("svc")
+    attempts = [
+        ({}, basic("svc", "wrong")),
+        ({}, basic("nobody", "whatever")),
+        ({"client_id": "svc", "client_secret": "wrong"}, {}),
+        ({"client_id": "nobody", "client_secret": "whatever"}, {}),
+        ({"client_id": "svc"}, {}),  # a confidential client without its secret
+        ({"client_id": "nobody"}, {}),  # an unknown "public" client
+    ]
+    answers = set()
+    for extra, headers in attempts:
+        response = await client.post(path, data={**data, **extra}, headers=headers)
+        assert_invalid_client(response)
+        answers.add((response.text, response.headers["www-authenticate"]))
+    assert len(answers) == 1, answers
+    assert "nobody" not in answers.pop()[0]
+
+
 @pytest.mark.feature("client-auth-basic")
 async def test_basic_credentials_are_form_urlencoded(
     client: httpx.AsyncClient, make_client: MakeClient

@@ -77,10 +77,14 @@ async def test_missing_or_bad_tokens(
 async def test_a_token_without_openid_is_insufficient_scope(
     client: httpx.AsyncClient, make_client: MakeClient, make_user: MakeUser
 ) -> None:
-    token = await token_for(client, make_client, make_user, "profile")
+    # OpenID Connect Core §5.3: userinfo is for openid tokens; profile and email alone do not
+    # open it (nor would any other scope), and the challenge names the scope needed.
+    token = await token_for(client, make_client, make_user, "profile email api")
     response = await client.get("/userinfo", headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 403
     assert 'error="insufficient_scope"' in response.headers["www-authenticate"]
+    assert 'scope="openid"' in response.headers["www-authenticate"]
+    assert "alice@example.com" not in response.text
 
 
 async def test_a_client_token_or_a_dead_sign_in_is_refused(
