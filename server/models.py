@@ -50,6 +50,11 @@ def narrow_scope(requested: str | None, allowed: list[str]) -> str | None:
     return " ".join(dict.fromkeys(wanted))
 
 
+#: The account API's scope: reads and changes the person's profile and ends their sign-ins, so
+#: it is granted only with consent that names it, or to a first-party client.
+ACCOUNT_SCOPE = "account"
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -101,6 +106,12 @@ class Client(Base):
     def scope_list(self) -> list[str]:
         """Scopes the client may ask for; ``admin`` only ever for an admin client."""
         return [s for s in self.scope.split() if s != "admin" or self.is_admin]
+
+    @property
+    def scope_list_without_consent(self) -> list[str]:
+        """What a grant that shows no consent page (the password grant) may give: ``account``
+        only to a first-party client."""
+        return [s for s in self.scope_list if s != ACCOUNT_SCOPE or self.is_first_party]
 
     @property
     def redirect_uri_list(self) -> list[str]:

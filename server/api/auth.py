@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from .. import manage
 from ..deps import AppState, StateDep
-from ..models import Client, User, now
+from ..models import ACCOUNT_SCOPE, Client, User, now
 from ..observability import audit
 from ..tokens import access_token_is_live, decode_access_token
 
@@ -257,8 +257,6 @@ def user_refusals() -> AbstractContextManager[None]:
     return _refusals("invalid_user", "username_taken")
 
 
-#: The account API: a person's token with the ``account`` scope.
-ACCOUNT_SCOPE = "account"
 CallerDep = Annotated[Caller, Depends(PersonScope(ACCOUNT_SCOPE))]
 FirstPartyCallerDep = Annotated[Caller, Depends(PersonScope(ACCOUNT_SCOPE, first_party=True))]
 AdminDep = Annotated[Client, Depends(ClientScope("admin"))]

@@ -89,7 +89,9 @@ class PasswordGrant(_Grant, grants.ResourceOwnerPasswordCredentialsGrant):  # ty
         client = self._client()
         username = self._required("username")
         password = self._required("password")
-        self.request.scope = resolve_scope(self.request.payload.scope, client.scope_list)
+        # No consent page here: the account scope only for a first-party client.
+        allowed = client.scope_list_without_consent
+        self.request.scope = resolve_scope(self.request.payload.scope, allowed)
         self.request.resources = self._resources()
         self.request.user = self.authenticate_user(username, password)
 

@@ -161,7 +161,7 @@ async def test_an_expired_token_is_refused(
             state: AppState = short.state.auth
             async with state.db.sessions() as db:
                 created = await manage.create_client(
-                    db, client_id="quick", grants=["password"], scope="account"
+                    db, client_id="quick", grants=["password"], scope="account", first_party=True
                 )
                 await manage.create_user(
                     db, state.passwords, username="eve", password="correct horse battery"
@@ -517,19 +517,42 @@ async def test_a_client_stripped_of_the_account_scope_is_refused_at_once(
 
 @pytest.mark.feature("account-api-scope")
 async def test_only_a_first_party_client_may_change_the_password(
-    client: httpx.AsyncClient, make_client: MakeClient, make_user: MakeUser
+    client: httpx.AsyncClient, app_client: ClientCreds, make_user: MakeUser, state: AppState
 ) -> None:
     user = await make_user("ned", email="ned@example.com")
-    third = await make_client("third", grants=["password"], scope="account")
-    token = (await sign_in(client, third, user))["access_token"]
-    # The account scope, consented to, is enough for the profile and the sign-ins...
+    token = (await sign_in(client, app_client, user))["access_token"]
+    # The operator no longer treats the app as its own: the account scope it holds is still
+    # enough for the profile and the sign-ins...
+    async with state.db.sessions() as db:
+        await manage.update_client(db, "app", {"first_party": False})
+        await db.commit()
     assert (await client.get("/api/v1/me", headers=bearer(token))).status_code == 200
     # ...not for the password, even with the right current one.
     change = {"current_password": user.password, "new_password": "a brand new passphrase"}
     refused = await client.post("/api/v1/me/password", json=change, headers=bearer(token))
     assert refused_for_scope(refused), refused.text
     assert "first-party" in refused.json()["detail"]
-    assert (await sign_in(client, third, user))["access_token"]  # the old password still works
+    assert (await sign_in(client, app_client, user))["access_token"]  # old password still works
+
+
+@pytest.mark.feature("account-api-scope", "grant-password")
+async def test_the_password_grant_gives_the_account_scope_to_first_party_clients_only(
+    client: httpx.AsyncClient, make_client: MakeClient, make_user: MakeUser
+) -> None:
+    # The password grant shows no consent page: a third-party client registered with the
+    # account scope gets it only through the authorization code flow's consent.
+    user = await make_user("ora")
+    third = await make_client("third", grants=["password"], scope="profile account")
+    asked = await password_grant(client, third, user, scope="profile account")
+    assert (asked.status_code, asked.json()["error"]) == (400, "invalid_scope")
+    default = await password_grant(client, third, user)
+    assert default.status_code == 200
+    assert default.json()["scope"] == "profile"  # everything else it may ask for
+    first = await make_client(
+        "first", grants=["password"], scope="profile account", first_party=True
+    )
+    granted = await password_grant(client, first, user, scope="profile account")
+    assert (granted.status_code, granted.json()["scope"]) == (200, "profile account")
 
 
 @pytest.mark.feature("account-api-scope")

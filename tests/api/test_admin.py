@@ -73,11 +73,13 @@ def events() -> Iterator[Events]:
 
 @pytest.fixture
 async def app_client(make_client: MakeClient) -> ClientCreds:
-    # With the account scope: some tests watch a sign-in live or die through /api/v1/me.
+    # First-party with the account scope: some tests watch a sign-in live or die through
+    # /api/v1/me.
     return await make_client(
         "app",
         grants=["password", "refresh_token", "client_credentials"],
         scope="profile email api account",
+        first_party=True,
     )
 
 
@@ -415,7 +417,7 @@ async def test_a_client_is_updated_and_what_it_lost_stops_working(
     assert body["scope"] == "profile"
     assert body["grant_types"] == ["password", "refresh_token"]
     assert body["redirect_uris"] == ["https://app.example.com/callback"]
-    assert body["name"] == "The App" and body["first_party"] is False
+    assert body["name"] == "The App" and body["first_party"] is True  # unchanged
     # The earlier sign-in refreshes to what the client still has (RFC 6749 §6 narrowing).
     refreshed = await refresh_grant(client, app_client, tokens["refresh_token"])
     assert refreshed.status_code == 200 and refreshed.json()["scope"] == "profile"

@@ -323,7 +323,7 @@ async def test_an_unknown_resource_at_authorize_goes_back_to_the_client(
 async def test_resource_servers_verify_offline_and_our_own_endpoints_want_their_audience(
     client: httpx.AsyncClient, make_client: MakeClient, make_user: MakeUser
 ) -> None:
-    creds = await make_client(scope="openid profile api account")
+    creds = await make_client(scope="openid profile api account", first_party=True)
     user = await make_user()
     for_api = (await token_for(client, creds, user, API)).json()["access_token"]
     # The resource server checks aud against itself (RFC 9068 §4) with the published keys.
