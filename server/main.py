@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .api.account import router as account_router
 from .api.admin import router as admin_router
@@ -105,6 +106,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.cors_origins:
         # Outside the JWKS fast path, inside the headers: preflights get ids and headers too.
         app.add_middleware(Cors, origins=settings.cors_origins)
+    # Inside the headers and the request id, so a 500 carries both (and outside CORS).
+    app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(MetricsMiddleware)
@@ -194,9 +197,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         ]
         return JSONResponse(error_body(detail, "validation_error"), status_code=422)
 
-    async def unexpected(_: Request, exc: Exception) -> Response:
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        # Only a failure outside ``UnexpectedErrorMiddleware`` (in the request-id, headers or
+        # metrics middleware) still reaches Starlette's last-resort handler.
         log.exception("request.failed", error=type(exc).__name__)
-        return JSONResponse(error_body("Internal server error.", "internal_error"), status_code=500)
+        return server_error_response(request.url.path)
 
     async def database_error(request: Request, exc: Exception) -> Response:
         """503 with ``Retry-After`` for the database being down, busy or behind an open
@@ -211,6 +216,56 @@ def _add_error_handlers(app: FastAPI) -> None:
     for error in (DatabaseUnavailable, DBAPIError, OSError):
         app.add_exception_handler(error, database_error)
     app.add_exception_handler(Exception, unexpected)
+
+
+def server_error_response(path: str) -> Response:
+    """The 500 in the format of the endpoint that was asked; never says what went wrong."""
+    response: Response
+    if path.startswith(PAGE_PATHS):
+        response = error_page(
+            500, "Something went wrong", "The server met an unexpected error. Try again later."
+        )
+    elif path.startswith(OAUTH_PATHS):
+        # RFC 6749 §4.1.2.1 and §5.2 (its registry, RFC 6749 §11.4): server_error.
+        body = {"error": "server_error", "error_description": "The server met an unexpected error."}
+        response = JSONResponse(body, status_code=500)
+    else:
+        response = JSONResponse(error_body("Internal server error.", "internal_error"), 500)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+class UnexpectedErrorMiddleware:
+    """The last word on an exception no handler took: one redacted JSON log line (its
+    traceback folded into the line by structlog) and ``server_error_response``.
+
+    Starlette's own ``ServerErrorMiddleware`` sits outside every middleware of ours (so its
+    500 had no security headers and no request id) and re-raises after answering, so uvicorn
+    printed a multi-line traceback outside the JSON log; this one answers and stops there.
+    When the response had already started, nothing more can be sent: the line is logged and
+    the response stays cut off, which the client sees as an incomplete body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            log.exception("request.failed", error=type(exc).__name__, response_started=started)
+            if not started:
+                await server_error_response(scope["path"])(scope, receive, send)
 
 
 def unavailable_response(path: str, retry_after: int) -> Response:

@@ -17,6 +17,7 @@ by one conditional UPDATE; a second use revokes the family the first one started
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
@@ -51,6 +52,9 @@ PEOPLE_ERRORS = {
     "invalid_client": "The application that sent you here is not registered with this server.",
     "invalid_request": "The application sent you here with a broken request.",
     "unsupported_response_type": "The application asked for a kind of sign-in we do not offer.",
+    "invalid_scope": "The application asked for access it is not allowed to ask for.",
+    "invalid_target": "The application asked for a service it is not allowed to use.",
+    "unauthorized_client": "The application is not allowed to use this kind of sign-in.",
 }
 
 
@@ -103,18 +107,20 @@ def decide(
         # OpenID Connect Core §3.1.2.1.
         return fail(InvalidRequestError("prompt=none cannot be combined with other values."))
     max_age = request.form.get("max_age")
-    if max_age is not None and not (max_age.isdigit() and len(max_age) <= 9):
+    # ASCII digits only: str.isdigit() also accepts "²" and "①", which int() refuses.
+    if max_age is not None and not re.fullmatch(r"[0-9]{1,9}", max_age):
         return fail(InvalidRequestError("max_age must be a number of seconds."))
     try:
         # RFC 8707 §2: the resources the grant is for; the token requests may narrow them.
         request.resources = rfc8707.allowed(rfc8707.requested(request.form), server.settings)
     except OAuth2Error as error:
         return fail(error)
-    # OpenID Connect Core §3.1.2.1: max_age asks for a sign-in at most that old.
+    # OpenID Connect Core §3.1.2.1: max_age asks for a sign-in at most that old, and
+    # max_age=0 is prompt=login (so also within the second of the last sign-in).
     too_old = (
         who is not None
         and max_age is not None
-        and server.now - who.session.auth_time > int(max_age)
+        and (int(max_age) == 0 or server.now - who.session.auth_time > int(max_age))
     )
     if who is None or too_old or ("login" in prompts and decision is None):
         if "none" in prompts:
@@ -169,11 +175,12 @@ async def handle(
         explanation = PEOPLE_ERRORS.get(
             error.error, "The application sent a request we cannot use."
         )
-        detail = error.description or "the request is malformed"
+        # Fixed text per error code: Authlib's descriptions quote request values, which must
+        # not be repeated on this origin (content spoofing); the code is for the developers.
         return error_page(
             400,
             "This sign-in request is not valid",
-            f"{explanation} Tell the application's developers: {error.error}: {detail}",
+            f"{explanation} Tell the application's developers: {error.error}.",
         )
     if outcome.login:
         # The sign-in about to happen satisfies prompt=login and max_age: not asked again.

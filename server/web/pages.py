@@ -265,6 +265,9 @@ async def register(request: Request, state: StateDep) -> Response:
 def _sentence(message: str) -> str:
     if "already exists" in message:
         return "That username is taken."
+    if "valid email" in message:
+        # manage's message quotes the address: never repeat a submitted value on the page.
+        return "That is not a valid email address."
     return message[:1].upper() + message[1:] + ("" if message.endswith(".") else ".")
 
 
