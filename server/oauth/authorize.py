@@ -27,9 +27,10 @@ from authlib.oauth2.rfc6749.errors import AccessDeniedError, InvalidRequestError
 from fastapi import APIRouter, Request
 from starlette.responses import RedirectResponse, Response
 
+from ..boundary import column_length, text_problem
 from ..deps import AppState, StateDep
 from ..forms import FormError, parse_form, read_form, repeated
-from ..models import Client, Consent
+from ..models import AuthorizationCode, Client, Consent
 from ..observability import audit
 from ..web.browser import Csrf, SignedIn, current_session, error_page, posted_form, render
 from . import resources as rfc8707
@@ -47,6 +48,13 @@ SCOPE_DESCRIPTIONS = {
     "api": "Use the API on your behalf",
 }
 MAX_AUTHORIZE_QUERY = 4096
+#: Request values the code row stores verbatim, and their column lengths. The others it
+#: stores (client, redirect URI, scope, resources) are matched against registered values.
+STORED_LENGTHS = {
+    "nonce": column_length(AuthorizationCode.nonce),
+    "code_challenge": column_length(AuthorizationCode.code_challenge),
+    "code_challenge_method": column_length(AuthorizationCode.code_challenge_method),
+}
 #: What the error page tells a person, before the technical detail for the developers.
 PEOPLE_ERRORS = {
     "invalid_client": "The application that sent you here is not registered with this server.",
@@ -103,6 +111,11 @@ def decide(
         error.redirect_uri, error.state = redirect_uri, state
         return _redirect_error(error, issuer)
 
+    for name, length in STORED_LENGTHS.items():
+        value = request.form.get(name)
+        # The code row keeps these as the client sent them: each must fit its column.
+        if value is not None and text_problem(value, length) is not None:
+            return fail(InvalidRequestError(f"{name} must be at most {length} characters."))
     if "none" in prompts and len(prompts) > 1:
         # OpenID Connect Core §3.1.2.1.
         return fail(InvalidRequestError("prompt=none cannot be combined with other values."))

@@ -11,6 +11,7 @@ Authlib's defaults are overridden where they fall short of SPEC.md:
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from authlib.oauth2.rfc6749 import grants
@@ -221,6 +222,10 @@ class ClientCredentialsGrant(_Grant, grants.ClientCredentialsGrant):  # type: ig
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
 
+#: RFC 7636 §4.2: base64url of a SHA-256 digest is 43 characters; 43-128 unreserved ones.
+CODE_CHALLENGE = re.compile(r"[A-Za-z0-9._~-]{43,128}")
+
+
 class Pkce(CodeChallenge):  # type: ignore[misc]
     """RFC 7636 with the rules of RFC 9700 §2.1.1: public clients must send a challenge, and
     only S256 is accepted (``plain`` would let a leaked code be redeemed)."""
@@ -237,6 +242,9 @@ class Pkce(CodeChallenge):  # type: ignore[misc]
                 )
             return
         super().validate_code_challenge(grant, redirect_uri)
+        # Authlib matches ``^…{43,128}$``, and ``$`` also matches before a final newline.
+        if not CODE_CHALLENGE.fullmatch(data.get("code_challenge") or ""):
+            raise InvalidRequestError("Invalid 'code_challenge'.")
         if data.get("code_challenge_method") != "S256":
             raise InvalidRequestError("code_challenge_method must be S256.")
 
