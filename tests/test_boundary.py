@@ -195,6 +195,42 @@ async def test_admin_bodies_refuse_text_the_database_cannot_store(
 
 
 @pytest.mark.feature("admin-api")
+@pytest.mark.parametrize("bad", [NUL, SURROGATE], ids=["nul", "surrogate"])
+@pytest.mark.parametrize(
+    ("method", "path", "body", "field"),
+    [
+        ("PATCH", "/admin/v1/clients/ops", {"name": "{bad}"}, "name"),
+        ("PATCH", "/admin/v1/clients/ops", {"post_logout_redirect_uris": ["{bad}"]}, 0),
+        ("PATCH", "/admin/v1/clients/ops", {"scope": "{bad}"}, "scope"),
+        ("POST", "/admin/v1/users/{user}/password", {"password": "{bad}"}, "password"),
+        ("POST", "/api/v1/users", {**NEW_USER, "email": "{bad}@example.com"}, "email"),
+    ],
+    ids=["client-name", "post-logout-uri", "scope", "password-reset", "email-in-address"],
+)
+async def test_other_bodies_refuse_text_the_database_cannot_store(
+    client: httpx.AsyncClient,
+    admin: dict[str, str],
+    make_user: MakeUser,
+    method: str,
+    path: str,
+    body: dict[str, Any],
+    field: str | int,
+    bad: str,
+) -> None:
+    user = await make_user()
+    filled = json.loads(json.dumps(body).replace("{bad}", json.dumps(bad)[1:-1]))
+    response = await client.request(
+        method,
+        path.replace("{user}", user.id),
+        content=raw_json(filled),
+        headers={**admin, "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422, response.text[:300]
+    assert response.json()["error_code"] == "validation_error"
+    assert response.json()["detail"][0]["loc"][-1] == field
+
+
+@pytest.mark.feature("admin-api")
 async def test_an_admin_search_with_nul_is_refused_not_matching_everyone(
     client: httpx.AsyncClient, admin: dict[str, str], make_user: MakeUser
 ) -> None:
