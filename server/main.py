@@ -106,11 +106,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url="/openapi.json" if settings.docs_enabled else None,
     )
     app.add_middleware(JwksMiddleware)  # innermost of ours: inside metrics, ids, headers
+    # Inside CORS, the headers and the request id, so a 500 carries all of them.
+    app.add_middleware(UnexpectedErrorMiddleware)
     if settings.cors_origins:
         # Outside the JWKS fast path, inside the headers: preflights get ids and headers too.
         app.add_middleware(Cors, origins=settings.cors_origins)
-    # Inside the headers and the request id, so a 500 carries both (and outside CORS).
-    app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(MetricsMiddleware)

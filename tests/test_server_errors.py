@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -19,7 +20,8 @@ from starlette.responses import StreamingResponse
 from starlette.types import Message
 
 from server.deps import AppState
-from tests.conftest import MakeClient, MakeUser, sign_in
+from server.main import create_app
+from tests.conftest import MakeClient, MakeUser, make_settings, sign_in, truncate
 from tests.oauth.test_authorize import CALLBACK, authorize_params, pkce, spa
 
 pytestmark = pytest.mark.feature("error-shape-500")
@@ -337,3 +339,27 @@ async def test_a_content_length_in_non_ascii_digits_is_a_400(app: FastAPI) -> No
     await app(scope, receive, send)
     assert sent[0]["status"] == 400
     assert json.loads(sent[1]["body"])["error"] == "invalid_request"
+
+
+@pytest.mark.feature("cors")
+async def test_a_500_to_an_allowed_origin_is_readable_by_it(
+    database_url: str, keys_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    origin = "https://app.example.com"
+    await truncate(database_url)
+    app = create_app(make_settings(database_url, keys_dir, cors_origins=origin))
+    async with app.router.lifespan_context(app):
+        state: AppState = app.state.auth
+
+        def broken() -> None:
+            raise RuntimeError("no keys")
+
+        monkeypatch.setattr(state.keys, "keyset", broken)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            response = await http.get("/.well-known/jwks.json", headers={"Origin": origin})
+    assert response.status_code == 500
+    # The app can read the error (a CORS-less 500 is an opaque network error to it).
+    assert response.headers["access-control-allow-origin"] == origin
+    assert response.headers["cache-control"] == "no-store"
+    assert "x-request-id" in response.headers
