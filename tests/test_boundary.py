@@ -325,3 +325,17 @@ async def test_pages_look_nothing_up_with_text_the_database_refuses(
     )
     assert revoke.status_code == 404
     assert revoke.headers["content-type"].startswith("text/html")
+
+
+@pytest.mark.feature("account-api")
+async def test_a_username_longer_than_its_column_once_normalised_is_invalid_user(
+    client: httpx.AsyncClient,
+) -> None:
+    # "ﷺ" is one letter that NFKC expands to 18: 150 of them fit `username` but make a
+    # 2,700-character `username_key`, which PostgreSQL's varchar(150) refuses.
+    body = {"username": "\ufdfa" * 150, "password": "correct horse battery"}
+    response = await client.post("/api/v1/users", json=body)
+    assert response.status_code == 400, response.text[:300]
+    assert response.json()["error_code"] == "invalid_user"
+    fits = await client.post("/api/v1/users", json={**body, "username": "\ufdfa" * 8})
+    assert fits.status_code == 201  # 144 characters once normalised
