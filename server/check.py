@@ -461,7 +461,8 @@ async def check_jwks_cache(ctx: Context) -> None:
     cache_control = response.headers.get("cache-control", "")
     directives = cache_directives(cache_control)
     max_age = directives.get("max-age", "")
-    if "public" not in directives or not max_age.isdigit() or int(max_age) <= 0:
+    numeric = max_age.isascii() and max_age.isdigit()  # "²" is a digit to isdigit(), not int()
+    if "public" not in directives or not numeric or int(max_age) <= 0:
         raise CheckFailed(f"Cache-Control is {short(cache_control)}, expected public, max-age=N")
     etag = response.headers.get("etag")
     if not etag:

@@ -72,7 +72,8 @@ def check_content_type(request: Request) -> None:
 async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        # ASCII digits only: str.isdigit() also accepts "²" (latin-1 0xB2), which int() refuses.
+        if not (declared.isascii() and declared.isdigit()):
             raise FormError("Invalid Content-Length header.")
         if int(declared) > limit:
             raise FormError(f"Request body larger than {limit} bytes.", 413)

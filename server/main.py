@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import os
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .api.account import router as account_router
 from .api.admin import router as admin_router
@@ -102,6 +106,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url="/openapi.json" if settings.docs_enabled else None,
     )
     app.add_middleware(JwksMiddleware)  # innermost of ours: inside metrics, ids, headers
+    # Inside CORS, the headers and the request id, so a 500 carries all of them.
+    app.add_middleware(UnexpectedErrorMiddleware)
     if settings.cors_origins:
         # Outside the JWKS fast path, inside the headers: preflights get ids and headers too.
         app.add_middleware(Cors, origins=settings.cors_origins)
@@ -149,20 +155,46 @@ def _add_health(app: FastAPI) -> None:
         return JSONResponse({"status": "ready"})
 
 
-#: Swagger UI loads its script and style from jsDelivr and starts with one inline script.
-DOCS_CSP = (
-    "default-src 'none'; script-src https://cdn.jsdelivr.net 'unsafe-inline'; "
-    "style-src https://cdn.jsdelivr.net; img-src 'self' data: https://fastapi.tiangolo.com; "
-    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'"
-)
+#: Swagger UI's files, by exact URL (FastAPI's defaults, pinned here so the CSP names them).
+SWAGGER_JS = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"
+SWAGGER_CSS = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css"
+SWAGGER_FAVICON = "https://fastapi.tiangolo.com/img/favicon.png"
+_INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.S)
+
+
+def docs_page() -> Response:
+    """Swagger UI with a CSP that allows exactly what it loads: its script and stylesheet by
+    URL, and its inline start-up script by the hash of the bytes served (CSP Level 3 §8.4),
+    so no ``'unsafe-inline'`` and no other file of the CDN."""
+    page = get_swagger_ui_html(
+        openapi_url="/openapi.json",
+        title="Token server API",
+        swagger_js_url=SWAGGER_JS,
+        swagger_css_url=SWAGGER_CSS,
+        swagger_favicon_url=SWAGGER_FAVICON,
+    )
+    hashes = " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(script).digest()).decode()}'"
+        for script in _INLINE_SCRIPT.findall(bytes(page.body))
+    )
+    page.headers["Content-Security-Policy"] = (
+        f"default-src 'none'; script-src {SWAGGER_JS} {hashes}; style-src {SWAGGER_CSS}; "
+        f"img-src 'self' data: {SWAGGER_FAVICON}; connect-src 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    )
+    return page
 
 
 def _add_docs(app: FastAPI) -> None:
+    page = docs_page()  # the same bytes every time: built and hashed once
+
     @app.get("/docs", include_in_schema=False)
     async def docs() -> Response:
-        page = get_swagger_ui_html(openapi_url="/openapi.json", title="Token server API")
-        page.headers["Content-Security-Policy"] = DOCS_CSP
-        return page
+        return Response(
+            page.body,
+            media_type="text/html",
+            headers={"Content-Security-Policy": page.headers["Content-Security-Policy"]},
+        )
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -194,9 +226,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         ]
         return JSONResponse(error_body(detail, "validation_error"), status_code=422)
 
-    async def unexpected(_: Request, exc: Exception) -> Response:
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        # Only a failure outside ``UnexpectedErrorMiddleware`` (in the request-id, headers or
+        # metrics middleware) still reaches Starlette's last-resort handler.
         log.exception("request.failed", error=type(exc).__name__)
-        return JSONResponse(error_body("Internal server error.", "internal_error"), status_code=500)
+        return server_error_response(request.url.path)
 
     async def database_error(request: Request, exc: Exception) -> Response:
         """503 with ``Retry-After`` for the database being down, busy or behind an open
@@ -211,6 +245,56 @@ def _add_error_handlers(app: FastAPI) -> None:
     for error in (DatabaseUnavailable, DBAPIError, OSError):
         app.add_exception_handler(error, database_error)
     app.add_exception_handler(Exception, unexpected)
+
+
+def server_error_response(path: str) -> Response:
+    """The 500 in the format of the endpoint that was asked; never says what went wrong."""
+    response: Response
+    if path.startswith(PAGE_PATHS):
+        response = error_page(
+            500, "Something went wrong", "The server met an unexpected error. Try again later."
+        )
+    elif path.startswith(OAUTH_PATHS):
+        # RFC 6749 §4.1.2.1 and §5.2 (its registry, RFC 6749 §11.4): server_error.
+        body = {"error": "server_error", "error_description": "The server met an unexpected error."}
+        response = JSONResponse(body, status_code=500)
+    else:
+        response = JSONResponse(error_body("Internal server error.", "internal_error"), 500)
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+class UnexpectedErrorMiddleware:
+    """The last word on an exception no handler took: one redacted JSON log line (its
+    traceback folded into the line by structlog) and ``server_error_response``.
+
+    Starlette's own ``ServerErrorMiddleware`` sits outside every middleware of ours (so its
+    500 had no security headers and no request id) and re-raises after answering, so uvicorn
+    printed a multi-line traceback outside the JSON log; this one answers and stops there.
+    When the response had already started, nothing more can be sent: the line is logged and
+    the response stays cut off, which the client sees as an incomplete body."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            log.exception("request.failed", error=type(exc).__name__, response_started=started)
+            if not started:
+                await server_error_response(scope["path"])(scope, receive, send)
 
 
 def unavailable_response(path: str, retry_after: int) -> Response:

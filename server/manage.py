@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import ColumnElement, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from .boundary import column_length, text_problem
 from .models import (
     AuthorizationCode,
     BrowserSession,
@@ -335,6 +336,9 @@ async def create_user(
     except ValueError as exc:
         raise PasswordPolicyError(str(exc)) from None
     key = normalize_username(username)
+    if text_problem(key, column_length(User.username_key)) is not None:
+        # NFKC can lengthen a username (one "ﷺ" becomes 18 characters): the key must fit too.
+        raise ManageError("username must be 1-150 letters, digits or . @ + - _")
     if await db.scalar(select(User.id).where(User.username_key == key)) is not None:
         raise AlreadyExistsError(f"user {username!r} already exists")
     user = User(

@@ -544,7 +544,11 @@ async def test_a_database_error_that_is_not_a_fault_is_a_plain_500(
     monkeypatch.setattr(state.db, "run", broken)
     response = await client.post("/oauth2/token", data={"grant_type": "client_credentials"})
     assert response.status_code == 500
-    assert response.json() == {"detail": "Internal server error.", "error_code": "internal_error"}
+    # RFC 6749 §5.2: the token endpoint's clients read an OAuth error object.
+    assert response.json() == {
+        "error": "server_error",
+        "error_description": "The server met an unexpected error.",
+    }
     assert "syntax" not in response.text
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import json
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
@@ -21,6 +23,7 @@ from fastapi import APIRouter, Depends, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import manage
+from ..boundary import StoredText, text_problem
 from ..config import Env
 from ..deps import AppState, StateDep
 from ..keys import KeyInfo, RotationTooSoonError
@@ -41,12 +44,15 @@ Grant = Literal["password", "refresh_token", "client_credentials", "authorizatio
 _SCOPE_TOKEN = manage.SCOPE_TOKEN_RE.pattern.strip("^$")
 #: Scope tokens (RFC 6749 §3.3) separated by single spaces, or nothing.
 SCOPE_PATTERN = rf"^({_SCOPE_TOKEN}( {_SCOPE_TOKEN})*)?$"
-Uri = Annotated[str, Field(min_length=1, max_length=manage.MAX_URI_LENGTH)]
-ClientId = Annotated[str, Path(min_length=1, max_length=100, pattern=manage.CLIENT_ID_RE.pattern)]
-UserId = Annotated[str, Path(min_length=1, max_length=64)]
+Uri = Annotated[StoredText, Field(min_length=1, max_length=manage.MAX_URI_LENGTH)]
+ClientId = Annotated[
+    StoredText, Path(min_length=1, max_length=100, pattern=manage.CLIENT_ID_RE.pattern)
+]
+UserId = Annotated[StoredText, Path(min_length=1, max_length=64)]
 Limit = Annotated[int, Query(ge=1, le=200, description="Items per page")]
 Cursor = Annotated[
-    str | None, Query(max_length=512, description="`next_cursor` of the previous page")
+    StoredText | None,
+    Query(max_length=512, description="`next_cursor` of the previous page"),
 ]
 
 
@@ -93,7 +99,7 @@ class _Registration(Body):
     first_party: bool = False
     grant_types: list[Grant] = Field(default_factory=list, max_length=4)
     #: Space-separated scope tokens (RFC 6749 §3.3); ``admin`` only for an admin client.
-    scope: str = Field(default="", max_length=2000, pattern=SCOPE_PATTERN)
+    scope: StoredText = Field(default="", max_length=2000, pattern=SCOPE_PATTERN)
     redirect_uris: list[Uri] = Field(default_factory=list, max_length=20)
     post_logout_redirect_uris: list[Uri] = Field(default_factory=list, max_length=20)
 
@@ -102,8 +108,8 @@ class NewClient(_Registration):
     """``grant_types`` defaults to password and refresh_token (+ client_credentials unless
     public); none for a resource server."""
 
-    client_id: str = Field(min_length=1, max_length=100, pattern=manage.CLIENT_ID_RE.pattern)
-    name: str = Field(default="", max_length=200)
+    client_id: StoredText = Field(min_length=1, max_length=100, pattern=manage.CLIENT_ID_RE.pattern)
+    name: StoredText = Field(default="", max_length=200)
     public: bool = False
     #: May receive the ``admin`` scope, and so act on this API.
     admin: bool = False
@@ -114,7 +120,7 @@ class NewClient(_Registration):
 class ClientChange(_Registration):
     """Only the fields sent change; lists are replaced whole."""
 
-    name: str = Field(default="", min_length=1, max_length=200)
+    name: StoredText = Field(default="", min_length=1, max_length=200)
 
 
 class ClientPage(BaseModel):
@@ -144,7 +150,7 @@ class UserPage(BaseModel):
 
 
 class PasswordReset(Body):
-    password: str = Field(min_length=1, max_length=4096)
+    password: StoredText = Field(min_length=1, max_length=4096)
 
 
 class UserSessions(BaseModel):
@@ -167,37 +173,50 @@ def _user_out(user: User) -> UserOut:
 # -- pagination and errors -------------------------------------------------------------------
 
 
-def _cursor(kind: str, key: str) -> str:
+def _mac(secret_key: str, payload: str) -> str:
+    mac = hmac.new(secret_key.encode(), b"cursor|" + payload.encode(), hashlib.sha256)
+    return base64.urlsafe_b64encode(mac.digest()).decode().rstrip("=")
+
+
+def _cursor(secret_key: str, kind: str, key: str) -> str:
+    """``payload.mac``: the listing and the last key, HMAC-SHA256 signed with the secret key
+    (as the CSRF tokens are, ``web.browser``), so only a cursor this server made is read."""
     raw = json.dumps([kind, key], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    payload = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return f"{payload}.{_mac(secret_key, payload)}"
 
 
-def _after(kind: str, cursor: str | None) -> str | None:
+def _after(secret_key: str, kind: str, cursor: str | None) -> str | None:
     """The key a cursor continues after; 400 ``invalid_cursor`` for anything we did not make
-    for this listing."""
+    for this listing (forged, altered, signed with another key, or another listing's)."""
     if cursor is None:
         return None
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        decoded = json.loads(raw)
-    except (ValueError, binascii.Error, UnicodeError):
-        decoded = None
+    payload, _, mac = cursor.partition(".")
+    decoded: Any = None
+    if mac and hmac.compare_digest(_mac(secret_key, payload), mac):
+        try:
+            decoded = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        except (ValueError, binascii.Error, UnicodeError):
+            decoded = None
     if (
         not isinstance(decoded, list)
         or len(decoded) != 2
         or decoded[0] != kind
         or not isinstance(decoded[1], str)
+        or text_problem(decoded[1]) is not None
     ):
         raise ApiError(400, "invalid_cursor", "The cursor is not one this listing made.")
     return decoded[1]
 
 
-def _page(kind: str, rows: list[Any], limit: int, key: str) -> tuple[list[Any], str | None]:
+def _page(
+    secret_key: str, kind: str, rows: list[Any], limit: int, key: str
+) -> tuple[list[Any], str | None]:
     """``rows`` was fetched with ``limit + 1``: the extra row only says a next page exists."""
     if len(rows) <= limit:
         return rows, None
     rows = rows[:limit]
-    return rows, _cursor(kind, getattr(rows[-1], key))
+    return rows, _cursor(secret_key, kind, getattr(rows[-1], key))
 
 
 def _https_only(state: AppState) -> bool:
@@ -255,10 +274,10 @@ async def create_client(new: NewClient, admin: AdminDep, state: StateDep) -> Cre
 async def list_clients(
     admin: AdminDep, state: StateDep, limit: Limit = 50, cursor: Cursor = None
 ) -> ClientPage:
-    after = _after("clients", cursor)
+    after = _after(state.settings.secret_key, "clients", cursor)
     async with state.db.session() as db:
         rows = await manage.page_clients(db, after=after, limit=limit + 1)
-    clients, next_cursor = _page("clients", rows, limit, "client_id")
+    clients, next_cursor = _page(state.settings.secret_key, "clients", rows, limit, "client_id")
     audit("admin.clients_listed", actor_client_id=admin.client_id, count=len(clients))
     return ClientPage(
         items=[ClientOut(**manage.client_view(c)) for c in clients], next_cursor=next_cursor
@@ -362,7 +381,7 @@ async def list_users(
     limit: Limit = 50,
     cursor: Cursor = None,
     search: Annotated[
-        str | None,
+        StoredText | None,
         Query(
             min_length=1,
             max_length=150,
@@ -371,12 +390,12 @@ async def list_users(
     ] = None,
     disabled: Annotated[bool | None, Query(description="Only disabled or enabled")] = None,
 ) -> UserPage:
-    after = _after("users", cursor)
+    after = _after(state.settings.secret_key, "users", cursor)
     async with state.db.session() as db:
         rows = await manage.page_users(
             db, after=after, limit=limit + 1, search=search, disabled=disabled
         )
-    users, next_cursor = _page("users", rows, limit, "username_key")
+    users, next_cursor = _page(state.settings.secret_key, "users", rows, limit, "username_key")
     # The search text may be personal data: the audit says only that there was one.
     audit(
         "admin.users_listed",

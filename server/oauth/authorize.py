@@ -17,6 +17,7 @@ by one conditional UPDATE; a second use revokes the family the first one started
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
@@ -26,9 +27,10 @@ from authlib.oauth2.rfc6749.errors import AccessDeniedError, InvalidRequestError
 from fastapi import APIRouter, Request
 from starlette.responses import RedirectResponse, Response
 
+from ..boundary import column_length, text_problem
 from ..deps import AppState, StateDep
 from ..forms import FormError, parse_form, read_form, repeated
-from ..models import Client, Consent
+from ..models import AuthorizationCode, Client, Consent
 from ..observability import audit
 from ..ratelimit import Verdict
 from ..web.browser import Csrf, SignedIn, current_session, error_page, posted_form, render
@@ -49,11 +51,21 @@ SCOPE_DESCRIPTIONS = {
     "account": "Read and change your profile and email address, and end your sign-ins",
 }
 MAX_AUTHORIZE_QUERY = 4096
+#: Request values the code row stores verbatim, and their column lengths. The others it
+#: stores (client, redirect URI, scope, resources) are matched against registered values.
+STORED_LENGTHS = {
+    "nonce": column_length(AuthorizationCode.nonce),
+    "code_challenge": column_length(AuthorizationCode.code_challenge),
+    "code_challenge_method": column_length(AuthorizationCode.code_challenge_method),
+}
 #: What the error page tells a person, before the technical detail for the developers.
 PEOPLE_ERRORS = {
     "invalid_client": "The application that sent you here is not registered with this server.",
     "invalid_request": "The application sent you here with a broken request.",
     "unsupported_response_type": "The application asked for a kind of sign-in we do not offer.",
+    "invalid_scope": "The application asked for access it is not allowed to ask for.",
+    "invalid_target": "The application asked for a service it is not allowed to use.",
+    "unauthorized_client": "The application is not allowed to use this kind of sign-in.",
 }
 
 
@@ -103,22 +115,29 @@ def decide(
         error.redirect_uri, error.state = redirect_uri, state
         return _redirect_error(error, issuer)
 
+    for name, length in STORED_LENGTHS.items():
+        value = request.form.get(name)
+        # The code row keeps these as the client sent them: each must fit its column.
+        if value is not None and text_problem(value, length) is not None:
+            return fail(InvalidRequestError(f"{name} must be at most {length} characters."))
     if "none" in prompts and len(prompts) > 1:
         # OpenID Connect Core §3.1.2.1.
         return fail(InvalidRequestError("prompt=none cannot be combined with other values."))
     max_age = request.form.get("max_age")
-    if max_age is not None and not (max_age.isdigit() and len(max_age) <= 9):
+    # ASCII digits only: str.isdigit() also accepts "²" and "①", which int() refuses.
+    if max_age is not None and not re.fullmatch(r"[0-9]{1,9}", max_age):
         return fail(InvalidRequestError("max_age must be a number of seconds."))
     try:
         # RFC 8707 §2: the resources the grant is for; the token requests may narrow them.
         request.resources = rfc8707.allowed(rfc8707.requested(request.form), server.settings)
     except OAuth2Error as error:
         return fail(error)
-    # OpenID Connect Core §3.1.2.1: max_age asks for a sign-in at most that old.
+    # OpenID Connect Core §3.1.2.1: max_age asks for a sign-in at most that old, and
+    # max_age=0 is prompt=login (so also within the second of the last sign-in).
     too_old = (
         who is not None
         and max_age is not None
-        and server.now - who.session.auth_time > int(max_age)
+        and (int(max_age) == 0 or server.now - who.session.auth_time > int(max_age))
     )
     if who is None or too_old or ("login" in prompts and decision is None):
         if "none" in prompts:
@@ -185,11 +204,12 @@ async def handle(
         explanation = PEOPLE_ERRORS.get(
             error.error, "The application sent a request we cannot use."
         )
-        detail = error.description or "the request is malformed"
+        # Fixed text per error code: Authlib's descriptions quote request values, which must
+        # not be repeated on this origin (content spoofing); the code is for the developers.
         return error_page(
             400,
             "This sign-in request is not valid",
-            f"{explanation} Tell the application's developers: {error.error}: {detail}",
+            f"{explanation} Tell the application's developers: {error.error}.",
         )
     if outcome.login:
         # The sign-in about to happen satisfies prompt=login and max_age: not asked again.

@@ -11,6 +11,7 @@ Authlib's defaults are overridden where they fall short of SPEC.md:
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from authlib.oauth2.rfc6749 import grants
@@ -224,6 +225,10 @@ class ClientCredentialsGrant(_Grant, grants.ClientCredentialsGrant):  # type: ig
         return 200, token, self.TOKEN_RESPONSE_HEADER
 
 
+#: RFC 7636 §4.2: base64url of a SHA-256 digest is 43 characters; 43-128 unreserved ones.
+CODE_CHALLENGE = re.compile(r"[A-Za-z0-9._~-]{43,128}")
+
+
 class Pkce(CodeChallenge):  # type: ignore[misc]
     """RFC 7636 with the rules of RFC 9700 §2.1.1: public clients must send a challenge, and
     only S256 is accepted (``plain`` would let a leaked code be redeemed)."""
@@ -240,6 +245,9 @@ class Pkce(CodeChallenge):  # type: ignore[misc]
                 )
             return
         super().validate_code_challenge(grant, redirect_uri)
+        # Authlib matches ``^…{43,128}$``, and ``$`` also matches before a final newline.
+        if not CODE_CHALLENGE.fullmatch(data.get("code_challenge") or ""):
+            raise InvalidRequestError("Invalid 'code_challenge'.")
         if data.get("code_challenge_method") != "S256":
             raise InvalidRequestError("code_challenge_method must be S256.")
 
@@ -253,6 +261,22 @@ def _replayed(code: AuthorizationCode) -> bool:
 
 class CodeGrant(_Grant, grants.AuthorizationCodeGrant):  # type: ignore[misc]
     TOKEN_ENDPOINT_AUTH_METHODS = USER_CLIENT_AUTH
+
+    @staticmethod
+    def validate_authorization_redirect_uri(request: Any, client: Client) -> str:
+        """Authlib's check with a fixed description: its own quotes the URI, and refuses to
+        build the error (``ValueError``, a 500) when the URI holds ``"``, ``\\`` or non-ASCII
+        text, which RFC 6749 §4.1.2.1 bars from ``error_description``. Never redirected to
+        (§4.1.2.1: the URI is not known to be the client's)."""
+        uri: str | None = request.payload.redirect_uri
+        if uri:
+            if not client.check_redirect_uri(uri):
+                raise InvalidRequestError("The redirect_uri is not registered for this client.")
+            return uri
+        default: str | None = client.get_default_redirect_uri()
+        if not default:
+            raise InvalidRequestError("Missing 'redirect_uri' in request.")
+        return default
 
     def save_authorization_code(self, code: str, request: Any) -> None:
         data = request.payload.data

@@ -13,7 +13,7 @@ from typing import Any
 
 from authlib.oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749 import OAuth2Request
-from authlib.oauth2.rfc6749.errors import InvalidClientError
+from authlib.oauth2.rfc6749.errors import InvalidClientError, UnsupportedResponseTypeError
 from authlib.oidc.core.util import create_half_hash
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -68,6 +68,28 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
             error.description = CLIENT_AUTH_FAILED
             raise
         return client
+
+    def get_authorization_grant(self, request: OAuth2Request) -> Any:
+        """Authlib's lookup, but an unknown ``response_type`` gets a fixed description: Authlib's
+        quotes the value and raises ``ValueError`` (a 500) when it holds ``"``, ``\\`` or
+        non-ASCII text (RFC 6749 §4.1.2.1 bars them from ``error_description``). The error
+        goes to the redirect URI only when it is the client's (§4.1.2.1), as Authlib does."""
+        if request.payload.response_type == "code":
+            return super().get_authorization_grant(request)
+        redirect_uri = None
+        client = self.query_client(request.payload.client_id or "")
+        if client is not None:
+            requested = request.payload.redirect_uri
+            if requested:
+                redirect_uri = requested if client.check_redirect_uri(requested) else None
+            else:
+                redirect_uri = client.get_default_redirect_uri()
+        # The first argument is Authlib's ``response_type`` attribute, which it never sends.
+        raise UnsupportedResponseTypeError(
+            None,
+            description="The response_type is not supported; use 'code'.",
+            redirect_uri=redirect_uri,
+        )
 
     def create_oauth2_request(self, request: OAuth2Request) -> OAuth2Request:
         return request

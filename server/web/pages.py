@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
 from .. import manage
+from ..boundary import column_length, text_problem
 from ..deps import AppState, StateDep
 from ..models import Client, RefreshFamily, User, live_families, now, revoke_families
 from ..observability import audit
@@ -42,6 +43,9 @@ from .browser import (
 router = APIRouter()
 
 BAD_SIGN_IN = "Incorrect username or password."
+#: Column lengths of the ids the pages look up (``server.boundary``).
+CLIENT_ID_LENGTH = column_length(Client.client_id)
+FAMILY_ID_LENGTH = column_length(RefreshFamily.id)
 NOTICES = {
     "signed_out": "You have been signed out.",
     "revoked": "That session has been signed out.",
@@ -105,7 +109,7 @@ async def client_name_for(state: AppState, next_url: str) -> str | None:
     if parts.path != "/oauth2/authorize":
         return None
     client_id = parse_qs(parts.query).get("client_id", [""])[0]
-    if not client_id or len(client_id) > 100:
+    if not client_id or text_problem(client_id, CLIENT_ID_LENGTH) is not None:
         return None
     async with state.db.session() as db:
         client = await db.get(Client, client_id)
@@ -277,6 +281,9 @@ async def register(request: Request, state: StateDep) -> Response:
 def _sentence(message: str) -> str:
     if "already exists" in message:
         return "That username is taken."
+    if "valid email" in message:
+        # manage's message quotes the address: never repeat a submitted value on the page.
+        return "That is not a valid email address."
     return message[:1].upper() + message[1:] + ("" if message.endswith(".") else ".")
 
 
@@ -297,7 +304,7 @@ async def _logout_target(
         if client_id and hinted and hinted != client_id:
             return None, None
         client_id = client_id or hinted
-    if not client_id or len(client_id) > 100:
+    if not client_id or text_problem(client_id, CLIENT_ID_LENGTH) is not None:
         return None, None
     async with state.db.session() as db:
         client = await db.get(Client, client_id)
@@ -402,6 +409,9 @@ async def revoke_session(family_id: str, request: Request, state: StateDep) -> R
     posted = await posted_form(request, settings)
     if isinstance(posted, Response):
         return posted
+    if text_problem(family_id, FAMILY_ID_LENGTH) is not None:
+        # Not an id this server made (and text the database would refuse): no such session.
+        return error_page(404, "Session not found", "It may have ended already.", "/account")
     async with state.db.session() as db:
         who = await current_session(request, db, settings)
         if who is None:
