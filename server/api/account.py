@@ -35,22 +35,22 @@ class Me(BaseModel):
 class NewUser(Body):
     #: Letters, digits and ``. @ + - _`` (400 ``invalid_user``): not a schema pattern, because
     #: ``\w`` means ASCII letters to schema tools and every script's letters here.
-    username: StoredText = Field(min_length=1, max_length=150)
-    password: StoredText = Field(min_length=1, max_length=4096)
-    email: StoredText | None = Field(default=None, max_length=254, pattern=manage.EMAIL_RE.pattern)
-    name: StoredText | None = Field(default=None, max_length=200)
+    username: str = Field(min_length=1, max_length=150)
+    password: str = Field(min_length=1, max_length=4096)
+    email: str | None = Field(default=None, max_length=254, pattern=manage.EMAIL_RE.pattern)
+    name: str | None = Field(default=None, max_length=200)
 
 
 class ProfileChange(Body):
     """Only the fields sent change; ``null`` clears one."""
 
-    email: StoredText | None = Field(default=None, max_length=254, pattern=manage.EMAIL_RE.pattern)
-    name: StoredText | None = Field(default=None, max_length=200)
+    email: str | None = Field(default=None, max_length=254, pattern=manage.EMAIL_RE.pattern)
+    name: str | None = Field(default=None, max_length=200)
 
 
 class PasswordChange(Body):
-    current_password: StoredText = Field(min_length=1, max_length=4096)
-    new_password: StoredText = Field(min_length=1, max_length=4096)
+    current_password: str = Field(min_length=1, max_length=4096)
+    new_password: str = Field(min_length=1, max_length=4096)
 
 
 class UserSession(BaseModel):

@@ -44,10 +44,8 @@ Grant = Literal["password", "refresh_token", "client_credentials", "authorizatio
 _SCOPE_TOKEN = manage.SCOPE_TOKEN_RE.pattern.strip("^$")
 #: Scope tokens (RFC 6749 §3.3) separated by single spaces, or nothing.
 SCOPE_PATTERN = rf"^({_SCOPE_TOKEN}( {_SCOPE_TOKEN})*)?$"
-Uri = Annotated[StoredText, Field(min_length=1, max_length=manage.MAX_URI_LENGTH)]
-ClientId = Annotated[
-    StoredText, Path(min_length=1, max_length=100, pattern=manage.CLIENT_ID_RE.pattern)
-]
+Uri = Annotated[str, Field(min_length=1, max_length=manage.MAX_URI_LENGTH)]
+ClientId = Annotated[str, Path(min_length=1, max_length=100, pattern=manage.CLIENT_ID_RE.pattern)]
 UserId = Annotated[StoredText, Path(min_length=1, max_length=64)]
 Limit = Annotated[int, Query(ge=1, le=200, description="Items per page")]
 Cursor = Annotated[
@@ -99,7 +97,7 @@ class _Registration(Body):
     first_party: bool = False
     grant_types: list[Grant] = Field(default_factory=list, max_length=4)
     #: Space-separated scope tokens (RFC 6749 §3.3); ``admin`` only for an admin client.
-    scope: StoredText = Field(default="", max_length=2000, pattern=SCOPE_PATTERN)
+    scope: str = Field(default="", max_length=2000, pattern=SCOPE_PATTERN)
     redirect_uris: list[Uri] = Field(default_factory=list, max_length=20)
     post_logout_redirect_uris: list[Uri] = Field(default_factory=list, max_length=20)
 
@@ -108,8 +106,8 @@ class NewClient(_Registration):
     """``grant_types`` defaults to password and refresh_token (+ client_credentials unless
     public); none for a resource server."""
 
-    client_id: StoredText = Field(min_length=1, max_length=100, pattern=manage.CLIENT_ID_RE.pattern)
-    name: StoredText = Field(default="", max_length=200)
+    client_id: str = Field(min_length=1, max_length=100, pattern=manage.CLIENT_ID_RE.pattern)
+    name: str = Field(default="", max_length=200)
     public: bool = False
     #: May receive the ``admin`` scope, and so act on this API.
     admin: bool = False
@@ -120,7 +118,7 @@ class NewClient(_Registration):
 class ClientChange(_Registration):
     """Only the fields sent change; lists are replaced whole."""
 
-    name: StoredText = Field(default="", min_length=1, max_length=200)
+    name: str = Field(default="", min_length=1, max_length=200)
 
 
 class ClientPage(BaseModel):
@@ -150,7 +148,7 @@ class UserPage(BaseModel):
 
 
 class PasswordReset(Body):
-    password: StoredText = Field(min_length=1, max_length=4096)
+    password: str = Field(min_length=1, max_length=4096)
 
 
 class UserSessions(BaseModel):

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .. import manage
+from ..boundary import text_problem
 from ..deps import AppState, StateDep
 from ..models import ACCOUNT_SCOPE, Client, User, now
 from ..observability import audit
@@ -37,10 +38,24 @@ REALM = "api"
 
 
 class Body(BaseModel):
-    """A request body of the JSON APIs: exactly what its schema says. No unknown fields, and
-    no lax conversions (pydantic would otherwise read ``1`` and ``"yes"`` as ``true``)."""
+    """A request body of the JSON APIs: exactly what its schema says. No unknown fields, no
+    lax conversions (pydantic would otherwise read ``1`` and ``"yes"`` as ``true``), and no
+    text the database cannot store (``boundary.text_problem``) in any field, however added.
+
+    The text check is a validator of every field rather than a type of each: a type with its
+    own validator hides the field's ``pattern`` from the OpenAPI schema, which clients and
+    schemathesis read."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("*")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        for text in value if isinstance(value, list) else [value]:
+            problem = text_problem(text) if isinstance(text, str) else None
+            if problem is not None:
+                raise ValueError(f"Text {problem}.")
+        return value
 
 
 class ApiError(Exception):
