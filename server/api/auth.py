@@ -172,75 +172,75 @@ class Caller:
         return str(self.claims["sid"])
 
 
+def _scope_refusal(
+    bearer: Bearer, scope: str, *, person: bool, first_party: bool = False
+) -> tuple[str, str] | None:
+    """Why a live token may not call an API guarded by ``scope``, as (audit reason,
+    description), or None. ``person``: the API is a person's (the account API), else a
+    client's (the admin API). The client must still be registered for the scope, so a client
+    stripped of it is refused at once (RFC 6750 §3.1 ``insufficient_scope``)."""
+    if person and bearer.user is None:
+        return "client_token", "This API needs a token issued to a person, not to a client."
+    if not person and bearer.user is not None:
+        return "user_token", "This API needs a client_credentials token, not a person's token."
+    if scope not in bearer.scopes:
+        return "scope_missing", f"The token lacks the {scope} scope."
+    if scope not in bearer.client.scope_list:
+        return "scope_withdrawn", f"The client is no longer allowed the {scope} scope."
+    if first_party and not bearer.client.is_first_party:
+        return "not_first_party", "Only a first-party application may do this."
+    return None
+
+
+async def _scoped(
+    request: Request, state: AppState, scope: str, *, person: bool, first_party: bool = False
+) -> Bearer:
+    """The request's live bearer token if ``_scope_refusal`` finds nothing against it; else 403
+    with ``scope`` in the challenge. Refusals of a valid token are audited: they are either a
+    misconfigured client or someone probing."""
+    bearer = await _bearer(request, state)
+    refusal = _scope_refusal(bearer, scope, person=person, first_party=first_party)
+    if refusal is None:
+        return bearer
+    reason, description = refusal
+    audit(
+        "api.access_denied",
+        client_id=bearer.client.client_id,
+        scope=scope,
+        reason=reason,
+        path=request.url.path,
+    )
+    raise _insufficient(description, scope)
+
+
 class PersonScope:
     """Dependency: a live token issued to a person, whose ``scope`` claim holds ``scope``, from a
     client whose registration still allows it; with ``first_party``, from a first-party client
     only. Yields the caller. The account API must not be reachable with a sign-in token
     (``openid`` alone): a client the person let see who they are could otherwise read and
-    change their profile and recovery email (RFC 6750 §3.1 ``insufficient_scope``, with
-    ``scope`` in the challenge). Refusals of a valid token are audited like the admin API's."""
+    change their profile and recovery email."""
 
     def __init__(self, scope: str, *, first_party: bool = False) -> None:
         self.scope = scope
         self.first_party = first_party
 
     async def __call__(self, request: Request, state: StateDep) -> Caller:
-        bearer = await _bearer(request, state)
-        if bearer.user is None:
-            # A valid client_credentials token: no person behind it (RFC 6750 §3.1, 403).
-            reason = "client_token"
-            description = "This API needs a token issued to a person, not to a client."
-        elif self.scope not in bearer.scopes:
-            reason = "scope_missing"
-            description = f"The token lacks the {self.scope} scope."
-        elif self.scope not in bearer.client.scope_list:
-            reason = "scope_withdrawn"
-            description = f"The client is no longer allowed the {self.scope} scope."
-        elif self.first_party and not bearer.client.is_first_party:
-            reason = "not_first_party"
-            description = "Only a first-party application may do this."
-        else:
-            return Caller(bearer.user, bearer.claims)
-        audit(
-            "api.access_denied",
-            client_id=bearer.client.client_id,
-            scope=self.scope,
-            reason=reason,
-            path=request.url.path,
+        bearer = await _scoped(
+            request, state, self.scope, person=True, first_party=self.first_party
         )
-        raise _insufficient(description, self.scope)
+        assert bearer.user is not None  # _scope_refusal refuses a token without a person
+        return Caller(bearer.user, bearer.claims)
 
 
 class ClientScope:
     """Dependency: a live client_credentials token whose ``scope`` claim holds ``scope``, from
-    a client whose registration still allows it (a client stripped of ``admin`` since the
-    token was issued is refused at once). Yields the acting client. Refusals of a valid token
-    are audited: they are either a misconfigured client or someone probing."""
+    a client whose registration still allows it. Yields the acting client."""
 
     def __init__(self, scope: str) -> None:
         self.scope = scope
 
     async def __call__(self, request: Request, state: StateDep) -> Client:
-        bearer = await _bearer(request, state)
-        if bearer.user is not None:
-            reason = "user_token"
-            description = "This API needs a client_credentials token, not a person's token."
-        elif self.scope not in bearer.scopes:
-            reason = "scope_missing"
-            description = f"The token lacks the {self.scope} scope."
-        elif self.scope not in bearer.client.scope_list:
-            reason = "scope_withdrawn"
-            description = f"The client is no longer allowed the {self.scope} scope."
-        else:
-            return bearer.client
-        audit(
-            "api.access_denied",
-            client_id=bearer.client.client_id,
-            scope=self.scope,
-            reason=reason,
-            path=request.url.path,
-        )
-        raise _insufficient(description, self.scope)
+        return (await _scoped(request, state, self.scope, person=False)).client
 
 
 @contextmanager
