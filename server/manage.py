@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import ColumnElement, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from . import models
 from .boundary import column_length, text_problem
 from .models import (
     AuthorizationCode,
@@ -557,8 +558,20 @@ class Pruned:
     browser_sessions: int = 0
 
 
+#: Seconds a row whose deletion would widen access (a revocation) outlives what it guards.
+#: ``tokens prune`` reads its own host's clock, but access tokens are checked against the
+#: serving hosts' clocks: run on a host whose clock is fast, pruning at ``expires_at`` would
+#: delete the revocation of a token the server still accepts, and that token would be live
+#: again. An hour is far more than any plausible clock skew and costs a few rows.
+PRUNE_SKEW_MARGIN = 3600
+
+
 async def prune_tokens(
-    db: AsyncSession, *, access_token_ttl: int, authorization_code_ttl: int = 600
+    db: AsyncSession,
+    *,
+    access_token_ttl: int,
+    authorization_code_ttl: int = 600,
+    now: int | None = None,
 ) -> Pruned:
     """Delete what can no longer matter, each only a safety margin after it stopped mattering
     (deleting must never widen access):
@@ -572,8 +585,10 @@ async def prune_tokens(
     - browser sessions ended or expired for longer than the margin.
 
     The margin is the longer of an access token's and a code's lifetime (``margin_before``).
+    Where deleting early would make something live again, ``PRUNE_SKEW_MARGIN`` is added, as
+    this host's clock (``now``, by default ``models.now()``) may run ahead of the servers'.
     """
-    stamp = now()
+    stamp = models.now() if now is None else now
     ended_before = stamp - access_token_ttl
     margin_before = stamp - max(access_token_ttl, authorization_code_ttl)
     families = await db.execute(
@@ -584,18 +599,30 @@ async def prune_tokens(
             )
         )
     )
-    # Refresh tokens go with their family (ON DELETE CASCADE).
+    # Refresh tokens go with their family (ON DELETE CASCADE). Why deleting a family early
+    # (on a fast clock) is still safe: it only ever fails closed. ``access_token_is_live``
+    # refuses a user token whose family row is missing exactly as one whose family is
+    # revoked, and a refresh token whose row is gone is ``invalid_grant``; only ended
+    # families are deleted, so nothing live loses its row.
+    #
+    # A revocation is the opposite: without its row, an unexpired token is accepted again.
+    # It is kept ``PRUNE_SKEW_MARGIN`` past its token's expiry, so a fast clock here cannot
+    # delete it while a server still accepts the token.
     revoked = await db.execute(
-        delete(RevokedAccessToken).where(RevokedAccessToken.expires_at <= stamp)
+        delete(RevokedAccessToken).where(RevokedAccessToken.expires_at <= stamp - PRUNE_SKEW_MARGIN)
     )
     # Why deleting these codes is safe: the token endpoint refuses an expired code whether
     # its row exists or not (a missing row is ``invalid_grant`` too), so no exchange can
     # succeed that would have failed; and with the margin no exchange that read the row
     # before it expired is still running. What a row adds after expiry is reuse detection
     # (RFC 6749 §4.1.2: a replayed code revokes the sign-in it started), so a code whose
-    # sign-in is still live is kept until that sign-in ends and is pruned itself.
+    # sign-in is still live is kept until that sign-in ends and is pruned itself. A code
+    # deleted early on a fast clock fails closed too (a missing code is ``invalid_grant``);
+    # only its reuse detection would be lost, so a family counts as live here until
+    # ``PRUNE_SKEW_MARGIN`` after its cap.
     live_family_ids = select(RefreshFamily.id).where(
-        RefreshFamily.revoked_at.is_(None), RefreshFamily.expires_at > stamp
+        RefreshFamily.revoked_at.is_(None),
+        RefreshFamily.expires_at > stamp - PRUNE_SKEW_MARGIN,
     )
     codes = await db.execute(
         delete(AuthorizationCode).where(
@@ -612,7 +639,9 @@ async def prune_tokens(
     # only lets a sign-out of that session end the family, and nobody can sign out of an
     # ended or expired session any more. The margin outlasts the session's codes (a code
     # issued just before the session expired may still be exchanged for up to a code's
-    # lifetime, and its family refers to the session).
+    # lifetime, and its family refers to the session). On a fast clock a session the server
+    # still accepts may go early: that fails closed (its cookie signs in nobody), and its
+    # families stay as they would after the session's own expiry.
     sessions = await db.execute(
         delete(BrowserSession).where(
             or_(

@@ -34,6 +34,7 @@ from server.cli import main
 from server.config import Settings
 from server.db import create_engine, head_revision, session_factory, transaction
 from server.keys import MANIFEST
+from server.manage import PRUNE_SKEW_MARGIN
 from server.models import (
     AuthorizationCode,
     BrowserSession,
@@ -1334,7 +1335,11 @@ def test_tokens_prune_deletes_only_what_can_no_longer_matter(cli: Cli, db: Setti
         family("capped-long-ago", expires_at=stamp - ttl - 1)
         await session.flush()
         session.add(RevokedAccessToken(jti="live-jti", client_id="web", expires_at=stamp + 60))
-        session.add(RevokedAccessToken(jti="dead-jti", client_id="web", expires_at=stamp - 1))
+        session.add(
+            RevokedAccessToken(
+                jti="dead-jti", client_id="web", expires_at=stamp - PRUNE_SKEW_MARGIN - 1
+            )
+        )
 
     in_db(db, seed)
 

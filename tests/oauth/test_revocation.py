@@ -11,6 +11,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+from server import manage
 from server.deps import AppState
 from server.models import RefreshFamily, RevokedAccessToken
 from tests.conftest import ClientCreds, MakeClient, MakeUser, password_grant, refresh_grant
@@ -250,3 +251,27 @@ async def test_revocation_is_an_audit_event_without_the_token(
     assert (revoked[0]["token_type"], revoked[0]["client_id"]) == ("refresh_token", "app")
     assert revoked[0]["family_id"]
     assert tokens["refresh_token"] not in out
+
+
+@pytest.mark.feature("introspection", "token-cleanup")
+async def test_prune_on_a_fast_clock_keeps_the_revocation_of_a_live_token(
+    client: httpx.AsyncClient, make_client: MakeClient, make_user: MakeUser, state: AppState
+) -> None:
+    creds = await make_client()
+    tokens = await sign_in(client, creds, make_user)
+    access = tokens["access_token"]
+    assert (await revoke(client, creds, access)).status_code == 200
+    assert await introspect(client, creds, access) == {"active": False}
+    expires_at = jwt_claims(access)["exp"]
+    # The pruning host's clock runs 10 minutes ahead of the server's: to it, the token
+    # expired 63 s ago, while to the server it still has 537 s to live.
+    fast = expires_at - 537 + 600
+
+    async with state.db.sessions() as db:
+        await manage.prune_tokens(db, access_token_ttl=state.settings.access_token_ttl, now=fast)
+        await db.commit()
+
+    async with state.db.sessions() as db:
+        jtis = list(await db.scalars(select(RevokedAccessToken.jti)))
+    assert jtis == [jwt_claims(access)["jti"]]
+    assert await introspect(client, creds, access) == {"active": False}
