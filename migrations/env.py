@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from alembic import context
-from sqlalchemy import Connection, pool
+from sqlalchemy import Connection, pool, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from server.models import Base
@@ -13,7 +13,17 @@ from server.models import Base
 target_metadata = Base.metadata
 
 
+#: The key of the PostgreSQL advisory lock every migration holds (any fixed 64-bit number;
+#: this one is "tokenmig" in ASCII). A second ``migrate`` run at the same time waits for the
+#: first, then finds the schema at head, instead of failing on half-created tables.
+MIGRATION_LOCK_KEY = 0x746F6B656E6D6967
+
+
 def run_migrations(connection: Connection) -> None:
+    if connection.dialect.name == "postgresql":
+        # Session level: it outlives the transaction below and ends with the connection.
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        connection.commit()
     context.configure(
         connection=connection,
         target_metadata=target_metadata,

@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import ipaddress
 import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 from pydantic import ValidationError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import check, manage
@@ -40,11 +43,46 @@ class CommandError(Exception):
     """Ends the command with ``error: <message>`` and exit status 1."""
 
 
+def _database_problem(database_url: str, exc: BaseException) -> str:
+    """One line on a database that cannot be opened or reached: which one (never its
+    password), why, and what to check."""
+    url = make_url(database_url)
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        reason = str(exc.orig) or type(exc.orig).__name__
+    else:
+        reason = str(exc) or type(exc).__name__
+    reason = reason.strip().splitlines()[0] if reason.strip() else type(exc).__name__
+    if url.password:
+        reason = reason.replace(str(url.password), "***")
+    if url.get_backend_name() == "sqlite":
+        return (
+            f"cannot open the SQLite database {url.database}: {reason}; check that its "
+            "directory exists or can be created, and that this user may write there"
+        )
+    where = f"{url.host or 'localhost'}:{url.port or 5432}"
+    return (
+        f"cannot use the {url.get_backend_name()} database {url.database} on {where} "
+        f"as {url.username}: {reason}; check that the server runs and accepts connections "
+        "there, and the host, port, database, user and password in AUTH_DATABASE_URL"
+    )
+
+
+@contextlib.contextmanager
+def _opening_database(settings: Settings) -> Iterator[None]:
+    """Turn a database that cannot be opened or reached into one ``error:`` line."""
+    try:
+        yield
+    except (DBAPIError, OSError) as exc:
+        raise CommandError(_database_problem(settings.database_url, exc)) from None
+
+
 def _run_db(settings: Settings, action: Callable[[AsyncSession], Awaitable[T]]) -> T:
     async def runner() -> T:
-        engine = create_engine(settings)
+        with _opening_database(settings):
+            engine = create_engine(settings)
         try:
-            await assert_schema_at_head(engine)
+            with _opening_database(settings):
+                await assert_schema_at_head(engine)  # the first connection
             async with session_factory(engine)() as db:
                 result = await action(db)
                 await db.commit()
@@ -124,15 +162,19 @@ def _preflight(settings: Settings) -> None:
         finally:
             await engine.dispose()
 
-    asyncio.run(check())
+    with _opening_database(settings):
+        asyncio.run(check())
     KeyStore(settings.keys_dir).load()
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     from alembic import command
 
-    asyncio.run(create_engine(settings).dispose())  # creates the SQLite directory when needed
-    command.upgrade(alembic_config(settings.database_url), "head")
+    with _opening_database(settings):
+        asyncio.run(create_engine(settings).dispose())  # creates the SQLite directory if needed
+        # On PostgreSQL, migrations/env.py holds an advisory lock: a concurrent run waits for
+        # it, then finds the schema at head.
+        command.upgrade(alembic_config(settings.database_url), "head")
     print("database schema is at head")
     return 0
 

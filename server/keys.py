@@ -31,6 +31,10 @@ class KeysUnavailableError(RuntimeError):
     """There is no usable signing key; the message says how to create one."""
 
 
+class KeyFileError(KeysUnavailableError):
+    """``keys.json`` or a key file cannot be read or parsed; the message names the file."""
+
+
 class RotationTooSoonError(RuntimeError):
     """The next key is too new: a cached JWKS may not hold it yet."""
 
@@ -72,11 +76,31 @@ class KeyStore:
     # -- reading -----------------------------------------------------------------
 
     def read_manifest(self) -> list[KeyInfo]:
+        path = self.manifest_path
         try:
-            data = json.loads(self.manifest_path.read_text())
+            data = json.loads(path.read_text())
         except FileNotFoundError:
             return []
-        return [KeyInfo(**entry) for entry in data["keys"]]
+        except OSError as exc:
+            raise KeyFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+        except UnicodeDecodeError:
+            raise KeyFileError(f"{path}: not valid JSON (not UTF-8 text)") from None
+        except json.JSONDecodeError as exc:
+            raise KeyFileError(
+                f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}): "
+                "restore it from a backup, or move it away and run `python -m server keys rotate`"
+            ) from None
+        try:
+            infos = [KeyInfo(**entry) for entry in data["keys"]]
+        except (KeyError, TypeError):
+            raise KeyFileError(
+                f'{path}: not a key manifest (expected {{"keys": [{{"kid": …, "state": …, '
+                '"created_at": …}, …]})'
+            ) from None
+        for info in infos:
+            if not isinstance(info.kid, str) or not isinstance(info.state, str):
+                raise KeyFileError(f"{path}: an entry's kid or state is not a string")
+        return infos
 
     def load(self) -> KeySet:
         infos = self.read_manifest()
@@ -89,14 +113,25 @@ class KeyStore:
         public: dict[str, RSAKey] = {}
         signing: RSAKey | None = None
         for info in infos:
+            pem_path = self._pem_path(info.kid)
             try:
-                pem = self._pem_path(info.kid).read_bytes()
+                pem = pem_path.read_bytes()
             except FileNotFoundError:
                 raise KeysUnavailableError(
-                    f"keys.json lists {info.kid} but {self._pem_path(info.kid)} is missing: "
+                    f"keys.json lists {info.kid} but {pem_path} is missing: "
                     "restore the file, or remove the entry and run `python -m server keys rotate`"
                 ) from None
-            key = RSAKey.import_key(pem)
+            except OSError as exc:
+                raise KeyFileError(f"{pem_path}: cannot be read ({exc.strerror or exc})") from None
+            try:
+                key = RSAKey.import_key(pem)
+                if not key.as_dict(private=True).get("d"):
+                    raise ValueError("no private key")
+            except Exception:  # joserfc/cryptography raise several types for a bad key
+                raise KeyFileError(
+                    f"{pem_path}: not a readable RSA private key (truncated or damaged?): "
+                    "restore it from a backup"
+                ) from None
             public[info.kid] = RSAKey.import_key(key.as_dict(private=False))
             if info is current[0]:
                 signing = key

@@ -1461,3 +1461,117 @@ def test_tokens_prune_deletes_expired_codes_and_ended_browser_sessions(
     (event,) = [e for e in result.logs if e.get("audit")]
     assert event["event"] == "tokens.pruned"
     assert (event["authorization_codes"], event["browser_sessions"]) == (3, 2)
+
+
+# -- operational failures: one line, no traceback -------------------------------------------
+
+
+def assert_one_error_line(result: Run) -> str:
+    assert result.code != 0
+    assert "Traceback" not in result.err
+    (line,) = result.messages
+    assert line.startswith("error: "), line
+    return line
+
+
+@pytest.mark.feature("cli-keys")
+@pytest.mark.parametrize("content", ["", "{not json", '{"keys": [{"kid": 1}]}', "[]"])
+def test_a_malformed_keys_json_is_one_error_line_naming_the_file(
+    cli: Cli, own_keys: Path, content: str
+) -> None:
+    (own_keys / MANIFEST).write_text(content)
+
+    for command in (("keys", "list"), ("keys", "rotate", "--force"), ("keys", "prune")):
+        line = assert_one_error_line(cli(*command))
+        assert str(own_keys / MANIFEST) in line, line
+    assert (own_keys / MANIFEST).read_text() == content, "nothing may change on a refusal"
+
+
+@pytest.mark.feature("cli-serve", "cli-keys")
+@pytest.mark.parametrize("damage", ["truncated", "unreadable"])
+def test_a_damaged_pem_is_one_error_line_naming_the_file(
+    cli: Cli, db: Settings, own_keys: Path, damage: str
+) -> None:
+    pem = own_keys / f"{kid_in(own_keys, 'current')}.pem"
+    if damage == "truncated":
+        pem.write_bytes(pem.read_bytes()[:100])
+    else:
+        pem.unlink()
+        pem.mkdir()  # reading it fails even as root
+
+    line = assert_one_error_line(cli("serve"))
+    assert str(pem) in line, line
+
+
+@pytest.mark.feature("cli-serve", "cli-migrate", "postgres-backend")
+@pytest.mark.parametrize("command", [("serve",), ("migrate",), ("users", "list")])
+def test_an_unreachable_postgresql_is_one_error_line_without_the_password(
+    cli: Cli, environment: pytest.MonkeyPatch, keys_dir: Path, command: tuple[str, ...]
+) -> None:
+    environment.setenv("AUTH_KEYS_DIR", str(keys_dir))
+    environment.setenv(
+        "AUTH_DATABASE_URL", "postgresql+asyncpg://tokens:s3cret-pw@127.0.0.1:1/authdb"
+    )
+
+    result = cli(*command)
+
+    line = assert_one_error_line(result)
+    assert "127.0.0.1:1" in line and "authdb" in line, line
+    assert "s3cret-pw" not in result.err + result.out
+
+
+@pytest.mark.feature("cli-serve", "cli-migrate", "sqlite-backend")
+@pytest.mark.parametrize("command", [("serve",), ("migrate",), ("users", "list")])
+def test_a_sqlite_path_that_cannot_be_created_is_one_error_line(
+    cli: Cli,
+    environment: pytest.MonkeyPatch,
+    keys_dir: Path,
+    tmp_path: Path,
+    command: tuple[str, ...],
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    path = tmp_path / "a-file" / "data" / "auth.db"  # its directory cannot be made
+    environment.setenv("AUTH_KEYS_DIR", str(keys_dir))
+    environment.setenv("AUTH_DATABASE_URL", f"sqlite+aiosqlite:///{path}")
+
+    line = assert_one_error_line(cli(*command))
+    assert str(path.parent) in line, line
+
+
+@pytest.mark.feature("cli-migrate", "migrations", "postgres-backend")
+def test_two_concurrent_migrations_of_a_fresh_postgresql_both_succeed(tmp_path: Path) -> None:
+    url = _new_pg_database()
+    try:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("AUTH_")}
+        environment.update(AUTH_ENV="testing", AUTH_DATABASE_URL=url, PYTHONPATH=str(PROJECT_ROOT))
+        runs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "server", "migrate"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=environment,
+                cwd=tmp_path,
+            )
+            for _ in range(2)
+        ]
+        results = [(run.communicate(timeout=120), run.returncode) for run in runs]
+        for (out, err), code in results:
+            assert (code, out) == (0, "database schema is at head\n"), err
+        assert asyncio.run(_current_revision(url)) == head_revision()
+    finally:
+        _drop_pg_database(url)
+
+
+async def _current_revision(url: str) -> str | None:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as connection:
+            return (
+                await connection.execute(text("SELECT version_num FROM alembic_version"))
+            ).scalar()
+    finally:
+        await engine.dispose()
