@@ -14,10 +14,11 @@ from typing import Any
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from server.keys import MANIFEST, KeyStore, KeysUnavailableError
+from server.keys import MANIFEST, KeyFileError, KeyStore, KeysUnavailableError
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth"}
 
@@ -335,4 +336,49 @@ def test_missing_key_file_is_a_clear_error(tmp_path: Path) -> None:
     current = next(info for info in store.read_manifest() if info.state == "current")
     (tmp_path / f"{current.kid}.pem").unlink()
     with pytest.raises(KeysUnavailableError, match="is missing"):
+        store.load()
+
+
+@pytest.mark.feature("signing-keys")
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        ("directory", "cannot be read"),
+        ("not-utf8", "not valid JSON (not UTF-8 text)"),
+        ("bad-kid", "an entry's kid or state is not a string"),
+    ],
+)
+def test_an_unusable_manifest_is_a_key_file_error_naming_it(
+    tmp_path: Path, damage: str, says: str
+) -> None:
+    store = KeyStore(tmp_path)
+    manifest = tmp_path / MANIFEST
+    if damage == "directory":
+        manifest.mkdir()
+    elif damage == "not-utf8":
+        manifest.write_bytes(b"\xff\xfe{")
+    else:
+        manifest.write_text(json.dumps({"keys": [{"kid": 1, "state": "current", "created_at": 0}]}))
+
+    with pytest.raises(KeyFileError) as raised:
+        store.load()
+
+    assert str(raised.value).startswith(f"{manifest}: {says}"), raised.value
+    assert isinstance(raised.value, KeysUnavailableError)  # what callers already handle
+
+
+@pytest.mark.feature("signing-keys")
+def test_a_public_key_in_place_of_the_private_one_is_a_key_file_error(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path)
+    store.ensure()
+    kid = next(k["kid"] for k in json.loads((tmp_path / MANIFEST).read_text())["keys"])
+    pem = tmp_path / f"{kid}.pem"
+    private = load_pem_private_key(pem.read_bytes(), password=None)
+    pem.write_bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+    with pytest.raises(KeyFileError, match=re.escape(f"{pem}: not a readable RSA private key")):
         store.load()
