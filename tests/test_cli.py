@@ -50,7 +50,7 @@ T = TypeVar("T")
 
 PASSWORD = "correct horse battery"
 SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{43,}$")
-STRONG_SECRET = "k" * 24 + "e" * 24
+STRONG_SECRET = "q7Zr2LxW9mPb4TnV8cKd1HyF6sJg3RaE0uMwXo5BkQ_e-NhC"  # 48 distinct characters
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
