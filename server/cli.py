@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from . import check, manage
 from .config import Env, InsecureSettingsError, Settings
 from .db import (
+    InsecureDatabaseFileError,
     SchemaNotAtHeadError,
     alembic_config,
     assert_schema_at_head,
@@ -524,6 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         CommandError,
         manage.ManageError,
         SchemaNotAtHeadError,
+        InsecureDatabaseFileError,
         KeysUnavailableError,
         RotationTooSoonError,
         InsecureSettingsError,

@@ -240,9 +240,10 @@ class Settings(BaseSettings):
             reasons.append(
                 f"AUTH_ISSUER={self.issuer!r} is not https: set it to the public https URL"
             )
-        if self.secret_key == DEV_SECRET_KEY or len(self.secret_key) < 32:
+        if _weak_secret(self.secret_key):
             reasons.append(
-                "AUTH_SECRET_KEY is the development default or shorter than 32 characters: "
+                "AUTH_SECRET_KEY is the development default, shorter than 32 characters or not "
+                "random (fewer than 16 distinct characters, or only whitespace): "
                 "set it to a random value, e.g. the output of "
                 '`python -c "import secrets; print(secrets.token_urlsafe(48))"`'
             )
@@ -271,3 +272,20 @@ class Settings(BaseSettings):
                 raise InsecureSettingsError(
                     "refusing to start in production:\n  - " + "\n  - ".join(reasons)
                 )
+
+
+# A random secret of 32+ characters from a 64-symbol alphabet (token_urlsafe) has far more than
+# 16 distinct characters; fewer means a pattern a person typed ("aaaa…", "abab…", spaces), whose
+# entropy is a few bits whatever its length. A heuristic floor, not an entropy estimate
+# (OWASP ASVS 4.0 V6.2/V6.4 ask for secrets from a CSPRNG, which this cannot prove).
+SECRET_MIN_LENGTH = 32
+SECRET_MIN_DISTINCT = 16
+
+
+def _weak_secret(secret: str) -> bool:
+    return (
+        secret == DEV_SECRET_KEY
+        or len(secret) < SECRET_MIN_LENGTH
+        or not secret.strip()
+        or len(set(secret)) < SECRET_MIN_DISTINCT
+    )

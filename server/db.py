@@ -16,6 +16,7 @@ retried, because the commit may have landed (the client gets a 503 and may try a
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -53,11 +54,17 @@ class SchemaNotAtHeadError(RuntimeError):
     """The database schema is missing or older (or newer) than this code expects."""
 
 
+class InsecureDatabaseFileError(RuntimeError):
+    """An existing SQLite file another user could write; the message says which and the fix."""
+
+
 def create_private_sqlite_file(path: Path) -> None:
     """Create the SQLite database file 0600, and the directories it needs 0700, whatever the
     umask: it holds password hashes and sign-ins. SQLite then creates ``-wal`` and ``-shm``
-    with the database file's mode (it ``fchmod``s them to it). What already exists, a
-    directory or the file, is the operator's and keeps its mode."""
+    with the database file's mode (it ``fchmod``s them to it). A directory that already exists
+    is the operator's and keeps its mode; an existing file, ``-wal`` or ``-shm`` is checked by
+    ``_check_private_sqlite_file`` (refused if others can write it, made 0600 if they can read
+    it)."""
     missing: list[Path] = []
     parent = path.parent
     while not parent.exists():
@@ -74,11 +81,55 @@ def create_private_sqlite_file(path: Path) -> None:
         # empty SQLite database.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        return
+        pass
+    else:
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+    for name in (path.name, path.name + "-wal", path.name + "-shm"):
+        _check_private_sqlite_file(path.parent / name)
+
+
+def _check_private_sqlite_file(path: Path) -> None:
+    """Refuse an existing database file (or its ``-wal``/``-shm``) that another user could
+    write, as ssh's StrictModes and keys.py do: they could add an admin client or change a
+    password hash, and there is no telling whether they did. One merely readable by others is
+    made 0600 with a warning instead of refused: reading cannot plant anything, such files are
+    what an older version or the sqlite3 shell made under umask 022, and the fix is safe (only
+    our user opens it; SQLite gives -wal/-shm the database's mode). The warning matters: the
+    password hashes may already have been copied, so the operator should judge whether to
+    force password resets."""
+    path = path.absolute()  # the message names the file wherever the server was started
     try:
-        os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
+        info = os.stat(path)
+    except FileNotFoundError:
+        return
+    mode = stat.S_IMODE(info.st_mode)
+    fix = f"`chown` it to the server's user and run `chmod 600 {path}`"
+    if info.st_uid not in {os.geteuid(), 0}:
+        raise InsecureDatabaseFileError(
+            f"refusing to open the SQLite database: {path} (mode {mode:o}, owner uid "
+            f"{info.st_uid}) is owned by another user than the server's (uid {os.geteuid()}) "
+            f"or root, who could have changed it: check it, then {fix}"
+        )
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise InsecureDatabaseFileError(
+            f"refusing to open the SQLite database: {path} (mode {mode:o}, owner uid "
+            f"{info.st_uid}) is writable by others (group or world), who could have changed "
+            f"it: check it, then {fix}"
+        )
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        try:
+            os.chmod(path, 0o600)
+        except PermissionError:
+            raise InsecureDatabaseFileError(
+                f"refusing to open the SQLite database: {path} (mode {mode:o}, owner uid "
+                f"{info.st_uid}) is readable by others and holds password hashes: {fix}"
+            ) from None
+        log.warning(
+            "sqlite.permissions_tightened", path=str(path), mode_was=f"{mode:o}", mode="600"
+        )
 
 
 def create_engine(settings: Settings) -> AsyncEngine:

@@ -5,6 +5,12 @@ until every token it signed has expired) → removed by ``keys prune``. ``keys.j
 same directory records each key's state; it is replaced atomically, so a running server (or
 every replica sharing the directory) reloads it as soon as its content changes.
 The ``kid`` of a key is its RFC 7638 thumbprint.
+
+Whoever can write this directory can plant a signing key, so it is made 0700 and every file in
+it 0600 whatever the umask, and nothing is loaded from it (nor written to it) while the
+directory or a file read from it is writable by another user than ours or root, as ssh's
+StrictModes does for ``~/.ssh``. Being readable by others is allowed: a secret mounted read-only
+(root-owned, 0755/0644) must keep working.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -78,7 +85,7 @@ class KeyStore:
     def read_manifest(self) -> list[KeyInfo]:
         path = self.manifest_path
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(self._read_private(path))
         except FileNotFoundError:
             return []
         except OSError as exc:
@@ -102,6 +109,31 @@ class KeyStore:
                 raise KeyFileError(f"{path}: an entry's kid or state is not a string")
         return infos
 
+    def _read_private(self, path: Path) -> bytes:
+        """The bytes of a file of the key directory, after checking that no other user could
+        have written it or the directory (the mode of the open file, not of the path)."""
+        with open(path, "rb") as handle:
+            self._check_private(self.directory, os.stat(self.directory))
+            self._check_private(path, os.fstat(handle.fileno()))
+            return handle.read()
+
+    def _check_private(self, path: Path, info: os.stat_result) -> None:
+        mode = stat.S_IMODE(info.st_mode)
+        owners = {os.geteuid(), 0}
+        if info.st_uid in owners and not mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return
+        why = (
+            f"owned by another user than the server's (uid {os.geteuid()}) or root"
+            if info.st_uid not in owners
+            else "writable by others (group or world)"
+        )
+        raise KeysUnavailableError(
+            f"refusing to use signing keys: {path} (mode {mode:o}, owner uid {info.st_uid}) "
+            f"is {why}, so another user could plant a signing key: run "
+            f"`chmod 700 {self.directory} && chmod 600 {self.directory}/*` (and `chown` them "
+            "to the server's user) after checking that keys.json lists only your keys"
+        )
+
     def load(self) -> KeySet:
         infos = self.read_manifest()
         current = [info for info in infos if info.state == "current"]
@@ -115,7 +147,7 @@ class KeyStore:
         for info in infos:
             pem_path = self._pem_path(info.kid)
             try:
-                pem = pem_path.read_bytes()
+                pem = self._read_private(pem_path)
             except FileNotFoundError:
                 raise KeysUnavailableError(
                     f"keys.json lists {info.kid} but {pem_path} is missing: "
@@ -256,7 +288,7 @@ class KeyStore:
         kid = key.thumbprint()
         path = self._pem_path(kid)
         # 0600 from the first byte: the private key is never readable by others.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = _open_private(path, os.O_EXCL)
         with os.fdopen(fd, "wb") as handle:
             handle.write(key.as_pem(private=True))
         return KeyInfo(kid=kid, state=state, created_at=int(time.time()))
@@ -267,15 +299,36 @@ class KeyStore:
     def _write_manifest(self, infos: list[KeyInfo]) -> None:
         body = json.dumps({"keys": [info.__dict__ for info in infos]}, indent=2)
         tmp = self.manifest_path.with_suffix(".tmp")
-        tmp.write_text(body + "\n")
+        # 0600 before the first byte, so keys.json is 0600 once renamed over the old one.
+        with os.fdopen(_open_private(tmp, os.O_TRUNC), "w") as handle:
+            handle.write(body + "\n")
         os.replace(tmp, self.manifest_path)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.directory / ".lock", "w") as lock:
+        if not self.directory.exists():
+            self.directory.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.directory.mkdir(mode=0o700)
+                os.chmod(self.directory, 0o700)  # mkdir's mode went through the umask
+            except FileExistsError:
+                pass  # made by another process meanwhile: checked below like any other
+        self._check_private(self.directory, os.stat(self.directory))
+        with os.fdopen(_open_private(self.directory / ".lock", 0), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
+
+
+def _open_private(path: Path, flags: int) -> int:
+    """Open ``path`` for writing, created 0600; fchmod'ed too, since the mode given to open
+    goes through the umask (which can only remove bits) and an existing file keeps its own."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _publish_order(info: KeyInfo) -> int:

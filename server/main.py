@@ -53,13 +53,17 @@ def error_body(detail: Any, error_code: str) -> dict[str, Any]:
 
 async def _reload_keys(keys: KeyStore, interval: float) -> None:
     """Pick up ``keys rotate`` run by an operator (or on another replica) without a restart."""
+    failure: str | None = None  # the last reason logged: once, not at every attempt
     while True:
         await asyncio.sleep(interval)
         try:
             if keys.reload():
                 log.info("keys.reloaded", kid=keys.keyset().kid)
+            failure = None
         except Exception as exc:  # keep serving with the keys already loaded
-            log.error("keys.reload_failed", error=str(exc))
+            if str(exc) != failure:
+                failure = str(exc)
+                log.error("keys.reload_failed", error=failure)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

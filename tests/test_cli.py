@@ -51,7 +51,7 @@ T = TypeVar("T")
 
 PASSWORD = "correct horse battery"
 SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{43,}$")
-STRONG_SECRET = "k" * 24 + "e" * 24
+STRONG_SECRET = "q7Zr2LxW9mPb4TnV8cKd1HyF6sJg3RaE0uMwXo5BkQ_e-NhC"  # 48 distinct characters
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -310,6 +310,32 @@ def test_migrate_creates_the_default_sqlite_database(cli: Cli, tmp_path: Path) -
     assert (result.code, result.out) == (0, "database schema is at head\n")
     assert (tmp_path / "data" / "auth.db").is_file()
     assert cli("users", "list").code == 0
+
+
+@pytest.mark.feature("cli-migrate", "sqlite-backend")
+def test_migrate_refuses_a_sqlite_database_others_can_write_in_one_line(
+    cli: Cli, tmp_path: Path
+) -> None:
+    assert cli("migrate").code == 0
+    path = tmp_path / "data" / "auth.db"
+    path.chmod(0o666)
+
+    result = cli("migrate")
+    assert (result.code, result.out) == (1, "")
+    assert len(result.messages) == 1
+    assert result.messages[0].startswith(f"error: refusing to open the SQLite database: {path} ")
+    assert "writable by others" in result.messages[0]
+
+
+@pytest.mark.feature("cli-keys")
+def test_keys_rotate_refuses_a_keys_directory_others_can_write(cli: Cli, own_keys: Path) -> None:
+    own_keys.chmod(0o777)
+    before = (own_keys / "keys.json").read_bytes()
+
+    result = cli("keys", "rotate", "--force")
+    assert (result.code, result.out) == (1, "")
+    assert result.messages[0].startswith(f"error: refusing to use signing keys: {own_keys} ")
+    assert (own_keys / "keys.json").read_bytes() == before
 
 
 # -- clients ----------------------------------------------------------------------------

@@ -14,12 +14,18 @@ from pydantic import ValidationError
 from server.config import DEV_SECRET_KEY, Env, InsecureSettingsError, Settings
 from server.main import create_app
 
-STRONG_SECRET = "s" * 16 + "e" * 16 + "c" * 16  # 48 characters, not the development default
+# 48 characters, all distinct, not the development default (a fixed token_urlsafe(36)).
+STRONG_SECRET = "q7Zr2LxW9mPb4TnV8cKd1HyF6sJg3RaE0uMwXo5BkQ_e-NhC"
 
 ISSUER_REASON = "AUTH_ISSUER='http://127.0.0.1:8000' is not https: set it to the public https URL"
 # Each reason names the setting and says how to fix it; the fixes' wording may evolve.
-SECRET_REASON = "AUTH_SECRET_KEY is the development default or shorter than 32 characters: "
+SECRET_REASON = (
+    "AUTH_SECRET_KEY is the development default, shorter than 32 characters or not random "
+    "(fewer than 16 distinct characters, or only whitespace): "
+)
 SECRET_FIX = "secrets.token_urlsafe(48)"
+# 18 distinct Unicode whitespace characters (str.isspace).
+WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
 ARGON2_REASON = (
     "AUTH_ARGON2_MEMORY_COST/AUTH_ARGON2_TIME_COST are below OWASP's minimum (19456 KiB, 2): "
 )
@@ -207,10 +213,25 @@ def test_production_guard_names_every_insecure_setting(tmp_path: Path) -> None:
         ({"issuer": "http://auth.example.com"}, "AUTH_ISSUER='http://auth.example.com' is not"),
         ({"secret_key": DEV_SECRET_KEY}, SECRET_REASON),
         ({"secret_key": "x" * 31}, SECRET_REASON),
+        ({"secret_key": " " * 32}, SECRET_REASON),
+        ({"secret_key": "ab" * 24}, SECRET_REASON),
+        ({"secret_key": "0123456789abcd" * 4}, SECRET_REASON),
+        # 18 distinct Unicode whitespace characters, twice: enough distinct, no entropy.
+        ({"secret_key": WHITESPACE * 2}, SECRET_REASON),
         ({"argon2_memory_cost": 19_455}, ARGON2_REASON),
         ({"argon2_time_cost": 1}, ARGON2_REASON),
     ],
-    ids=["http-issuer", "default-secret", "short-secret", "low-memory", "low-time"],
+    ids=[
+        "http-issuer",
+        "default-secret",
+        "short-secret",
+        "spaces-secret",
+        "two-character-secret",
+        "fourteen-character-secret",
+        "whitespace-secret",
+        "low-memory",
+        "low-time",
+    ],
 )
 def test_production_guard_names_the_one_insecure_setting(
     keys_dir: Path, overrides: dict[str, Any], reason: str

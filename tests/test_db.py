@@ -19,10 +19,12 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
+from server import db as server_db
 from server.cli import cmd_migrate
 from server.config import Settings
 from server.db import (
     MIGRATIONS_DIR,
+    InsecureDatabaseFileError,
     SchemaNotAtHeadError,
     alembic_config,
     assert_schema_at_head,
@@ -346,3 +348,74 @@ async def test_transaction_commits_on_success_and_rolls_back_on_error(settings: 
         "",
     )
     assert stored.created_at > 1_700_000_000
+
+
+class RecordingLog:
+    def __init__(self) -> None:
+        self.warnings: list[tuple[str, dict[str, Any]]] = []
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self.warnings.append((event, fields))
+
+
+def migrated_sqlite(tmp_path: Path, keys_dir: Path) -> tuple[Settings, Path]:
+    path = tmp_path / "data" / "auth.db"
+    settings = make_settings(f"sqlite+aiosqlite:///{path}", keys_dir)
+    assert cmd_migrate(settings, argparse.Namespace()) == 0
+    return settings, path
+
+
+@pytest.mark.feature("sqlite-backend")
+@pytest.mark.parametrize("name", ["auth.db", "auth.db-wal", "auth.db-shm"])
+@pytest.mark.parametrize("mode", [0o666, 0o660, 0o602], ids=oct)
+def test_an_existing_sqlite_file_others_can_write_is_refused(
+    tmp_path: Path, keys_dir: Path, name: str, mode: int
+) -> None:
+    settings, path = migrated_sqlite(tmp_path, keys_dir)
+    target = path.parent / name
+    target.touch()
+    target.chmod(mode)
+
+    for attempt in (
+        lambda: create_engine(settings),
+        lambda: cmd_migrate(settings, argparse.Namespace()),
+    ):
+        with pytest.raises(InsecureDatabaseFileError) as refused:
+            attempt()
+        message = str(refused.value)
+        assert "\n" not in message
+        assert str(target) in message and f"mode {mode:o}" in message
+        assert "chmod 600" in message
+    assert mode_of(target) == mode  # refused, not silently "fixed": someone may have written it
+
+
+@pytest.mark.feature("sqlite-backend")
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+def test_an_existing_sqlite_file_owned_by_another_user_is_refused(
+    tmp_path: Path, keys_dir: Path
+) -> None:
+    settings, path = migrated_sqlite(tmp_path, keys_dir)
+    os.chown(path, 65534, -1)
+
+    with pytest.raises(InsecureDatabaseFileError, match="owner uid 65534"):
+        create_engine(settings)
+
+
+@pytest.mark.feature("sqlite-backend")
+async def test_an_existing_sqlite_file_others_can_read_is_made_private_with_a_warning(
+    tmp_path: Path, keys_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, path = await asyncio.to_thread(migrated_sqlite, tmp_path, keys_dir)
+    path.chmod(0o644)  # e.g. made by an older version, or by the sqlite3 shell under umask 022
+    recorded = RecordingLog()
+    monkeypatch.setattr(server_db, "log", recorded)
+
+    engine = create_engine(settings)
+    try:
+        await assert_schema_at_head(engine)
+    finally:
+        await engine.dispose()
+    assert mode_of(path) == 0o600
+    assert recorded.warnings == [
+        ("sqlite.permissions_tightened", {"path": str(path), "mode_was": "644", "mode": "600"})
+    ]

@@ -382,3 +382,121 @@ def test_a_public_key_in_place_of_the_private_one_is_a_key_file_error(tmp_path: 
 
     with pytest.raises(KeyFileError, match=re.escape(f"{pem}: not a readable RSA private key")):
         store.load()
+
+
+# -- who may write the key directory (an operator review: under umask 000 another user planted
+# a key in keys.json and its PEM, and the JWKS published it; ssh's StrictModes is the model) --
+
+
+@pytest.mark.feature("signing-keys")
+@pytest.mark.parametrize("umask", [0o000, 0o002], ids=["umask-000", "umask-002"])
+def test_keys_directory_is_0700_and_every_file_0600_whatever_the_umask(
+    tmp_path: Path, umask: int
+) -> None:
+    directory = tmp_path / "keys"
+    previous = os.umask(umask)
+    try:
+        store = KeyStore(directory)
+        store.ensure()
+        store.rotate()
+        store.prune(max_token_lifetime=0)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    files = sorted(path.name for path in directory.iterdir())
+    assert MANIFEST in files and ".lock" in files
+    assert not [name for name in files if name.endswith(".tmp")]
+    for path in directory.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert KeyStore(directory).load().kid
+
+
+@pytest.mark.feature("signing-keys")
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o720, 0o702], ids=oct)
+def test_load_refuses_a_directory_others_can_write(tmp_path: Path, mode: int) -> None:
+    directory = tmp_path / "keys"
+    KeyStore(directory).ensure()
+    directory.chmod(mode)
+
+    with pytest.raises(KeysUnavailableError) as refused:
+        KeyStore(directory).load()
+    message = str(refused.value)
+    assert str(directory) in message
+    assert f"mode {mode:o}" in message
+    assert "chmod 700" in message and "chmod 600" in message
+    with pytest.raises(KeysUnavailableError):
+        KeyStore(directory).rotate()  # nor does an operator command write there
+    directory.chmod(0o700)
+    assert KeyStore(directory).load().kid
+
+
+@pytest.mark.feature("signing-keys")
+@pytest.mark.parametrize("which", ["manifest", "pem"])
+@pytest.mark.parametrize("mode", [0o666, 0o620, 0o602], ids=oct)
+def test_load_refuses_a_file_others_can_write(tmp_path: Path, which: str, mode: int) -> None:
+    store = KeyStore(tmp_path)
+    store.ensure()
+    path = store.manifest_path if which == "manifest" else next(tmp_path.glob("*.pem"))
+    path.chmod(mode)
+
+    with pytest.raises(KeysUnavailableError) as refused:
+        KeyStore(tmp_path).load()
+    message = str(refused.value)
+    assert str(path) in message and f"mode {mode:o}" in message
+    assert "chmod 600" in message
+
+
+@pytest.mark.feature("signing-keys")
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+@pytest.mark.parametrize("which", ["directory", "manifest", "pem"])
+def test_load_refuses_keys_owned_by_another_user(tmp_path: Path, which: str) -> None:
+    directory = tmp_path / "keys"
+    store = KeyStore(directory)
+    store.ensure()
+    path = {
+        "directory": directory,
+        "manifest": store.manifest_path,
+        "pem": next(directory.glob("*.pem")),
+    }[which]
+    os.chown(path, 65534, -1)  # nobody: another user than the server's
+
+    with pytest.raises(KeysUnavailableError) as refused:
+        KeyStore(directory).load()
+    message = str(refused.value)
+    assert str(path) in message and "owner uid 65534" in message
+    assert "owned by another user" in message
+
+
+@pytest.mark.feature("signing-keys")
+def test_read_only_keys_readable_by_others_still_load(tmp_path: Path) -> None:
+    """A mounted secret (root- or server-owned, 0755 directory, 0444/0644 files) is fine:
+    only who can *write* matters for planting a key."""
+    directory = tmp_path / "keys"
+    store = KeyStore(directory)
+    store.ensure()
+    kid = store.load().kid
+    for path in directory.iterdir():
+        path.chmod(0o444)
+    store.manifest_path.chmod(0o644)
+    directory.chmod(0o555)
+    try:
+        assert KeyStore(directory).load().kid == kid
+    finally:
+        directory.chmod(0o700)
+
+
+@pytest.mark.feature("key-hot-reload")
+def test_reload_keeps_the_loaded_keys_when_the_new_manifest_is_writable_by_others(
+    tmp_path: Path,
+) -> None:
+    store = KeyStore(tmp_path)
+    store.ensure()
+    before = store.keyset().kid
+    KeyStore(tmp_path).rotate()
+    store.manifest_path.chmod(0o666)
+
+    with pytest.raises(KeysUnavailableError, match="writable by others"):
+        store.reload()
+    assert store.keyset().kid == before
+    store.manifest_path.chmod(0o600)
+    assert store.reload() and store.keyset().kid != before

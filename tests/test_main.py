@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
 import jwt
@@ -13,6 +15,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from server import main as server_main
 from server import manage
 from server.config import Settings
 from server.db import Database, SchemaNotAtHeadError
@@ -308,3 +311,72 @@ async def test_tokens_signed_before_a_rotation_stay_valid_until_their_key_is_pru
             assert old_kid not in jwks
             assert not await active(old)
             assert await active(new)
+
+
+class CountingKeyStore(KeyStore):
+    """Counts the background reloader's attempts, so a test waits for attempts, not time."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.attempts = 0
+
+    def reload(self) -> bool:
+        self.attempts += 1
+        return super().reload()
+
+
+class RecordingLog:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict[str, Any]]] = []
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.events.append(("info", event, fields))
+
+    def error(self, event: str, **fields: Any) -> None:
+        self.events.append(("error", event, fields))
+
+
+async def reload_attempts(keys: CountingKeyStore, count: int) -> None:
+    target = keys.attempts + count
+    for _ in range(2000):  # bounded wait for the background reloads, no timing asserted
+        if keys.attempts >= target:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"only {keys.attempts} reload attempts")
+
+
+@pytest.mark.feature("key-hot-reload")
+async def test_a_reload_refused_for_loose_permissions_keeps_the_keys_and_logs_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorded = RecordingLog()
+    monkeypatch.setattr(server_main, "log", recorded)
+    keys = CountingKeyStore(tmp_path)
+    keys.ensure()
+    before = keys.keyset().kid
+    KeyStore(tmp_path).rotate()
+    keys.manifest_path.chmod(0o666)  # as if another user had rewritten keys.json
+
+    reloader = asyncio.create_task(server_main._reload_keys(keys, 0.001))
+    try:
+        await reload_attempts(keys, 5)
+        assert keys.keyset().kid == before
+        failures = [fields for level, event, fields in recorded.events if level == "error"]
+        assert len(failures) == 1, "the reason is logged once, not at every attempt"
+        assert str(keys.manifest_path) in failures[0]["error"]
+        assert "chmod 600" in failures[0]["error"]
+
+        keys.manifest_path.chmod(0o600)
+        await reload_attempts(keys, 2)
+        assert keys.keyset().kid != before
+        assert ("info", "keys.reloaded", {"kid": keys.keyset().kid}) in recorded.events
+
+        # A new failure after a recovery is logged again.
+        KeyStore(tmp_path).rotate()
+        keys.manifest_path.chmod(0o620)
+        await reload_attempts(keys, 5)
+        assert sum(level == "error" for level, _, _ in recorded.events) == 2
+    finally:
+        reloader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reloader

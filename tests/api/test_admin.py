@@ -627,7 +627,7 @@ async def test_production_registers_https_redirect_uris_only(
         tmp_path,
         env="production",
         issuer="https://id.example.com",
-        secret_key="s" * 48,
+        secret_key="q7Zr2LxW9mPb4TnV8cKd1HyF6sJg3RaE0uMwXo5BkQ_e-NhC",
         argon2_memory_cost=19_456,
         argon2_time_cost=2,
     )
