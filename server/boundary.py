@@ -4,15 +4,13 @@ PostgreSQL refuses NUL in text, every driver refuses a lone surrogate (not encod
 UTF-8, RFC 3629 §3), and a ``String(n)`` column refuses more than ``n`` characters; each would
 be a 500 from deep inside a request. ``text_problem`` says why a value cannot be stored, in
 words that never repeat it; the pages and the authorization endpoint call it directly, the
-JSON APIs through ``StoredText`` (a pydantic type, so a refusal is the usual 422
-``validation_error``).
+JSON APIs through ``auth.Body``'s field validator and the ``NO_NUL`` pattern of their
+parameters (so a refusal is the usual 422 ``validation_error``).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
-
-from pydantic import AfterValidator
+from typing import Any
 
 
 def column_length(column: Any) -> int | None:
@@ -34,13 +32,11 @@ def text_problem(value: str, max_length: int | None = None) -> str | None:
     return None
 
 
-def _storable(value: str) -> str:
-    problem = text_problem(value)
-    if problem is not None:
-        raise ValueError(f"Text {problem}.")
-    return value
-
-
-#: ``str`` that can be stored or searched: no NUL, no lone surrogate. The column's length is
-#: the field's own ``max_length`` (``Field``/``Query``), checked first.
-StoredText = Annotated[str, AfterValidator(_storable)]
+#: Text without NUL, as a ``pattern`` both Python and JSON Schema (ECMAScript) read the same
+#: way. Every free-text field and parameter of the JSON APIs publishes it, so schema tools
+#: (clients, schemathesis) know that NUL is refused; lone surrogates, which no schema tool
+#: generates, are refused by ``auth.Body``'s validator.
+NO_NUL = r"^[^\x00]*$"
+#: An id in a path (users, sign-ins): ours are 32 hex digits (``models.new_id``); anything
+#: outside this set is refused before a lookup, and schema tools can generate invalid ones.
+PATH_ID = r"^[A-Za-z0-9_-]{1,64}$"

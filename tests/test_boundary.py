@@ -278,9 +278,11 @@ def _unsigned(kind: str, key: str) -> str:
         "garbage.",
         ".",
         "a\x00.b",
+        "x.é",
+        "\r.\xe9_\x1fN\xc8\xd7]",
     ],
     ids=["unsigned", "unsigned-nul", "unsigned-surrogate", "foreign", "altered", "empty-mac",
-         "dot", "nul"],
+         "dot", "nul", "non-ascii-mac", "schemathesis-found"],
 )  # fmt: skip
 async def test_a_cursor_this_server_did_not_sign_is_invalid_cursor(
     client: httpx.AsyncClient, admin: dict[str, str], cursor: str

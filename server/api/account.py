@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import manage
-from ..boundary import StoredText
+from ..boundary import NO_NUL, PATH_ID
 from ..deps import StateDep
 from ..models import RefreshFamily, User, live_families, now
 from ..observability import audit
@@ -35,22 +35,22 @@ class Me(BaseModel):
 class NewUser(Body):
     #: Letters, digits and ``. @ + - _`` (400 ``invalid_user``): not a schema pattern, because
     #: ``\w`` means ASCII letters to schema tools and every script's letters here.
-    username: str = Field(min_length=1, max_length=150)
-    password: str = Field(min_length=1, max_length=4096)
+    username: str = Field(min_length=1, max_length=150, pattern=NO_NUL)
+    password: str = Field(min_length=1, max_length=4096, pattern=NO_NUL)
     email: str | None = Field(default=None, max_length=254, pattern=manage.EMAIL_RE.pattern)
-    name: str | None = Field(default=None, max_length=200)
+    name: str | None = Field(default=None, max_length=200, pattern=NO_NUL)
 
 
 class ProfileChange(Body):
     """Only the fields sent change; ``null`` clears one."""
 
     email: str | None = Field(default=None, max_length=254, pattern=manage.EMAIL_RE.pattern)
-    name: str | None = Field(default=None, max_length=200)
+    name: str | None = Field(default=None, max_length=200, pattern=NO_NUL)
 
 
 class PasswordChange(Body):
-    current_password: str = Field(min_length=1, max_length=4096)
-    new_password: str = Field(min_length=1, max_length=4096)
+    current_password: str = Field(min_length=1, max_length=4096, pattern=NO_NUL)
+    new_password: str = Field(min_length=1, max_length=4096, pattern=NO_NUL)
 
 
 class UserSession(BaseModel):
@@ -91,7 +91,9 @@ class Sessions(BaseModel):
     sessions: list[Session]
 
 
-SessionId = Annotated[StoredText, Path(min_length=1, max_length=64, description="A sign-in's id")]
+SessionId = Annotated[
+    str, Path(min_length=1, max_length=64, pattern=PATH_ID, description="A sign-in's id")
+]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "No token, or an invalid, expired or revoked one (`invalid_token`)"},

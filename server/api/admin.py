@@ -23,7 +23,7 @@ from fastapi import APIRouter, Depends, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import manage
-from ..boundary import StoredText, text_problem
+from ..boundary import NO_NUL, PATH_ID, text_problem
 from ..config import Env
 from ..deps import AppState, StateDep
 from ..keys import KeyInfo, RotationTooSoonError
@@ -44,13 +44,13 @@ Grant = Literal["password", "refresh_token", "client_credentials", "authorizatio
 _SCOPE_TOKEN = manage.SCOPE_TOKEN_RE.pattern.strip("^$")
 #: Scope tokens (RFC 6749 §3.3) separated by single spaces, or nothing.
 SCOPE_PATTERN = rf"^({_SCOPE_TOKEN}( {_SCOPE_TOKEN})*)?$"
-Uri = Annotated[str, Field(min_length=1, max_length=manage.MAX_URI_LENGTH)]
+Uri = Annotated[str, Field(min_length=1, max_length=manage.MAX_URI_LENGTH, pattern=NO_NUL)]
 ClientId = Annotated[str, Path(min_length=1, max_length=100, pattern=manage.CLIENT_ID_RE.pattern)]
-UserId = Annotated[StoredText, Path(min_length=1, max_length=64)]
+UserId = Annotated[str, Path(min_length=1, max_length=64, pattern=PATH_ID)]
 Limit = Annotated[int, Query(ge=1, le=200, description="Items per page")]
 Cursor = Annotated[
-    StoredText | None,
-    Query(max_length=512, description="`next_cursor` of the previous page"),
+    str | None,
+    Query(max_length=512, pattern=NO_NUL, description="`next_cursor` of the previous page"),
 ]
 
 
@@ -107,7 +107,7 @@ class NewClient(_Registration):
     public); none for a resource server."""
 
     client_id: str = Field(min_length=1, max_length=100, pattern=manage.CLIENT_ID_RE.pattern)
-    name: str = Field(default="", max_length=200)
+    name: str = Field(default="", max_length=200, pattern=NO_NUL)
     public: bool = False
     #: May receive the ``admin`` scope, and so act on this API.
     admin: bool = False
@@ -118,7 +118,7 @@ class NewClient(_Registration):
 class ClientChange(_Registration):
     """Only the fields sent change; lists are replaced whole."""
 
-    name: str = Field(default="", min_length=1, max_length=200)
+    name: str = Field(default="", min_length=1, max_length=200, pattern=NO_NUL)
 
 
 class ClientPage(BaseModel):
@@ -148,7 +148,7 @@ class UserPage(BaseModel):
 
 
 class PasswordReset(Body):
-    password: str = Field(min_length=1, max_length=4096)
+    password: str = Field(min_length=1, max_length=4096, pattern=NO_NUL)
 
 
 class UserSessions(BaseModel):
@@ -191,7 +191,9 @@ def _after(secret_key: str, kind: str, cursor: str | None) -> str | None:
         return None
     payload, _, mac = cursor.partition(".")
     decoded: Any = None
-    if mac and hmac.compare_digest(_mac(secret_key, payload), mac):
+    # As bytes: compare_digest raises TypeError on a str with non-ASCII characters.
+    expected = _mac(secret_key, payload).encode()
+    if mac and hmac.compare_digest(expected, mac.encode("utf-8", "surrogatepass")):
         try:
             decoded = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
         except (ValueError, binascii.Error, UnicodeError):
@@ -379,10 +381,11 @@ async def list_users(
     limit: Limit = 50,
     cursor: Cursor = None,
     search: Annotated[
-        StoredText | None,
+        str | None,
         Query(
             min_length=1,
             max_length=150,
+            pattern=NO_NUL,
             description="Part of the username (compared as sign-in does) or of the email",
         ),
     ] = None,

@@ -150,7 +150,10 @@ class Csrf:
     def valid(self, settings: Settings, submitted: str | None) -> bool:
         if self.fresh or not submitted:
             return False  # no cookie came with the post: nothing to match
-        return hmac.compare_digest(_csrf_for(settings, self.cookie), submitted)
+        # As bytes: compare_digest raises TypeError on a str with non-ASCII characters, and a
+        # posted token is whatever the poster sent.
+        expected = _csrf_for(settings, self.cookie).encode()
+        return hmac.compare_digest(expected, submitted.encode("utf-8", "surrogatepass"))
 
     def attach(self, response: Response, settings: Settings) -> None:
         if self.fresh:

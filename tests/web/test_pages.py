@@ -105,7 +105,7 @@ async def test_cookies_on_https_use_the_host_prefix_and_secure(
 @pytest.mark.parametrize(
     "path", ["/login", "/register", "/logout", "/consent", "/account/sessions/x/revoke"]
 )
-@pytest.mark.parametrize("token", [None, "forged", "from-another-browser"])
+@pytest.mark.parametrize("token", [None, "forged", "from-another-browser", "é", "ümlaut-ß"])
 async def test_every_form_refuses_a_post_without_its_csrf_token(
     browser: httpx.AsyncClient, app: Any, make_user: MakeUser, path: str, token: str | None
 ) -> None:
