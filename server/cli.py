@@ -213,12 +213,14 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
         audit("key.rotated", kid=current)
         print(f"rotated: {current} now signs")
     elif args.keys_command == "prune":
-        removed, kept = store.prune(max_token_lifetime=settings.access_token_ttl)
-        for kid in removed:
+        pruned = store.prune(max_token_lifetime=settings.access_token_ttl)
+        for kid in pruned.removed:
             print(f"removed {kid}")
-        for reason in kept:
+        for reason in pruned.kept:
             print(f"kept {reason}")
-        if not removed and not kept:
+        for name in pruned.orphans:
+            print(f"removed {name}: keys.json does not list it (left by an interrupted rotation)")
+        if not pruned.removed and not pruned.kept:
             print("no retired keys")
         return 0
     infos = store.read_manifest()

@@ -4,7 +4,12 @@ Lifecycle: *next* (published, not yet signing) → *current* (signing) → *reti
 until every token it signed has expired) → removed by ``keys prune``. ``keys.json`` in the
 same directory records each key's state; it is replaced atomically, so a running server (or
 every replica sharing the directory) reloads it as soon as its content changes.
-The ``kid`` of a key is its RFC 7638 thumbprint.
+The ``kid`` of a key is its RFC 7638 thumbprint, checked against the file at every load.
+
+A reload costs what changed, not what is there: a PEM file is parsed once per content (its
+public half, without the slow RSA consistency check), and only the signing key's private half
+is imported in full, once per rotation. The server calls ``reload`` off its event loop, and
+records a reload that fails (``failure``) so that readiness can say so.
 
 Whoever can write this directory can plant a signing key, so it is made 0700 and every file in
 it 0600 whatever the umask, and nothing is loaded from it (nor written to it) while the
@@ -21,12 +26,15 @@ import hashlib
 import json
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from joserfc import jwt
 from joserfc.jwk import RSAKey
 
@@ -70,11 +78,41 @@ class KeySet:
         return jwt.encode(header, claims, self.current, algorithms=["RS256"])
 
 
+@dataclass(frozen=True)
+class ReloadFailure:
+    """The keys on disk could not be loaded: the server keeps the ones it loaded before."""
+
+    reason: str
+    since: float  # time.time() of the first failed attempt in a row
+    attempts: int
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    """One PEM file as last parsed: its digest, its public key and, for the signing key only,
+    its private key (imported with full validation)."""
+
+    digest: bytes
+    public: RSAKey
+    private: RSAKey | None
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    removed: list[str]  # retired kids whose every token has expired
+    kept: list[str]  # for each retired key kept, why
+    orphans: list[str]  # files keys.json does not list (left by an interrupted rotation)
+
+
 class KeyStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._loaded_version: bytes | None = None
         self._keyset: KeySet | None = None
+        self._parsed: dict[str, _Parsed] = {}
+        #: Set while the latest reload failed; ``None`` once one succeeds.
+        self.failure: ReloadFailure | None = None
+        self._reloading = threading.Lock()  # the reloader's thread and the admin API's
 
     @property
     def manifest_path(self) -> Path:
@@ -83,13 +121,23 @@ class KeyStore:
     # -- reading -----------------------------------------------------------------
 
     def read_manifest(self) -> list[KeyInfo]:
+        raw = self._manifest_bytes()
+        return [] if raw is None else self._parse_manifest(raw)
+
+    def _manifest_bytes(self) -> bytes | None:
+        """The bytes of ``keys.json`` (checked like every file of the directory), or ``None``."""
         path = self.manifest_path
         try:
-            data = json.loads(self._read_private(path))
+            return self._read_private(path)
         except FileNotFoundError:
-            return []
+            return None
         except OSError as exc:
             raise KeyFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+    def _parse_manifest(self, raw: bytes) -> list[KeyInfo]:
+        path = self.manifest_path
+        try:
+            data = json.loads(raw)
         except UnicodeDecodeError:
             raise KeyFileError(f"{path}: not valid JSON (not UTF-8 text)") from None
         except json.JSONDecodeError as exc:
@@ -135,15 +183,19 @@ class KeyStore:
         )
 
     def load(self) -> KeySet:
-        infos = self.read_manifest()
+        """The keys on disk, without touching what this store has loaded (``reload`` does)."""
+        return self._build(self.read_manifest(), dict(self._parsed))[0]
+
+    def _build(
+        self, infos: list[KeyInfo], cache: dict[str, _Parsed]
+    ) -> tuple[KeySet, dict[str, _Parsed]]:
         current = [info for info in infos if info.state == "current"]
         if not current:
             raise KeysUnavailableError(
                 f"no current signing key in {self.directory}: "
                 "run `python -m server keys rotate` to create one"
             )
-        public: dict[str, RSAKey] = {}
-        signing: RSAKey | None = None
+        parsed: dict[str, _Parsed] = {}
         for info in infos:
             pem_path = self._pem_path(info.kid)
             try:
@@ -155,19 +207,19 @@ class KeyStore:
                 ) from None
             except OSError as exc:
                 raise KeyFileError(f"{pem_path}: cannot be read ({exc.strerror or exc})") from None
-            try:
-                key = RSAKey.import_key(pem)
-                if not key.as_dict(private=True).get("d"):
-                    raise ValueError("no private key")
-            except Exception:  # joserfc/cryptography raise several types for a bad key
-                raise KeyFileError(
-                    f"{pem_path}: not a readable RSA private key (truncated or damaged?): "
-                    "restore it from a backup"
-                ) from None
-            public[info.kid] = RSAKey.import_key(key.as_dict(private=False))
-            if info is current[0]:
-                signing = key
+            digest = hashlib.sha256(pem).digest()
+            entry = cache.get(info.kid)
+            if entry is None or entry.digest != digest:
+                entry = _Parsed(digest, _public_key(info.kid, pem, pem_path), None)
+            signs = info is current[0]
+            if signs and entry.private is None:
+                entry = replace(entry, private=_private_key(pem, pem_path))
+            elif not signs and entry.private is not None:
+                entry = replace(entry, private=None)  # only the signing key is kept private
+            parsed[info.kid] = entry
+        signing = parsed[current[0].kid].private
         assert signing is not None
+        public = {kid: entry.public for kid, entry in parsed.items()}
         jwks = {
             "keys": [
                 {**public[info.kid].as_dict(), "kid": info.kid, "use": "sig", "alg": "RS256"}
@@ -175,13 +227,14 @@ class KeyStore:
             ]
         }
         body = json.dumps(jwks, separators=(",", ":")).encode()
-        return KeySet(
+        keyset = KeySet(
             current=signing,
             kid=current[0].kid,
             public=public,
             jwks_bytes=body,
             etag='"' + hashlib.sha256(body).hexdigest()[:32] + '"',
         )
+        return keyset, parsed
 
     def keyset(self) -> KeySet:
         if self._keyset is None:
@@ -189,22 +242,41 @@ class KeyStore:
         assert self._keyset is not None
         return self._keyset
 
-    def _version(self) -> bytes | None:
-        """A digest of ``keys.json``. Not its mtime: two writes within one timestamp tick
-        (a second on some network filesystems) would share it and hide a rotation."""
-        try:
-            return hashlib.sha256(self.manifest_path.read_bytes()).digest()
-        except FileNotFoundError:
-            return None
-
     def reload(self) -> bool:
-        """Load the keys again if ``keys.json`` changed; True when something new was loaded."""
-        version = self._version()
-        if self._keyset is not None and version == self._loaded_version:
-            return False
-        self._keyset = self.load()
-        self._loaded_version = version
-        return True
+        """Load the keys again if ``keys.json`` changed; True when something new was loaded.
+
+        Not a coroutine and slow when a key changed (the signing key's validation): a server
+        runs it in a worker thread. On failure it raises, keeps the keys loaded before, and
+        records the failure in ``failure`` until a reload succeeds. The directory and
+        ``keys.json`` are checked at every call, so loosened permissions are noticed even when
+        the content did not change. The version is a digest of ``keys.json``, not its mtime:
+        two writes within one timestamp tick (a second on some network filesystems) would
+        share it and hide a rotation.
+        """
+        with self._reloading:
+            return self._reload()
+
+    def _reload(self) -> bool:
+        try:
+            raw = self._manifest_bytes()
+            version = None if raw is None else hashlib.sha256(raw).digest()
+            if self._keyset is not None and version == self._loaded_version:
+                changed = False
+            else:
+                infos = [] if raw is None else self._parse_manifest(raw)
+                self._keyset, self._parsed = self._build(infos, self._parsed)
+                self._loaded_version = version
+                changed = True
+        except Exception as exc:
+            previous = self.failure
+            self.failure = ReloadFailure(
+                reason=str(exc),
+                since=previous.since if previous else time.time(),
+                attempts=previous.attempts + 1 if previous else 1,
+            )
+            raise
+        self.failure = None
+        return changed
 
     # -- writing (operator commands) --------------------------------------------
 
@@ -252,10 +324,10 @@ class KeyStore:
             self._write_manifest(infos)
             return infos
 
-    def prune(self, *, max_token_lifetime: int) -> tuple[list[str], list[str]]:
-        """Remove retired keys whose every token has expired.
-
-        Returns (removed kids, reasons for each retired key kept).
+    def prune(self, *, max_token_lifetime: int) -> PruneResult:
+        """Remove retired keys whose every token has expired, and the files ``keys.json`` does
+        not list: PEM files of a rotation killed before it wrote ``keys.json``, and its
+        unfinished ``keys.json`` (every writer holds the lock, so none is being written now).
         """
         removed: list[str] = []
         kept: list[str] = []
@@ -276,7 +348,15 @@ class KeyStore:
             self._write_manifest(remaining)
             for kid in removed:
                 self._pem_path(kid).unlink(missing_ok=True)
-        return removed, kept
+            listed = {self._pem_path(info.kid).name for info in remaining}
+            orphans = sorted(
+                path.name
+                for path in self.directory.glob("*.pem")
+                if path.name not in listed and path.is_file()
+            )
+            for name in orphans:
+                (self.directory / name).unlink(missing_ok=True)
+        return PruneResult(removed, kept, orphans)
 
     def _fresh_pair(self) -> list[KeyInfo]:
         current = self._generate("current")
@@ -329,6 +409,45 @@ def _open_private(path: Path, flags: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _public_key(kid: str, pem: bytes, path: Path) -> RSAKey:
+    """The public half of a PEM file, which must be the key its name says (RFC 7638 kid).
+
+    Parsed without the RSA consistency check (tens of milliseconds a key): only the public
+    numbers are used, and the thumbprint check proves they are the ones keys.json names.
+    """
+    try:
+        key = load_pem_private_key(pem, password=None, unsafe_skip_rsa_key_validation=True)
+    except Exception:  # cryptography raises several types for a bad file
+        key = None
+    if not isinstance(key, RSAPrivateKey):
+        raise KeyFileError(
+            f"{path}: not a readable RSA private key (truncated or damaged?): "
+            "restore it from a backup"
+        )
+    public = RSAKey.import_key(key.public_key())
+    thumbprint = public.thumbprint()
+    if thumbprint != kid:
+        raise KeyFileError(
+            f"{path}: holds the key {thumbprint}, not {kid} (a kid is its key's RFC 7638 "
+            "thumbprint): restore the right file from a backup"
+        )
+    return public
+
+
+def _private_key(pem: bytes, path: Path) -> RSAKey:
+    """The signing key, imported with full validation (once per rotation)."""
+    try:
+        key = RSAKey.import_key(pem)
+        if not key.as_dict(private=True).get("d"):
+            raise ValueError("no private key")
+    except Exception:  # joserfc/cryptography raise several types for a bad key
+        raise KeyFileError(
+            f"{path}: not a readable RSA private key (truncated or damaged?): "
+            "restore it from a backup"
+        ) from None
+    return key
 
 
 def _publish_order(info: KeyInfo) -> int:

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import os
 import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -31,7 +32,7 @@ from .db import Database, assert_schema_at_head, create_engine, is_unavailable
 from .deps import AppState, StateDep
 from .jwks import JwksMiddleware
 from .keys import KeyStore
-from .metrics import MetricsMiddleware
+from .metrics import KEYS_RELOAD_FAILING, KEYS_RELOAD_FAILURES, MetricsMiddleware
 from .metrics import router as metrics_router
 from .oauth.authorize import router as authorize_router
 from .oauth.routes import router as oauth_router
@@ -52,15 +53,23 @@ def error_body(detail: Any, error_code: str) -> dict[str, Any]:
 
 
 async def _reload_keys(keys: KeyStore, interval: float) -> None:
-    """Pick up ``keys rotate`` run by an operator (or on another replica) without a restart."""
+    """Pick up ``keys rotate`` run by an operator (or on another replica) without a restart.
+
+    The reload runs in a worker thread: reading and parsing keys must not hold up requests.
+    A failure keeps the keys loaded before; it is logged once per reason, counted, and shown
+    by ``/readyz`` and ``keys_reload_failing`` until a reload succeeds.
+    """
     failure: str | None = None  # the last reason logged: once, not at every attempt
     while True:
         await asyncio.sleep(interval)
         try:
-            if keys.reload():
+            if await asyncio.to_thread(keys.reload):
                 log.info("keys.reloaded", kid=keys.keyset().kid)
             failure = None
+            KEYS_RELOAD_FAILING.set(0)
         except Exception as exc:  # keep serving with the keys already loaded
+            KEYS_RELOAD_FAILURES.inc()
+            KEYS_RELOAD_FAILING.set(1)
             if str(exc) != failure:
                 failure = str(exc)
                 log.error("keys.reload_failed", error=failure)
@@ -151,9 +160,19 @@ def _add_health(app: FastAPI) -> None:
             reason = exc.reason if isinstance(exc, DatabaseUnavailable) else type(exc).__name__
             problems.append(f"database: {reason}")
         try:
-            state.keys.keyset()
+            keyset = state.keys.keyset()
         except Exception as exc:
             problems.append(f"keys: {exc}")
+        else:
+            failure = state.keys.failure
+            if failure is not None:
+                # The server still signs, but not with the keys the operator set: take it out
+                # of rotation until a reload succeeds.
+                problems.append(
+                    f"keys: reloading has failed for {max(0, round(time.time() - failure.since))}"
+                    f" s ({failure.attempts} attempts), still signing with {keyset.kid}: "
+                    f"{failure.reason}"
+                )
         if problems:
             return JSONResponse(error_body("; ".join(problems), "not_ready"), status_code=503)
         return JSONResponse({"status": "ready"})

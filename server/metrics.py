@@ -10,7 +10,8 @@ library registers there leaks out, and tests can read exact values):
   counters: tokens issued and refused, refresh/code reuse, failed sign-ins, rate-limit hits and
   revocations. Every label value is checked against a fixed list and anything else is counted
   as ``"other"``, so a hostile ``grant_type`` or ``error`` can never mint a new series.
-- ``database_breaker_state``, set through ``set_breaker_state``.
+- ``database_breaker_state``, set through ``set_breaker_state``; ``keys_reload_failing`` and
+  ``keys_reload_failures``, set by the key reloader (``main._reload_keys``).
 
 Each process has its own counters: with several uvicorn workers, a scrape reaches one worker
 and sees only its share. Prometheus's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``) is future
@@ -128,6 +129,18 @@ TOKENS_REVOKED = Counter(
 BREAKER_STATE = Gauge(
     "database_breaker_state",
     "The database circuit breaker: 0 closed, 1 half-open, 2 open.",
+    registry=REGISTRY,
+)
+
+KEYS_RELOAD_FAILING = Gauge(
+    "keys_reload_failing",
+    "1 while the latest reload of the signing keys failed (the server signs with the keys it "
+    "loaded before, not the ones keys.json names), else 0.",
+    registry=REGISTRY,
+)
+KEYS_RELOAD_FAILURES = Counter(
+    "keys_reload_failures",
+    "Reloads of the signing keys that failed.",
     registry=REGISTRY,
 )
 

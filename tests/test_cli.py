@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from server.cli import main
 from server.config import Settings
 from server.db import create_engine, head_revision, session_factory, transaction
-from server.keys import MANIFEST
+from server.keys import MANIFEST, KeyStore
 from server.manage import PRUNE_SKEW_MARGIN
 from server.models import (
     AuthorizationCode,
@@ -1033,6 +1033,15 @@ def test_keys_prune(cli: Cli, own_keys: Path, environment: pytest.MonkeyPatch) -
     assert (removed.code, removed.out) == (0, f"removed {retired}\n")
     assert retired not in manifest_states(own_keys)
     assert not (own_keys / f"{retired}.pem").exists()
+
+    orphan = KeyStore(own_keys)._generate("next")  # a rotation killed before keys.json
+    swept = cli("keys", "prune")
+    assert (swept.code, swept.out) == (
+        0,
+        f"removed {orphan.kid}.pem: keys.json does not list it (left by an interrupted "
+        "rotation)\nno retired keys\n",
+    )
+    assert not (own_keys / f"{orphan.kid}.pem").exists()
 
 
 # -- seed-demo ----------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from server.keys import MANIFEST, KeyFileError, KeyStore, KeysUnavailableError
+from server import keys as keys_module
+from server.keys import MANIFEST, KeyFileError, KeyStore, KeysUnavailableError, PruneResult
 
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth"}
 
@@ -193,7 +194,8 @@ def test_prune_keeps_a_recently_retired_key_and_says_for_how_long(tmp_path: Path
     store.rotate()
     retired = kid_in(tmp_path, "retired")
 
-    removed, kept = store.prune(max_token_lifetime=900)
+    pruned = store.prune(max_token_lifetime=900)
+    removed, kept = pruned.removed, pruned.kept
 
     assert removed == []
     assert len(kept) == 1
@@ -213,7 +215,8 @@ def test_prune_removes_a_retired_key_whose_tokens_have_expired(tmp_path: Path) -
     current, upcoming = kid_in(tmp_path, "current"), kid_in(tmp_path, "next")
     assert retired in {key["kid"] for key in jwks(store)}
 
-    removed, kept = store.prune(max_token_lifetime=0)
+    pruned = store.prune(max_token_lifetime=0)
+    removed, kept = pruned.removed, pruned.kept
 
     assert (removed, kept) == ([retired], [])
     assert states(tmp_path) == {current: "current", upcoming: "next"}
@@ -222,7 +225,7 @@ def test_prune_removes_a_retired_key_whose_tokens_have_expired(tmp_path: Path) -
     fresh = KeyStore(tmp_path)
     assert {key["kid"] for key in jwks(fresh)} == {current, upcoming}
     # Nothing left to prune: nothing removed, nothing kept, current and next untouched.
-    assert fresh.prune(max_token_lifetime=0) == ([], [])
+    assert fresh.prune(max_token_lifetime=0) == PruneResult([], [], [])
     assert states(tmp_path) == {current: "current", upcoming: "next"}
 
 
@@ -237,7 +240,8 @@ def test_prune_uses_the_retirement_time(tmp_path: Path) -> None:
     old["retired_at"] = int(time.time()) - 3600
     (tmp_path / MANIFEST).write_text(json.dumps({"keys": entries}))
 
-    removed, kept = store.prune(max_token_lifetime=900)
+    pruned = store.prune(max_token_lifetime=900)
+    removed, kept = pruned.removed, pruned.kept
 
     assert removed == [old["kid"]]
     assert [reason.split(":")[0] for reason in kept] == [recent["kid"]]
@@ -500,3 +504,102 @@ def test_reload_keeps_the_loaded_keys_when_the_new_manifest_is_writable_by_other
     assert store.keyset().kid == before
     store.manifest_path.chmod(0o600)
     assert store.reload() and store.keyset().kid != before
+
+
+@pytest.mark.feature("key-hot-reload")
+def test_a_reload_parses_only_the_files_that_changed_and_imports_only_the_signing_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = KeyStore(tmp_path)
+    store.ensure()
+    for _ in range(5):
+        store.rotate()  # 7 keys
+    parsed: list[str] = []
+    imported: list[Path] = []
+    real_public, real_private = keys_module._public_key, keys_module._private_key
+
+    def public_key(kid: str, pem: bytes, path: Path) -> Any:
+        parsed.append(kid)
+        return real_public(kid, pem, path)
+
+    def private_key(pem: bytes, path: Path) -> Any:
+        imported.append(path)
+        return real_private(pem, path)
+
+    monkeypatch.setattr(keys_module, "_public_key", public_key)
+    monkeypatch.setattr(keys_module, "_private_key", private_key)
+    server = KeyStore(tmp_path)
+    assert server.reload() is True
+    assert sorted(parsed) == sorted(states(tmp_path))
+    assert imported == [tmp_path / f"{kid_in(tmp_path, 'current')}.pem"]
+
+    parsed.clear()
+    imported.clear()
+    store.rotate()
+    assert server.reload() is True
+    assert parsed == [kid_in(tmp_path, "next")], "only the new next key is parsed"
+    assert imported == [tmp_path / f"{kid_in(tmp_path, 'current')}.pem"]
+    assert len(jwks(server)) == 8
+
+    parsed.clear()
+    imported.clear()
+    assert server.reload() is False
+    assert (parsed, imported) == ([], [])
+
+
+@pytest.mark.feature("signing-keys", "key-hot-reload")
+def test_a_key_file_holding_another_key_than_its_kid_is_refused(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path)
+    store.ensure()
+    current, upcoming = kid_in(tmp_path, "current"), kid_in(tmp_path, "next")
+    swapped = tmp_path / f"{upcoming}.pem"
+    swapped.write_bytes((tmp_path / f"{current}.pem").read_bytes())
+
+    with pytest.raises(KeyFileError) as caught:
+        KeyStore(tmp_path).load()
+    assert str(caught.value) == (
+        f"{swapped}: holds the key {current}, not {upcoming} (a kid is its key's RFC 7638 "
+        "thumbprint): restore the right file from a backup"
+    )
+
+
+@pytest.mark.feature("key-hot-reload")
+def test_a_failing_reload_is_recorded_until_one_succeeds(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path)
+    store.ensure()
+    before = store.keyset().kid
+    store.manifest_path.chmod(0o666)  # loosened, content unchanged: noticed all the same
+
+    for attempt in (1, 2):
+        with pytest.raises(KeysUnavailableError, match="writable by others"):
+            store.reload()
+        assert store.failure is not None
+        assert store.failure.attempts == attempt
+        assert "writable by others" in store.failure.reason
+    since = store.failure.since
+    assert since <= time.time()
+    assert store.keyset().kid == before
+
+    store.manifest_path.chmod(0o600)
+    assert store.reload() is False  # nothing changed on disk: the keys loaded are kept
+    assert store.failure is None
+
+
+@pytest.mark.feature("key-lifecycle")
+def test_prune_removes_key_files_left_by_an_interrupted_rotation(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path)
+    store.ensure()
+    listed = set(states(tmp_path))
+    # What a rotation killed after writing its new key and before keys.json leaves behind.
+    orphan = store._generate("next")
+    (tmp_path / "keys.tmp").write_text('{"keys": [')
+    assert len(list(tmp_path.glob("*.pem"))) == 3
+
+    pruned = store.prune(max_token_lifetime=900)
+
+    assert pruned == PruneResult([], [], [f"{orphan.kid}.pem"])
+    assert not (tmp_path / "keys.tmp").exists()
+    assert {path.stem for path in tmp_path.glob("*.pem")} == listed
+    assert set(states(tmp_path)) == listed
+    assert KeyStore(tmp_path).load().kid == kid_in(tmp_path, "current")
+    assert store.prune(max_token_lifetime=900) == PruneResult([], [], [])

@@ -15,6 +15,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from server import keys as keys_module
 from server import main as server_main
 from server import manage
 from server.config import Settings
@@ -291,7 +292,8 @@ async def test_tokens_signed_before_a_rotation_stay_valid_until_their_key_is_pru
             assert await active(old) and await active(new)
 
             # Too early: the retired key is kept, and tokens it signed still verify.
-            removed, kept = KeyStore(keys).prune(max_token_lifetime=settings.access_token_ttl)
+            pruned = KeyStore(keys).prune(max_token_lifetime=settings.access_token_ttl)
+            removed, kept = pruned.removed, pruned.kept
             assert (removed, len(kept)) == ([], 1)
             # Once its tokens could all have expired (here: pretend the retirement was long
             # ago), prune removes it; the server drops it from the JWKS and from verification.
@@ -300,7 +302,7 @@ async def test_tokens_signed_before_a_rotation_stay_valid_until_their_key_is_pru
                 if entry["kid"] == old_kid:
                     entry["retired_at"] -= settings.access_token_ttl + 1
             (keys / "keys.json").write_text(json.dumps(manifest))
-            assert KeyStore(keys).prune(max_token_lifetime=settings.access_token_ttl)[0] == [
+            assert KeyStore(keys).prune(max_token_lifetime=settings.access_token_ttl).removed == [
                 old_kid
             ]
             for _ in range(200):
@@ -380,3 +382,104 @@ async def test_a_reload_refused_for_loose_permissions_keeps_the_keys_and_logs_on
         reloader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reloader
+
+
+def keys_app(sqlite_url: str, keys: Path) -> FastAPI:
+    """An app on the session's SQLite database with its own keys directory, reloading often.
+    The key behaviour does not depend on the database, so one backend is enough."""
+    return create_app(make_settings(sqlite_url, keys, key_reload_interval=0.01))
+
+
+async def readiness_until(http: httpx.AsyncClient, status: int) -> httpx.Response:
+    for _ in range(1000):  # bounded wait for the background reloader, no timing asserted
+        response = await http.get("/readyz")
+        if response.status_code == status:
+            return response
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"/readyz never answered {status}: {response.text}")
+
+
+def metric(text: str, name: str) -> float:
+    (line,) = [line for line in text.splitlines() if line.startswith(name + " ")]
+    return float(line.split()[1])
+
+
+@pytest.mark.feature("key-hot-reload", "health", "metrics")
+async def test_readiness_and_a_metric_report_a_key_reload_that_keeps_failing(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """The review's case: the next key's PEM is gone and `keys rotate --force` runs. The server
+    keeps signing with the key keys.json now calls retired; it must not stay ready."""
+    keys = tmp_path / "keys"
+    KeyStore(keys).ensure()
+    app = keys_app(sqlite_url, keys)
+    async with app.router.lifespan_context(app):
+        state: AppState = app.state.auth
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            await readiness_until(http, 200)
+            before = state.keys.keyset().kid
+            upcoming = next(i.kid for i in KeyStore(keys).read_manifest() if i.state == "next")
+            pem = keys / f"{upcoming}.pem"
+            saved = pem.read_bytes()
+            pem.unlink()
+            KeyStore(keys).rotate()
+
+            refused = await readiness_until(http, 503)
+            assert refused.json()["error_code"] == "not_ready"
+            detail = refused.json()["detail"]
+            assert detail.startswith("keys: reloading has failed for ")
+            assert f"still signing with {before}" in detail
+            assert f"keys.json lists {upcoming} but {pem} is missing" in detail
+            assert (await http.get("/healthz")).status_code == 200, "alive, only not ready"
+            metrics = (await http.get("/metrics")).text
+            assert metric(metrics, "keys_reload_failing") == 1
+            assert metric(metrics, "keys_reload_failures_total") >= 1
+            assert state.keys.keyset().kid == before
+
+            pem.write_bytes(saved)
+            pem.chmod(0o600)
+            await readiness_until(http, 200)
+            assert state.keys.keyset().kid == upcoming
+            assert state.keys.failure is None
+            assert metric((await http.get("/metrics")).text, "keys_reload_failing") == 0
+
+
+@pytest.mark.feature("key-hot-reload", "health")
+async def test_health_is_served_while_a_reload_of_many_keys_runs(
+    sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outcome, not a timing: a reload held inside key parsing must not hold up requests.
+    Were it run on the event loop, /healthz could not answer until the reload had finished."""
+    keys = tmp_path / "keys"
+    store = KeyStore(keys)
+    store.ensure()
+    for _ in range(6):
+        store.rotate()  # 8 keys: 6 retired, a current and a next
+    app = keys_app(sqlite_url, keys)
+    async with app.router.lifespan_context(app):
+        state: AppState = app.state.auth
+        parsing, release = threading.Event(), threading.Event()
+        real = keys_module._public_key
+
+        def held_public_key(kid: str, pem: bytes, path: Path) -> Any:
+            parsing.set()
+            release.wait(timeout=10)  # until /healthz has answered (or the test gave up)
+            return real(kid, pem, path)
+
+        monkeypatch.setattr(keys_module, "_public_key", held_public_key)
+        before = state.keys.keyset().kid
+        KeyStore(keys).rotate()
+        assert await asyncio.to_thread(parsing.wait, 10), "the reload never started"
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            health = await http.get("/healthz")
+            reload_was_running = state.keys.keyset().kid == before
+            release.set()
+            assert health.status_code == 200
+            assert reload_was_running, "/healthz waited for the reload to finish"
+            for _ in range(1000):
+                if state.keys.keyset().kid != before:
+                    break
+                await asyncio.sleep(0.01)
+            assert state.keys.keyset().kid != before

@@ -546,6 +546,8 @@ class KeysPruned(BaseModel):
     removed: list[str]
     #: Why each retired key that stays is still needed.
     kept: list[str]
+    #: Files keys.json did not list (left by an interrupted rotation), now deleted.
+    orphans: list[str]
 
 
 def _keys_out(infos: list[KeyInfo]) -> Keys:
@@ -579,7 +581,7 @@ async def rotate_keys(
             'cached JWKS may not hold it yet: retry later, or send {"force": true}.'
         )
         raise ApiError(409, "rotation_too_soon", detail) from None
-    state.keys.reload()
+    await to_thread.run_sync(state.keys.reload)  # this replica signs with it at once
     current = next(info.kid for info in infos if info.state == "current")
     audit("key.rotated", kid=current, actor_client_id=admin.client_id, via="admin_api")
     return _keys_out(infos)
@@ -589,7 +591,13 @@ async def rotate_keys(
 async def prune_keys(admin: AdminDep, state: StateDep) -> KeysPruned:
     """Remove retired keys whose every token has expired, as ``keys prune`` does."""
     ttl = state.settings.access_token_ttl
-    removed, kept = await to_thread.run_sync(lambda: state.keys.prune(max_token_lifetime=ttl))
-    state.keys.reload()
-    audit("key.pruned", removed=removed, actor_client_id=admin.client_id, via="admin_api")
-    return KeysPruned(removed=removed, kept=kept)
+    pruned = await to_thread.run_sync(lambda: state.keys.prune(max_token_lifetime=ttl))
+    await to_thread.run_sync(state.keys.reload)
+    audit(
+        "key.pruned",
+        removed=pruned.removed,
+        orphans=pruned.orphans,
+        actor_client_id=admin.client_id,
+        via="admin_api",
+    )
+    return KeysPruned(removed=pruned.removed, kept=pruned.kept, orphans=pruned.orphans)

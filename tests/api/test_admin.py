@@ -1025,6 +1025,7 @@ async def test_keys_are_listed_rotated_and_pruned(own_keys: httpx.AsyncClient) -
     assert pruned.status_code == 200
     assert pruned.json()["removed"] == []  # its tokens may still be live
     assert pruned.json()["kept"][0].startswith(before["current"])
+    assert pruned.json()["orphans"] == []
     for lax in ("maybe", "true", 1, 0):  # only a JSON boolean; 1 is not true (schemathesis)
         refused = await http.post("/admin/v1/keys/rotate", json={"force": lax})
         assert refused.status_code == 422, lax
