@@ -263,8 +263,16 @@ class KeyStore:
             if self._keyset is not None and version == self._loaded_version:
                 changed = False
             else:
-                infos = [] if raw is None else self._parse_manifest(raw)
-                self._keyset, self._parsed = self._build(infos, self._parsed)
+                try:
+                    self._load_manifest(raw)
+                except KeysUnavailableError:
+                    # Read while `keys prune` replaced keys.json and then deleted a key file
+                    # the old one listed? Then the new keys.json is complete: load it instead.
+                    again = self._manifest_bytes()
+                    if again == raw:
+                        raise
+                    raw, version = again, None if again is None else hashlib.sha256(again).digest()
+                    self._load_manifest(raw)
                 self._loaded_version = version
                 changed = True
         except Exception as exc:
@@ -277,6 +285,10 @@ class KeyStore:
             raise
         self.failure = None
         return changed
+
+    def _load_manifest(self, raw: bytes | None) -> None:
+        infos = [] if raw is None else self._parse_manifest(raw)
+        self._keyset, self._parsed = self._build(infos, self._parsed)
 
     # -- writing (operator commands) --------------------------------------------
 

@@ -603,3 +603,33 @@ def test_prune_removes_key_files_left_by_an_interrupted_rotation(tmp_path: Path)
     assert set(states(tmp_path)) == listed
     assert KeyStore(tmp_path).load().kid == kid_in(tmp_path, "current")
     assert store.prune(max_token_lifetime=900) == PruneResult([], [], [])
+
+
+@pytest.mark.feature("key-hot-reload")
+def test_a_reload_that_races_keys_prune_loads_the_new_manifest_instead_of_failing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`keys prune` replaces keys.json, then deletes the pruned key's file: a reload that read
+    the old keys.json just before must not report the file as missing (readiness would flap)."""
+    store = KeyStore(tmp_path)
+    store.ensure()
+    store.rotate()
+    server = KeyStore(tmp_path)
+    server.reload()
+    old = kid_in(tmp_path, "retired")
+    data = json.loads(store.manifest_path.read_text())
+    for entry in data["keys"]:
+        if entry["kid"] == old:
+            entry["retired_at"] -= 1000
+    store.manifest_path.write_text(json.dumps(data))  # changed: the server will rebuild
+    real_read = server._read_private
+
+    def read_while_pruning(path: Path) -> bytes:
+        if path.name == f"{old}.pem":
+            assert KeyStore(tmp_path).prune(max_token_lifetime=900).removed == [old]
+        return real_read(path)
+
+    monkeypatch.setattr(server, "_read_private", read_while_pruning)
+    assert server.reload() is True
+    assert server.failure is None
+    assert old not in server.keyset().public
