@@ -312,7 +312,7 @@ def test_migrate_creates_the_default_sqlite_database(cli: Cli, tmp_path: Path) -
     assert cli("users", "list").code == 0
 
 
-@pytest.mark.feature("cli-migrate", "sqlite-backend")
+@pytest.mark.feature("cli-migrate", "sqlite-backend", "file-permissions")
 def test_migrate_refuses_a_sqlite_database_others_can_write_in_one_line(
     cli: Cli, tmp_path: Path
 ) -> None:
@@ -1330,7 +1330,7 @@ def test_entry_points_run_the_command_line(
 # -- tokens prune -------------------------------------------------------------------------
 
 
-@pytest.mark.feature("token-cleanup", "cli-tokens")
+@pytest.mark.feature("token-cleanup", "cli-tokens", "operator-error-lines")
 def test_tokens_prune_deletes_only_what_can_no_longer_matter(cli: Cli, db: Settings) -> None:
     cli("clients", "create", "--client-id", "web")
     cli("users", "create", "--username", "ann", "--password-stdin", stdin="a long passphrase\n")
@@ -1509,7 +1509,7 @@ def assert_one_error_line(result: Run) -> str:
     return line
 
 
-@pytest.mark.feature("cli-keys")
+@pytest.mark.feature("cli-keys", "operator-error-lines")
 @pytest.mark.parametrize("content", ["", "{not json", '{"keys": [{"kid": 1}]}', "[]"])
 def test_a_malformed_keys_json_is_one_error_line_naming_the_file(
     cli: Cli, own_keys: Path, content: str
@@ -1522,7 +1522,7 @@ def test_a_malformed_keys_json_is_one_error_line_naming_the_file(
     assert (own_keys / MANIFEST).read_text() == content, "nothing may change on a refusal"
 
 
-@pytest.mark.feature("cli-serve", "cli-keys")
+@pytest.mark.feature("cli-serve", "cli-keys", "operator-error-lines")
 @pytest.mark.parametrize("damage", ["truncated", "unreadable"])
 def test_a_damaged_pem_is_one_error_line_naming_the_file(
     cli: Cli, db: Settings, own_keys: Path, damage: str
@@ -1538,7 +1538,7 @@ def test_a_damaged_pem_is_one_error_line_naming_the_file(
     assert str(pem) in line, line
 
 
-@pytest.mark.feature("cli-serve", "cli-migrate", "postgres-backend")
+@pytest.mark.feature("cli-serve", "cli-migrate", "postgres-backend", "operator-error-lines")
 @pytest.mark.parametrize("command", [("serve",), ("migrate",), ("users", "list")])
 def test_an_unreachable_postgresql_is_one_error_line_without_the_password(
     cli: Cli, environment: pytest.MonkeyPatch, keys_dir: Path, command: tuple[str, ...]
@@ -1555,7 +1555,7 @@ def test_an_unreachable_postgresql_is_one_error_line_without_the_password(
     assert "s3cret-pw" not in result.err + result.out
 
 
-@pytest.mark.feature("cli-serve", "cli-migrate", "sqlite-backend")
+@pytest.mark.feature("cli-serve", "cli-migrate", "sqlite-backend", "operator-error-lines")
 @pytest.mark.parametrize("command", [("serve",), ("migrate",), ("users", "list")])
 def test_a_sqlite_path_that_cannot_be_created_is_one_error_line(
     cli: Cli,
@@ -1573,7 +1573,7 @@ def test_a_sqlite_path_that_cannot_be_created_is_one_error_line(
     assert str(path.parent) in line, line
 
 
-@pytest.mark.feature("cli-migrate", "migrations", "postgres-backend")
+@pytest.mark.feature("cli-migrate", "migrations", "postgres-backend", "operator-error-lines")
 def test_two_concurrent_migrations_of_a_fresh_postgresql_both_succeed(tmp_path: Path) -> None:
     url = _new_pg_database()
     try:

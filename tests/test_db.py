@@ -228,7 +228,7 @@ def mode_of(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-@pytest.mark.feature("sqlite-backend")
+@pytest.mark.feature("sqlite-backend", "file-permissions")
 async def test_the_sqlite_database_is_created_private_whatever_the_umask(
     tmp_path: Path, keys_dir: Path, umask: int
 ) -> None:
@@ -365,7 +365,7 @@ def migrated_sqlite(tmp_path: Path, keys_dir: Path) -> tuple[Settings, Path]:
     return settings, path
 
 
-@pytest.mark.feature("sqlite-backend")
+@pytest.mark.feature("sqlite-backend", "file-permissions")
 @pytest.mark.parametrize("name", ["auth.db", "auth.db-wal", "auth.db-shm"])
 @pytest.mark.parametrize("mode", [0o666, 0o660, 0o602], ids=oct)
 def test_an_existing_sqlite_file_others_can_write_is_refused(
@@ -389,7 +389,7 @@ def test_an_existing_sqlite_file_others_can_write_is_refused(
     assert mode_of(target) == mode  # refused, not silently "fixed": someone may have written it
 
 
-@pytest.mark.feature("sqlite-backend")
+@pytest.mark.feature("sqlite-backend", "file-permissions")
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
 def test_an_existing_sqlite_file_owned_by_another_user_is_refused(
     tmp_path: Path, keys_dir: Path
@@ -401,7 +401,7 @@ def test_an_existing_sqlite_file_owned_by_another_user_is_refused(
         create_engine(settings)
 
 
-@pytest.mark.feature("sqlite-backend")
+@pytest.mark.feature("sqlite-backend", "file-permissions")
 async def test_an_existing_sqlite_file_others_can_read_is_made_private_with_a_warning(
     tmp_path: Path, keys_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

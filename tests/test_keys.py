@@ -392,7 +392,7 @@ def test_a_public_key_in_place_of_the_private_one_is_a_key_file_error(tmp_path: 
 # a key in keys.json and its PEM, and the JWKS published it; ssh's StrictModes is the model) --
 
 
-@pytest.mark.feature("signing-keys")
+@pytest.mark.feature("signing-keys", "file-permissions")
 @pytest.mark.parametrize("umask", [0o000, 0o002], ids=["umask-000", "umask-002"])
 def test_keys_directory_is_0700_and_every_file_0600_whatever_the_umask(
     tmp_path: Path, umask: int
@@ -450,7 +450,7 @@ def test_load_refuses_a_file_others_can_write(tmp_path: Path, which: str, mode: 
     assert "chmod 600" in message
 
 
-@pytest.mark.feature("signing-keys")
+@pytest.mark.feature("signing-keys", "file-permissions")
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
 @pytest.mark.parametrize("which", ["directory", "manifest", "pem"])
 def test_load_refuses_keys_owned_by_another_user(tmp_path: Path, which: str) -> None:
@@ -471,7 +471,7 @@ def test_load_refuses_keys_owned_by_another_user(tmp_path: Path, which: str) -> 
     assert "owned by another user" in message
 
 
-@pytest.mark.feature("signing-keys")
+@pytest.mark.feature("signing-keys", "file-permissions")
 def test_read_only_keys_readable_by_others_still_load(tmp_path: Path) -> None:
     """A mounted secret (root- or server-owned, 0755 directory, 0444/0644 files) is fine:
     only who can *write* matters for planting a key."""
@@ -506,7 +506,7 @@ def test_reload_keeps_the_loaded_keys_when_the_new_manifest_is_writable_by_other
     assert store.reload() and store.keyset().kid != before
 
 
-@pytest.mark.feature("key-hot-reload")
+@pytest.mark.feature("key-hot-reload", "key-reload-health")
 def test_a_reload_parses_only_the_files_that_changed_and_imports_only_the_signing_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -547,7 +547,7 @@ def test_a_reload_parses_only_the_files_that_changed_and_imports_only_the_signin
     assert (parsed, imported) == ([], [])
 
 
-@pytest.mark.feature("signing-keys", "key-hot-reload")
+@pytest.mark.feature("signing-keys", "key-hot-reload", "key-reload-health")
 def test_a_key_file_holding_another_key_than_its_kid_is_refused(tmp_path: Path) -> None:
     store = KeyStore(tmp_path)
     store.ensure()
@@ -563,7 +563,7 @@ def test_a_key_file_holding_another_key_than_its_kid_is_refused(tmp_path: Path) 
     )
 
 
-@pytest.mark.feature("key-hot-reload")
+@pytest.mark.feature("key-hot-reload", "key-reload-health")
 def test_a_failing_reload_is_recorded_until_one_succeeds(tmp_path: Path) -> None:
     store = KeyStore(tmp_path)
     store.ensure()
@@ -585,7 +585,7 @@ def test_a_failing_reload_is_recorded_until_one_succeeds(tmp_path: Path) -> None
     assert store.failure is None
 
 
-@pytest.mark.feature("key-lifecycle")
+@pytest.mark.feature("key-lifecycle", "key-reload-health")
 def test_prune_removes_key_files_left_by_an_interrupted_rotation(tmp_path: Path) -> None:
     store = KeyStore(tmp_path)
     store.ensure()
@@ -605,7 +605,7 @@ def test_prune_removes_key_files_left_by_an_interrupted_rotation(tmp_path: Path)
     assert store.prune(max_token_lifetime=900) == PruneResult([], [], [])
 
 
-@pytest.mark.feature("key-hot-reload")
+@pytest.mark.feature("key-hot-reload", "key-reload-health")
 def test_a_reload_that_races_keys_prune_loads_the_new_manifest_instead_of_failing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -347,7 +347,7 @@ async def reload_attempts(keys: CountingKeyStore, count: int) -> None:
     raise AssertionError(f"only {keys.attempts} reload attempts")
 
 
-@pytest.mark.feature("key-hot-reload")
+@pytest.mark.feature("key-hot-reload", "key-reload-health")
 async def test_a_reload_refused_for_loose_permissions_keeps_the_keys_and_logs_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -404,7 +404,7 @@ def metric(text: str, name: str) -> float:
     return float(line.split()[1])
 
 
-@pytest.mark.feature("key-hot-reload", "health", "metrics")
+@pytest.mark.feature("key-hot-reload", "health", "metrics", "key-reload-health")
 async def test_readiness_and_a_metric_report_a_key_reload_that_keeps_failing(
     sqlite_url: str, tmp_path: Path
 ) -> None:
@@ -445,7 +445,7 @@ async def test_readiness_and_a_metric_report_a_key_reload_that_keeps_failing(
             assert metric((await http.get("/metrics")).text, "keys_reload_failing") == 0
 
 
-@pytest.mark.feature("key-hot-reload", "health")
+@pytest.mark.feature("key-hot-reload", "health", "key-reload-health")
 async def test_health_is_served_while_a_reload_of_many_keys_runs(
     sqlite_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
