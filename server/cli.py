@@ -28,9 +28,11 @@ from .config import Env, InsecureSettingsError, Settings
 from .db import (
     InsecureDatabaseFileError,
     SchemaNotAtHeadError,
+    SchemaState,
     alembic_config,
-    assert_schema_at_head,
+    assert_schema_compatible,
     create_engine,
+    schema_state,
     session_factory,
 )
 from .keys import KeyStore, KeysUnavailableError, RotationTooSoonError
@@ -83,7 +85,7 @@ def _run_db(settings: Settings, action: Callable[[AsyncSession], Awaitable[T]]) 
             engine = create_engine(settings)
         try:
             with _opening_database(settings):
-                await assert_schema_at_head(engine)  # the first connection
+                await assert_schema_compatible(engine)  # the first connection
             async with session_factory(engine)() as db:
                 result = await action(db)
                 await db.commit()
@@ -159,7 +161,7 @@ def _preflight(settings: Settings) -> None:
     async def check() -> None:
         engine = create_engine(settings)
         try:
-            await assert_schema_at_head(engine)
+            await assert_schema_compatible(engine)
         finally:
             await engine.dispose()
 
@@ -171,8 +173,25 @@ def _preflight(settings: Settings) -> None:
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     from alembic import command
 
+    async def current() -> SchemaState:
+        engine = create_engine(settings)  # creates the SQLite directory if needed
+        try:
+            return await schema_state(engine)
+        finally:
+            await engine.dispose()
+
     with _opening_database(settings):
-        asyncio.run(create_engine(settings).dispose())  # creates the SQLite directory if needed
+        state = asyncio.run(current())
+        if state.ahead:
+            # Migrated by a newer release: nothing this one can do (Alembic would not find the
+            # revision). A rollback's migrate job succeeds if this release runs on it.
+            if not state.runs:
+                raise SchemaNotAtHeadError(state.problem())
+            print(
+                f"database schema is at {state.revision}, ahead of this release ({state.head}) "
+                "and compatible with it: nothing to migrate"
+            )
+            return 0
         # On PostgreSQL, migrations/env.py holds an advisory lock: a concurrent run waits for
         # it, then finds the schema at head.
         command.upgrade(alembic_config(settings.database_url), "head")

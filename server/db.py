@@ -1,4 +1,5 @@
-"""Async engine, the guarded unit of work, and the schema-at-head check.
+"""Async engine, the guarded unit of work, and the schema check (at head, or newer and
+compatible with it).
 
 SQLite (aiosqlite) and PostgreSQL (asyncpg) run the same code. On SQLite every transaction
 starts with ``BEGIN IMMEDIATE``: writers queue on the database lock (``busy_timeout``) instead
@@ -17,15 +18,26 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, event, text
+from alembic.script import Script, ScriptDirectory
+from sqlalchemy import (
+    Column,
+    Connection,
+    MetaData,
+    String,
+    Table,
+    event,
+    inspect,
+    select,
+    text,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import (
@@ -51,7 +63,8 @@ T = TypeVar("T")
 
 
 class SchemaNotAtHeadError(RuntimeError):
-    """The database schema is missing or older (or newer) than this code expects."""
+    """The database schema is missing, older than this code's head, or newer and not marked
+    compatible with it (the message is one line: what is wrong and what to do)."""
 
 
 class InsecureDatabaseFileError(RuntimeError):
@@ -356,19 +369,195 @@ def alembic_config(database_url: str) -> Config:
     return config
 
 
+def _migrations() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config("sqlite://"))
+
+
 def head_revision() -> str | None:
-    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    return _migrations().get_current_head()
+
+
+# -- which schemas this code runs on ------------------------------------------------------
+#
+# Migrations are expand-only wherever possible, so that during a rollout (and a rollback) the
+# previous release keeps running on the schema the next one migrated to. That release does not
+# have the newer migration files, so the database tells it: every migration module declares
+# ``compatible_with``, the oldest code revision that runs correctly on the schema it produces
+# (an expand-only migration names the revision before it, a contract migration itself), and
+# migrations/env.py copies those declarations into ``schema_compatibility`` after every step.
+
+#: One row per migration applied: (revision, compatible_with). Created by migration
+#: ``COMPATIBILITY_SINCE``; every later release reads it, so its shape must never change. Not
+#: one of the models: it is bookkeeping, like ``alembic_version`` (copy-from leaves it alone).
+COMPATIBILITY_TABLE = Table(
+    "schema_compatibility",
+    MetaData(),
+    Column("revision", String(32), primary_key=True),
+    Column("compatible_with", String(32), nullable=False),
+)
+#: The migration that creates ``schema_compatibility``: schemas before it have no markers.
+COMPATIBILITY_SINCE = "0005"
+
+
+class MigrationDeclarationError(RuntimeError):
+    """A migration module whose ``compatible_with`` is missing or impossible."""
+
+
+def _lineage(script: ScriptDirectory, revision: str) -> set[str]:
+    """``revision`` and all its ancestors."""
+    return {migration.revision for migration in script.iterate_revisions(revision, "base")}
+
+
+def _declared(script: ScriptDirectory, migration: Script) -> str:
+    where = f"migration {migration.revision} ({Path(migration.path).name})"
+    value = getattr(migration.module, "compatible_with", None)
+    if not isinstance(value, str):
+        raise MigrationDeclarationError(
+            f"{where} does not declare `compatible_with: str`: the oldest code revision that "
+            "runs correctly on the schema it produces (the revision before it for an "
+            "expand-only migration, itself for a contract one)"
+        )
+    if value not in _lineage(script, migration.revision):
+        raise MigrationDeclarationError(
+            f"{where}: compatible_with = {value!r} is neither this revision nor an ancestor"
+        )
+    parents = migration.down_revision
+    for parent in (parents,) if isinstance(parents, str) else parents or ():
+        before = getattr(script.get_revision(parent).module, "compatible_with", None)
+        if isinstance(before, str) and before not in _lineage(script, value):
+            raise MigrationDeclarationError(
+                f"{where}: compatible_with = {value!r} is older than {parent}'s ({before!r}): "
+                f"code that cannot run on {parent}'s schema cannot run on this one either"
+            )
+    return value
+
+
+def declared_compatibility(script: ScriptDirectory, heads: Iterable[str]) -> dict[str, str]:
+    """``compatible_with`` of every migration from ``heads`` down to the base, checked."""
+    return {
+        migration.revision: _declared(script, migration)
+        for migration in script.iterate_revisions(tuple(heads), "base")
+    }
+
+
+def record_compatibility(
+    context: MigrationContext, script: ScriptDirectory, heads: Iterable[str]
+) -> None:
+    """Make ``schema_compatibility`` hold the markers of the migrations up to ``heads`` (what
+    the database is at after a step), if it exists by then. Runs in the step's transaction
+    (migrations/env.py, ``on_version_apply``), online or offline (``--sql``)."""
+    markers = declared_compatibility(script, heads)
+    if COMPATIBILITY_SINCE not in markers:
+        return  # not created yet (or dropped by this downgrade)
+    context.execute(COMPATIBILITY_TABLE.delete())
+    rows = [{"revision": rev, "compatible_with": oldest} for rev, oldest in markers.items()]
+    context.execute(COMPATIBILITY_TABLE.insert().values(rows))
+
+
+def is_model_table(name: str | None, type_: str, _parents: Mapping[str, str | None]) -> bool:
+    """Autogenerate's ``include_name``: leave the bookkeeping table alone (no drop_table)."""
+    return not (type_ == "table" and name == COMPATIBILITY_TABLE.name)
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    """The database's schema revision against this code's migrations."""
+
+    revision: str | None  # None: no schema at all
+    head: str  # this code's
+    known: bool  # the revision is one of this code's migrations
+    #: For a revision this code does not know: its recorded ``compatible_with``, if any.
+    compatible_with: str | None
+    #: This code runs correctly on it: at head, or newer and marked compatible with head.
+    runs: bool
+
+    @property
+    def at_head(self) -> bool:
+        return self.revision == self.head
+
+    @property
+    def ahead(self) -> bool:
+        return self.revision is not None and not self.known
+
+    def problem(self) -> str:
+        """One line: why this code does not run on the schema, and what to do."""
+        if not self.ahead:
+            return (
+                f"database schema is at {self.revision or 'nothing'}, this code needs "
+                f"{self.head}: run `python -m server migrate` (same AUTH_DATABASE_URL) and "
+                "start again"
+            )
+        if self.compatible_with is None:
+            return (
+                f"database schema is at {self.revision}, a revision this code ({self.head}) "
+                "does not know and with no record of which code runs on it: deploy the "
+                "release that migrated it, or restore a backup taken before that migration"
+            )
+        return (
+            f"database schema is at {self.revision}, newer than this code ({self.head}) and "
+            f"not compatible with it (it needs code at {self.compatible_with} or later): "
+            "deploy that release, or restore a backup taken before the migration"
+        )
+
+
+async def schema_state(engine: AsyncEngine) -> SchemaState:
+    script = _migrations()
+    head = script.get_current_head()
+    assert head is not None
+    known = _lineage(script, head)
+
+    def read(connection: Connection) -> tuple[tuple[str, ...], str | None]:
+        heads = MigrationContext.configure(connection).get_current_heads()
+        if len(heads) != 1 or heads[0] in known:
+            return heads, None
+        if not inspect(connection).has_table(COMPATIBILITY_TABLE.name):
+            return heads, None
+        marker = connection.scalar(
+            select(COMPATIBILITY_TABLE.c.compatible_with).where(
+                COMPATIBILITY_TABLE.c.revision == heads[0]
+            )
+        )
+        return heads, marker
+
+    async with engine.connect() as connection:
+        heads, marker = await connection.run_sync(read)
+    if len(heads) > 1:
+        raise SchemaNotAtHeadError(
+            f"database schema has several heads ({', '.join(sorted(heads))}), this code "
+            f"({head}) has one: restore a backup taken before the branched migrations"
+        )
+    revision = heads[0] if heads else None
+    if revision is None or revision in known:
+        return SchemaState(revision, head, True, None, runs=revision == head)
+    return SchemaState(revision, head, False, marker, runs=marker is not None and marker in known)
+
+
+async def assert_schema_compatible(engine: AsyncEngine) -> SchemaState:
+    """Refuse a schema this code does not run on: none, older than head, or newer and not
+    marked compatible with head (``SchemaNotAtHeadError``, one line). A newer, compatible one
+    (the previous release during a rollout or a rollback) is accepted with a warning."""
+    state = await schema_state(engine)
+    if not state.runs:
+        raise SchemaNotAtHeadError(state.problem())
+    if state.ahead:
+        log.warning(
+            "database.schema_ahead",
+            revision=state.revision,
+            code_revision=state.head,
+            compatible_with=state.compatible_with,
+        )
+    return state
 
 
 async def assert_schema_at_head(engine: AsyncEngine) -> None:
-    def current(connection: Connection) -> str | None:
-        return MigrationContext.configure(connection).get_current_revision()
-
-    async with engine.connect() as connection:
-        revision = await connection.run_sync(current)
-    head = head_revision()
-    if revision != head:
+    """Exactly this code's head: for copy-from, which copies only the tables and columns this
+    code knows (a newer schema may hold more)."""
+    state = await schema_state(engine)
+    if state.at_head:
+        return
+    if state.runs:
         raise SchemaNotAtHeadError(
-            f"database schema is at {revision or 'nothing'}, this code needs {head}: "
-            "run `python -m server migrate` (same AUTH_DATABASE_URL) and start again"
+            f"database schema is at {state.revision}, newer than this code ({state.head}), "
+            "which would copy only the columns it knows: use the release that migrated it"
         )
+    raise SchemaNotAtHeadError(state.problem())

@@ -28,7 +28,7 @@ from .api.auth import ApiError
 from .breaker import DatabaseUnavailable
 from .config import Env, Settings
 from .cors import Cors
-from .db import Database, assert_schema_at_head, create_engine, is_unavailable
+from .db import Database, assert_schema_compatible, create_engine, is_unavailable
 from .deps import AppState, StateDep
 from .jwks import JwksMiddleware
 from .keys import KeyStore
@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings)
         try:
-            await assert_schema_at_head(engine)
+            await assert_schema_compatible(engine)
             keys = KeyStore(settings.keys_dir)
             if settings.env is not Env.production:
                 keys.ensure()

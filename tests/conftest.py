@@ -11,6 +11,7 @@ import asyncio
 import base64
 import os
 import re
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from server import manage
 from server.config import Settings
-from server.db import alembic_config
+from server.db import MIGRATIONS_DIR, alembic_config, head_revision
 from server.deps import AppState
 from server.keys import KeyStore
 from server.main import create_app
@@ -44,6 +45,64 @@ FAST_ARGON2: dict[str, Any] = {"argon2_memory_cost": 1024, "argon2_time_cost": 1
 
 def migrate(url: str) -> None:
     command.upgrade(alembic_config(url), "head")
+
+
+# -- the next release's migrations -------------------------------------------------------
+
+#: The migration the next release adds, by kind: expand-only (a nullable column the code at
+#: this head never reads: it keeps running) or contract (drops a table this code uses).
+NEXT_MIGRATIONS = {
+    "expand": (
+        "op.add_column('clients', sa.Column('next_note', sa.Text(), nullable=True))",
+        "op.drop_column('clients', 'next_note')",
+    ),
+    "contract": ("op.drop_table('consents')", "pass"),
+}
+
+
+def next_release(directory: Path, kind: str, *, compatible_with: str | None = None) -> str:
+    """Write into ``directory`` the migrations the next release ships: a copy of this code's
+    and one more, of ``kind``, which declares ``compatible_with`` (by default this code's head
+    for an expand-only one, itself for a contract one). Returns its revision, which this code
+    does not know."""
+    head = head_revision()
+    assert head is not None
+    revision = f"{int(head) + 1:04d}"
+    shutil.copytree(MIGRATIONS_DIR, directory, ignore=shutil.ignore_patterns("__pycache__"))
+    if compatible_with is None:
+        compatible_with = head if kind == "expand" else revision
+    upgrade, downgrade = NEXT_MIGRATIONS[kind]
+    (directory / "versions" / f"{revision}_next_release.py").write_text(
+        f'''"""the next release: {kind}"""
+import sqlalchemy as sa
+from alembic import op
+
+revision = {revision!r}
+down_revision = {head!r}
+branch_labels = None
+depends_on = None
+compatible_with = {compatible_with!r}
+
+
+def upgrade() -> None:
+    {upgrade}
+
+
+def downgrade() -> None:
+    {downgrade}
+'''
+    )
+    return revision
+
+
+def migrate_with(
+    migrations: Path, url: str, revision: str = "head", *, downgrade: bool = False
+) -> None:
+    """Upgrade (or downgrade) ``url`` with the migrations in ``migrations``, as the release
+    that ships them would."""
+    config = alembic_config(url)
+    config.set_main_option("script_location", str(migrations))
+    (command.downgrade if downgrade else command.upgrade)(config, revision)
 
 
 async def _pg_execute(url: str, sql: str) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from unittest.mock import ANY
 
 import pytest
 import structlog
@@ -45,7 +46,7 @@ from server.models import (
     User,
     sha256_hex,
 )
-from tests.conftest import _drop_pg_database, _new_pg_database
+from tests.conftest import _drop_pg_database, _new_pg_database, migrate_with, next_release
 
 T = TypeVar("T")
 
@@ -300,6 +301,59 @@ def test_unmigrated_database_is_refused_with_the_migrate_hint(
 
     assert cli("migrate").code == 0
     assert cli("clients", "list").code == 0
+
+
+@pytest.mark.feature("cli-migrate", "schema-at-head", "sqlite-backend", "postgres-backend")
+def test_the_previous_releases_migrate_and_serve_on_the_next_ones_expand_only_schema(
+    cli: Cli, unmigrated_url: str, tmp_path: Path, served: list[Any]
+) -> None:
+    """A rollback: the next release migrated (expand-only), this one's migrate job and
+    servers run again."""
+    head = head_revision()
+    upcoming = next_release(tmp_path / "next", "expand")
+    migrate_with(tmp_path / "next", unmigrated_url)
+
+    result = cli("migrate")
+    assert (result.code, result.out, result.messages) == (
+        0,
+        f"database schema is at {upcoming}, ahead of this release ({head}) and compatible with "
+        "it: nothing to migrate\n",
+        [],
+    )
+    assert asyncio.run(_current_revision(unmigrated_url)) == upcoming
+    result = cli("serve")
+    assert (result.code, result.messages) == (0, [])
+    assert len(served) == 1
+    assert [log for log in result.logs if log["event"] == "database.schema_ahead"] == [
+        {
+            "event": "database.schema_ahead",
+            "level": "warning",
+            "revision": upcoming,
+            "code_revision": head,
+            "compatible_with": head,
+            "timestamp": ANY,
+        }
+    ]
+    assert cli("clients", "create", "--client-id", "after-rollback").code == 0
+
+
+@pytest.mark.feature("cli-migrate", "schema-at-head", "sqlite-backend", "postgres-backend")
+def test_the_previous_releases_migrate_and_serve_refuse_the_next_ones_contract_schema(
+    cli: Cli, unmigrated_url: str, tmp_path: Path, served: list[Any]
+) -> None:
+    upcoming = next_release(tmp_path / "next", "contract")
+    migrate_with(tmp_path / "next", unmigrated_url)
+    refusal = (
+        f"error: database schema is at {upcoming}, newer than this code ({head_revision()}) "
+        f"and not compatible with it (it needs code at {upcoming} or later): deploy that "
+        "release, or restore a backup taken before the migration"
+    )
+
+    for argv in (("migrate",), ("serve",), ("clients", "list")):
+        result = cli(*argv)
+        assert (result.code, result.out, result.messages) == (1, "", [refusal]), argv
+    assert served == []
+    assert asyncio.run(_current_revision(unmigrated_url)) == upcoming
 
 
 @pytest.mark.feature("cli-migrate", "sqlite-backend")

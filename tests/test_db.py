@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -20,22 +21,33 @@ from sqlalchemy import Connection, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from server import db as server_db
+from server import manage
 from server.cli import cmd_migrate
 from server.config import Settings
 from server.db import (
     MIGRATIONS_DIR,
     InsecureDatabaseFileError,
+    MigrationDeclarationError,
     SchemaNotAtHeadError,
     alembic_config,
     assert_schema_at_head,
+    assert_schema_compatible,
     create_engine,
     head_revision,
+    is_model_table,
     session_factory,
     transaction,
 )
 from server.main import create_app
 from server.models import Base, Client
-from tests.conftest import _drop_pg_database, _new_pg_database, make_settings, migrate
+from tests.conftest import (
+    _drop_pg_database,
+    _new_pg_database,
+    make_settings,
+    migrate,
+    migrate_with,
+    next_release,
+)
 
 TABLES = {
     "users",
@@ -65,7 +77,7 @@ def fresh_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
 async def schema_error(settings: Settings) -> SchemaNotAtHeadError | None:
     engine = create_engine(settings)
     try:
-        await assert_schema_at_head(engine)
+        await assert_schema_compatible(engine)
     except SchemaNotAtHeadError as exc:
         return exc
     finally:
@@ -119,7 +131,7 @@ async def test_migrate_brings_an_empty_database_to_head(
     await asyncio.to_thread(migrate, fresh_database_url)
 
     assert await schema_error(settings) is None
-    assert await table_names(settings) == {*TABLES, "alembic_version"}
+    assert await table_names(settings) == {*TABLES, "alembic_version", "schema_compatibility"}
 
 
 @pytest.mark.feature("migrations", "sqlite-backend", "postgres-backend")
@@ -156,7 +168,192 @@ async def test_schema_ahead_of_the_code_is_refused(fresh_database_url: str, keys
         await engine.dispose()
     error = await schema_error(settings)
     assert error is not None
-    assert str(error).startswith(f"database schema is at ffff, this code needs {head_revision()}:")
+    assert str(error) == (
+        f"database schema is at ffff, a revision this code ({head_revision()}) does not know "
+        "and with no record of which code runs on it: deploy the release that migrated it, or "
+        "restore a backup taken before that migration"
+    )
+
+
+# -- the previous release against a newer schema (a rollout, or a rollback) ---------------
+# This code plays the previous release; the next one is this code's migrations plus one more.
+
+
+async def markers(settings: Settings) -> dict[str, str]:
+    engine = create_engine(settings)
+    try:
+        async with engine.connect() as connection:
+            rows = await connection.execute(
+                text("SELECT revision, compatible_with FROM schema_compatibility")
+            )
+            return {revision: oldest for revision, oldest in rows}
+    finally:
+        await engine.dispose()
+
+
+def declared() -> dict[str, str]:
+    """Each of this code's migrations and the ``compatible_with`` its module declares."""
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return {
+        migration.revision: getattr(migration.module, "compatible_with", None)
+        for migration in script.walk_revisions()
+    }
+
+
+async def create_client_and_get_a_token(settings: Settings) -> httpx.Response:
+    """Start the app (its lifespan checks the schema), write a client, ask for a token."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        async with app.state.auth.db.sessions() as db:
+            created = await manage.create_client(db, client_id="rollback", scope="api")
+            await db.commit()
+        assert created.secret is not None
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            return await http.post(
+                "/oauth2/token",
+                data={"grant_type": "client_credentials", "scope": "api"},
+                auth=("rollback", created.secret),
+            )
+
+
+@pytest.mark.feature(
+    "migrations", "schema-at-head", "app-factory", "sqlite-backend", "postgres-backend"
+)
+async def test_the_previous_release_runs_on_the_next_ones_expand_only_schema(
+    fresh_database_url: str, keys_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(fresh_database_url, keys_dir)
+    head = head_revision()
+    upcoming = next_release(tmp_path / "next", "expand")
+    await asyncio.to_thread(migrate_with, tmp_path / "next", fresh_database_url)
+    recorded = RecordingLog()
+    monkeypatch.setattr(server_db, "log", recorded)
+
+    assert await schema_error(settings) is None
+    ahead = [warning for warning in recorded.warnings if warning[0] == "database.schema_ahead"]
+    assert ahead == [
+        (
+            "database.schema_ahead",
+            {"revision": upcoming, "code_revision": head, "compatible_with": head},
+        )
+    ]
+    response = await create_client_and_get_a_token(settings)
+    assert response.status_code == 200, response.text
+    assert response.json()["token_type"] == "Bearer"
+
+
+@pytest.mark.feature("migrations", "schema-at-head", "sqlite-backend", "postgres-backend")
+async def test_the_previous_release_refuses_the_next_ones_contract_schema(
+    fresh_database_url: str, keys_dir: Path, tmp_path: Path
+) -> None:
+    settings = make_settings(fresh_database_url, keys_dir)
+    upcoming = next_release(tmp_path / "next", "contract")
+    await asyncio.to_thread(migrate_with, tmp_path / "next", fresh_database_url)
+
+    error = await schema_error(settings)
+    assert error is not None
+    assert str(error) == (
+        f"database schema is at {upcoming}, newer than this code ({head_revision()}) and not "
+        f"compatible with it (it needs code at {upcoming} or later): deploy that release, or "
+        "restore a backup taken before the migration"
+    )
+    with pytest.raises(SchemaNotAtHeadError, match=f"needs code at {upcoming} or later"):
+        await create_client_and_get_a_token(settings)
+
+
+@pytest.mark.feature("migrations", "schema-at-head")
+def test_every_migration_declares_which_code_runs_on_its_schema() -> None:
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    revisions = declared()
+    previous = None
+    for migration in reversed(list(script.walk_revisions())):  # oldest first
+        oldest = revisions[migration.revision]
+        assert isinstance(oldest, str), migration.revision
+        lineage = [m.revision for m in script.iterate_revisions(migration.revision, "base")]
+        assert oldest in lineage, migration.revision  # itself or an ancestor
+        if previous is not None:  # never older than what the parent's schema needs
+            assert lineage.index(oldest) <= lineage.index(previous), migration.revision
+        previous = oldest
+
+
+@pytest.mark.feature("migrations", "sqlite-backend", "postgres-backend")
+async def test_migrate_records_every_migrations_marker(
+    fresh_database_url: str, keys_dir: Path
+) -> None:
+    settings = make_settings(fresh_database_url, keys_dir)
+    await asyncio.to_thread(migrate, fresh_database_url)
+    assert await markers(settings) == declared()
+
+
+@pytest.mark.feature("migrations", "sqlite-backend", "postgres-backend")
+async def test_markers_follow_an_upgrade_from_0004_and_a_downgrade(
+    fresh_database_url: str, keys_dir: Path, tmp_path: Path
+) -> None:
+    settings = make_settings(fresh_database_url, keys_dir)
+    config = alembic_config(fresh_database_url)
+    await asyncio.to_thread(command.upgrade, config, "0004")  # the last schema without markers
+    assert "schema_compatibility" not in await table_names(settings)
+
+    await asyncio.to_thread(command.upgrade, config, "head")
+    assert await markers(settings) == declared()
+
+    upcoming = next_release(tmp_path / "next", "expand")
+    await asyncio.to_thread(migrate_with, tmp_path / "next", fresh_database_url)
+    assert await markers(settings) == {**declared(), upcoming: head_revision()}
+    await asyncio.to_thread(
+        migrate_with, tmp_path / "next", fresh_database_url, "-1", downgrade=True
+    )
+    assert await markers(settings) == declared()
+
+
+@pytest.mark.feature("migrations")
+@pytest.mark.parametrize(
+    ("kind", "compatible_with", "problem"),
+    [
+        ("expand", "", "is neither this revision nor an ancestor"),
+        ("expand", "9999", "is neither this revision nor an ancestor"),
+        ("expand", "0001", "is older than"),
+    ],
+    ids=["empty", "a-later-revision", "older-than-its-parent"],
+)
+def test_a_migration_with_an_impossible_compatible_with_is_not_run(
+    tmp_path: Path, kind: str, compatible_with: str, problem: str
+) -> None:
+    next_release(tmp_path / "next", kind, compatible_with=compatible_with)
+    url = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
+    with pytest.raises(MigrationDeclarationError, match=problem):
+        migrate_with(tmp_path / "next", url)
+    assert not (tmp_path / "db.sqlite").exists()
+
+
+@pytest.mark.feature("migrations")
+def test_a_migration_without_compatible_with_is_not_run(tmp_path: Path) -> None:
+    upcoming = next_release(tmp_path / "next", "expand")
+    (path,) = (tmp_path / "next" / "versions").glob(f"{upcoming}_*.py")
+    path.write_text(path.read_text().replace("compatible_with = ", "# compatible_with = "))
+    url = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
+    with pytest.raises(MigrationDeclarationError, match="does not declare `compatible_with"):
+        migrate_with(tmp_path / "next", url)
+
+
+@pytest.mark.feature("schema-at-head")
+async def test_a_schema_with_several_heads_is_refused(
+    fresh_database_url: str, keys_dir: Path
+) -> None:
+    settings = make_settings(fresh_database_url, keys_dir)
+    await asyncio.to_thread(migrate, fresh_database_url)
+    engine = create_engine(settings)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text("INSERT INTO alembic_version VALUES ('ffff')"))
+    finally:
+        await engine.dispose()
+    error = await schema_error(settings)
+    assert str(error) == (
+        f"database schema has several heads ({head_revision()}, ffff), this code "
+        f"({head_revision()}) has one: restore a backup taken before the branched migrations"
+    )
 
 
 @pytest.mark.feature("migrations")
@@ -178,7 +375,9 @@ async def test_migrations_match_the_models(settings: Settings) -> None:
     """The head schema is exactly what ``server.models`` describes: nothing to autogenerate."""
 
     def differences(connection: Connection) -> list[Any]:
-        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        # As migrations/env.py configures autogenerate: schema_compatibility is bookkeeping.
+        opts = {"compare_type": True, "include_name": is_model_table}
+        context = MigrationContext.configure(connection, opts=opts)
         return list(compare_metadata(context, Base.metadata))
 
     engine = create_engine(settings)

@@ -16,10 +16,19 @@ import pytest
 
 from server import manage
 from server.config import Settings
+from server.db import SchemaNotAtHeadError, create_engine, head_revision
+from server.dbcopy import copy_database
 from server.deps import AppState
 from server.main import create_app
 from tests.acceptance.conftest import cli, server_env
-from tests.conftest import _drop_pg_database, _new_pg_database, make_settings, migrate
+from tests.conftest import (
+    _drop_pg_database,
+    _new_pg_database,
+    make_settings,
+    migrate,
+    migrate_with,
+    next_release,
+)
 
 pytestmark = pytest.mark.feature("sqlite-to-postgres", "sqlite-backend", "postgres-backend")
 PASSWORD = "correct horse battery"
@@ -125,3 +134,30 @@ def test_copy_refuses_a_source_that_is_not_migrated(tmp_path: Path, keys_dir: Pa
     result = cli(env, "copy-from", f"sqlite+aiosqlite:///{tmp_path / 'nothing.db'}")
     assert result.returncode == 1
     assert "run `python -m server migrate`" in result.stderr
+
+
+@pytest.mark.feature("schema-at-head")
+def test_copy_refuses_a_schema_newer_than_the_code_even_a_compatible_one(
+    tmp_path: Path, keys_dir: Path
+) -> None:
+    """A newer schema may hold columns this code does not know: copying would drop them."""
+    source = f"sqlite+aiosqlite:///{tmp_path / 'source.db'}"
+    migrate(source)
+    target = f"sqlite+aiosqlite:///{tmp_path / 'target.db'}"
+    upcoming = next_release(tmp_path / "next", "expand")
+    migrate_with(tmp_path / "next", target)
+
+    async def copy() -> None:
+        engines = [create_engine(make_settings(url, keys_dir)) for url in (source, target)]
+        try:
+            await copy_database(*engines)
+        finally:
+            for engine in engines:
+                await engine.dispose()
+
+    with pytest.raises(SchemaNotAtHeadError) as refused:
+        asyncio.run(copy())
+    assert str(refused.value) == (
+        f"database schema is at {upcoming}, newer than this code ({head_revision()}), which "
+        "would copy only the columns it knows: use the release that migrated it"
+    )

@@ -17,6 +17,7 @@ revision: str = '0001'
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
+compatible_with: str = '0001'
 
 
 def upgrade() -> None:

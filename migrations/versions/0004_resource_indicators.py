@@ -20,6 +20,7 @@ revision: str = '0004'
 down_revision: str | None = '0003'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
+compatible_with: str = '0003'
 
 TABLES = ('refresh_families', 'authorization_codes')
 
