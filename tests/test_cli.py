@@ -303,7 +303,13 @@ def test_unmigrated_database_is_refused_with_the_migrate_hint(
     assert cli("clients", "list").code == 0
 
 
-@pytest.mark.feature("cli-migrate", "schema-at-head", "sqlite-backend", "postgres-backend")
+@pytest.mark.feature(
+    "cli-migrate",
+    "schema-at-head",
+    "sqlite-backend",
+    "postgres-backend",
+    "rollback-compatible-schema",
+)
 def test_the_previous_releases_migrate_and_serve_on_the_next_ones_expand_only_schema(
     cli: Cli, unmigrated_url: str, tmp_path: Path, served: list[Any]
 ) -> None:
@@ -337,7 +343,13 @@ def test_the_previous_releases_migrate_and_serve_on_the_next_ones_expand_only_sc
     assert cli("clients", "create", "--client-id", "after-rollback").code == 0
 
 
-@pytest.mark.feature("cli-migrate", "schema-at-head", "sqlite-backend", "postgres-backend")
+@pytest.mark.feature(
+    "cli-migrate",
+    "schema-at-head",
+    "sqlite-backend",
+    "postgres-backend",
+    "rollback-compatible-schema",
+)
 def test_the_previous_releases_migrate_and_serve_refuse_the_next_ones_contract_schema(
     cli: Cli, unmigrated_url: str, tmp_path: Path, served: list[Any]
 ) -> None:

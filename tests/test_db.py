@@ -218,7 +218,12 @@ async def create_client_and_get_a_token(settings: Settings) -> httpx.Response:
 
 
 @pytest.mark.feature(
-    "migrations", "schema-at-head", "app-factory", "sqlite-backend", "postgres-backend"
+    "migrations",
+    "schema-at-head",
+    "app-factory",
+    "sqlite-backend",
+    "postgres-backend",
+    "rollback-compatible-schema",
 )
 async def test_the_previous_release_runs_on_the_next_ones_expand_only_schema(
     fresh_database_url: str, keys_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -243,7 +248,13 @@ async def test_the_previous_release_runs_on_the_next_ones_expand_only_schema(
     assert response.json()["token_type"] == "Bearer"
 
 
-@pytest.mark.feature("migrations", "schema-at-head", "sqlite-backend", "postgres-backend")
+@pytest.mark.feature(
+    "migrations",
+    "schema-at-head",
+    "sqlite-backend",
+    "postgres-backend",
+    "rollback-compatible-schema",
+)
 async def test_the_previous_release_refuses_the_next_ones_contract_schema(
     fresh_database_url: str, keys_dir: Path, tmp_path: Path
 ) -> None:
@@ -262,7 +273,7 @@ async def test_the_previous_release_refuses_the_next_ones_contract_schema(
         await create_client_and_get_a_token(settings)
 
 
-@pytest.mark.feature("migrations", "schema-at-head")
+@pytest.mark.feature("migrations", "schema-at-head", "rollback-compatible-schema")
 def test_every_migration_declares_which_code_runs_on_its_schema() -> None:
     script = ScriptDirectory.from_config(alembic_config("sqlite://"))
     revisions = declared()
@@ -277,7 +288,9 @@ def test_every_migration_declares_which_code_runs_on_its_schema() -> None:
         previous = oldest
 
 
-@pytest.mark.feature("migrations", "sqlite-backend", "postgres-backend")
+@pytest.mark.feature(
+    "migrations", "sqlite-backend", "postgres-backend", "rollback-compatible-schema"
+)
 async def test_migrate_records_every_migrations_marker(
     fresh_database_url: str, keys_dir: Path
 ) -> None:
@@ -286,7 +299,9 @@ async def test_migrate_records_every_migrations_marker(
     assert await markers(settings) == declared()
 
 
-@pytest.mark.feature("migrations", "sqlite-backend", "postgres-backend")
+@pytest.mark.feature(
+    "migrations", "sqlite-backend", "postgres-backend", "rollback-compatible-schema"
+)
 async def test_markers_follow_an_upgrade_from_0004_and_a_downgrade(
     fresh_database_url: str, keys_dir: Path, tmp_path: Path
 ) -> None:
@@ -307,7 +322,7 @@ async def test_markers_follow_an_upgrade_from_0004_and_a_downgrade(
     assert await markers(settings) == declared()
 
 
-@pytest.mark.feature("migrations")
+@pytest.mark.feature("migrations", "rollback-compatible-schema")
 @pytest.mark.parametrize(
     ("kind", "compatible_with", "problem"),
     [
@@ -327,7 +342,7 @@ def test_a_migration_with_an_impossible_compatible_with_is_not_run(
     assert not (tmp_path / "db.sqlite").exists()
 
 
-@pytest.mark.feature("migrations")
+@pytest.mark.feature("migrations", "rollback-compatible-schema")
 def test_a_migration_without_compatible_with_is_not_run(tmp_path: Path) -> None:
     upcoming = next_release(tmp_path / "next", "expand")
     (path,) = (tmp_path / "next" / "versions").glob(f"{upcoming}_*.py")
@@ -337,7 +352,7 @@ def test_a_migration_without_compatible_with_is_not_run(tmp_path: Path) -> None:
         migrate_with(tmp_path / "next", url)
 
 
-@pytest.mark.feature("schema-at-head")
+@pytest.mark.feature("schema-at-head", "rollback-compatible-schema")
 async def test_a_schema_with_several_heads_is_refused(
     fresh_database_url: str, keys_dir: Path
 ) -> None:

@@ -136,7 +136,7 @@ def test_copy_refuses_a_source_that_is_not_migrated(tmp_path: Path, keys_dir: Pa
     assert "run `python -m server migrate`" in result.stderr
 
 
-@pytest.mark.feature("schema-at-head")
+@pytest.mark.feature("schema-at-head", "rollback-compatible-schema")
 def test_copy_refuses_a_schema_newer_than_the_code_even_a_compatible_one(
     tmp_path: Path, keys_dir: Path
 ) -> None:
