@@ -4,6 +4,10 @@ Run after ``pytest --report-dir DIR`` (tests/report_plugin.py) whose console out
 DIR/pytest-output.txt::
 
     python -m tests.report_md artifacts/auth-test
+
+The file's sections, by these names: Test Results (counts, wall time, the slowest tests), Tests
+Written (test files and functions per catalogued feature), Issues Found (the maintained list in
+tests/issues_found.md, then what this run found), Test Execution Output (the console output).
 """
 
 from __future__ import annotations
@@ -16,7 +20,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 
-from tests.report_plugin import MUST_BE_TESTED, Report, ReportedFeature, ResultRef
+from tests.report_plugin import MUST_BE_TESTED, Report, ReportedFeature, ResultEntry, ResultRef
+
+#: The bugs and regressions found while testing, kept by hand: what they were, and whether fixed.
+ISSUES_FOUND = Path(__file__).resolve().parent / "issues_found.md"
+SLOWEST = 30
+BACKENDS = ("sqlite", "postgresql")
 
 
 def one_line(text: str) -> str:
@@ -59,51 +68,85 @@ def _features_table(features: list[ReportedFeature]) -> list[str]:
     return lines
 
 
-def _issues(report: Report) -> list[str]:
+def _this_run(report: Report) -> list[str]:
     lines: list[str] = []
     broken = [t for t in report["tests"] if t["outcome"] in ("failed", "error")]
     if broken:
-        lines += ["### Failed tests and errors", ""]
+        lines += ["#### Failed tests and errors", ""]
         lines += [_test_line(test) for test in broken]
         lines.append("")
     untested = [f for f in report["features"] if f["status"] in MUST_BE_TESTED and not f["tested"]]
     if untested:
-        lines += ["### Implemented or partial features without a passing test", ""]
+        lines += ["#### Implemented or partial features without a passing test", ""]
         for feature in untested:
             count = len(feature["tests"])
             why = f"{count} test(s), none passed" if count else "no test"
             lines.append(f"- {code(feature['id'])} ({feature['status']}): {why}")
         lines.append("")
     if report["uncatalogued"]:
-        lines += ["### Feature ids used by tests but not in the catalogue", ""]
+        lines += ["#### Feature ids used by tests but not in the catalogue", ""]
         for fid, nodeids in report["uncatalogued"].items():
             lines.append(f"- {code(fid)}: {', '.join(code(n) for n in nodeids)}")
         lines.append("")
-    return lines or ["None.", ""]
+    return lines or ["Nothing: every test passed and every implemented feature is tested.", ""]
 
 
-def render(report: Report, pytest_output: str) -> str:
+def backend_of(nodeid: str) -> str | None:
+    """The database a test ran on, from its parameter id (``[sqlite]``, ``[postgresql-…]``)."""
+    params = nodeid.partition("[")[2].rstrip("]").split("-")
+    found = [backend for backend in BACKENDS if backend in params]
+    return found[0] if len(found) == 1 else None
+
+
+def _results(report: Report) -> list[str]:
     summary = report["summary"]
+    tests = report["tests"]
+    per_backend = {
+        backend: sum(backend_of(t["nodeid"]) == backend for t in tests) for backend in BACKENDS
+    }
+    minutes, seconds = divmod(round(report["wall_seconds"]), 60)
+    workers = report["workers"]
+    how = f"{workers} pytest-xdist workers" if workers else "one pytest process"
+    lines = [
+        "| Passed | Failed | Skipped | Errors | Total |",
+        "|---:|---:|---:|---:|---:|",
+        f"| {summary['passed']} | {summary['failed']} | {summary['skipped']} "
+        f"| {summary['errors']} | {summary['total']} |",
+        "",
+        f"Wall time: **{minutes} min {seconds:02d} s** ({report['wall_seconds']} s, collection "
+        f"included, {how}). Tests per database: "
+        + ", ".join(f"{count} on {backend}" for backend, count in per_backend.items())
+        + f", {len(tests) - sum(per_backend.values())} on neither or on their own.",
+        "",
+        f"### The {SLOWEST} slowest tests",
+        "",
+        "Setup, call and teardown; with several workers they overlap.",
+        "",
+        "| Seconds | Test |",
+        "|---:|---|",
+    ]
+    slowest: list[ResultEntry] = sorted(tests, key=lambda t: -t["seconds"])[:SLOWEST]
+    lines += [f"| {t['seconds']:.2f} | {cell(code(t['nodeid']))} |" for t in slowest]
+    return lines
+
+
+def render(report: Report, pytest_output: str, issues_found: str) -> str:
     lines = [
         "# Test results",
         "",
         f"Generated {report['generated_at']} from the pytest run below "
         "(`make report`: pytest with `--report-dir`, then `python -m tests.report_md`).",
         "",
-        "## Summary",
+        "## Test Results",
         "",
-        "| Passed | Failed | Skipped | Errors | Total |",
-        "|---:|---:|---:|---:|---:|",
-        f"| {summary['passed']} | {summary['failed']} | {summary['skipped']} "
-        f"| {summary['errors']} | {summary['total']} |",
+        *_results(report),
         "",
-        "## Features",
+        "## Tests Written",
         "",
-        "A feature is tested when at least one test carrying its marker passed.",
+        "Each catalogued feature (artifacts/auth-implement/features.json) and the tests carrying "
+        "its marker. A feature is tested when at least one of them passed.",
         "",
         *_features_table(report["features"]),
-        "",
-        "## Tests per feature",
         "",
     ]
     for feature in report["features"]:
@@ -116,10 +159,21 @@ def render(report: Report, pytest_output: str) -> str:
         lines += [_test_line(test) for test in feature["tests"]] or ["No test."]
         lines.append("")
     skipped = [t for t in report["tests"] if t["outcome"] == "skipped"]
-    lines += ["## Skipped tests", ""]
+    lines += ["### Skipped tests", ""]
     lines += [_test_line(test) for test in skipped] or ["None."]
-    lines += ["", "## Issues found", "", *_issues(report)]
-    lines += ["## Full pytest output", "", *fenced(pytest_output), ""]
+    lines += [
+        "",
+        "## Issues Found",
+        "",
+        "The bugs and regressions testing found, kept in `tests/issues_found.md`:",
+        "",
+        issues_found.strip(),
+        "",
+        "### In this run",
+        "",
+        *_this_run(report),
+    ]
+    lines += ["## Test Execution Output", "", *fenced(pytest_output), ""]
     return "\n".join(lines)
 
 
@@ -140,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # pytest output may hold undecodable bytes from a test; they must not stop the report.
     output = output_path.read_text(encoding="utf-8", errors="replace")
     target = report_dir / "test-results.md"
-    target.write_text(render(report, output), encoding="utf-8")
+    issues_found = ISSUES_FOUND.read_text(encoding="utf-8")
+    target.write_text(render(report, output, issues_found), encoding="utf-8")
     print(f"wrote {target}")
     return 0
 

@@ -7,15 +7,18 @@
 outcomes and ``tested`` (at least one of them passed), plus the counts of the run.
 tests/report_md.py turns that file into test-results.md.
 
-Load it with ``-p tests.report_plugin`` from the repository root. It runs in the pytest process
-that runs the tests; it does not gather results from pytest-xdist workers.
+Load it with ``-p tests.report_plugin`` from the repository root. With pytest-xdist each worker
+puts a test's feature ids on its reports (``user_properties``), which travel to the controller;
+only the controller writes the report. The report also holds the run's wall time and each
+test's duration (setup, call and teardown), for the slowest-tests table.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import takewhile
@@ -56,6 +59,7 @@ class ResultRef(TypedDict):
     nodeid: str
     outcome: Outcome
     reason: str | None  # skip reason, or the error line of a failure; None when passed
+    seconds: float  # setup, call and teardown
 
 
 class ResultEntry(ResultRef):
@@ -79,6 +83,10 @@ class Summary(TypedDict):
 
 class Report(TypedDict):
     generated_at: str
+    #: From the start of the session (collection included) to its end, in the controller.
+    wall_seconds: float
+    #: Worker processes (pytest-xdist ``-n``); 0 when the tests ran in the pytest process.
+    workers: int
     summary: Summary
     features: list[ReportedFeature]
     tests: list[ResultEntry]
@@ -92,6 +100,7 @@ class ItemResult:
     features: tuple[str, ...] = ()
     outcome: Outcome = "passed"
     reason: str | None = None
+    seconds: float = 0.0
 
 
 def load_catalogue(path: Path = CATALOGUE_PATH) -> Catalogue:
@@ -107,13 +116,23 @@ def feature_ids(item: pytest.Item) -> tuple[str, ...]:
 
 
 def build_report(
-    catalogue: Catalogue, results: Sequence[ItemResult], generated_at: datetime
+    catalogue: Catalogue,
+    results: Sequence[ItemResult],
+    generated_at: datetime,
+    *,
+    wall_seconds: float = 0.0,
+    workers: int = 0,
 ) -> Report:
     known = {feature["id"] for feature in catalogue["features"]}
     by_feature: dict[str, list[ResultRef]] = {}
     uncatalogued: dict[str, list[str]] = {}
     for result in results:
-        ref = ResultRef(nodeid=result.nodeid, outcome=result.outcome, reason=result.reason)
+        ref = ResultRef(
+            nodeid=result.nodeid,
+            outcome=result.outcome,
+            reason=result.reason,
+            seconds=round(result.seconds, 3),
+        )
         for fid in result.features:
             by_feature.setdefault(fid, []).append(ref)
             if fid not in known:
@@ -132,6 +151,8 @@ def build_report(
     counts = Counter(result.outcome for result in results)
     return Report(
         generated_at=generated_at.isoformat(timespec="seconds"),
+        wall_seconds=round(wall_seconds, 1),
+        workers=workers,
         summary=Summary(
             passed=counts["passed"],
             failed=counts["failed"],
@@ -142,7 +163,11 @@ def build_report(
         features=features,
         tests=[
             ResultEntry(
-                nodeid=r.nodeid, outcome=r.outcome, reason=r.reason, features=list(r.features)
+                nodeid=r.nodeid,
+                outcome=r.outcome,
+                reason=r.reason,
+                seconds=round(r.seconds, 3),
+                features=list(r.features),
             )
             for r in results
         ],
@@ -175,24 +200,40 @@ def _failure_reason(report: pytest.TestReport | pytest.CollectReport) -> str:
     return reason if len(reason) <= REASON_LENGTH else reason[: REASON_LENGTH - 1] + "…"
 
 
+FEATURES_PROPERTY: Final = "features"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Put the item's feature ids on each of its reports. Read at every phase rather than at
+    collection, so markers that fixtures add (request.applymarker) count too; carried in
+    ``user_properties``, which pytest-xdist sends from its workers to the controller."""
+    report = yield
+    report.user_properties = [
+        *(prop for prop in report.user_properties if prop[0] != FEATURES_PROPERTY),
+        (FEATURES_PROPERTY, list(feature_ids(item))),
+    ]
+    return report
+
+
 class FeatureReport:
     """Records one result per test item and per failed or skipped collector, then writes it."""
 
-    def __init__(self, report_dir: Path, catalogue: Catalogue) -> None:
+    def __init__(self, report_dir: Path, catalogue: Catalogue, workers: int) -> None:
         self.report_dir = report_dir
         self.catalogue = catalogue
-        self.features: dict[str, tuple[str, ...]] = {}
+        self.workers = workers
         self.results: dict[str, ItemResult] = {}
-
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_runtest_makereport(self, item: pytest.Item) -> None:
-        # Read at every phase rather than at collection, so markers that fixtures add
-        # (request.applymarker) count too. Returning None leaves the report to pytest.
-        self.features[item.nodeid] = feature_ids(item)
+        self.started = time.monotonic()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         result = self.results.setdefault(report.nodeid, ItemResult(report.nodeid))
-        result.features = self.features.get(report.nodeid, ())
+        features = dict(report.user_properties).get(FEATURES_PROPERTY)
+        if features is not None:
+            result.features = tuple(features)
+        result.seconds += report.duration
         if report.skipped:
             result.outcome, result.reason = "skipped", _skip_reason(report)
         elif report.failed and report.when == "call":
@@ -215,7 +256,13 @@ class FeatureReport:
             )
 
     def pytest_sessionfinish(self) -> None:
-        report = build_report(self.catalogue, list(self.results.values()), datetime.now(UTC))
+        report = build_report(
+            self.catalogue,
+            list(self.results.values()),
+            datetime.now(UTC),
+            wall_seconds=time.monotonic() - self.started,
+            workers=self.workers,
+        )
         self.report_dir.mkdir(parents=True, exist_ok=True)
         (self.report_dir / "features.json").write_text(
             json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
@@ -234,11 +281,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     report_dir: str | None = config.getoption("report_dir")
-    if report_dir is None:
-        return
+    if report_dir is None or hasattr(config, "workerinput"):
+        return  # an xdist worker: its reports reach the controller, which writes the report
     try:
         catalogue = load_catalogue()
     except (OSError, ValueError) as exc:
         # Fail before running the suite rather than after it, when the report cannot be written.
         raise pytest.UsageError(f"--report-dir: cannot read {CATALOGUE_PATH}: {exc}") from exc
-    config.pluginmanager.register(FeatureReport(Path(report_dir), catalogue), "feature-report")
+    numprocesses = getattr(config.option, "numprocesses", 0)
+    workers = numprocesses if isinstance(numprocesses, int) else 0
+    config.pluginmanager.register(
+        FeatureReport(Path(report_dir), catalogue, workers), "feature-report"
+    )

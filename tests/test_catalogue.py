@@ -175,41 +175,86 @@ def _catalogue() -> Catalogue:
 
 def _report() -> Report:
     results = [
-        ItemResult("t.py::test_a[1]", ("a",)),
-        ItemResult("t.py::test_a[2]", ("a", "b"), "failed", "assert 1 == 2"),
+        ItemResult("t.py::test_a[sqlite-1]", ("a",), seconds=0.25),
+        ItemResult("t.py::test_a[postgresql-2]", ("a", "b"), "failed", "assert 1 == 2", 1.5),
         ItemResult("t.py::test_b", ("b", "typo"), "skipped", "no PostgreSQL | here"),
         ItemResult("t.py", (), "error", "ImportError: boom"),
     ]
-    return build_report(_catalogue(), results, datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC))
+    return build_report(
+        _catalogue(),
+        results,
+        datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC),
+        wall_seconds=421.06,
+        workers=2,
+    )
 
 
 def test_build_report_marks_features_tested_by_a_passing_test() -> None:
     report = _report()
     assert report["summary"] == {"passed": 1, "failed": 1, "skipped": 1, "errors": 1, "total": 4}
     assert report["generated_at"] == "2025-01-02T03:04:05+00:00"
+    assert (report["wall_seconds"], report["workers"]) == (421.1, 2)
     tested = {f["id"]: (f["tested"], [t["nodeid"] for t in f["tests"]]) for f in report["features"]}
     assert tested == {
-        "a": (True, ["t.py::test_a[1]", "t.py::test_a[2]"]),
-        "b": (False, ["t.py::test_a[2]", "t.py::test_b"]),
+        "a": (True, ["t.py::test_a[sqlite-1]", "t.py::test_a[postgresql-2]"]),
+        "b": (False, ["t.py::test_a[postgresql-2]", "t.py::test_b"]),
         "c": (False, []),
     }
     assert report["uncatalogued"] == {"typo": ["t.py::test_b"]}
 
 
-def test_report_md_writes_tables_issues_and_output(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("nodeid", "backend"),
+    [
+        ("t.py::test[sqlite]", "sqlite"),
+        ("t.py::test[postgresql-basic]", "postgresql"),
+        ("t.py::test[x-sqlite-3]", "sqlite"),
+        ("t.py::test", None),
+        ("t.py::test[sqlite_file]", None),
+        ("t.py::test[sqlite-postgresql]", None),
+    ],
+)
+def test_the_backend_of_a_test_comes_from_its_parameter_id(
+    nodeid: str, backend: str | None
+) -> None:
+    assert report_md.backend_of(nodeid) == backend
+
+
+def test_report_md_writes_its_four_sections(tmp_path: Path) -> None:
     (tmp_path / "features.json").write_text(json.dumps(_report()), encoding="utf-8")
     (tmp_path / "pytest-output.txt").write_text("==== 1 passed ====\n```\n", encoding="utf-8")
     assert report_md.main([str(tmp_path)]) == 0
     markdown = (tmp_path / "test-results.md").read_text(encoding="utf-8")
-    assert "| 1 | 1 | 1 | 1 | 4 |" in markdown
+    headings = [line for line in markdown.splitlines() if line.startswith("## ")]
+    assert headings == [
+        "## Test Results",
+        "## Tests Written",
+        "## Issues Found",
+        "## Test Execution Output",
+    ]
+    results = markdown.split("## Test Results")[1].split("## Tests Written")[0]
+    assert "| 1 | 1 | 1 | 1 | 4 |" in results
+    assert "Wall time: **7 min 01 s** (421.1 s, collection included, 2 pytest-xdist workers)" in (
+        results
+    )
+    assert "1 on sqlite, 1 on postgresql, 2 on neither" in results
+    slowest = results.split("slowest tests")[1].splitlines()
+    rows = [line for line in slowest if line.startswith("| ") and "`" in line]
+    assert rows[:2] == [
+        "| 1.50 | `t.py::test_a[postgresql-2]` |",
+        "| 0.25 | `t.py::test_a[sqlite-1]` |",
+    ]
     assert "| `a` | implemented | yes | 2 | 1 |" in markdown
     assert "| `b` | partial | no | 2 | 0 |" in markdown
     assert "- skipped: `t.py::test_b`: no PostgreSQL | here" in markdown
-    issues = markdown.split("## Issues found")[1].split("## Full pytest output")[0]
-    assert "- failed: `t.py::test_a[2]`: assert 1 == 2" in issues
-    assert "- error: `t.py`: ImportError: boom" in issues
-    assert "- `b` (partial): 2 test(s), none passed" in issues
-    assert "- `typo`: `t.py::test_b`" in issues
+    issues = markdown.split("## Issues Found")[1].split("## Test Execution Output")[0]
+    # The maintained list, then what this run found.
+    assert report_md.ISSUES_FOUND.read_text(encoding="utf-8").strip() in issues
+    this_run = issues.split("### In this run")[1]
+    assert "- failed: `t.py::test_a[postgresql-2]`: assert 1 == 2" in this_run
+    assert "- error: `t.py`: ImportError: boom" in this_run
+    assert "- `b` (partial): 2 test(s), none passed" in this_run
+    assert "- `typo`: `t.py::test_b`" in this_run
     # The output's own ``` must not close the block that holds it.
     assert markdown.endswith("````text\n==== 1 passed ====\n```\n````\n")
 
@@ -244,7 +289,8 @@ def test_setup_error(broken):
 """
 
 
-def test_plugin_records_outcomes_and_markers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one-process", "xdist"])
+def test_plugin_records_outcomes_and_markers(tmp_path: Path, workers: list[str]) -> None:
     (tmp_path / "test_fake.py").write_text(FAKE_SUITE, encoding="utf-8")
     (tmp_path / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
@@ -252,7 +298,7 @@ def test_plugin_records_outcomes_and_markers(tmp_path: Path) -> None:
     # tests.report_plugin from the repository root, its working directory.
     options = ["-q", "-p", "tests.report_plugin", "-p", "no:cacheprovider"]
     isolation = ["-c", str(tmp_path / "pytest.ini"), "--rootdir", str(tmp_path)]
-    run = ["--report-dir", str(tmp_path / "out"), str(tmp_path / "test_fake.py")]
+    run = [*workers, "--report-dir", str(tmp_path / "out"), str(tmp_path / "test_fake.py")]
     command = [sys.executable, "-m", "pytest", *options, *isolation, *run]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     written_path = tmp_path / "out" / "features.json"
@@ -272,3 +318,5 @@ def test_plugin_records_outcomes_and_markers(tmp_path: Path) -> None:
     assert len(features["health"]["tests"]) == 4  # the module's pytestmark reaches every test
     assert features["jwks-endpoint"]["tested"] is False
     assert features["jwks-endpoint"]["tests"][0]["outcome"] == "skipped"
+    assert written["workers"] == (2 if workers else 0)
+    assert written["wall_seconds"] > 0
