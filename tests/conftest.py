@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import re
 import shutil
@@ -162,6 +163,21 @@ def empty_postgresql_url() -> Iterator[str]:
     _drop_pg_database(url)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``@pytest.mark.one_backend`` (on a test, class or module): its database tests run on
+    SQLite only, because what they check does not depend on the database (the backend rule in
+    CLAUDE.md). Every other database test runs on both."""
+    if "database_url" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "one_backend"
+    ):
+        # As a marker, so that pytest's fixture parametrization (which yields to a test's own
+        # ``parametrize`` marks) leaves ``database_url`` alone, and pytest applies this one.
+        metafunc.definition.add_marker(
+            pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+        )
+
+
 @pytest.fixture(params=BACKENDS)
 def database_url(request: pytest.FixtureRequest) -> str:
     url: str = request.getfixturevalue(f"{request.param}_url")
@@ -201,12 +217,51 @@ def clean_db(settings: Settings) -> Settings:
     return settings
 
 
+class SharedApps:
+    """One started app per database and settings, for the whole session (each pytest-xdist
+    worker has its own): building an app and running its start-up (schema check, key loading, engine) took
+    about 0.1 s, paid by every test before. Each test gets it back reset (``reset_app``)."""
+
+    def __init__(self) -> None:
+        self.stack = contextlib.AsyncExitStack()
+        self.apps: dict[str, FastAPI] = {}
+
+    async def get(self, settings: Settings) -> FastAPI:
+        """The app for exactly these settings (a module may override ``settings``)."""
+        key = settings.model_dump_json()
+        application = self.apps.get(key)
+        if application is None:
+            application = create_app(settings)
+            await self.stack.enter_async_context(application.router.lifespan_context(application))
+            self.apps[key] = application
+        return application
+
+
+@pytest.fixture(scope="session")
+async def shared_apps() -> AsyncIterator[SharedApps]:
+    apps = SharedApps()
+    async with apps.stack:
+        yield apps
+
+
+async def reset_app(application: FastAPI) -> None:
+    """What a test may leave behind in a shared app: rows, rate-limit and throttle counts, an
+    open circuit breaker. Anything else a test changes it changes through ``monkeypatch``
+    (undone after it) or on an app of its own (``create_app``)."""
+    state: AppState = application.state.auth
+    async with state.db.engine.begin() as connection:
+        for table in reversed(Base.metadata.sorted_tables):
+            await connection.execute(table.delete())
+    await state.limiter.storage.reset()
+    state.db.breaker.success()
+
+
 @pytest.fixture
-async def app(settings: Settings) -> AsyncIterator[FastAPI]:
-    await truncate(settings.database_url)
-    application = create_app(settings)
-    async with application.router.lifespan_context(application):
-        yield application
+async def app(settings: Settings, shared_apps: SharedApps) -> FastAPI:
+    """The session's app for this test's database, reset: empty tables, no counts."""
+    application = await shared_apps.get(settings)
+    await reset_app(application)
+    return application
 
 
 @pytest.fixture

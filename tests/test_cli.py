@@ -524,6 +524,7 @@ def test_grants_and_redirect_uris_are_stored(cli: Cli, db: Settings) -> None:
     assert not row.check_redirect_uri("https://app.example.com/callback/evil")
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("cli-clients", "sqlite-backend", "postgres-backend")
 @pytest.mark.parametrize(
     ("extra", "message"),
@@ -797,6 +798,7 @@ def test_users_create_refuses_a_duplicate_username_case_insensitively(
     assert [u.username for u in all_users(db)] == ["Alice"]
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("cli-users", "sqlite-backend", "postgres-backend", "username-profile")
 @pytest.mark.parametrize(
     ("extra", "message"),

@@ -13,7 +13,8 @@ from server.config import Env, Settings
 from server.main import create_app
 from tests.conftest import make_settings, truncate
 
-pytestmark = pytest.mark.feature("cors")
+# The backend rule (CLAUDE.md): nothing here depends on the database.
+pytestmark = [pytest.mark.feature("cors"), pytest.mark.one_backend]
 
 APP = "https://app.example.com"
 LOCAL = "http://localhost:5173"

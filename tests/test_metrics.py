@@ -28,7 +28,8 @@ from server.metrics import (
 from server.observability import AUDIT_LISTENERS, audit
 from tests.conftest import MakeClient, MakeUser, password_grant, refresh_grant, truncate
 
-pytestmark = pytest.mark.feature("metrics")
+# The backend rule (CLAUDE.md): nothing here depends on the database.
+pytestmark = [pytest.mark.feature("metrics"), pytest.mark.one_backend]
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -51,7 +51,8 @@ from tests.conftest import (
 )
 from tests.oauth.test_authorize import exchange, get_code, pkce, spa
 
-pytestmark = pytest.mark.feature("log-redaction")
+# The backend rule (CLAUDE.md): nothing here depends on the database.
+pytestmark = [pytest.mark.feature("log-redaction"), pytest.mark.one_backend]
 
 BYE = "https://app.example/bye"
 #: The form of an RSA private key as PEM, without being one (no real key material here).

@@ -44,7 +44,7 @@ def test_makefile_targets() -> None:
     makefile = (ROOT / "Makefile").read_text()
     for target in ("run", "test", "lint", "report"):
         assert re.search(rf"^{target}:", makefile, re.M), target
-    assert "--cov-fail-under=90" in makefile
+    assert "--cov-fail-under=95" in makefile
     assert "--cov-branch" in makefile
     assert "$(PORT)" in makefile
 

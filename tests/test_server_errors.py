@@ -24,7 +24,8 @@ from server.main import create_app
 from tests.conftest import MakeClient, MakeUser, make_settings, sign_in, truncate
 from tests.oauth.test_authorize import CALLBACK, authorize_params, pkce, spa
 
-pytestmark = pytest.mark.feature("error-shape-500")
+# The backend rule (CLAUDE.md): nothing here depends on the database.
+pytestmark = [pytest.mark.feature("error-shape-500"), pytest.mark.one_backend]
 
 SECURITY_HEADERS = (
     "content-security-policy",

@@ -278,6 +278,7 @@ async def test_registration_creates_a_person_who_can_sign_in(
     assert (await password_grant(client, app_client, user)).status_code == 200
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [
@@ -414,6 +415,7 @@ PROTECTED: list[tuple[str, str, dict[str, object] | None]] = [
 ]
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize("operation", PROTECTED, ids=[f"{m} {p}" for m, p, _ in PROTECTED])
 async def test_every_protected_operation_refuses_every_wrong_token(
     client: httpx.AsyncClient,
@@ -469,6 +471,7 @@ def refused_for_scope(response: httpx.Response) -> bool:
     )
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("account-api-scope")
 @pytest.mark.parametrize("operation", PROTECTED, ids=[f"{m} {p}" for m, p, _ in PROTECTED])
 async def test_a_token_without_the_account_scope_is_refused(

@@ -133,6 +133,7 @@ def expired_copy(state: AppState, token: str) -> str:
     return keyset.sign({**claims, "iat": stamp - 3600, "exp": stamp - 60}, "at+jwt")
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize("operation", OPERATIONS, ids=OPERATION_IDS)
 async def test_every_operation_needs_a_live_admin_client_token(
     client: httpx.AsyncClient,
@@ -183,6 +184,7 @@ async def test_every_operation_needs_a_live_admin_client_token(
     assert (await password_grant(client, app_client, user)).status_code == 200
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize("operation", OPERATIONS, ids=OPERATION_IDS)
 async def test_every_operation_is_audited_naming_the_acting_client(
     client: httpx.AsyncClient,
@@ -489,6 +491,7 @@ async def test_a_public_clients_secret_cannot_be_rotated(
     assert missing.status_code == 404
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [
@@ -714,6 +717,7 @@ async def test_a_user_is_created_shown_and_can_sign_in(
     assert missing.status_code == 404 and missing.json()["error_code"] == "not_found"
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [
@@ -830,6 +834,7 @@ async def test_a_cursor_not_made_for_the_listing_is_a_400(
     assert response.json()["error_code"] == "invalid_cursor"
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize(
     "params",
     [

@@ -406,6 +406,7 @@ async def test_token_exchange_errors(
     assert response.headers["cache-control"] == "no-store"
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize(
     ("change", "error"),
     [
@@ -438,6 +439,7 @@ async def test_errors_after_the_redirect_uri_is_validated_go_to_the_client(
     assert "code" not in result
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize(
     "change",
     [

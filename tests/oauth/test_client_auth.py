@@ -96,6 +96,7 @@ async def test_client_without_the_grant_is_unauthorized_client(
     assert response.json()["error"] == "unauthorized_client"
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("client-auth-basic", "client-auth-post", "client-secrets")
 @pytest.mark.parametrize(
     "how",

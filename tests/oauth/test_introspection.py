@@ -263,6 +263,7 @@ HOSTILE: dict[str, Mutation] = {
 }
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 async def test_hostile_access_tokens_are_exactly_inactive(
     client: httpx.AsyncClient,
@@ -396,6 +397,7 @@ async def test_a_client_sees_only_its_own_tokens_a_resource_server_sees_all(
         assert (body["active"], body["client_id"]) == (True, "owner")
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize(
     ("body", "headers", "status", "error"),
     [

@@ -199,6 +199,7 @@ async def test_a_public_client_revokes_with_its_client_id(
     assert refused.json()["error"] == "invalid_grant"
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize(
     ("body", "auth", "status", "error"),
     [

@@ -24,6 +24,7 @@ def assert_oauth_error(response: httpx.Response, error: str, status: int = 400) 
     assert "Traceback" not in response.text
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("duplicate-parameters")
 @pytest.mark.parametrize("param", ["grant_type", "scope", "client_id", "password", "unknown"])
 async def test_repeated_parameter_is_invalid_request(
@@ -75,6 +76,7 @@ async def test_unsupported_grant_type(client: httpx.AsyncClient, make_client: Ma
         assert_oauth_error(response, "unsupported_grant_type")
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize(
     "content_type",
     [
@@ -147,6 +149,7 @@ async def test_too_many_fields(client: httpx.AsyncClient, make_client: MakeClien
     assert_oauth_error(response, "invalid_request")
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize(
     "body",
     [

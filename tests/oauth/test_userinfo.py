@@ -49,6 +49,7 @@ async def test_claims_follow_the_scopes(
     assert response.headers["cache-control"] == "no-store"
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize(
     ("header", "status", "error"),
     [

@@ -34,6 +34,7 @@ def set_cookies(response: httpx.Response) -> dict[str, dict[str, Any]]:
 # -- headers and cookies ------------------------------------------------------------------
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("browser-security-headers")
 @pytest.mark.parametrize("path", ["/login", "/register", "/account", "/logout", "/nope"])
 async def test_security_headers_on_every_page(browser: httpx.AsyncClient, path: str) -> None:
@@ -101,6 +102,7 @@ async def test_cookies_on_https_use_the_host_prefix_and_secure(
 # -- CSRF ---------------------------------------------------------------------------------
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("csrf")
 @pytest.mark.parametrize(
     "path", ["/login", "/register", "/logout", "/consent", "/account/sessions/x/revoke"]
@@ -195,6 +197,7 @@ async def test_one_generic_message_for_every_failed_sign_in(
     assert password not in response.text
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize(
     "target",
     [
@@ -249,6 +252,7 @@ async def test_register_creates_the_account_and_signs_in(
     assert account.status_code == 200 and "Zoë" in account.text
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -407,6 +411,7 @@ async def test_sign_out_refuses_an_unregistered_return_uri(
     assert done.headers["location"] == "/login?notice=signed_out"
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize(
     "path",
     [
