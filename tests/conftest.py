@@ -219,8 +219,9 @@ def clean_db(settings: Settings) -> Settings:
 
 class SharedApps:
     """One started app per database and settings, for the whole session (each pytest-xdist
-    worker has its own): building an app and running its start-up (schema check, key loading, engine) took
-    about 0.1 s, paid by every test before. Each test gets it back reset (``reset_app``)."""
+    worker has its own): building an app and running its start-up (schema check, key
+    loading, engine) took about 0.1 s, paid by every test before. Each test gets it back
+    reset (``reset_app``)."""
 
     def __init__(self) -> None:
         self.stack = contextlib.AsyncExitStack()
