@@ -289,11 +289,15 @@ def test_setup_error(broken):
 """
 
 
-@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one-process", "xdist"])
+@pytest.mark.parametrize(
+    "workers", [[], ["-p", "xdist.plugin", "-n", "2"]], ids=["one-process", "xdist"]
+)
 def test_plugin_records_outcomes_and_markers(tmp_path: Path, workers: list[str]) -> None:
     (tmp_path / "test_fake.py").write_text(FAKE_SUITE, encoding="utf-8")
     (tmp_path / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    # Only the plugins named below: loading every installed one took 10x the run itself.
+    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     # A separate pytest process: the plugin hooks only run in a real session. It imports
     # tests.report_plugin from the repository root, its working directory.
     options = ["-q", "-p", "tests.report_plugin", "-p", "no:cacheprovider"]

@@ -1,26 +1,30 @@
 """Moving a SQLite deployment to PostgreSQL: ``migrate``, then ``copy-from``.
 
 A server on SQLite signs people in; its database is copied into a freshly migrated PostgreSQL
-one with the real CLI; a server on PostgreSQL then finds every user and client (secrets
+one with the CLI (``server.cli.main``, in this process: tests/test_cli.py runs the entry points
+as processes); a server on PostgreSQL then finds every user and client (secrets
 included) and accepts every live refresh token, while a revoked one stays revoked.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+import structlog
 
 from server import manage
+from server.cli import main
 from server.config import Settings
 from server.db import SchemaNotAtHeadError, create_engine, head_revision
 from server.dbcopy import copy_database
 from server.deps import AppState
 from server.main import create_app
-from tests.acceptance.conftest import cli, server_env
 from tests.conftest import (
     _drop_pg_database,
     _new_pg_database,
@@ -32,6 +36,45 @@ from tests.conftest import (
 
 pytestmark = pytest.mark.feature("sqlite-to-postgres", "sqlite-backend", "postgres-backend")
 PASSWORD = "correct horse battery"
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+Cli = Callable[..., Run]
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Iterator[Cli]:
+    """``python -m server`` with this environment, run in this process."""
+
+    def run(env: dict[str, str], *argv: str) -> Run:
+        with monkeypatch.context() as patch:
+            for name in [name for name in os.environ if name.startswith("AUTH_")]:
+                patch.delenv(name)
+            for name, value in env.items():
+                patch.setenv(name, value)
+            capsys.readouterr()
+            code = main(list(argv))
+            out, err = capsys.readouterr()
+        return Run(code, out, err)
+
+    config = structlog.get_config()  # main points structlog at the captured stderr
+    yield run
+    structlog.configure(**config)
+
+
+def server_env(database_url: str, keys_dir: Path) -> dict[str, str]:
+    return {
+        "AUTH_ENV": "development",
+        "AUTH_DATABASE_URL": database_url,
+        "AUTH_KEYS_DIR": str(keys_dir),
+        "AUTH_ISSUER": "http://127.0.0.1:8000",
+    }
 
 
 @pytest.fixture
@@ -105,13 +148,13 @@ async def _check(settings: Settings, saved: dict[str, str]) -> None:
 
 
 def test_a_sqlite_deployment_moves_to_postgresql(
-    tmp_path: Path, keys_dir: Path, empty_pg: str
+    tmp_path: Path, keys_dir: Path, empty_pg: str, cli: Cli
 ) -> None:
     sqlite_url = f"sqlite+aiosqlite:///{tmp_path / 'auth.db'}"
     migrate(sqlite_url)
     saved = asyncio.run(_populate(make_settings(sqlite_url, keys_dir)))
 
-    env = server_env(empty_pg, keys_dir, "http://127.0.0.1:8000")
+    env = server_env(empty_pg, keys_dir)
     assert cli(env, "migrate").returncode == 0
     copied = cli(env, "copy-from", sqlite_url)
     assert copied.returncode == 0, copied.stderr
@@ -127,10 +170,12 @@ def test_a_sqlite_deployment_moves_to_postgresql(
     assert "the target database is not empty (clients holds 1 row)" in again.stderr
 
 
-def test_copy_refuses_a_source_that_is_not_migrated(tmp_path: Path, keys_dir: Path) -> None:
+def test_copy_refuses_a_source_that_is_not_migrated(
+    tmp_path: Path, keys_dir: Path, cli: Cli
+) -> None:
     target = f"sqlite+aiosqlite:///{tmp_path / 'target.db'}"
     migrate(target)
-    env = server_env(target, keys_dir, "http://127.0.0.1:8000")
+    env = server_env(target, keys_dir)
     result = cli(env, "copy-from", f"sqlite+aiosqlite:///{tmp_path / 'nothing.db'}")
     assert result.returncode == 1
     assert "run `python -m server migrate`" in result.stderr
