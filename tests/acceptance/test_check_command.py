@@ -2,42 +2,38 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 
-from .conftest import cli, free_port
+from .conftest import NewClient, NewUser, RunningServer, cli, free_port
 
 pytestmark = pytest.mark.feature("check-command")
 PASSWORD = "a long enough passphrase"
 
 
-def set_up(env: dict[str, str]) -> str:
-    created = cli(
-        env, "clients", "create", "--client-id", "web", "--scope", "profile api", "--json"
-    )
-    assert created.returncode == 0, created.stderr
-    user = cli(env, "users", "create", "--username", "carol", "--password-stdin", stdin=PASSWORD)
-    assert user.returncode == 0, user.stderr
-    secret: str = json.loads(created.stdout)["client_secret"]
-    return secret
+def set_up(server: RunningServer) -> tuple[NewClient, NewUser]:
+    """A client and a user of the test's own on the shared server."""
+    client = server.new_client("web", scope="profile api")
+    assert client.secret is not None
+    return client, server.new_user("carol", PASSWORD)
 
 
-def test_check_passes_against_a_real_server(server: tuple[str, dict[str, str]]) -> None:
-    url, env = server
-    secret = set_up(env)
+def test_check_passes_against_a_real_server(server: RunningServer) -> None:
+    client, user = set_up(server)
+    secret = client.secret
+    assert secret is not None
 
     result = cli(
-        env,
+        server.env,
         "check",
-        url,
+        server.url,
         "--client-id",
-        "web",
+        client.client_id,
         # One argument with "=": a generated secret may begin with "-" (one in 64 does).
         f"--client-secret={secret}",
         "--username",
-        "carol",
+        user.username,
         "--password-stdin",
         stdin=PASSWORD + "\n",
     )
@@ -70,17 +66,16 @@ def test_check_passes_against_a_real_server(server: tuple[str, dict[str, str]]) 
     assert PASSWORD not in result.stdout + result.stderr
 
 
-def test_check_fails_with_a_reason_and_exit_status(server: tuple[str, dict[str, str]]) -> None:
-    url, env = server
-    set_up(env)
+def test_check_fails_with_a_reason_and_exit_status(server: RunningServer) -> None:
+    client, _ = set_up(server)
     # Credentials from the environment, as a CI job would pass them; the secret is wrong.
     env = {
-        **env,
-        "AUTH_CHECK_CLIENT_ID": "web",
+        **server.env,
+        "AUTH_CHECK_CLIENT_ID": client.client_id,
         "AUTH_CHECK_CLIENT_SECRET": "not-the-secret",
     }
 
-    result = cli(env, "check", url)
+    result = cli(env, "check", server.url)
 
     assert result.returncode == 1
     assert re.search(r"^FAIL client-credentials: .*invalid_client", result.stdout, re.M), (
@@ -92,8 +87,7 @@ def test_check_fails_with_a_reason_and_exit_status(server: tuple[str, dict[str, 
     )
 
 
-def test_check_of_an_unreachable_server_fails(server: tuple[str, dict[str, str]]) -> None:
-    _, env = server
-    result = cli(env, "check", f"http://127.0.0.1:{free_port()}")
+def test_check_of_an_unreachable_server_fails(server: RunningServer) -> None:
+    result = cli(server.env, "check", f"http://127.0.0.1:{free_port()}")
     assert result.returncode == 1
     assert "unreachable" in result.stdout

@@ -15,13 +15,19 @@ import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.sync_api import sync_playwright
 
-from .conftest import RunningServer, cli, server_env, start_server
+from .conftest import (
+    FAST_ARGON2_ENV,
+    RunningServer,
+    create_client,
+    create_user,
+    fresh_database,
+    start_server,
+)
 from .test_browser import REQUIRE_BROWSER, chromium_path
 
 pytestmark = pytest.mark.feature("cors")
@@ -69,7 +75,7 @@ class AppPage(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def apps() -> Iterator[tuple[str, str]]:
     """Two app origins: (allowed, other)."""
     servers = [ThreadingHTTPServer(("127.0.0.1", 0), AppPage) for _ in range(2)]
@@ -84,38 +90,33 @@ def apps() -> Iterator[tuple[str, str]]:
             http.server_close()
 
 
-@pytest.fixture
-def server(tmp_path: Path, apps: tuple[str, str]) -> Iterator[RunningServer]:
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, apps: tuple[str, str]
+) -> Iterator[RunningServer]:
+    """One server for the module's two tests (neither changes what the other sees), allowing
+    the first app's origin; its client ``spa`` and user ``sam`` are made in-process."""
     executable = chromium_path()
     if executable is None:
         reason = "Chromium not found: install it with `apt-get install chromium`"
         if REQUIRE_BROWSER:
             pytest.fail(f"{reason} (AUTH_TEST_REQUIRE_BROWSER=1)")
         pytest.skip(reason)
-    database_url = f"sqlite+aiosqlite:///{tmp_path / 'auth.db'}"
-    keys = tmp_path / "keys"
-    assert cli(server_env(database_url, keys, "http://unused"), "migrate").returncode == 0
-    running = start_server(database_url, keys, tmp_path / "server.log", AUTH_CORS_ORIGINS=apps[0])
-    try:
-        made = cli(
-            running.env,
-            "clients",
-            "create",
-            "--client-id",
-            "spa",
-            "--public",
-            "--first-party",
-            "--scope",
-            "account",
+    tmp = tmp_path_factory.mktemp("cors")
+    with fresh_database("sqlite", tmp) as database_url:
+        create_client(database_url, "spa", public=True, first_party=True, scope="account")
+        create_user(database_url, "sam", PASSWORD)
+        running = start_server(
+            database_url,
+            tmp / "keys",
+            tmp / "server.log",
+            AUTH_CORS_ORIGINS=apps[0],
+            **FAST_ARGON2_ENV,
         )
-        assert made.returncode == 0, made.stderr
-        user = cli(
-            running.env, "users", "create", "--username", "sam", "--password-stdin", stdin=PASSWORD
-        )
-        assert user.returncode == 0, user.stderr
-        yield running
-    finally:
-        running.stop()
+        try:
+            yield running
+        finally:
+            running.stop()
 
 
 def run_app(server: RunningServer, origin: str) -> dict[str, Any]:

@@ -11,7 +11,6 @@ scope they expect, so a server that silently changed the scope would fail them.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,26 +29,27 @@ from oauthlib.oauth2.rfc6749.errors import (
 from requests.auth import HTTPBasicAuth
 from requests_oauthlib import OAuth2Session
 
-from .conftest import cli
+from .conftest import RunningServer
 
 pytestmark = pytest.mark.feature("interop-clients")
 
-CLIENT_ID = "interop-web"
 SCOPES = ["profile", "api"]
-USERNAME = "dana"
 PASSWORD = "correct horse battery staple"
 TIMEOUT = 10
 
 
 @dataclass(frozen=True)
 class Deployment:
-    """A running server with one confidential client and one user, created with the CLI."""
+    """A running server (the shared one) with one confidential client and one user of this
+    test's own, made in-process with ``server.manage``, as ``clients create`` and ``users
+    create`` make them (test_real_server runs those commands themselves)."""
 
     issuer: str
     metadata: dict[str, Any]
     client_id: str
     client_secret: str
     user_id: str
+    username: str
 
     @property
     def token_endpoint(self) -> str:
@@ -69,26 +69,19 @@ def oauthlib_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def deployment(server: tuple[str, dict[str, str]]) -> Deployment:
-    issuer, env = server
-    created = cli(
-        env, "clients", "create", "--client-id", CLIENT_ID, "--scope", " ".join(SCOPES), "--json"
-    )
-    assert created.returncode == 0, created.stderr
-    client = json.loads(created.stdout)
-    user = cli(
-        env, "users", "create", "--username", USERNAME, "--password-stdin", "--json",
-        stdin=PASSWORD + "\n",
-    )  # fmt: skip
-    assert user.returncode == 0, user.stderr
-    discovered = requests.get(issuer + "/.well-known/openid-configuration", timeout=TIMEOUT)
+def deployment(server: RunningServer) -> Deployment:
+    client = server.new_client("interop-web", scope=" ".join(SCOPES))
+    assert client.secret is not None
+    user = server.new_user("dana", PASSWORD)
+    discovered = requests.get(server.url + "/.well-known/openid-configuration", timeout=TIMEOUT)
     assert discovered.status_code == 200, discovered.text
     return Deployment(
-        issuer=issuer,
+        issuer=server.url,
         metadata=discovered.json(),
-        client_id=client["client_id"],
-        client_secret=client["client_secret"],
-        user_id=json.loads(user.stdout)["id"],
+        client_id=client.client_id,
+        client_secret=client.secret,
+        user_id=user.id,
+        username=user.username,
     )
 
 
@@ -101,7 +94,7 @@ def user_session(deployment: Deployment, **kwargs: Any) -> OAuth2Session:
 def password_token(deployment: Deployment) -> dict[str, Any]:
     token: dict[str, Any] = user_session(deployment).fetch_token(
         deployment.token_endpoint,
-        username=USERNAME,
+        username=deployment.username,
         scope=SCOPES,
         password=PASSWORD,
         auth=deployment.basic,
@@ -187,7 +180,7 @@ def test_password_grant_verifies_with_pyjwt(deployment: Deployment, style: str) 
     seen = record_responses(session)
     token = session.fetch_token(
         deployment.token_endpoint,
-        username=USERNAME,
+        username=deployment.username,
         scope=SCOPES,
         password=PASSWORD,
         timeout=TIMEOUT,
@@ -249,7 +242,7 @@ def test_session_refreshes_an_expired_token_by_itself(deployment: Deployment) ->
     first = dict(
         session.fetch_token(
             deployment.token_endpoint,
-            username=USERNAME,
+            username=deployment.username,
             scope=SCOPES,
             password=PASSWORD,
             auth=deployment.basic,
@@ -337,7 +330,7 @@ def test_revocation_with_oauthlib_kills_the_family(deployment: Deployment) -> No
 def wrong_secret(session: OAuth2Session, d: Deployment) -> dict[str, Any]:
     token: dict[str, Any] = session.fetch_token(
         d.token_endpoint,
-        username=USERNAME,
+        username=d.username,
         scope=SCOPES,
         password=PASSWORD,
         auth=HTTPBasicAuth(d.client_id, "not-the-secret"),
@@ -349,7 +342,7 @@ def wrong_secret(session: OAuth2Session, d: Deployment) -> dict[str, Any]:
 def wrong_password(session: OAuth2Session, d: Deployment) -> dict[str, Any]:
     token: dict[str, Any] = session.fetch_token(
         d.token_endpoint,
-        username=USERNAME,
+        username=d.username,
         scope=SCOPES,
         password="not the password",
         auth=d.basic,
@@ -362,7 +355,7 @@ def unknown_scope(session: OAuth2Session, d: Deployment) -> dict[str, Any]:
     session.scope = ["admin"]
     token: dict[str, Any] = session.fetch_token(
         d.token_endpoint,
-        username=USERNAME,
+        username=d.username,
         scope=["admin"],
         password=PASSWORD,
         auth=d.basic,

@@ -17,23 +17,27 @@ import pytest
 
 from server.config import Settings
 
-from .conftest import RunningServer, cli, server_env, start_server
+from .conftest import FAST_ARGON2_ENV, RunningServer, cli, create_client, start_replicas
 
 pytestmark = pytest.mark.feature("key-hot-reload", "key-lifecycle", "cli-keys", "introspection")
 ISSUER = "http://tokens.test"  # one name for both replicas, as behind a load balancer
+RELOAD_INTERVAL = 0.5  # AUTH_KEY_RELOAD_INTERVAL, seconds (2 by default)
 
 
 @pytest.fixture
 def replicas(clean_db: Settings, tmp_path: Path) -> Iterator[list[RunningServer]]:
+    """Two processes on one (migrated, emptied) database and one keys/ directory."""
     keys = tmp_path / "keys"
-    env = server_env(clean_db.database_url, keys, ISSUER)
-    assert cli(env, "migrate").returncode == 0
     servers: list[RunningServer] = []
     try:
-        for name in ("a", "b"):
-            servers.append(
-                start_server(clean_db.database_url, keys, tmp_path / f"{name}.log", issuer=ISSUER)
-            )
+        servers = start_replicas(
+            clean_db.database_url,
+            keys,
+            [tmp_path / "a.log", tmp_path / "b.log"],
+            issuer=ISSUER,
+            AUTH_KEY_RELOAD_INTERVAL=str(RELOAD_INTERVAL),
+            **FAST_ARGON2_ENV,
+        )
         yield servers
     finally:
         for running in servers:
@@ -55,9 +59,8 @@ def verify(server: RunningServer, token: str) -> dict[str, object]:
 
 def test_rotation_reaches_every_running_process(replicas: list[RunningServer]) -> None:
     a, b = replicas
-    created = cli(a.env, "clients", "create", "--client-id", "svc", "--scope", "api", "--json")
-    assert created.returncode == 0, created.stderr
-    secret = json.loads(created.stdout)["client_secret"]
+    secret = create_client(a.database_url, "svc", scope="api").secret
+    assert secret is not None
 
     def issue(server: RunningServer) -> str:
         response = httpx.post(
@@ -92,8 +95,8 @@ def test_rotation_reaches_every_running_process(replicas: list[RunningServer]) -
     assert new_kid != old_kid
     assert rotated.stdout.startswith(f"rotated: {new_kid} now signs")
 
-    # Each process re-reads keys/ every AUTH_KEY_RELOAD_INTERVAL (2 s by default). A bounded
-    # wait, not a timing assertion: the test only fails if a process never switches.
+    # Each process re-reads keys/ every AUTH_KEY_RELOAD_INTERVAL (RELOAD_INTERVAL here). A
+    # bounded wait, not a timing assertion: the test only fails if a process never switches.
     latest: dict[str, str] = {}
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

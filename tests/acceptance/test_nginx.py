@@ -9,7 +9,6 @@ nginx comes from Debian's packages (.ci/run installs it and sets AUTH_TEST_REQUI
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
@@ -25,7 +24,7 @@ import pytest
 
 from tests.conftest import _drop_pg_database, _new_pg_database, migrate
 
-from .conftest import ROOT, RunningServer, cli, free_port, server_env, start_server
+from .conftest import ROOT, RunningServer, create_client, free_port, start_replicas
 from .test_replicas import REDIS, require_redis
 
 pytestmark = pytest.mark.feature("deployment-kit", "multi-replica", "trusted-proxies")
@@ -80,16 +79,16 @@ def balanced(
     nginx: subprocess.Popen[bytes] | None = None
     try:
         migrate(database_url)
-        env = server_env(database_url, keys, "http://auth.test", **extra)
-        created = cli(env, "clients", "create", "--client-id", "svc", "--scope", "api", "--json")
-        assert created.returncode == 0, created.stderr
-        auth = ("svc", json.loads(created.stdout)["client_secret"])
-        for name in ("app1", "app2"):
-            replicas.append(
-                start_server(
-                    database_url, keys, tmp / f"{name}.log", issuer="http://auth.test", **extra
-                )
-            )
+        secret = create_client(database_url, "svc", scope="api").secret
+        assert secret is not None
+        auth = ("svc", secret)
+        replicas = start_replicas(
+            database_url,
+            keys,
+            [tmp / f"{name}.log" for name in ("app1", "app2")],
+            issuer="http://auth.test",
+            **extra,
+        )
         port = free_port()
         upstreams = [r.url.removeprefix("http://") for r in replicas]
         (tmp / "logs").mkdir()

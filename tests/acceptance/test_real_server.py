@@ -1,7 +1,9 @@
 """A real server process (``python -m server serve``) set up with the real CLI.
 
 Password grant → refresh → refresh again; the access token verifies against the JWKS with
-PyJWT (not Authlib); replaying a rotated refresh token kills the family.
+PyJWT (not Authlib); replaying a rotated refresh token kills the family. The client and the
+user are made by ``clients create`` and ``users create`` run as processes, as an operator runs
+them. ``seed-demo`` wants an empty database: that test has a server of its own.
 """
 
 from __future__ import annotations
@@ -10,13 +12,22 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import jwt
 import pytest
 
-from .conftest import ROOT, cli
+from .conftest import (
+    FAST_ARGON2_ENV,
+    ROOT,
+    RunningServer,
+    cli,
+    fresh_database,
+    start_server,
+    unique,
+)
 
 pytestmark = pytest.mark.feature(
     "cli-serve",
@@ -31,22 +42,23 @@ pytestmark = pytest.mark.feature(
 )
 
 
-def test_password_refresh_verify_and_reuse(server: tuple[str, dict[str, str]]) -> None:
-    issuer, env = server
+def test_password_refresh_verify_and_reuse(server: RunningServer) -> None:
+    issuer, env = server.url, server.env
+    client_id, username = unique("web"), unique("carol")
     created = cli(
-        env, "clients", "create", "--client-id", "web", "--scope", "profile api", "--json"
+        env, "clients", "create", "--client-id", client_id, "--scope", "profile api", "--json"
     )
     assert created.returncode == 0, created.stderr
     client = json.loads(created.stdout)
-    assert client["client_id"] == "web"
+    assert client["client_id"] == client_id
     user = cli(
         env,
         "users",
         "create",
         "--username",
-        "carol",
+        username,
         "--email",
-        "carol@example.com",
+        f"{username}@example.com",
         "--password-stdin",
         "--json",
         stdin="a long enough passphrase\n",
@@ -60,7 +72,7 @@ def test_password_refresh_verify_and_reuse(server: tuple[str, dict[str, str]]) -
             "/oauth2/token",
             data={
                 "grant_type": "password",
-                "username": "carol",
+                "username": username,
                 "password": "a long enough passphrase",
                 "scope": "profile api",
             },
@@ -113,10 +125,21 @@ def test_password_refresh_verify_and_reuse(server: tuple[str, dict[str, str]]) -
         assert newest.status_code == 400, "the family must be dead after a reuse"
 
 
-def test_demo_seed_prints_a_working_curl(
-    server: tuple[str, dict[str, str]], tmp_path: Path
-) -> None:
-    issuer, env = server
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunningServer]:
+    """A server of the test's own on a new database, with no client and no user."""
+    with fresh_database(request.param, tmp_path) as database_url:
+        running = start_server(
+            database_url, tmp_path / "keys", tmp_path / "server.log", **FAST_ARGON2_ENV
+        )
+        try:
+            yield running
+        finally:
+            running.stop()
+
+
+def test_demo_seed_prints_a_working_curl(empty_server: RunningServer, tmp_path: Path) -> None:
+    issuer, env = empty_server.url, empty_server.env
     seeded = subprocess.run(
         [sys.executable, "-m", "server", "seed-demo"],
         env={**env, "PYTHONPATH": str(ROOT)},

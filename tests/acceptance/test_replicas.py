@@ -9,7 +9,6 @@ killed mid-load loses no issued token. PostgreSQL and Redis are required in CI
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import secrets
 import signal
@@ -18,14 +17,24 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import jwt
 import pytest
 
+from server.keys import KeyStore
 from tests.conftest import _drop_pg_database, _new_pg_database, migrate
 
-from .conftest import RunningServer, cli, fetch, server_env, sha256_hex, start_server
+from .conftest import (
+    RunningServer,
+    create_client,
+    create_user,
+    fetch,
+    server_env,
+    sha256_hex,
+    start_replicas,
+)
 
 pytestmark = pytest.mark.feature("multi-replica", "postgres-backend")
 ISSUER = "http://replicas.test"  # one name for every replica, as behind a load balancer
@@ -61,10 +70,7 @@ class Cluster:
 
     def user(self, name: str) -> str:
         username = f"{self.prefix}-{name}"
-        made = cli(
-            self.env, "users", "create", "--username", username, "--password-stdin", stdin=PASSWORD
-        )
-        assert made.returncode == 0, made.stderr
+        create_user(self.database_url, username, PASSWORD)  # argon2 as the replicas' (cheap)
         return username
 
     def sign_in(
@@ -103,25 +109,24 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         "AUTH_RATE_LIMIT_TOKEN_IP": "100000/minute",
         "AUTH_ARGON2_MEMORY_COST": "1024",
         "AUTH_ARGON2_TIME_COST": "1",
+        "AUTH_KEY_RELOAD_INTERVAL": "0.5",  # seconds (2 by default)
     }
     servers: list[RunningServer] = []
     try:
         migrate(database_url)
         env = server_env(database_url, keys, ISSUER, **extra)
-        created = cli(env, "clients", "create", "--client-id", "app", "--scope", "api", "--json")
-        assert created.returncode == 0, created.stderr
-        rs = cli(env, "clients", "create", "--client-id", "rs", "--resource-server", "--json")
-        assert rs.returncode == 0, rs.stderr
-        for name in ("a", "b", "c"):
-            servers.append(
-                start_server(database_url, keys, tmp / f"{name}.log", issuer=ISSUER, **extra)
-            )
+        app = create_client(database_url, "app", scope="api")
+        rs = create_client(database_url, "rs", resource_server=True)
+        assert app.secret is not None and rs.secret is not None
+        servers = start_replicas(
+            database_url, keys, [tmp / f"{name}.log" for name in "abc"], issuer=ISSUER, **extra
+        )
         yield Cluster(
             servers,
             env,
             database_url,
-            ("app", json.loads(created.stdout)["client_secret"]),
-            ("rs", json.loads(rs.stdout)["client_secret"]),
+            ("app", app.secret),
+            ("rs", rs.secret),
             prefix=secrets.token_hex(4),
         )
     finally:
@@ -238,16 +243,16 @@ def test_keys_rotated_once_reach_every_replica(cluster: Cluster) -> None:
 
     before = issue(cluster.servers[0])
     old_kid = jwt.get_unverified_header(before)["kid"]
-    rotated = cli(cluster.env, "keys", "rotate", "--force")
-    assert rotated.returncode == 0, rotated.stderr
+    # What `keys rotate --force` does (test_key_rotation runs the command itself).
+    KeyStore(Path(cluster.env["AUTH_KEYS_DIR"])).rotate(min_next_age=0)
     tokens: dict[str, str] = {}
-    deadline = time.monotonic() + 30  # each replica re-reads keys.json every 2 s
+    deadline = time.monotonic() + 30  # each replica re-reads keys.json every 0.5 s
     while time.monotonic() < deadline and len(tokens) < 3:
         for server in cluster.servers:
             token = issue(server)
             if jwt.get_unverified_header(token)["kid"] != old_kid:
                 tokens[server.url] = token
-        time.sleep(0.5)
+        time.sleep(0.2)
     assert len(tokens) == 3, "not every replica signs with the new key"
     for server in cluster.servers:  # every token verifies against every replica's JWKS
         keys = jwt.PyJWKClient(server.url + "/.well-known/jwks.json", cache_keys=False)
@@ -299,15 +304,26 @@ def test_killing_a_replica_mid_load_loses_no_token(cluster: Cluster) -> None:
             elif response.status_code == 400:
                 return  # the answer to a rotation was lost with the replica: a replay (SPEC)
 
+    def load_until(successes: int) -> None:
+        """Wait (30 s at most) until the load has had ``successes`` refreshes, or has ended."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(thread.is_alive() for thread in threads):
+            with lock:
+                if outcomes.count("200") >= successes:
+                    return
+            time.sleep(0.05)
+
     threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
     for thread in threads:
         thread.start()
-    time.sleep(1.5)
+    load_until(18)  # the load is on: about three refreshes per chain, one per replica
     victim = cluster.servers[2]
     victim.process.send_signal(signal.SIGKILL)
     victim.process.wait(timeout=10)
     cluster.dead.add(2)
-    time.sleep(1.5)
+    with lock:
+        before_kill = outcomes.count("200")
+    load_until(before_kill + 12)  # and goes on without it
     stop.set()
     for thread in threads:
         thread.join(timeout=30)

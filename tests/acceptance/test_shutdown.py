@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
@@ -13,7 +12,7 @@ import pytest
 
 from server.config import Settings
 
-from .conftest import cli, server_env, start_server
+from .conftest import create_client, create_user, start_server
 
 pytestmark = pytest.mark.feature("graceful-shutdown")
 PASSWORD = "a long enough passphrase"
@@ -23,18 +22,13 @@ def test_sigterm_finishes_requests_in_flight_then_exits(clean_db: Settings, tmp_
     keys = tmp_path / "keys"
     # Slow argon2 (about a quarter of a second per check) keeps requests in flight long enough
     # to send SIGTERM while they run.
-    slow = {"AUTH_ARGON2_MEMORY_COST": "65536", "AUTH_ARGON2_TIME_COST": "6"}
-    env = server_env(clean_db.database_url, keys, "http://unused", **slow)
-    assert cli(env, "migrate").returncode == 0
-    server = start_server(clean_db.database_url, keys, tmp_path / "server.log", **slow)
+    # (The user's hash carries them: checking a password uses the hash's own parameters.)
+    slow = {"argon2_memory_cost": 65536, "argon2_time_cost": 6}
+    secret = create_client(clean_db.database_url, "web").secret
+    create_user(clean_db.database_url, "u", PASSWORD, argon2=slow)
+    slow_env = {f"AUTH_{name.upper()}": str(value) for name, value in slow.items()}
+    server = start_server(clean_db.database_url, keys, tmp_path / "server.log", **slow_env)
     try:
-        created = cli(server.env, "clients", "create", "--client-id", "web", "--json")
-        secret = json.loads(created.stdout)["client_secret"]
-        made = cli(
-            server.env, "users", "create", "--username", "u", "--password-stdin", stdin=PASSWORD
-        )
-        assert made.returncode == 0, made.stderr
-
         results: list[int | str] = []
         connected = threading.Barrier(5)
 
