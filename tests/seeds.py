@@ -7,10 +7,14 @@ A randomised test calls ``run_seeded(request, check, default=...)`` with its
 ``AUTH_TEST_SEED`` if set, else ``--hypothesis-seed`` if that is a number, else the test's
 ``default`` (a fixed number keeps the test deterministic), else a fresh random one. It is
 
-- listed at the end of the terminal report, under "seeds of the randomised tests" (each
-  test's seed and where it came from, then how to replay one);
-- recorded as the test's ``seed`` property (junit XML, ``item.user_properties``);
-- appended to the failure of the test as a note, with the same command.
+- recorded as the test's ``seed`` and ``seed_origin`` properties (``user_properties``: junit
+  XML, and they travel from pytest-xdist workers with the reports);
+- listed from those at the end of the terminal report, under "seeds of the randomised tests"
+  (each test's seed and where it came from, then how to replay one). This module is the
+  plugin that prints it: it registers itself when first used; under pytest-xdist it must be
+  loaded in the controlling process (``-p tests.seeds``, or ``pytest_plugins`` in
+  tests/conftest.py), since the workers' own summaries are not shown;
+- appended to the failure of the test as a note, with the command that replays it.
 
 Replay: ``AUTH_TEST_SEED=<seed> .venv/bin/python -m pytest '<node id>'``. The same seed
 gives the same examples (the Hypothesis example database is off in these tests, so nothing
@@ -22,6 +26,7 @@ from __future__ import annotations
 import os
 import random
 import shlex
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,7 +34,7 @@ import hypothesis
 import pytest
 
 ENV = "AUTH_TEST_SEED"
-PLUGIN = "auth-test-seeds"
+PLUGIN = "tests.seeds"
 
 
 @dataclass(frozen=True)
@@ -43,19 +48,21 @@ class Seeded:
         return f"{ENV}={self.seed} .venv/bin/python -m pytest {shlex.quote(self.nodeid)}"
 
 
-class SeedReport:
-    """Registered on first use: the section at the end of the terminal report."""
-
-    def __init__(self) -> None:
-        self.runs: list[Seeded] = []
-
-    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
-        if not self.runs:
-            return
-        terminalreporter.section("seeds of the randomised tests")
-        for run in self.runs:
-            terminalreporter.write_line(f"{run.nodeid}: seed {run.seed} ({run.origin})")
-        terminalreporter.write_line(f"replay one: {ENV}=<seed> .venv/bin/python -m pytest <id>")
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The seeds of this run, read from the test reports (so pytest-xdist workers' tests are
+    listed too when this module is loaded as a plugin in the controlling process)."""
+    seen: dict[str, tuple[object, object]] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            properties = dict(getattr(report, "user_properties", ()))
+            if getattr(report, "when", None) == "call" and "seed" in properties:
+                seen[report.nodeid] = (properties["seed"], properties.get("seed_origin"))
+    if not seen:
+        return
+    terminalreporter.section("seeds of the randomised tests")
+    for nodeid, (seed, origin) in sorted(seen.items()):
+        terminalreporter.write_line(f"{nodeid}: seed {seed} ({origin})")
+    terminalreporter.write_line(f"replay one: {ENV}=<seed> .venv/bin/python -m pytest <id>")
 
 
 def choose(config: pytest.Config, default: int | None) -> tuple[int, str]:
@@ -72,17 +79,16 @@ def choose(config: pytest.Config, default: int | None) -> tuple[int, str]:
 
 
 def seed_for(request: pytest.FixtureRequest, *, default: int | None = None) -> Seeded:
-    """The seed of this test, chosen (``choose``) and reported (the summary section and the
-    ``seed`` property)."""
+    """The seed of this test, chosen (``choose``) and reported: as the ``seed`` and
+    ``seed_origin`` properties, which the summary section reads. Without pytest-xdist this
+    module registers itself as the plugin that prints it, if nothing loaded it yet."""
     seed, origin = choose(request.config, default)
-    seeded = Seeded(request.node.nodeid, seed, origin)
-    report = request.config.pluginmanager.get_plugin(PLUGIN)
-    if not isinstance(report, SeedReport):
-        report = SeedReport()
-        request.config.pluginmanager.register(report, PLUGIN)
-    report.runs.append(seeded)
-    request.node.user_properties.append(("seed", seed))
-    return seeded
+    plugins = request.config.pluginmanager
+    module = sys.modules[__name__]
+    if not plugins.is_registered(module):
+        plugins.register(module, PLUGIN)
+    request.node.user_properties += [("seed", seed), ("seed_origin", origin)]
+    return Seeded(request.node.nodeid, seed, origin)
 
 
 def run_with(seeded: Seeded, check: Callable[[], None]) -> None:
