@@ -46,7 +46,8 @@ class Breaker:
     ) -> None:
         self.threshold = threshold
         self.cooldown = cooldown
-        self._clock = clock
+        #: Monotonic seconds; tests replace it to let a cooldown pass without waiting.
+        self.clock = clock
         self.state: State = "closed"
         self.failures = 0
         self._opened_at = 0.0
@@ -55,14 +56,14 @@ class Breaker:
 
     def retry_after(self) -> int:
         """Whole seconds until the next probe may run (at least 1)."""
-        remaining = self._opened_at + self.cooldown - self._clock()
+        remaining = self._opened_at + self.cooldown - self.clock()
         return max(1, math.ceil(remaining))
 
     async def admit(self, probe: Callable[[], Awaitable[None]]) -> None:
         """Let a unit of work through, or raise ``DatabaseUnavailable`` without any I/O."""
         if self.state == "closed":
             return
-        if self.state == "open" and self._clock() - self._opened_at < self.cooldown:
+        if self.state == "open" and self.clock() - self._opened_at < self.cooldown:
             raise DatabaseUnavailable("circuit breaker open", self.retry_after())
         if self._probe.locked():  # another request is probing: do not pile onto the database
             raise DatabaseUnavailable("circuit breaker half-open, probing", 1)
@@ -86,7 +87,7 @@ class Breaker:
             self._open(error)
 
     def _open(self, error: str) -> None:
-        self._opened_at = self._clock()
+        self._opened_at = self.clock()
         self._move("open", error=error, failures=self.failures)
 
     def _move(self, state: State, **details: object) -> None:

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import time
 import uuid
+from collections.abc import Callable
 
 from sqlalchemy import (
     BigInteger,
@@ -26,9 +27,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+#: The wall clock behind ``now()``: seconds since the epoch. Every expiry decision reads it
+#: through ``now()`` (issuing: ``iat``/``exp`` and row lifetimes; checking: bearer tokens,
+#: introspection, sessions, families), so a test moves time by replacing this one attribute
+#: (``monkeypatch.setattr(models, "clock", ...)``) instead of sleeping. Nothing else sets it.
+clock: Callable[[], float] = time.time
+
 
 def now() -> int:
-    return int(time.time())
+    """Whole seconds since the epoch, read from ``clock``."""
+    return int(clock())
 
 
 def new_id() -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -238,28 +237,31 @@ async def test_hash_async_runs_on_a_worker_thread(
 async def test_event_loop_keeps_running_during_verification(
     fast: Passwords, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A slow verification (0.3 s here) must not stall other requests on the loop."""
+    """The loop runs code while a verification is in progress: the verification ends only
+    when the loop, seeing it under way, releases it. Run on the loop's own thread, it would
+    wait for a release that can never come (the loop is blocked) and fail at the guard."""
+    started = threading.Event()
+    release = threading.Event()
 
-    def slow(self: PasswordHasher, hash: str | bytes, password: str | bytes) -> bool:
-        time.sleep(0.3)
+    def held(self: PasswordHasher, hash: str | bytes, password: str | bytes) -> bool:
+        started.set()
+        assert release.wait(timeout=10), "never released: the event loop was blocked"
         return True
 
-    monkeypatch.setattr(PasswordHasher, "verify", slow)
+    monkeypatch.setattr(PasswordHasher, "verify", held)
     monkeypatch.setattr(PasswordHasher, "check_needs_rehash", lambda self, hash: False)
-    ticks = 0
 
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
+    async def release_once_one_is_running() -> None:
+        for _ in range(30_000):  # the loop polls, without blocking, until one is under way
+            if started.is_set():
+                release.set()
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError("no verification started")
 
-    task = asyncio.create_task(ticker())
-    try:
-        results = await asyncio.gather(
-            fast.verify_async("stored", GOOD), fast.verify_async("stored", GOOD)
-        )
-    finally:
-        task.cancel()
-    assert list(results) == [Verification(ok=True), Verification(ok=True)]
-    assert ticks >= 10  # the loop ticked all along (it would tick 0 times if blocked)
+    results = await asyncio.gather(
+        fast.verify_async("stored", GOOD),
+        fast.verify_async("stored", GOOD),
+        release_once_one_is_running(),
+    )
+    assert list(results[:2]) == [Verification(ok=True), Verification(ok=True)]

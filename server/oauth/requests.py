@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import time
 from typing import Any
 from urllib.parse import unquote
 
@@ -18,7 +17,7 @@ from authlib.oauth2.rfc6749.requests import BasicOAuth2Payload
 from starlette.requests import Request
 
 from ..forms import FormError, read_form
-from ..models import RefreshFamily
+from ..models import RefreshFamily, now
 
 
 class PayloadTooLargeError(InvalidRequestError):  # type: ignore[misc]
@@ -34,7 +33,7 @@ class FormRequest(OAuth2Request):  # type: ignore[misc]
         self.payload = BasicOAuth2Payload(form)
         self._form = form
         #: One clock reading per request, so every row and claim it writes agrees.
-        self.issued_at = int(time.time())
+        self.issued_at = now()
         #: The refresh-token family this request starts or continues, if any.
         self.family: RefreshFamily | None = None
         #: Authorization requests: the browser session and when its person signed in.

@@ -6,6 +6,10 @@ client's for the admin API, which creates, changes and deletes what it generates
 of the test's own. The checks are schemathesis's own: no server error, status codes and
 content types that the schema documents, response bodies that match their declared models,
 valid data accepted and invalid data refused.
+
+The generation is random; its seed is shown at the end of the report and on a failure, and
+``AUTH_TEST_SEED=<n>`` replays the same requests (tests/seeds.py). The server's own random
+values (ids, secrets) differ from run to run, so an answer that depends on them may not.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+from tests.seeds import Seeded, run_with, seed_for
 
 from .conftest import cli, server_env, start_server
 
@@ -85,9 +91,10 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str
 
 
 def test_the_json_apis_never_fail_and_always_match_their_schema(
-    running: tuple[str, str, str],
+    running: tuple[str, str, str], request: pytest.FixtureRequest
 ) -> None:
     url, person, admin = running
+    seeded = seed_for(request)  # random unless AUTH_TEST_SEED names one
     schema = schemathesis.openapi.from_url(url + "/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 24  # every documented operation, each on its own below
@@ -106,7 +113,7 @@ def test_the_json_apis_never_fail_and_always_match_their_schema(
         semantic = {"400", "409"} & set(responses)
         excluded = [positive_data_acceptance] if semantic else []
         headers = {"Authorization": f"Bearer {token}"}
-        statuses = fuzz(operation, headers, excluded, GenerationMode.POSITIVE)
+        statuses = fuzz(operation, headers, excluded, GenerationMode.POSITIVE, seeded)
         # The token was accepted throughout: the run exercised the operation, not the guard.
         assert not statuses & {401, 403}, (operation.label, statuses)
         seen[operation.label] = statuses
@@ -114,7 +121,7 @@ def test_the_json_apis_never_fail_and_always_match_their_schema(
             # Invalid data (wrong types, missing fields, bad formats): schemathesis's
             # negative_data_rejection check fails any that is accepted and truly invalid (an
             # unknown query parameter, say, is ignored, not invalid); no 5xx either way.
-            refused = fuzz(operation, headers, [], GenerationMode.NEGATIVE)
+            refused = fuzz(operation, headers, [], GenerationMode.NEGATIVE, seeded)
             assert refused & {400, 404, 422}, (operation.label, refused)
     # Each operation answered valid data with something besides 422 at least once (the data
     # reached the handler), and each listing and read succeeded.
@@ -124,16 +131,25 @@ def test_the_json_apis_never_fail_and_always_match_their_schema(
 
 
 def fuzz(
-    operation: Any, headers: dict[str, str], excluded: list[Any], mode: GenerationMode
+    operation: Any,
+    headers: dict[str, str],
+    excluded: list[Any],
+    mode: GenerationMode,
+    seeded: Seeded,
 ) -> set[int]:
-    """Run the generated cases; the status codes seen."""
+    """Run the generated cases (the same ones for the same seed); the status codes seen."""
     statuses: set[int] = set()
 
     @given(case=operation.as_strategy(mode))
-    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=40,
+        deadline=None,
+        database=None,  # only the seed decides what runs
+        suppress_health_check=list(HealthCheck),
+    )
     def run(case: Any) -> None:
         response = case.call_and_validate(headers=headers, excluded_checks=excluded)
         statuses.add(response.status_code)
 
-    run()
+    run_with(seeded, run)
     return statuses

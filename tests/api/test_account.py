@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from server import manage
-from server.config import Env, Settings
+from server import manage, models
+from server.config import Env
 from server.deps import AppState
 from server.main import create_app
 from server.observability import AUDIT_LISTENERS
@@ -152,38 +152,23 @@ async def test_a_bad_token_is_a_401_invalid_token(client: httpx.AsyncClient, tok
 
 
 async def test_an_expired_token_is_refused(
-    settings: Settings, keys_dir: Path, make_user: MakeUser, make_client: MakeClient
+    client: httpx.AsyncClient,
+    app_client: ClientCreds,
+    make_user: MakeUser,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    short = create_app(settings.model_copy(update={"access_token_ttl": 2}))
-    async with short.router.lifespan_context(short):
-        transport = httpx.ASGITransport(app=short)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-            state: AppState = short.state.auth
-            async with state.db.sessions() as db:
-                created = await manage.create_client(
-                    db, client_id="quick", grants=["password"], scope="account", first_party=True
-                )
-                await manage.create_user(
-                    db, state.passwords, username="eve", password="correct horse battery"
-                )
-                await db.commit()
-            issued = await http.post(
-                "/oauth2/token",
-                data={
-                    "grant_type": "password",
-                    "username": "eve",
-                    "password": "correct horse battery",
-                },
-                auth=("quick", str(created.secret)),
-            )
-            token = issued.json()["access_token"]
-            assert (await http.get("/api/v1/me", headers=bearer(token))).status_code == 200
-            # exp is whole seconds: with a 1 s lifetime a token issued late in a second could
-            # be expired at once (a flake seen once); with 2 s it lives at least 1 s.
-            time.sleep(3.1)  # past exp; no timing is asserted
-            expired = await http.get("/api/v1/me", headers=bearer(token))
-            assert expired.status_code == 401
-            assert expired.json()["error_code"] == "invalid_token"
+    # The server's clock (models.clock) is frozen, then moved: no waiting for exp.
+    issued_at = int(time.time())
+    monkeypatch.setattr(models, "clock", lambda: issued_at)
+    issued = await sign_in(client, app_client, await make_user("eve"))
+    token, lifetime = issued["access_token"], int(issued["expires_in"])
+    monkeypatch.setattr(models, "clock", lambda: issued_at + lifetime - 1)
+    last_second = await client.get("/api/v1/me", headers=bearer(token))
+    assert last_second.status_code == 200, last_second.text
+    monkeypatch.setattr(models, "clock", lambda: issued_at + lifetime)  # now == exp: expired
+    expired = await client.get("/api/v1/me", headers=bearer(token))
+    assert expired.status_code == 401
+    assert expired.json()["error_code"] == "invalid_token"
 
 
 async def test_a_client_credentials_token_has_no_person_behind_it(

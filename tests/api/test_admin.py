@@ -13,8 +13,7 @@ import httpx
 import pytest
 from sqlalchemy import update
 
-from server import manage
-from server.config import Settings
+from server import manage, models
 from server.deps import AppState
 from server.keys import KeyStore
 from server.main import create_app
@@ -224,27 +223,19 @@ async def test_a_non_admin_client_cannot_get_the_admin_scope(
 
 
 async def test_an_expired_admin_token_is_refused(
-    settings: Settings, make_client: MakeClient
+    client: httpx.AsyncClient, ops: ClientCreds, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    short = create_app(settings.model_copy(update={"access_token_ttl": 2}))
-    async with short.router.lifespan_context(short):
-        state: AppState = short.state.auth
-        async with state.db.sessions() as db:
-            created = await manage.create_client(
-                db, client_id="quick-ops", admin=True, grants=["client_credentials"]
-            )
-            await db.commit()
-        transport = httpx.ASGITransport(app=short)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-            creds = ClientCreds("quick-ops", created.secret)
-            token = (await client_token(http, creds, scope="admin")).json()["access_token"]
-            assert (await http.get("/admin/v1/clients", headers=bearer(token))).status_code == 200
-            # exp is whole seconds: with a 1 s lifetime a token issued late in a second could
-            # be expired at once (a flake seen once); with 2 s it lives at least 1 s.
-            time.sleep(3.1)  # past exp; no timing is asserted
-            expired = await http.get("/admin/v1/clients", headers=bearer(token))
-            assert expired.status_code == 401
-            assert expired.json()["error_code"] == "invalid_token"
+    # The server's clock (models.clock) is frozen, then moved: no waiting for exp.
+    issued_at = int(time.time())
+    monkeypatch.setattr(models, "clock", lambda: issued_at)
+    issued = (await client_token(client, ops, scope="admin")).json()
+    token, lifetime = issued["access_token"], int(issued["expires_in"])
+    monkeypatch.setattr(models, "clock", lambda: issued_at + lifetime - 1)
+    assert (await client.get("/admin/v1/clients", headers=bearer(token))).status_code == 200
+    monkeypatch.setattr(models, "clock", lambda: issued_at + lifetime)  # now == exp: expired
+    expired = await client.get("/admin/v1/clients", headers=bearer(token))
+    assert expired.status_code == 401
+    assert expired.json()["error_code"] == "invalid_token"
 
 
 async def test_a_deleted_or_demoted_admin_client_is_refused_at_once(
