@@ -35,6 +35,10 @@ from server.keys import KeyStore
 from server.main import create_app
 from server.models import Base
 
+#: Lists the seeds of the randomised tests at the end of every run, pytest-xdist's included
+#: (the plugin must be loaded in the controlling process).
+pytest_plugins = ["tests.seeds"]
+
 PG_ADMIN_URL = os.environ.get(
     "AUTH_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 )
