@@ -113,7 +113,7 @@ def _results(report: Report) -> list[str]:
         f"| {summary['passed']} | {summary['failed']} | {summary['skipped']} "
         f"| {summary['errors']} | {summary['total']} |",
         "",
-        f"Wall time: **{minutes} min {seconds:02d} s** ({report['wall_seconds']} s, collection "
+        f"Wall time: **{minutes} min {seconds:02d} s** ({report['wall_seconds']:.1f} s, collection "
         f"included, {how}). Tests per database: "
         + ", ".join(f"{count} on {backend}" for backend, count in per_backend.items())
         + f", {len(tests) - sum(per_backend.values())} on neither or on their own.",

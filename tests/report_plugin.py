@@ -151,7 +151,7 @@ def build_report(
     counts = Counter(result.outcome for result in results)
     return Report(
         generated_at=generated_at.isoformat(timespec="seconds"),
-        wall_seconds=round(wall_seconds, 1),
+        wall_seconds=round(wall_seconds, 3),
         workers=workers,
         summary=Summary(
             passed=counts["passed"],

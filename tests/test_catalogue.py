@@ -193,7 +193,7 @@ def test_build_report_marks_features_tested_by_a_passing_test() -> None:
     report = _report()
     assert report["summary"] == {"passed": 1, "failed": 1, "skipped": 1, "errors": 1, "total": 4}
     assert report["generated_at"] == "2025-01-02T03:04:05+00:00"
-    assert (report["wall_seconds"], report["workers"]) == (421.1, 2)
+    assert (report["wall_seconds"], report["workers"]) == (421.06, 2)
     tested = {f["id"]: (f["tested"], [t["nodeid"] for t in f["tests"]]) for f in report["features"]}
     assert tested == {
         "a": (True, ["t.py::test_a[sqlite-1]", "t.py::test_a[postgresql-2]"]),
