@@ -318,7 +318,6 @@ def server_env(database_url: str, keys: Path, issuer: str) -> dict[str, str]:
         "AUTH_ISSUER": issuer,
         "AUTH_LOG_LEVEL": "info",
         "AUTH_RATE_LIMITS_ENABLED": "false",  # limits are measured by their own tests
-        "AUTH_DB_POOL_SIZE": "10",
         **EXTRA_ENV,
     }
 

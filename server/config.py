@@ -97,8 +97,13 @@ class Settings(BaseSettings):
 
     #: Largest request body the OAuth endpoints read, in bytes.
     max_body_bytes: int = Field(default=16_384, ge=1024)
-    db_pool_size: int = Field(default=10, ge=1)
-    db_max_overflow: int = Field(default=10, ge=0)
+    #: PostgreSQL connections a worker keeps, and how many more it may open for a burst. No
+    #: overflow by default: SQLAlchemy closes an overflow connection as soon as it is returned,
+    #: so a worker serving more concurrent requests than its pool opened and dropped
+    #: connections inside requests (TCP, authentication and SSL set-up each time). A burst past
+    #: the pool waits up to ``db_pool_timeout`` for a pooled connection instead.
+    db_pool_size: int = Field(default=20, ge=1)
+    db_max_overflow: int = Field(default=0, ge=0)
     #: Seconds: to open a connection, to wait for a free pooled one, for one statement.
     #: A database that stops answering costs a request at most about these, never a hang.
     db_connect_timeout: float = Field(default=5.0, gt=0)

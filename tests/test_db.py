@@ -17,7 +17,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, inspect, select, text
+from sqlalchemy import Connection, event, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from server import db as server_db
@@ -38,6 +38,7 @@ from server.db import (
     session_factory,
     transaction,
 )
+from server.deps import AppState
 from server.main import create_app
 from server.models import Base, Client
 from tests.conftest import (
@@ -633,3 +634,45 @@ async def test_an_existing_sqlite_file_others_can_read_is_made_private_with_a_wa
     assert recorded.warnings == [
         ("sqlite.permissions_tightened", {"path": str(path), "mode_was": "644", "mode": "600"})
     ]
+
+
+@pytest.mark.feature("postgres-backend")
+async def test_a_worker_busier_than_its_old_pool_connects_only_once(
+    postgresql_url: str, keys_dir: Path
+) -> None:
+    """16 requests at once, rounds of them: the pool opens connections in the first round and
+    keeps them. With the old default of 10 + 10 overflow, every round opened (and dropped) 6
+    connections inside requests, since an overflow connection is closed when it is returned."""
+    settings = make_settings(postgresql_url, keys_dir, rate_limits_enabled=False)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        state: AppState = app.state.auth
+        connects: list[object] = []
+        event.listen(state.db.engine.sync_engine, "connect", lambda *_: connects.append(1))
+        async with state.db.sessions() as db:
+            created = await manage.create_client(
+                db, client_id=f"busy-{uuid.uuid4().hex[:8]}", grants=["client_credentials"]
+            )
+            await db.commit()
+        assert created.secret is not None
+        auth = (created.client.client_id, created.secret)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+
+            async def burst() -> set[int]:
+                answers = await asyncio.gather(
+                    *(
+                        http.post(
+                            "/oauth2/token", data={"grant_type": "client_credentials"}, auth=auth
+                        )
+                        for _ in range(16)
+                    )
+                )
+                return {answer.status_code for answer in answers}
+
+            assert await burst() == {200}
+            opened = len(connects)
+            assert 0 < opened <= settings.db_pool_size
+            for _ in range(3):
+                assert await burst() == {200}
+            assert len(connects) == opened, "connections were opened inside later requests"
