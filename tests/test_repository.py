@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -190,3 +191,48 @@ def test_gitignore_keeps_secrets_out(path: str, ignored: bool) -> None:
         ["git", "check-ignore", "--no-index", "-q", path], cwd=ROOT, check=False
     )
     assert (result.returncode == 0) is ignored, path
+
+
+def _server_imports() -> dict[str, set[str]]:
+    """Module → the modules of ``server/`` it imports (``TYPE_CHECKING`` imports included)."""
+    paths = {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): path
+        for path in (ROOT / "server").rglob("*.py")
+    }
+    graph: dict[str, set[str]] = {name: set() for name in paths}
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: ``.`` is the package, ``..`` its parent
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*parts, node.module] if node.module else parts)
+                else:
+                    base = node.module or ""
+                targets = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            graph[name] |= {target for target in targets if target in graph} - {name}
+    return graph
+
+
+@pytest.mark.feature("repo-layout")
+def test_server_has_no_import_cycle() -> None:
+    """ARCHITECTURE.md: modules depend one way (a type-only import counts too)."""
+    graph = _server_imports()
+    assert graph["server.oauth.server"] >= {"server.oauth.grants", "server.oauth.endpoints"}
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            for step in graph[todo.pop()] - seen:
+                if step == goal:
+                    return True
+                seen.add(step)
+                todo.append(step)
+        return False
+
+    cycles = sorted(name for name in graph if reaches(name, name))
+    assert cycles == []

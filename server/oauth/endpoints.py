@@ -17,7 +17,7 @@ on the same authorization grant"). Revoking an access token adds its ``jti`` to 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from authlib.oauth2.rfc6749.errors import InvalidRequestError, OAuth2Error
 from authlib.oauth2.rfc7009 import RevocationEndpoint
@@ -36,10 +36,8 @@ from ..models import (
 )
 from ..observability import audit
 from ..tokens import access_token_is_live, decode_access_token
+from .context import OAuthServer
 from .grants import CONFIDENTIAL_CLIENT_AUTH, USER_CLIENT_AUTH
-
-if TYPE_CHECKING:
-    from .server import TokenServer
 
 
 @dataclass
@@ -64,7 +62,7 @@ class LiveToken:
 
 
 class _Lookup:
-    server: TokenServer
+    server: OAuthServer
     SUPPORTED_TOKEN_TYPES = ("access_token", "refresh_token")
 
     def check_params(self, request: Any, client: Client) -> None:

@@ -12,7 +12,7 @@ Authlib's defaults are overridden where they fall short of SPEC.md:
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from authlib.oauth2.rfc6749 import grants
 from authlib.oauth2.rfc6749.errors import (
@@ -37,9 +37,7 @@ from ..models import (
 )
 from ..observability import audit
 from . import resources as rfc8707
-
-if TYPE_CHECKING:
-    from .server import TokenServer
+from .context import OAuthServer
 
 USER_CLIENT_AUTH = ["client_secret_basic", "client_secret_post", "none"]
 CONFIDENTIAL_CLIENT_AUTH = ["client_secret_basic", "client_secret_post"]
@@ -57,7 +55,7 @@ def resolve_scope(requested: str | None, allowed: list[str]) -> str:
 
 
 class _Grant:
-    server: TokenServer
+    server: OAuthServer
     request: Any
     GRANT_TYPE: str
 
