@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
+import json
 import os
 import re
 import shutil
@@ -21,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
 from alembic import command
 from fastapi import FastAPI
 from sqlalchemy import text
@@ -28,6 +31,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from server import manage
+from server.cli import main
 from server.config import Settings
 from server.db import MIGRATIONS_DIR, alembic_config, head_revision
 from server.deps import AppState
@@ -157,6 +161,16 @@ def postgresql_url() -> Iterator[str]:
     migrate(url)
     yield url
     _drop_pg_database(url)
+
+
+@pytest.fixture
+def own_postgresql_url() -> Iterator[str]:
+    """A PostgreSQL database of this test's own, with no schema, dropped after it."""
+    url = _new_pg_database()
+    try:
+        yield url
+    finally:
+        _drop_pg_database(url)
 
 
 @pytest.fixture(scope="session")
@@ -378,3 +392,70 @@ async def sign_in(http: httpx.AsyncClient, user: UserCreds, next_url: str = "") 
     )
     assert response.status_code == 303, response.text
     return response
+
+
+# -- the command line, in this process ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def messages(self) -> list[str]:
+        """stderr without the JSON log lines: what the operator reads."""
+        return [line for line in self.err.splitlines() if not line.startswith("{")]
+
+    @property
+    def logs(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.err.splitlines() if line.startswith("{")]
+
+    def json(self) -> Any:
+        lines = self.out.splitlines()
+        assert len(lines) == 1, self.out
+        return json.loads(lines[0])
+
+
+class Cli:
+    def __init__(self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+        self.capsys = capsys
+        self.monkeypatch = monkeypatch
+
+    def __call__(self, *argv: str, stdin: str | io.StringIO | None = None) -> Run:
+        source = stdin if isinstance(stdin, io.StringIO) else io.StringIO(stdin or "")
+        self.monkeypatch.setattr("sys.stdin", source)
+        self.capsys.readouterr()
+        code = main(list(argv))
+        out, err = self.capsys.readouterr()
+        return Run(code, out, err)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """``main`` points structlog at the captured stderr: put the previous setup back after."""
+    config = structlog.get_config()
+    yield
+    structlog.configure(**config)
+
+
+@pytest.fixture
+def environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """A clean ``AUTH_*`` environment in a directory of the test's own (no stray ``.env``)."""
+    for name in list(os.environ):
+        if name.startswith("AUTH_") and not name.startswith("AUTH_TEST_"):
+            monkeypatch.delenv(name)
+    monkeypatch.delenv("PORT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTH_ENV", "testing")
+    monkeypatch.setenv("AUTH_ARGON2_MEMORY_COST", "1024")
+    monkeypatch.setenv("AUTH_ARGON2_TIME_COST", "1")
+    return monkeypatch
+
+
+@pytest.fixture
+def cli(
+    environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> Cli:
+    return Cli(capsys, environment)

@@ -19,13 +19,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 from unittest.mock import ANY
 
 import pytest
-import structlog
 import uvicorn
 from argon2 import PasswordHasher
 from sqlalchemy import select
@@ -46,8 +44,16 @@ from server.models import (
     User,
     sha256_hex,
 )
-from tests.conftest import _drop_pg_database, _new_pg_database, migrate_with, next_release
+from tests.conftest import (
+    Cli,
+    Run,
+    _drop_pg_database,
+    _new_pg_database,
+    migrate_with,
+    next_release,
+)
 
+pytestmark = pytest.mark.usefixtures("restore_logging")
 T = TypeVar("T")
 
 PASSWORD = "correct horse battery"
@@ -66,73 +72,11 @@ def migrate_hint() -> str:
 # -- running the command line --------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Run:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def messages(self) -> list[str]:
-        """stderr without the JSON log lines: what the operator reads."""
-        return [line for line in self.err.splitlines() if not line.startswith("{")]
-
-    @property
-    def logs(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.err.splitlines() if line.startswith("{")]
-
-    def json(self) -> Any:
-        lines = self.out.splitlines()
-        assert len(lines) == 1, self.out
-        return json.loads(lines[0])
-
-
 class Terminal(io.StringIO):
     """Standard input that is an interactive terminal."""
 
     def isatty(self) -> bool:
         return True
-
-
-class Cli:
-    def __init__(self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
-        self.capsys = capsys
-        self.monkeypatch = monkeypatch
-
-    def __call__(self, *argv: str, stdin: str | io.StringIO | None = None) -> Run:
-        source = stdin if isinstance(stdin, io.StringIO) else io.StringIO(stdin or "")
-        self.monkeypatch.setattr("sys.stdin", source)
-        self.capsys.readouterr()
-        code = main(list(argv))
-        out, err = self.capsys.readouterr()
-        return Run(code, out, err)
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """``main`` points structlog at the captured stderr: put the previous setup back after."""
-    config = structlog.get_config()
-    yield
-    structlog.configure(**config)
-
-
-@pytest.fixture
-def environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
-    """A clean ``AUTH_*`` environment in a directory of the test's own (no stray ``.env``)."""
-    for name in list(os.environ):
-        if name.startswith("AUTH_") and not name.startswith("AUTH_TEST_"):
-            monkeypatch.delenv(name)
-    monkeypatch.delenv("PORT", raising=False)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("AUTH_ENV", "testing")
-    monkeypatch.setenv("AUTH_ARGON2_MEMORY_COST", "1024")
-    monkeypatch.setenv("AUTH_ARGON2_TIME_COST", "1")
-    return monkeypatch
-
-
-@pytest.fixture
-def cli(environment: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
-    return Cli(capsys, environment)
 
 
 @pytest.fixture

@@ -42,8 +42,6 @@ from server.deps import AppState
 from server.main import create_app
 from server.models import Base, Client
 from tests.conftest import (
-    _drop_pg_database,
-    _new_pg_database,
     make_settings,
     migrate,
     migrate_with,
@@ -67,12 +65,8 @@ def fresh_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterat
     """A database of this test's own, with no schema at all."""
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}"
-        return
-    url = _new_pg_database()
-    try:
-        yield url
-    finally:
-        _drop_pg_database(url)
+    else:
+        yield request.getfixturevalue("own_postgresql_url")
 
 
 async def schema_error(settings: Settings) -> SchemaNotAtHeadError | None:

@@ -9,25 +9,19 @@ included) and accepts every live refresh token, while a revoked one stays revoke
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-import structlog
 
 from server import manage
-from server.cli import main
 from server.config import Settings
 from server.db import SchemaNotAtHeadError, create_engine, head_revision
 from server.dbcopy import copy_database
 from server.deps import AppState
 from server.main import create_app
 from tests.conftest import (
-    _drop_pg_database,
-    _new_pg_database,
+    Cli,
     make_settings,
     migrate,
     migrate_with,
@@ -38,52 +32,9 @@ pytestmark = pytest.mark.feature("sqlite-to-postgres", "sqlite-backend", "postgr
 PASSWORD = "correct horse battery"
 
 
-@dataclass
-class Run:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-Cli = Callable[..., Run]
-
-
-@pytest.fixture
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Iterator[Cli]:
-    """``python -m server`` with this environment, run in this process."""
-
-    def run(env: dict[str, str], *argv: str) -> Run:
-        with monkeypatch.context() as patch:
-            for name in [name for name in os.environ if name.startswith("AUTH_")]:
-                patch.delenv(name)
-            for name, value in env.items():
-                patch.setenv(name, value)
-            capsys.readouterr()
-            code = main(list(argv))
-            out, err = capsys.readouterr()
-        return Run(code, out, err)
-
-    config = structlog.get_config()  # main points structlog at the captured stderr
-    yield run
-    structlog.configure(**config)
-
-
-def server_env(database_url: str, keys_dir: Path) -> dict[str, str]:
-    return {
-        "AUTH_ENV": "development",
-        "AUTH_DATABASE_URL": database_url,
-        "AUTH_KEYS_DIR": str(keys_dir),
-        "AUTH_ISSUER": "http://127.0.0.1:8000",
-    }
-
-
-@pytest.fixture
-def empty_pg() -> Iterator[str]:
-    url = _new_pg_database()
-    try:
-        yield url
-    finally:
-        _drop_pg_database(url)
+def point_at(environment: pytest.MonkeyPatch, database_url: str, keys_dir: Path) -> None:
+    environment.setenv("AUTH_DATABASE_URL", database_url)
+    environment.setenv("AUTH_KEYS_DIR", str(keys_dir))
 
 
 async def _populate(settings: Settings) -> dict[str, str]:
@@ -148,37 +99,41 @@ async def _check(settings: Settings, saved: dict[str, str]) -> None:
 
 
 def test_a_sqlite_deployment_moves_to_postgresql(
-    tmp_path: Path, keys_dir: Path, empty_pg: str, cli: Cli
+    tmp_path: Path,
+    keys_dir: Path,
+    own_postgresql_url: str,
+    cli: Cli,
+    environment: pytest.MonkeyPatch,
 ) -> None:
     sqlite_url = f"sqlite+aiosqlite:///{tmp_path / 'auth.db'}"
     migrate(sqlite_url)
     saved = asyncio.run(_populate(make_settings(sqlite_url, keys_dir)))
 
-    env = server_env(empty_pg, keys_dir)
-    assert cli(env, "migrate").returncode == 0
-    copied = cli(env, "copy-from", sqlite_url)
-    assert copied.returncode == 0, copied.stderr
-    lines = dict(line.split(": ") for line in copied.stdout.splitlines())
+    point_at(environment, own_postgresql_url, keys_dir)
+    assert cli("migrate").code == 0
+    copied = cli("copy-from", sqlite_url)
+    assert copied.code == 0, copied.err
+    lines = dict(line.split(": ") for line in copied.out.splitlines())
     assert lines["users"] == "3"
     assert lines["clients"] == "1"
     assert lines["refresh_tokens"] == "2"
 
-    asyncio.run(_check(make_settings(empty_pg, keys_dir), saved))
+    asyncio.run(_check(make_settings(own_postgresql_url, keys_dir), saved))
 
-    again = cli(env, "copy-from", sqlite_url)  # never into a database that has rows
-    assert again.returncode == 1
-    assert "the target database is not empty (clients holds 1 row)" in again.stderr
+    again = cli("copy-from", sqlite_url)  # never into a database that has rows
+    assert again.code == 1
+    assert "the target database is not empty (clients holds 1 row)" in again.err
 
 
 def test_copy_refuses_a_source_that_is_not_migrated(
-    tmp_path: Path, keys_dir: Path, cli: Cli
+    tmp_path: Path, keys_dir: Path, cli: Cli, environment: pytest.MonkeyPatch
 ) -> None:
     target = f"sqlite+aiosqlite:///{tmp_path / 'target.db'}"
     migrate(target)
-    env = server_env(target, keys_dir)
-    result = cli(env, "copy-from", f"sqlite+aiosqlite:///{tmp_path / 'nothing.db'}")
-    assert result.returncode == 1
-    assert "run `python -m server migrate`" in result.stderr
+    point_at(environment, target, keys_dir)
+    result = cli("copy-from", f"sqlite+aiosqlite:///{tmp_path / 'nothing.db'}")
+    assert result.code == 1
+    assert "run `python -m server migrate`" in result.err
 
 
 @pytest.mark.feature("schema-at-head", "rollback-compatible-schema")
