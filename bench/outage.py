@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -36,7 +34,7 @@ from server.config import Settings
 from server.keys import KeyStore
 from tests.faultproxy import FaultProxy
 
-from .run import ARTIFACTS, ROOT, basic, cli, database, free_port, server_env, stop, wait_for
+from .run import ARTIFACTS, basic, cli, database, free_port, server_env, start, stop
 
 CLIENTS = 4
 BEFORE_CUT = 2.0  # s of normal service before each cut
@@ -146,17 +144,8 @@ def run() -> list[Outage]:
                 )
             )
             auth = basic(created["client_id"], created["client_secret"])
-            log_path = workdir / "server.log"
-            with log_path.open("w") as log:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "server", "serve", "--port", str(port)],
-                    env=env,
-                    cwd=ROOT,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
+            process = start(env, port, 1, workdir / "server.log")
             try:
-                wait_for(url + "/readyz", process, log_path)
                 outages = [measure(url, auth, proxy, mode) for mode in ("reset", "blackhole")]
             finally:
                 stop(process)

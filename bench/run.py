@@ -322,6 +322,30 @@ def server_env(database_url: str, keys: Path, issuer: str) -> dict[str, str]:
     }
 
 
+def start(env: dict[str, str], port: int, workers: int, log_path: Path) -> subprocess.Popen[bytes]:
+    """``python -m server serve`` on ``port``, logging to ``log_path``, once it is ready."""
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "server", "serve"),
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(f"http://127.0.0.1:{port}/readyz", process, log_path)
+    except BaseException:
+        stop(process)
+        raise
+    return process
+
+
 @contextmanager
 def serving(
     backend: str, workers: int, workdir: Path, keys: Path
@@ -331,26 +355,8 @@ def serving(
     with database(backend, workdir) as database_url:
         env = server_env(database_url, keys, url)
         cli(env, "migrate")
-        log_path = workdir / f"server-{backend}-{workers}.log"
-        with log_path.open("w") as log:
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "server",
-                    "serve",
-                    "--port",
-                    str(port),
-                    "--workers",
-                    str(workers),
-                ],
-                env=env,
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        process = start(env, port, workers, workdir / f"server-{backend}-{workers}.log")
         try:
-            wait_for(url + "/readyz", process, log_path)
             yield seed(url, env, workdir), process
         finally:
             stop(process)
