@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import stat
 import threading
 import time
@@ -39,6 +40,8 @@ from joserfc import jwt
 from joserfc.jwk import RSAKey
 
 MANIFEST = "keys.json"
+#: A key file's name: the key's RFC 7638 thumbprint (SHA-256, base64url, 43 characters).
+KID_FILE = re.compile(r"[A-Za-z0-9_-]{43}\.pem")
 RSA_BITS = 2048
 
 
@@ -361,10 +364,12 @@ class KeyStore:
             for kid in removed:
                 self._pem_path(kid).unlink(missing_ok=True)
             listed = {self._pem_path(info.kid).name for info in remaining}
+            # Only files named as this store names keys (<RFC 7638 thumbprint>.pem): a backup
+            # an operator keeps here under another name is not ours to delete.
             orphans = sorted(
                 path.name
                 for path in self.directory.glob("*.pem")
-                if path.name not in listed and path.is_file()
+                if path.name not in listed and KID_FILE.fullmatch(path.name) and path.is_file()
             )
             for name in orphans:
                 (self.directory / name).unlink(missing_ok=True)

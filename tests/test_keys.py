@@ -593,13 +593,15 @@ def test_prune_removes_key_files_left_by_an_interrupted_rotation(tmp_path: Path)
     # What a rotation killed after writing its new key and before keys.json leaves behind.
     orphan = store._generate("next")
     (tmp_path / "keys.tmp").write_text('{"keys": [')
-    assert len(list(tmp_path.glob("*.pem"))) == 3
+    backup = tmp_path / "backup-2026.pem"  # an operator's file, not named like a key of ours
+    backup.write_bytes((tmp_path / f"{orphan.kid}.pem").read_bytes())
+    assert len(list(tmp_path.glob("*.pem"))) == 4
 
     pruned = store.prune(max_token_lifetime=900)
 
     assert pruned == PruneResult([], [], [f"{orphan.kid}.pem"])
     assert not (tmp_path / "keys.tmp").exists()
-    assert {path.stem for path in tmp_path.glob("*.pem")} == listed
+    assert {path.stem for path in tmp_path.glob("*.pem")} == {*listed, backup.stem}
     assert set(states(tmp_path)) == listed
     assert KeyStore(tmp_path).load().kid == kid_in(tmp_path, "current")
     assert store.prune(max_token_lifetime=900) == PruneResult([], [], [])
