@@ -1,0 +1,131 @@
+"""Checks of what the server publishes: health, the two discovery documents and the JWKS."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from joserfc.errors import JoseError
+from joserfc.jwk import RSAKey
+
+from .context import INTROSPECT_PATH, JWKS_PATH, REVOKE_PATH, TOKEN_PATH, Context, check
+from .outcome import CheckFailed
+from .parse import b64url_decode, cache_directives, json_object, short
+
+DISCOVERY_PATHS = ("/.well-known/openid-configuration", "/.well-known/oauth-authorization-server")
+#: Endpoint metadata (RFC 8414 §2) and the fixed path each must point to (SPEC.md, Endpoints).
+ENDPOINTS = {
+    "token_endpoint": TOKEN_PATH,
+    "jwks_uri": JWKS_PATH,
+    "revocation_endpoint": REVOKE_PATH,
+    "introspection_endpoint": INTROSPECT_PATH,
+}
+GRANTS = ("password", "refresh_token", "client_credentials")
+AUTH_METHOD_LISTS = (
+    "token_endpoint_auth_methods_supported",
+    "revocation_endpoint_auth_methods_supported",
+    "introspection_endpoint_auth_methods_supported",
+)
+#: RFC 7518 §6.3.2: the private members of an RSA JWK; none may be published.
+PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth")
+MIN_RSA_BITS = 2048
+
+
+@check("health")
+async def check_health(ctx: Context) -> None:
+    """/healthz (liveness) and /readyz (database and keys) answer 200."""
+    for path in ("/healthz", "/readyz"):
+        response = await ctx.get(path)
+        if response.status_code != 200:
+            raise CheckFailed(f"GET {path}: HTTP {response.status_code}")
+
+
+@check("discovery")
+async def check_discovery(ctx: Context) -> None:
+    """Both metadata documents (RFC 8414, OIDC Discovery) agree and point at this server."""
+    documents: list[dict[str, Any]] = []
+    for path in DISCOVERY_PATHS:
+        response = await ctx.get(path)
+        if response.status_code != 200:
+            raise CheckFailed(f"GET {path}: HTTP {response.status_code}")
+        documents.append(json_object(response, f"GET {path}"))
+    oidc, oauth = documents
+    for name in sorted(oidc.keys() & oauth.keys()):
+        if oidc[name] != oauth[name]:
+            raise CheckFailed(f"the two documents disagree on {name}")
+    for path, doc in zip(DISCOVERY_PATHS, documents, strict=True):
+        issuer = doc.get("issuer")
+        if issuer != ctx.base_url:
+            raise CheckFailed(f"{path}: issuer is {short(issuer)}, expected {ctx.base_url!r}")
+        for name, endpoint in ENDPOINTS.items():
+            if doc.get(name) != ctx.base_url + endpoint:
+                raise CheckFailed(f"{path}: {name} is {short(doc.get(name))}")
+        for name, value in doc.items():
+            # RFC 8414 §2: every endpoint of this server lives under its issuer.
+            under = isinstance(value, str) and value.startswith(ctx.base_url + "/")
+            if name.endswith("_endpoint") and not under:
+                raise CheckFailed(f"{path}: {name} is not under the issuer")
+        grants = doc.get("grant_types_supported")
+        if not isinstance(grants, list) or not set(GRANTS) <= set(grants):
+            raise CheckFailed(f"{path}: grant_types_supported lacks one of {', '.join(GRANTS)}")
+        for name in AUTH_METHOD_LISTS:
+            methods = doc.get(name)
+            if not isinstance(methods, list) or "client_secret_basic" not in methods:
+                raise CheckFailed(f"{path}: {name} lacks client_secret_basic")
+
+
+@check("jwks-hygiene")
+async def check_jwks_hygiene(ctx: Context) -> None:
+    """The JWKS holds public RS256 signing keys only: kid, use sig, >= 2048 bits, unique kids."""
+    response = await ctx.get(JWKS_PATH)
+    if response.status_code != 200:
+        raise CheckFailed(f"GET {JWKS_PATH}: HTTP {response.status_code}")
+    keys = json_object(response, f"GET {JWKS_PATH}").get("keys")
+    if not isinstance(keys, list) or not keys:
+        raise CheckFailed("no keys in the JWKS")
+    found: dict[str, RSAKey] = {}
+    for index, key in enumerate(keys):
+        if not isinstance(key, dict):
+            raise CheckFailed(f"key #{index} is not a JSON object")
+        kid = key.get("kid")
+        label = f"key {short(kid, 50)}" if isinstance(kid, str) else f"key #{index}"
+        leaked = [member for member in PRIVATE_MEMBERS if member in key]
+        if leaked:
+            raise CheckFailed(f"{label} publishes private member(s) {', '.join(leaked)}")
+        if not isinstance(kid, str) or not kid:
+            raise CheckFailed(f"{label} has no kid")
+        if kid in found:
+            raise CheckFailed(f"{label} appears twice")
+        for name, expected in (("kty", "RSA"), ("use", "sig"), ("alg", "RS256")):
+            if key.get(name) != expected:
+                raise CheckFailed(f"{label}: {name} is {short(key.get(name))}, expected {expected}")
+        try:
+            bits = int.from_bytes(b64url_decode(str(key.get("n", ""))), "big").bit_length()
+        except ValueError as exc:
+            raise CheckFailed(f"{label}: n is not base64url") from exc
+        if bits < MIN_RSA_BITS:
+            raise CheckFailed(f"{label} has a {bits}-bit modulus, expected >= {MIN_RSA_BITS}")
+        try:
+            found[kid] = RSAKey.import_key(key)
+        except (ValueError, JoseError) as exc:
+            raise CheckFailed(f"{label} is not a valid RSA public key") from exc
+    ctx.keys = found
+
+
+@check("jwks-cache")
+async def check_jwks_cache(ctx: Context) -> None:
+    """The JWKS is cacheable (public, max-age > 0) and revalidates with its ETag (304)."""
+    response = await ctx.get(JWKS_PATH)
+    if response.status_code != 200:
+        raise CheckFailed(f"GET {JWKS_PATH}: HTTP {response.status_code}")
+    cache_control = response.headers.get("cache-control", "")
+    directives = cache_directives(cache_control)
+    max_age = directives.get("max-age", "")
+    numeric = max_age.isascii() and max_age.isdigit()  # "²" is a digit to isdigit(), not int()
+    if "public" not in directives or not numeric or int(max_age) <= 0:
+        raise CheckFailed(f"Cache-Control is {short(cache_control)}, expected public, max-age=N")
+    etag = response.headers.get("etag")
+    if not etag:
+        raise CheckFailed("no ETag header")
+    again = await ctx.get(JWKS_PATH, headers={"If-None-Match": etag})
+    if again.status_code != 304:
+        raise CheckFailed(f"If-None-Match with the ETag: HTTP {again.status_code}, expected 304")
