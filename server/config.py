@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     #: connections inside requests (TCP, authentication and SSL set-up each time). A burst past
     #: the pool waits up to ``db_pool_timeout`` for a pooled connection instead.
     db_pool_size: int = Field(default=20, ge=1)
+    #: Seconds a process serves a client it read without reading it again (server/clients.py).
+    #: On PostgreSQL a change made through the CLI or the admin API reaches every process at
+    #: once (NOTIFY); the TTL bounds a lost notification and, on SQLite, a change made by
+    #: another process. 0 reads the client on every request.
+    client_cache_ttl: float = Field(default=5.0, ge=0, le=300)
     db_max_overflow: int = Field(default=0, ge=0)
     #: Seconds: to open a connection, to wait for a free pooled one, for one statement.
     #: A database that stops answering costs a request at most about these, never a hang.

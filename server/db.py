@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,6 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -60,6 +61,7 @@ from .observability import log
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 T = TypeVar("T")
+H = TypeVar("H", AsyncSession, AsyncConnection)
 
 
 class SchemaNotAtHeadError(RuntimeError):
@@ -264,38 +266,88 @@ class Database:
             await connection.execute(text("SELECT 1"))
 
     @asynccontextmanager
-    async def session(self) -> AsyncIterator[AsyncSession]:
-        """A session with its connection already taken; the outcome feeds the breaker.
-
-        Raises ``DatabaseUnavailable`` at once, without I/O, while the breaker is open.
-        """
+    async def _guarded(self, opened: Callable[[], Awaitable[H]]) -> AsyncIterator[H]:
+        """``opened()`` behind the breaker, connect faults retried; the outcome feeds the
+        breaker. Raises ``DatabaseUnavailable`` at once, without I/O, while it is open."""
         await self.breaker.admit(self.probe)
         try:
-            db = await self._connected_session()
-            async with db:
-                yield db
+            handle = await self._connect(opened)
+            try:
+                yield handle
+            finally:
+                await handle.close()
         except BaseException as exc:
             if is_unavailable(exc):
                 self.breaker.failure(type(exc).__name__)
             raise
         self.breaker.success()
 
-    async def _connected_session(self) -> AsyncSession:
+    async def _connect(self, opened: Callable[[], Awaitable[H]]) -> H:
         async for attempt in self._retrying():
             with attempt:
-                db = self.sessions()
-                try:
-                    await db.connection()  # checkout + pre-ping: connect faults surface here
-                except BaseException:
-                    await db.close()
-                    raise
-                return db
+                return await opened()
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    async def _session(self) -> AsyncSession:
+        db = self.sessions()
+        try:
+            await db.connection()  # checkout: connect faults surface here
+        except BaseException:
+            await db.close()
+            raise
+        return db
+
+    async def _connection(self, autocommit: bool) -> AsyncConnection:
+        connection = await self.engine.connect()
+        if autocommit and self.engine.dialect.name == "postgresql":
+            # No BEGIN and COMMIT round trips around a read. (SQLite reads stay in a
+            # transaction: they are local, and resetting the driver's autocommit mode on return
+            # to the pool would undo ``_configure_sqlite``.)
+            await connection.execution_options(isolation_level="AUTOCOMMIT")
+        return connection
+
+    def session(self) -> AbstractAsyncContextManager[AsyncSession]:
+        """An ORM session with its connection already taken (the pages, the JSON APIs)."""
+        return self._guarded(self._session)
+
+    def connection(
+        self, *, autocommit: bool = False
+    ) -> AbstractAsyncContextManager[AsyncConnection]:
+        """A Core connection (the token path: no ORM session, see ``server/oauth/store.py``).
+        Its first statement begins a transaction, except with ``autocommit`` (reads only) on
+        PostgreSQL, where each statement stands alone."""
+        return self._guarded(lambda: self._connection(autocommit))
 
     async def run(
         self,
         work: Callable[[AsyncSession], Awaitable[T]],
         settle: Callable[[AsyncSession, T], Awaitable[bool]] | None = None,
+    ) -> T:
+        """Run ``work`` on a session and commit, retrying the whole unit on a fault before the
+        commit; see ``_run``."""
+        return await self._run(self.session, work, settle)
+
+    async def run_core(
+        self,
+        work: Callable[[AsyncConnection], Awaitable[T]],
+        settle: Callable[[AsyncConnection, T], Awaitable[bool]] | None = None,
+        *,
+        autocommit: bool = False,
+    ) -> T:
+        """``run`` on a Core connection (``connection``). With ``autocommit`` the unit only
+        reads: nothing is committed (SQLite's read transaction ends when the connection is
+        returned), so there is no uncertain commit either."""
+        return await self._run(
+            lambda: self.connection(autocommit=autocommit), work, settle, commit=not autocommit
+        )
+
+    async def _run(
+        self,
+        unit: Callable[[], AbstractAsyncContextManager[H]],
+        work: Callable[[H], Awaitable[T]],
+        settle: Callable[[H, T], Awaitable[bool]] | None,
+        *,
+        commit: bool = True,
     ) -> T:
         """Run ``work`` and commit, retrying the whole unit on a fault before the commit.
 
@@ -308,25 +360,30 @@ class Database:
         async for attempt in self._retrying():
             with attempt:
                 try:
-                    async with self.session() as db:
+                    async with unit() as db:
                         result = await work(db)
-                        await _commit(db)
+                        if commit:
+                            await _commit(db)
                     return result
                 except CommitUncertain:
-                    if settle is None or not await self._settled(settle, result):
+                    if settle is None or not await self._settled(unit, settle, result):
                         raise
                     return result
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
     async def _settled(
-        self, settle: Callable[[AsyncSession, T], Awaitable[bool]], result: T
+        self,
+        unit: Callable[[], AbstractAsyncContextManager[H]],
+        settle: Callable[[H, T], Awaitable[bool]],
+        result: T,
     ) -> bool:
         """True if the commit landed; raises ``NotCommitted`` if it did not (run again)."""
         try:
-            async with self.session() as db:
+            async with unit() as db:
                 landed = await settle(db, result)
         except Exception as exc:
             if is_unavailable(exc):
+                log.warning("database.commit_unknown", error=type(exc).__name__)
                 return False  # cannot tell: the caller answers 503
             raise
         if not landed:
@@ -343,7 +400,7 @@ class NotCommitted(DatabaseUnavailable):
     """Checked after an uncertain commit: nothing was written, so the unit may run again."""
 
 
-async def _commit(db: AsyncSession) -> None:
+async def _commit(db: AsyncSession | AsyncConnection) -> None:
     try:
         await db.commit()
     except Exception as exc:

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from .clients import ClientCache
 from .config import Settings
 from .db import Database
 from .keys import KeyStore
@@ -21,6 +22,7 @@ class AppState:
     keys: KeyStore
     passwords: Passwords
     limiter: Limiter
+    clients: ClientCache
 
 
 async def get_state(request: Request) -> AppState:

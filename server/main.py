@@ -26,6 +26,8 @@ from .api.account import router as account_router
 from .api.admin import router as admin_router
 from .api.auth import ApiError
 from .breaker import DatabaseUnavailable
+from .clients import ClientCache, Listener
+from .clients import load as load_client
 from .config import Env, Settings
 from .cors import Cors
 from .db import Database, assert_schema_compatible, create_engine, is_unavailable
@@ -36,6 +38,7 @@ from .metrics import KEYS_RELOAD_FAILING, KEYS_RELOAD_FAILURES, MetricsMiddlewar
 from .metrics import router as metrics_router
 from .oauth.authorize import router as authorize_router
 from .oauth.routes import router as oauth_router
+from .oauth.server import TokenServer
 from .observability import RequestIdMiddleware, configure_logging, log
 from .passwords import Passwords
 from .ratelimit import Limiter
@@ -92,18 +95,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if settings.env is not Env.production:
                 keys.ensure()
             keys.reload()
-            app.state.auth = AppState(
+            database = Database(settings, engine)
+            postgresql = engine.dialect.name == "postgresql"
+            clients = ClientCache(
+                settings.client_cache_ttl,
+                # ``state.db`` when it is read: tests put a broken database in its place.
+                lambda client_id: load_client(app.state.auth.db, client_id),
+                trusted=not postgresql,
+            )
+            app.state.auth = state = AppState(
                 settings=settings,
-                db=Database(settings, engine),
+                db=database,
                 keys=keys,
                 passwords=Passwords(settings),
                 limiter=Limiter(settings),
+                clients=clients,
             )
+            # The OAuth core, built once: its grants and endpoints keep nothing of a request.
+            app.state.oauth = TokenServer(state, clients)
+            listener = Listener(engine, clients) if postgresql and clients.ttl > 0 else None
+            if listener is not None:
+                listener.start()
             reloader = asyncio.create_task(_reload_keys(keys, settings.key_reload_interval))
             try:
                 yield
             finally:
                 reloader.cancel()
+                if listener is not None:
+                    await listener.stop()
                 app.state.auth.limiter.close()
                 app.state.auth.passwords.close()
         finally:

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import ColumnElement, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from . import models
+from . import clients, models
 from .boundary import column_length, text_problem
 from .models import (
     AuthorizationCode,
@@ -290,6 +290,7 @@ async def update_client(
     client.scope = " ".join(scopes)
     client.redirect_uris = " ".join(dict.fromkeys(uris))
     client.post_logout_redirect_uris = " ".join(dict.fromkeys(logout_uris))
+    await clients.announce(db, [client_id])
     _audit("client.updated", actor, client_id=client_id, fields=sorted(changes))
     return client
 
@@ -299,6 +300,7 @@ async def delete_client(db: AsyncSession, client_id: str, *, actor: str | None =
     access tokens stop being live (introspection and the APIs look the client up)."""
     client = await get_client(db, client_id)
     await db.delete(client)
+    await clients.announce(db, [client_id])
     _audit("client.deleted", actor, client_id=client_id)
 
 
@@ -310,6 +312,7 @@ async def rotate_client_secret(
         raise PublicClientError(f"client {client_id!r} is public: it has no secret")
     secret = new_secret()
     client.secret_hash = sha256_hex(secret)
+    await clients.announce(db, [client_id])
     _audit("client.secret_rotated", actor, client_id=client_id)
     return secret
 

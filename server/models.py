@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from sqlalchemy import (
     BigInteger,
+    BindParameter,
     Boolean,
     ColumnElement,
     ForeignKey,
@@ -205,7 +206,9 @@ def live_families(user_id: str, at: int) -> Select[RefreshFamily, str]:
     )
 
 
-def revoke_families(*where: ColumnElement[bool], at: int, reason: str) -> Update:
+def revoke_families(
+    *where: ColumnElement[bool], at: int | BindParameter[int], reason: str | BindParameter[str]
+) -> Update:
     """The one way a family (sign-in) dies: revoked once, never re-stamped. Every rotation and
     revocation updates the family row, so they serialise on it (see ``RefreshTokenGrant``)."""
     return (

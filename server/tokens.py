@@ -17,10 +17,11 @@ from typing import Any
 
 from joserfc import jws
 from joserfc.errors import JoseError
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from .keys import KeySet
-from .models import Client, RefreshFamily, RevokedAccessToken
+from .oauth.store import access_token_live
 
 #: Far above any token we sign (about 1 KB); anything longer is not ours.
 MAX_TOKEN_LENGTH = 8192
@@ -107,17 +108,7 @@ def decode_access_token(
     return claims
 
 
-def access_token_is_live(db: Session, claims: dict[str, Any]) -> bool:
-    """The database's view of a validly signed, unexpired access token."""
-    if db.get(RevokedAccessToken, claims["jti"]) is not None:
-        return False
-    if db.get(Client, claims["client_id"]) is None:
-        return False
-    sid = claims.get("sid")
-    if isinstance(sid, str):
-        # Every user token belongs to a family (one sign-in); revoking it, signing out,
-        # disabling the user and changing the password all revoke the family (SPEC.md, Tokens).
-        family = db.get(RefreshFamily, sid)
-        return family is not None and family.revoked_at is None
-    # Only client_credentials tokens have no family; a user token always has one.
-    return "auth_time" not in claims
+def access_token_is_live(db: Session | Connection, claims: dict[str, Any]) -> bool:
+    """The database's view of a validly signed, unexpired access token (one statement,
+    ``server/oauth/store.py``)."""
+    return access_token_live(db, claims)

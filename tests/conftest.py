@@ -273,6 +273,7 @@ async def reset_app(application: FastAPI) -> None:
             await connection.execute(table.delete())
     await state.limiter.storage.reset()
     state.db.breaker.success()
+    state.clients.invalidate()  # the rows it cached are gone
 
 
 @pytest.fixture

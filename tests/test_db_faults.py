@@ -27,7 +27,7 @@ from fastapi import FastAPI
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from structlog.testing import capture_logs
 
 from server import manage, metrics
@@ -80,6 +80,10 @@ class Harness:
 async def _harness(
     database_url: str, keys_dir: Path, proxy: FaultProxy | None, **extra: Any
 ) -> AsyncIterator[Harness]:
+    # The harness's probe is client_credentials, which needs the database only to read its
+    # client: with the cache on, a cached client keeps working through an outage
+    # (test_a_cached_client_keeps_client_credentials_working_through_an_outage).
+    extra.setdefault("client_cache_ttl", 0)
     settings = make_settings(
         database_url,
         keys_dir,
@@ -319,6 +323,28 @@ async def test_sqlite_locked_by_another_writer_gives_503_not_500(
     assert harness.state.db.breaker.failures == 0
 
 
+@pytest.mark.feature("client-cache")
+async def test_a_cached_client_keeps_client_credentials_working_through_an_outage(
+    tmp_path: Path, keys_dir: Path
+) -> None:
+    """client_credentials reads nothing but its client: while the client is cached it needs
+    no database, so it keeps issuing while another writer holds SQLite's lock; what does need
+    it (here introspection) still gets 503."""
+    path = tmp_path / "outage.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    await asyncio.to_thread(migrate, url)
+    async for harness in _harness(
+        url, keys_dir, None, sqlite_busy_timeout=0.2, client_cache_ttl=60
+    ):
+        assert (await harness.token()).status_code == 200
+        with WriteLock(path):
+            assert (await harness.token()).status_code == 200
+            refused = await harness.http.post(
+                "/oauth2/introspect", data={"token": "x"}, auth=("svc", harness.secret)
+            )
+            assert_oauth_503(refused)
+
+
 async def test_sqlite_concurrent_writers_queue_instead_of_failing(
     tmp_path: Path, keys_dir: Path
 ) -> None:
@@ -448,17 +474,17 @@ async def test_a_rotation_committed_as_the_connection_died_is_answered_with_its_
         },
     )
     old = signed_in.json()["refresh_token"]
-    real_commit = AsyncSession.commit
+    real_commit = AsyncConnection.commit
     armed = True
 
-    async def commit_then_die(self: AsyncSession) -> None:
+    async def commit_then_die(self: AsyncConnection) -> None:
         nonlocal armed
         await real_commit(self)
         if armed:  # committed, and the answer lost on the way back (as above)
             armed = False
             raise lost_connection()
 
-    monkeypatch.setattr(AsyncSession, "commit", commit_then_die)
+    monkeypatch.setattr(AsyncConnection, "commit", commit_then_die)
     rotated = await pg.http.post(
         "/oauth2/token",
         data={"grant_type": "refresh_token", "refresh_token": old, "client_id": "app"},
@@ -593,8 +619,10 @@ async def test_a_database_error_that_is_not_a_fault_is_a_plain_500(
     async def broken(*_: Any, **__: Any) -> None:
         raise DBAPIError("SELECT nonsense", None, Exception("syntax error at secret-ish place"))
 
-    monkeypatch.setattr(state.db, "run", broken)
-    response = await client.post("/oauth2/token", data={"grant_type": "client_credentials"})
+    monkeypatch.setattr(state.db, "run_core", broken)
+    response = await client.post(
+        "/oauth2/token", data={"grant_type": "client_credentials", "client_id": "a"}
+    )
     assert response.status_code == 500
     # RFC 6749 §5.2: the token endpoint's clients read an OAuth error object.
     assert response.json() == {

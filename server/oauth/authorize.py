@@ -25,6 +25,7 @@ from urllib.parse import urlencode
 from authlib.common.urls import add_params_to_uri
 from authlib.oauth2.rfc6749.errors import AccessDeniedError, InvalidRequestError, OAuth2Error
 from fastapi import APIRouter, Request
+from sqlalchemy.orm import Session
 from starlette.responses import RedirectResponse, Response
 
 from ..boundary import column_length, text_problem
@@ -137,7 +138,7 @@ def decide(
     too_old = (
         who is not None
         and max_age is not None
-        and (int(max_age) == 0 or server.now - who.session.auth_time > int(max_age))
+        and (int(max_age) == 0 or request.issued_at - who.session.auth_time > int(max_age))
     )
     if who is None or too_old or ("login" in prompts and decision is None):
         if "none" in prompts:
@@ -145,7 +146,8 @@ def decide(
         return Outcome(login=True)
     client: Client = request.client
     scope: str = request.scope
-    db = server.db
+    db = request.db
+    assert isinstance(db, Session)  # the authorization endpoint runs on the ORM session
     consent = db.get(Consent, (who.user.id, client.client_id))
     allowed = set(consent.scope.split()) if consent is not None else set()
     needs_consent = not client.is_first_party and (
@@ -162,7 +164,7 @@ def decide(
             db.add(Consent(user_id=who.user.id, client_id=client.client_id, scope=scope))
         else:
             consent.scope = " ".join(dict.fromkeys([*consent.scope.split(), *scope.split()]))
-            consent.updated_at = server.now
+            consent.updated_at = request.issued_at
         audit("consent.granted", user_id=who.user.id, client_id=client.client_id, scope=scope)
     request.browser_session_id = who.session.id
     request.auth_time = who.session.auth_time
@@ -178,6 +180,10 @@ async def handle(
     query = urlencode(repeated(params))
     oauth_request = FormRequest("GET", settings.issuer + "/oauth2/authorize?" + query, {}, params)
     limiter = state.limiter
+    # The client, for Authlib's ``query_client`` (server/clients.py); before the session is
+    # opened, since a SQLite process has one connection.
+    if client_id := params.get("client_id"):
+        await state.clients.get(client_id)
     async with state.db.session() as db:
         who = await current_session(request, db, settings)
         # Codes issued per browser session (``AUTH_RATE_LIMIT_AUTHORIZE``): each is a row, so
@@ -189,9 +195,13 @@ async def handle(
         verdict = await limiter.check(codes)
         if not verdict.allowed:
             return _too_many_codes(verdict)
-        outcome: Outcome = await db.run_sync(
-            lambda session: decide(TokenServer(state, session), oauth_request, who, decision)
-        )
+        server: TokenServer = request.app.state.oauth
+
+        def on(session: Session) -> Outcome:
+            oauth_request.db = session
+            return decide(server, oauth_request, who, decision)
+
+        outcome: Outcome = await db.run_sync(on)
         await db.commit()
     if outcome.issued:
         await limiter.count(codes)

@@ -19,25 +19,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from authlib.oauth2.rfc6749.errors import InvalidRequestError, OAuth2Error
+from authlib.oauth2.rfc6749.errors import InvalidGrantError, InvalidRequestError, OAuth2Error
 from authlib.oauth2.rfc7009 import RevocationEndpoint
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint
-from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 
-from ..models import (
-    Client,
-    RefreshFamily,
-    RefreshToken,
-    RevokedAccessToken,
-    User,
-    revoke_families,
-    sha256_hex,
-)
+from ..models import Client, sha256_hex
+from ..names import CONFIDENTIAL_AUTH_METHODS, USER_AUTH_METHODS
 from ..observability import audit
-from ..tokens import access_token_is_live, decode_access_token
+from ..tokens import decode_access_token
+from . import store
 from .context import OAuthServer
-from .grants import CONFIDENTIAL_CLIENT_AUTH, USER_CLIENT_AUTH
 
 
 @dataclass
@@ -78,26 +69,32 @@ class _Lookup:
                 status_code=400,
             )
 
-    def query_token(self, token_string: str, token_type_hint: str | None) -> LiveToken | None:
-        """RFC 7009 §2.1, RFC 7662 §2.1: the hint may only speed the search up. Ours cannot
-        mislead it: an access token is a JWT (two dots), a refresh token is base64url."""
-        if token_string.count(".") == 2:
-            return self._access_token(token_string)
-        return self._refresh_token(token_string)
+    def authenticate_token(self, request: Any, client: Client) -> LiveToken | None:
+        """Authlib's, with the lookup on this request's connection and clock (Authlib's
+        ``query_token`` gets neither)."""
+        self.check_params(request, client)
+        return self.live_token(request, request.form["token"])
 
-    def _access_token(self, token: str) -> LiveToken | None:
-        server = self.server
-        settings = server.settings
+    def live_token(self, request: Any, token: str) -> LiveToken | None:
+        """RFC 7009 §2.1, RFC 7662 §2.1: the hint may only speed the search up. Ours cannot
+        mislead it: an access token is a JWT (two dots), a refresh token is base64url. One
+        statement either way."""
+        if token.count(".") == 2:
+            return self._access_token(request, token)
+        return self._refresh_token(request, token)
+
+    def _access_token(self, request: Any, token: str) -> LiveToken | None:
+        settings = self.server.settings
         claims = decode_access_token(
-            server.state.keys.keyset(),
+            self.server.state.keys.keyset(),
             token,
             issuer=settings.issuer,
             # Tokens for every resource we serve (RFC 8707): a resource server introspects
             # its own, and any of them may be revoked.
             audience=settings.audiences,
-            now=server.now,
+            now=request.issued_at,
         )
-        if claims is None or not access_token_is_live(server.db, claims):
+        if claims is None or not store.access_token_live(request.db, claims):
             return None
         public = {
             "token_type": "Bearer",  # RFC 7662 §2.2, the type of RFC 6749 §7.1
@@ -115,39 +112,24 @@ class _Lookup:
             family_id=claims.get("sid"),
         )
 
-    def _refresh_token(self, token: str) -> LiveToken | None:
-        server = self.server
-        now = server.now
-        row = server.db.execute(
-            select(RefreshToken, RefreshFamily)
-            .join(RefreshFamily, RefreshFamily.id == RefreshToken.family_id)
-            .join(User, User.id == RefreshFamily.user_id)
-            .where(
-                RefreshToken.token_hash == sha256_hex(token),
-                RefreshToken.rotated_at.is_(None),
-                RefreshToken.expires_at > now,
-                RefreshFamily.revoked_at.is_(None),
-                RefreshFamily.expires_at > now,
-                User.disabled.is_(False),
-            )
-        ).first()
-        if row is None:
+    def _refresh_token(self, request: Any, token: str) -> LiveToken | None:
+        live = store.live_refresh(request.db, sha256_hex(token), now=request.issued_at)
+        if live is None:
             return None
-        refresh, family = row
         return LiveToken(
             kind="refresh_token",
-            client_id=family.client_id,
+            client_id=live.client_id,
             claims={
                 "token_type": "refresh_token",
-                "scope": family.scope,
-                "client_id": family.client_id,
-                "sub": family.user_id,
-                "exp": refresh.expires_at,
-                "iat": refresh.created_at,
-                "iss": server.settings.issuer,
+                "scope": live.scope,
+                "client_id": live.client_id,
+                "sub": live.user_id,
+                "exp": live.expires_at,
+                "iat": live.created_at,
+                "iss": self.server.settings.issuer,
             },
-            exp=refresh.expires_at,
-            family_id=family.id,
+            exp=live.expires_at,
+            family_id=live.family_id,
         )
 
 
@@ -155,29 +137,28 @@ class Revocation(_Lookup, RevocationEndpoint):  # type: ignore[misc]
     """RFC 7009. Public clients identify themselves by ``client_id`` (§2.1: the request is
     authenticated as RFC 6749 §2.3 allows for that client)."""
 
-    CLIENT_AUTH_METHODS = USER_CLIENT_AUTH
+    CLIENT_AUTH_METHODS = USER_AUTH_METHODS
+
+    def authenticate_token(self, request: Any, client: Client) -> LiveToken | None:
+        token = super().authenticate_token(request, client)
+        if token is not None and not token.check_client(client):
+            raise InvalidGrantError()  # Authlib's answer: another client's token
+        return token
 
     def revoke_token(self, token: LiveToken, request: Any) -> None:
-        server = self.server
-        db = server.db
         if token.kind == "refresh_token":
-            db.execute(
-                revoke_families(
-                    RefreshFamily.id == token.family_id, at=server.now, reason="revoked"
-                )
+            assert token.family_id is not None
+            store.revoke_family(
+                request.db, token.family_id, now=request.issued_at, reason="revoked"
             )
         else:
-            dialect = postgresql if db.get_bind().dialect.name == "postgresql" else sqlite
-            # Idempotent under concurrent revocations of one token: no duplicate-key error.
-            db.execute(
-                dialect.insert(RevokedAccessToken)
-                .values(
-                    jti=token.jti,
-                    client_id=token.client_id,
-                    expires_at=token.exp,
-                    revoked_at=server.now,
-                )
-                .on_conflict_do_nothing(index_elements=["jti"])
+            assert token.jti is not None
+            store.revoke_access_token(
+                request.db,
+                jti=token.jti,
+                client_id=token.client_id,
+                expires_at=token.exp,
+                now=request.issued_at,
             )
         audit(
             "token.revoked",
@@ -191,12 +172,18 @@ class Revocation(_Lookup, RevocationEndpoint):  # type: ignore[misc]
 class Introspection(_Lookup, IntrospectionEndpoint):  # type: ignore[misc]
     """RFC 7662, for confidential clients only (§2.1: the endpoint requires authorization)."""
 
-    CLIENT_AUTH_METHODS = CONFIDENTIAL_CLIENT_AUTH
+    CLIENT_AUTH_METHODS = CONFIDENTIAL_AUTH_METHODS
 
     def check_permission(self, token: LiveToken, client: Client, request: Any) -> bool:
         # SPEC.md: a client may introspect its own tokens, a resource server any token;
         # anything else is {"active": false} (RFC 7662 §2.2 allows it, against scanning).
         return client.is_resource_server or token.check_client(client)
+
+    def authenticate_token(self, request: Any, client: Client) -> LiveToken | None:
+        token = super().authenticate_token(request, client)
+        if token is None or not self.check_permission(token, client, request):
+            return None
+        return token
 
     def introspect_token(self, token: LiveToken) -> dict[str, Any]:
         return {"active": True, **token.claims}

@@ -17,7 +17,8 @@ from authlib.oauth2.rfc6749.requests import BasicOAuth2Payload
 from starlette.requests import Request
 
 from ..forms import FormError, read_form
-from ..models import RefreshFamily, now
+from ..models import now
+from .store import Db, Family, PresentedRefresh
 
 
 class PayloadTooLargeError(InvalidRequestError):  # type: ignore[misc]
@@ -34,8 +35,12 @@ class FormRequest(OAuth2Request):  # type: ignore[misc]
         self._form = form
         #: One clock reading per request, so every row and claim it writes agrees.
         self.issued_at = now()
+        #: The request's transaction (``server.py``); ``None`` while it needs none.
+        self.db: Db | None = None
         #: The refresh-token family this request starts or continues, if any.
-        self.family: RefreshFamily | None = None
+        self.family: Family | None = None
+        #: The refresh token presented to the refresh grant, once found live.
+        self.presented: PresentedRefresh | None = None
         #: Authorization requests: the browser session and when its person signed in.
         self.browser_session_id: str | None = None
         self.auth_time: int | None = None

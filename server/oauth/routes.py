@@ -9,28 +9,29 @@ from typing import Any
 from authlib.oauth2.rfc6749.errors import InvalidRequestError, OAuth2Error
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..api.auth import bearer_token, challenge, live_bearer
 from ..deps import AppState, StateDep
-from ..models import RefreshFamily, RefreshToken, sha256_hex
+from ..models import sha256_hex
+from ..names import CONFIDENTIAL_AUTH_METHODS, GRANT_TYPES, USER_AUTH_METHODS
 from ..observability import audit
 from ..passwords import normalize_username
 from ..ratelimit import Verdict
+from . import store
 from .grants import BAD_CREDENTIALS
-from .requests import form_request
+from .requests import FormRequest, form_request
 from .server import Response as ServerResponse
 from .server import TokenServer
 
 router = APIRouter()
 
-GRANT_TYPES = ["authorization_code", "password", "refresh_token", "client_credentials"]
+#: Grants whose every check and write needs no database (the client comes from the cache).
+NO_DATABASE_GRANTS = frozenset({"client_credentials"})
 SCOPES = ["openid", "profile", "email"]
 #: What /userinfo can return, by scope (OpenID Connect Core §5.4).
 SCOPE_CLAIMS = {"profile": ["preferred_username", "name"], "email": ["email", "email_verified"]}
-AUTH_METHODS = ["client_secret_basic", "client_secret_post", "none"]
-CONFIDENTIAL_AUTH_METHODS = ["client_secret_basic", "client_secret_post"]
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
@@ -101,7 +102,7 @@ async def token(request: Request, state: StateDep) -> Response:
             400, {"error": "invalid_grant", "error_description": BAD_CREDENTIALS}, []
         )
 
-    async def landed(db: AsyncSession, result: ServerResponse) -> bool:
+    async def landed(db: AsyncConnection, result: ServerResponse) -> bool:
         """After an uncertain commit: are this grant's writes in the database?
 
         Asked so that a rotation that landed is answered with its tokens, not with a 503 whose
@@ -111,17 +112,14 @@ async def token(request: Request, state: StateDep) -> Response:
         if status != 200:
             return False  # errors write only idempotent revocations: run again
         if refresh_token := body.get("refresh_token"):
-            row = select(RefreshToken.id).where(
-                RefreshToken.token_hash == sha256_hex(refresh_token)
-            )
-            return await db.scalar(row) is not None
-        if oauth_request.family is not None:
-            return await db.get(RefreshFamily, oauth_request.family.id) is not None
-        return True  # client_credentials writes nothing
+            found = store.REFRESH_EXISTS, {"p_token_hash": sha256_hex(refresh_token)}
+        elif oauth_request.family is not None:
+            found = store.FAMILY_EXISTS, {"p_family_id": oauth_request.family.id}
+        else:
+            return True  # nothing was written
+        return (await db.execute(*found)).first() is not None
 
-    status, body, headers = await _run(
-        state, lambda server: server.create_token_response(oauth_request), landed
-    )
+    status, body, headers = await _run(request, oauth_request, "token", landed)
     client_id = getattr(oauth_request.client, "client_id", None)
     # Only authenticated requests count against a client: nobody can spend another's quota.
     by_client = [(limiter.token_client, "token-client", client_id)] if client_id else []
@@ -169,33 +167,49 @@ async def _endpoint(request: Request, state: StateDep, name: str, path: str) -> 
         )
     except OAuth2Error as error:
         return token_response(*error())
-    status, body, headers = await _run(
-        state, lambda server: server.create_endpoint_response(name, oauth_request), _run_again
-    )
+    status, body, headers = await _run(request, oauth_request, name, _run_again)
     return token_response(status, body, headers)
 
 
-async def _run_again(db: AsyncSession, result: ServerResponse) -> bool:
+async def _run_again(db: AsyncConnection, result: ServerResponse) -> bool:
     """Revocation and introspection: running them twice answers the same, so run again."""
     return False
 
 
 async def _run(
-    state: AppState,
-    call: Callable[[TokenServer], ServerResponse],
-    landed: Callable[[AsyncSession, ServerResponse], Awaitable[bool]],
+    request: Request,
+    oauth_request: FormRequest,
+    endpoint: str,
+    landed: Callable[[AsyncConnection, ServerResponse], Awaitable[bool]],
 ) -> ServerResponse:
-    """Run Authlib's synchronous server on one database transaction (see server.py).
+    """Run Authlib's synchronous server (built once, ``server.py``) for one request.
 
-    A connection lost before the commit runs the whole grant again on a fresh transaction
-    (``Database.run``): nothing of the first attempt was written. One lost during the commit
-    asks ``landed`` whether it was.
+    The client comes first, from the cache (``server/clients.py``). A grant that needs no
+    database (client_credentials) then runs without a connection. The others run on one
+    transaction: a connection lost before the commit runs the whole grant again on a fresh
+    one (``Database.run_core``), since nothing of the first attempt was written; one lost
+    during the commit asks ``landed`` whether it was. Introspection writes nothing and runs
+    without BEGIN and COMMIT on PostgreSQL (``autocommit``).
     """
+    state: AppState = request.app.state.auth
+    server: TokenServer = request.app.state.oauth
+    if oauth_request.claimed_client_id:
+        await state.clients.get(oauth_request.claimed_client_id)
+    if endpoint == "token":
+        call: Callable[[], ServerResponse] = lambda: server.create_token_response(oauth_request)  # noqa: E731
+        if oauth_request.form.get("grant_type") in NO_DATABASE_GRANTS:
+            return call()
+    else:
+        call = lambda: server.create_endpoint_response(endpoint, oauth_request)  # noqa: E731
 
-    async def unit(db: AsyncSession) -> ServerResponse:
-        return await db.run_sync(lambda session: call(TokenServer(state, session)))
+    def on(connection: Connection) -> ServerResponse:
+        oauth_request.db = connection
+        return call()
 
-    return await state.db.run(unit, landed)
+    async def unit(db: AsyncConnection) -> ServerResponse:
+        return await db.run_sync(on)
+
+    return await state.db.run_core(unit, landed, autocommit=endpoint == "introspection")
 
 
 def discovery_document(issuer: str) -> dict[str, Any]:
@@ -224,14 +238,14 @@ def discovery_document(issuer: str) -> dict[str, Any]:
         ],
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],
-        "grant_types_supported": GRANT_TYPES,
+        "grant_types_supported": list(GRANT_TYPES),
         "code_challenge_methods_supported": ["S256"],
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": ["RS256"],
-        "token_endpoint_auth_methods_supported": AUTH_METHODS,
-        "revocation_endpoint_auth_methods_supported": AUTH_METHODS,
+        "token_endpoint_auth_methods_supported": list(USER_AUTH_METHODS),
+        "revocation_endpoint_auth_methods_supported": list(USER_AUTH_METHODS),
         # RFC 7662 §2.1: introspection needs a confidential client.
-        "introspection_endpoint_auth_methods_supported": CONFIDENTIAL_AUTH_METHODS,
+        "introspection_endpoint_auth_methods_supported": list(CONFIDENTIAL_AUTH_METHODS),
         "prompt_values_supported": ["none", "login", "consent"],
         "authorization_response_iss_parameter_supported": True,  # RFC 9207
         "request_parameter_supported": False,

@@ -1,9 +1,13 @@
-"""Authlib's ``AuthorizationServer`` bound to one synchronous database session.
+"""Authlib's ``AuthorizationServer``, built once per app with its grants and endpoints.
 
-Authlib's core is synchronous. The route awaits the request body first, then runs the whole
-grant inside ``AsyncSession.run_sync``: the callbacks below use a plain ``Session`` whose I/O
-still runs on the async driver through SQLAlchemy's greenlet bridge, so the event loop never
-blocks on the database; argon2 leaves the loop through a worker thread (``await_only``).
+Nothing of one request is kept on it: the request object carries the transaction (``db``: a
+synchronous Core ``Connection`` at the token endpoint, the ORM ``Session`` at the authorization
+endpoint, ``None`` for a grant that needs no database), the one clock reading (``issued_at``),
+the client, user and family. Authlib's core is synchronous: the token endpoint reads the body
+and looks the client up (``server/clients.py``) first, then runs the grant inside
+``AsyncConnection.run_sync``, whose statements still run on the async driver through
+SQLAlchemy's greenlet bridge, so the event loop never blocks on the database; argon2 leaves the
+loop through a worker thread (``await_only``).
 """
 
 from __future__ import annotations
@@ -15,13 +19,13 @@ from authlib.oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749 import OAuth2Request
 from authlib.oauth2.rfc6749.errors import InvalidClientError, UnsupportedResponseTypeError
 from authlib.oidc.core.util import create_half_hash
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 from sqlalchemy.util import await_only
 
+from ..clients import ClientCache
 from ..deps import AppState
-from ..models import Client, RefreshFamily, RefreshToken, User, new_id, now, sha256_hex
+from ..models import Client, User, new_id, sha256_hex
 from ..passwords import Verification, normalize_username
+from . import store
 from .endpoints import Introspection, Revocation
 from .grants import ClientCredentialsGrant, CodeGrant, PasswordGrant, Pkce, RefreshTokenGrant
 from .resources import audience
@@ -36,13 +40,11 @@ CLIENT_AUTH_FAILED = "Client authentication failed."
 
 
 class TokenServer(AuthorizationServer):  # type: ignore[misc]
-    def __init__(self, state: AppState, db: Session) -> None:
+    def __init__(self, state: AppState, clients: ClientCache) -> None:
         super().__init__()
         self.state = state
         self.settings = state.settings
-        self.db = db
-        #: One clock reading per request: every expiry decision within it agrees.
-        self.now = now()
+        self.clients = clients
         for grant in (PasswordGrant, RefreshTokenGrant, ClientCredentialsGrant):
             self.register_grant(grant)
         self.register_grant(CodeGrant, [Pkce(required=True)])
@@ -52,7 +54,8 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
     # -- Authlib integration points ---------------------------------------------
 
     def query_client(self, client_id: str) -> Client | None:
-        return self.db.get(Client, client_id)
+        """The client the route looked up (``ClientCache.get``) before Authlib ran."""
+        return self.clients.peek(client_id)
 
     def authenticate_client(
         self, request: OAuth2Request, methods: list[str], endpoint: str = "token"
@@ -106,44 +109,61 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
         """Authlib's hook points; audit events are emitted where the outcome is known."""
 
     def save_token(self, token: dict[str, Any], request: OAuth2Request) -> None:
-        """Persist the refresh token of ``token`` (access tokens are self-contained JWTs)."""
+        """Store the first refresh token of a new family (access tokens are self-contained
+        JWTs; a rotation stores its successor in ``save_rotation``)."""
         refresh_token = token.get("refresh_token")
         if not refresh_token:
             return
-        family = request.family
-        assert family is not None  # a refresh token is only issued within a family
-        self.db.add(
-            RefreshToken(
-                family_id=family.id,
-                token_hash=sha256_hex(refresh_token),
-                created_at=request.issued_at,
-                expires_at=min(
-                    request.issued_at + self.settings.refresh_token_ttl, family.expires_at
-                ),
-            )
+        family: store.Family = request.family
+        store.insert_refresh(
+            request.db,
+            family_id=family.id,
+            token_hash=sha256_hex(refresh_token),
+            now=request.issued_at,
+            expires_at=self._refresh_expiry(request),
         )
+
+    def save_rotation(self, request: OAuth2Request, refresh_token: str) -> bool:
+        """Rotate the presented refresh token to ``refresh_token``: True for exactly one of
+        simultaneous requests (``store.rotate``)."""
+        return store.rotate(
+            request.db,
+            family_id=request.family.id,
+            token_id=request.presented.token_id,
+            now=request.issued_at,
+            successor_hash=sha256_hex(refresh_token),
+            successor_expires_at=self._refresh_expiry(request),
+        )
+
+    def _refresh_expiry(self, request: OAuth2Request) -> int:
+        expires_at: int = min(
+            request.issued_at + self.settings.refresh_token_ttl, request.family.expires_at
+        )
+        return expires_at
 
     # -- our own services, used by the grants ------------------------------------
 
-    def find_user(self, username: str) -> User | None:
-        key = normalize_username(username)
-        return self.db.scalars(select(User).where(User.username_key == key)).first()
+    def find_user(self, request: OAuth2Request, username: str) -> User | None:
+        return store.find_user(request.db, normalize_username(username))
 
-    def verify_password(self, user: User | None, password: str) -> Verification:
+    def verify_password(
+        self, request: OAuth2Request, user: User | None, password: str
+    ) -> Verification:
         """Argon2 on a worker thread, awaited from inside the greenlet bridge.
 
         The transaction is ended first so no database lock or pooled connection is held
         while the hash runs (tens of milliseconds).
         """
-        self.db.commit()
+        request.db.commit()
         password_hash = user.password_hash if user is not None else None
         result: Verification = await_only(
             self.state.passwords.verify_async(password_hash, password)
         )
         return result
 
-    def rehash(self, user: User, password: str) -> None:
-        user.password_hash = await_only(self.state.passwords.hash_async(password))
+    def rehash(self, request: OAuth2Request, user: User, password: str) -> None:
+        new_hash = await_only(self.state.passwords.hash_async(password))
+        store.rehash(request.db, user.id, new_hash)
 
     def start_family(
         self,
@@ -153,7 +173,7 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
         auth_time: int,
         resources: str = "",
         browser_session_id: str | None = None,
-    ) -> None:
+    ) -> store.Family:
         """Open a family (one sign-in) for this request's user.
 
         Every user token belongs to one, refresh tokens or not, so that signing out, revoking,
@@ -168,29 +188,29 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
             if refreshable
             else self.settings.access_token_ttl
         )
-        family = RefreshFamily(
+        family = store.Family(
             id=new_id(),
             client_id=client.client_id,
             user_id=request.user.id,
             scope=scope,
             resources=resources,
             auth_time=auth_time,
-            created_at=request.issued_at,
-            last_used_at=request.issued_at,
             expires_at=request.issued_at + lifetime,
             browser_session_id=browser_session_id,
         )
-        self.db.add(family)
+        store.insert_family(request.db, family, now=request.issued_at)
         request.family = family
+        return family
 
     def issue(
         self, request: OAuth2Request, *, scope: str, nonce: str | None = None
     ) -> dict[str, Any]:
-        """The token response (RFC 6749 §5.1) with an RFC 9068 JWT access token."""
+        """The token response (RFC 6749 §5.1) with an RFC 9068 JWT access token; the grant
+        stores its refresh token (``save_token``, ``save_rotation``)."""
         settings = self.settings
         client: Client = request.client
-        user: User | None = request.user
-        family: RefreshFamily | None = request.family
+        user: User | store.Subject | None = request.user
+        family: store.Family | None = request.family
         issued_at: int = request.issued_at
         claims: dict[str, Any] = {
             "iss": settings.issuer,
@@ -218,7 +238,6 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
             token["refresh_token"] = secrets.token_urlsafe(REFRESH_TOKEN_BYTES)
         if user is not None and "openid" in scope.split():
             token["id_token"] = self.id_token(request, token["access_token"], nonce)
-        self.save_token(token, request)
         return token
 
     def id_token(self, request: OAuth2Request, access_token: str, nonce: str | None) -> str:
@@ -228,7 +247,7 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
         only when no access token is issued).
         """
         settings = self.settings
-        family: RefreshFamily | None = request.family
+        family: store.Family | None = request.family
         issued_at: int = request.issued_at
         claims: dict[str, Any] = {
             "iss": settings.issuer,

@@ -9,6 +9,7 @@ killed mid-load loses no issued token. PostgreSQL and Redis are required in CI
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import signal
@@ -28,6 +29,7 @@ from tests.conftest import _drop_pg_database, _new_pg_database, migrate
 
 from .conftest import (
     RunningServer,
+    cli,
     create_client,
     create_user,
     fetch,
@@ -354,3 +356,52 @@ def test_killing_a_replica_mid_load_loses_no_token(cluster: Cluster) -> None:
         )
     )
     assert two_live == []
+
+
+def _client_credentials(server: RunningServer, auth: tuple[str, str]) -> int:
+    response = httpx.post(
+        server.url + "/oauth2/token",
+        data={"grant_type": "client_credentials"},
+        auth=auth,
+        timeout=30,
+    )
+    return response.status_code
+
+
+def _refused_everywhere_within(
+    cluster: Cluster, auth: tuple[str, str], seconds: float
+) -> list[float]:
+    """Poll every replica until it refuses ``auth``; how long each took (fails past
+    ``seconds``)."""
+    started = time.monotonic()
+    took: list[float] = []
+    for server in cluster.live:
+        while _client_credentials(server, auth) != 401:
+            assert time.monotonic() - started < seconds, f"{server.url} still accepts it"
+            time.sleep(0.05)
+        took.append(time.monotonic() - started)
+    return took
+
+
+@pytest.mark.feature("client-cache")
+def test_a_client_changed_by_the_cli_stops_working_on_every_replica_within_a_second(
+    cluster: Cluster,
+) -> None:
+    """Every replica caches clients for AUTH_CLIENT_CACHE_TTL (5 s by default), and a change
+    made through the CLI reaches all of them at once (PostgreSQL NOTIFY): a rotated secret and
+    a deleted client stop working well inside the TTL."""
+    assert len(cluster.live) >= 2
+    created = create_client(cluster.database_url, "cached", grants=["client_credentials"])
+    assert created.secret is not None
+    old = ("cached", created.secret)
+    for server in cluster.live:  # each replica now holds the client in its cache
+        assert _client_credentials(server, old) == 200
+    rotated = cli(cluster.env, "clients", "rotate-secret", "cached", "--json")
+    assert rotated.returncode == 0, rotated.stderr
+    new = ("cached", json.loads(rotated.stdout)["client_secret"])
+    assert max(_refused_everywhere_within(cluster, old, 1.0)) < 1.0
+    for server in cluster.live:
+        assert _client_credentials(server, new) == 200
+    deleted = cli(cluster.env, "clients", "delete", "cached")
+    assert deleted.returncode == 0, deleted.stderr
+    assert max(_refused_everywhere_within(cluster, new, 1.0)) < 1.0
