@@ -49,9 +49,14 @@ report: install
 		$(PY) -m tests.report_md artifacts/auth-test && exit $$status
 
 ## Load benchmark: real servers (SQLite and PostgreSQL, 1 and 2 workers) under wrk, against
-## floors measured in the same run; writes artifacts/benchmarks.md and artifacts/benchmarks.png.
+## floors and node-oidc-provider (bench/node) measured in the same run; writes
+## artifacts/benchmarks.md and artifacts/benchmarks.png. Without npm the peer is not measured.
 bench: install
 	command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
+	if command -v npm >/dev/null; then \
+		npm ci --prefix bench/node --no-audit --no-fund --loglevel=error \
+			|| echo "npm ci failed: node-oidc-provider will not be measured"; \
+	else echo "npm not found: node-oidc-provider will not be measured"; fi
 	$(PY) -m bench.run
 	$(PY) -m bench.outage
 

@@ -34,7 +34,8 @@ from server.config import Settings
 from server.keys import KeyStore
 from tests.faultproxy import FaultProxy
 
-from .run import ARTIFACTS, basic, cli, database, free_port, server_env, start, stop
+from .processes import free_port, stop
+from .run import ARTIFACTS, basic, cli, database, server_env, start
 
 CLIENTS = 4
 BEFORE_CUT = 2.0  # s of normal service before each cut

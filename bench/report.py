@@ -116,6 +116,112 @@ def goals(report: dict[str, Any]) -> list[tuple[str, str, bool]]:
     ]
 
 
+#: Ours against node-oidc-provider: (label, our scenario, our backend and workers, the peer's
+#: scenario it is compared with, the least ratio, the p99 limit in ms, zero errors required).
+AGAINST_PEER: list[tuple[str, str, tuple[str, int], str, float, float | None, bool]] = [
+    ("client_credentials", "client_credentials", MAIN, "client_credentials", 1.0, 25, True),
+    ("JWKS", "jwks", MAIN, "jwks", 1.5, None, False),
+    ("refresh chains", "refresh", MAIN, "client_credentials", 0.5, 50, True),
+    (
+        "introspection of a live token",
+        "introspection",
+        MAIN,
+        "client_credentials",
+        1.0,
+        None,
+        False,
+    ),
+    (
+        "refresh chains, SQLite 1 worker",
+        "refresh",
+        ("sqlite", 1),
+        "client_credentials",
+        0.25,
+        None,
+        True,
+    ),
+]
+
+
+def _figures(result: Any) -> str:
+    return (
+        f"{result.median('rps'):,.0f}/s, p99 {result.median('p99_ms'):.1f} ms, "
+        f"{result.errors} errors"
+    )
+
+
+def against_peer(report: dict[str, Any]) -> list[tuple[str, str, str, str, str, bool | None]]:
+    """Rows of the node-oidc-provider table: scenario, ours, the peer's, ratio, goal, met.
+
+    ``met`` is None where either side was not measured (no peer in this run, or a subset).
+    """
+    peer = {r.scenario: r for r in (report.get("peer") or {}).get("results", [])}
+    names = {"client_credentials": "client_credentials", "jwks": "JWKS"}
+    rows: list[tuple[str, str, str, str, str, bool | None]] = []
+    for label, scenario, (backend, workers), theirs, least, p99, no_errors in AGAINST_PEER:
+        goal = f"≥ {least}× node's {names[theirs]}"
+        goal += f", p99 < {p99:g} ms" if p99 is not None else ""
+        goal += ", zero errors" if no_errors else ""
+        ours = next(
+            (
+                r
+                for r in report["results"]
+                if (r.scenario, r.backend, r.workers) == (scenario, backend, workers)
+            ),
+            None,
+        )
+        node = peer.get(theirs)
+        if ours is None or node is None:
+            rows.append(
+                (
+                    label,
+                    _figures(ours) if ours else "not measured",
+                    _figures(node) if node else "not measured",
+                    "–",
+                    goal,
+                    None,
+                )
+            )
+            continue
+        ratio = ours.median("rps") / node.median("rps")
+        met = (
+            ratio >= least
+            and (p99 is None or ours.median("p99_ms") < p99)
+            and (not no_errors or ours.errors == 0)
+        )
+        rows.append((label, _figures(ours), _figures(node), f"{ratio:.2f}×", goal, met))
+    return rows
+
+
+def peer_section(report: dict[str, Any]) -> list[str]:
+    """The "Against node-oidc-provider (same run)" section of benchmarks.md."""
+    peer = report.get("peer") or {}
+    lines = ["## Against node-oidc-provider (same run)", ""]
+    if "results" in peer:
+        lines += [
+            f"node-oidc-provider {peer['oidc_provider']} on node {peer['node']} "
+            "(`bench/node/server.mjs`): its in-memory adapter, one `client_secret_basic` "
+            "client, RS256 JWT access tokens for client_credentials (one token's signature "
+            f"checked against its JWKS before the load), {peer['workers']} cluster workers "
+            "like ours. Driven by the same wrk script, connections, warm-up and runs as our "
+            "scenarios, in this run, before our servers started. The ratio is ours ÷ node's "
+            "req/s; the p99 limits and error counts are ours.",
+        ]
+    else:
+        reason = peer.get("reason", "no figures in this report")
+        lines += [f"node-oidc-provider was not measured in this run: {reason}."]
+    lines += [
+        "",
+        "| Scenario | Ours (PostgreSQL, 2 workers) | node-oidc-provider (2 workers) "
+        "| Ratio | Goal | Met |",
+        "|---|---|---|---:|---|---|",
+    ]
+    for label, ours, node, ratio, goal, met in against_peer(report):
+        verdict = "not measured" if met is None else "yes" if met else "**no**"
+        lines.append(f"| {label} | {ours} | {node} | {ratio} | {goal} | {verdict} |")
+    return [*lines, ""]
+
+
 def write(report: dict[str, Any], elapsed: float, settings: Settings) -> None:
     from .run import CONNECTIONS, DURATION, FLOOR_OF, RUNS, WARMUP
 
@@ -171,8 +277,8 @@ def write(report: dict[str, Any], elapsed: float, settings: Settings) -> None:
         f"| {goal} | {measured} | {'yes' if met else '**no**'} |"
         for goal, measured, met in goals(report)
     ]
+    lines += ["", *peer_section(report)]
     lines += [
-        "",
         "## Every scenario",
         "",
         "| Backend | Workers | Scenario | req/s | p50 ms | p99 ms | errors | floor | of floor |",

@@ -7,6 +7,10 @@ run, then ``RUNS`` measured runs per scenario, the median reported. PostgreSQL w
 (the goals' setting) runs the whole scenario set twice, to compare memory after each pass,
 and once more under password load to time ``/healthz``.
 
+Before our servers, node-oidc-provider (bench/peer.py, bench/node/server.mjs) runs with as many
+workers as the main mode, and its client_credentials and JWKS are measured the same way, so the
+report can set ours beside a peer measured in the same run (``BENCH_PEER=0`` skips it).
+
 Writes artifacts/benchmarks.md and artifacts/benchmarks.png and prints the table.
 """
 
@@ -17,8 +21,6 @@ import base64
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import psutil
@@ -41,8 +43,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from server.config import Settings
 from server.keys import KeyStore
 
-from . import floors
-from .report import write
+from . import floors, peer
+from .processes import free_port, stop, wait_for
+from .report import MAIN, against_peer, write
 
 ROOT = Path(__file__).resolve().parent.parent
 WRK_DIR = Path(__file__).resolve().parent / "wrk"
@@ -69,6 +72,8 @@ ALL_SCENARIOS = ["password", "refresh", "client_credentials", "jwks", "introspec
 #: BENCH_SCENARIOS=password,jwks and BENCH_SERVER_ENV="AUTH_X=1 AUTH_Y=2" are for exploring.
 SCENARIOS = os.environ.get("BENCH_SCENARIOS", ",".join(ALL_SCENARIOS)).split(",")
 EXTRA_ENV = dict(item.split("=", 1) for item in os.environ.get("BENCH_SERVER_ENV", "").split())
+#: node-oidc-provider is measured in every run, subsets too; BENCH_PEER=0 skips it.
+PEER = os.environ.get("BENCH_PEER", "1") != "0"
 #: Each scenario is compared with the floor that bounds it.
 FLOOR_OF = {
     "password": "argon2id verify",
@@ -109,36 +114,6 @@ class Result:
 
 
 # -- processes --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_for(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
-    raise SystemExit(f"server did not start; its log:\n{log.read_text()[-3000:]}")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def worker_rss_mb(process: subprocess.Popen[bytes]) -> list[float]:
@@ -362,13 +337,22 @@ def serving(
             stop(process)
 
 
-def measure(seeded: Seeded, scenario: str, backend: str, workers: int) -> Result:
+class Target(Protocol):
+    """What ``measure`` drives: our seeded server, or the peer (bench/peer.py)."""
+
+    url: str
+
+    def scenario_args(self, scenario: str) -> tuple[str, list[str]]: ...
+
+
+def measure(target: Target, scenario: str, backend: str, workers: int) -> Result:
     result = Result(scenario, backend, workers)
-    script, args = seeded.scenario_args(scenario)
+    script, args = target.scenario_args(scenario)
     for index in range(RUNS + 1):  # run 0 is the warm-up, discarded
         if script in ("refresh", "mixed"):
-            seeded.fresh_chains(CONNECTIONS * 3)  # a chain per connection, two spares each
-        run = wrk(seeded.url, script, args, WARMUP if index == 0 else DURATION, CONNECTIONS)
+            assert isinstance(target, Seeded)
+            target.fresh_chains(CONNECTIONS * 3)  # a chain per connection, two spares each
+        run = wrk(target.url, script, args, WARMUP if index == 0 else DURATION, CONNECTIONS)
         if index:
             result.runs.append(run)
     print(
@@ -426,6 +410,34 @@ def hello_floor(workers: int, workdir: Path) -> Run:
     return sorted(runs, key=lambda run: run.rps)[len(runs) // 2]
 
 
+def measure_peer(workdir: Path) -> dict[str, Any]:
+    """node-oidc-provider's client_credentials and JWKS, with as many workers as our main mode.
+
+    Returns its versions and results, or the reason it was not measured.
+    """
+    if not PEER:
+        print("node-oidc-provider: not measured (BENCH_PEER=0)", flush=True)
+        return {"reason": "skipped (BENCH_PEER=0)"}
+    workers = MAIN[1]
+    try:
+        with peer.serving(workdir, workers) as node:
+            print(
+                f"node-oidc-provider {node.oidc_provider} on node {node.node}, {workers} workers, "
+                f"{CONNECTIONS} connections",
+                flush=True,
+            )
+            results = [measure(node, s, "node-oidc-provider", workers) for s in peer.SCENARIOS]
+    except peer.PeerUnavailable as error:
+        print(f"node-oidc-provider: not measured ({error})", flush=True)
+        return {"reason": str(error)}
+    return {
+        "node": node.node,
+        "oidc_provider": node.oidc_provider,
+        "workers": workers,
+        "results": results,
+    }
+
+
 # -- the run ------------------------------------------------------------------------------------
 
 
@@ -434,7 +446,13 @@ def main() -> int:
         raise SystemExit("wrk is not installed (make bench installs it with apt-get)")
     started = time.monotonic()
     settings = Settings(_env_file=None)  # type: ignore[call-arg]  # the default argon2 parameters
-    report: dict[str, Any] = {"results": [], "floors": {}, "memory": {}, "healthz": {}}
+    report: dict[str, Any] = {
+        "results": [],
+        "floors": {},
+        "memory": {},
+        "healthz": {},
+        "peer": {},
+    }
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         workdir = Path(tmp)
         keys = workdir / "keys"
@@ -455,6 +473,7 @@ def main() -> int:
             **floors_found,
             **{f"ASGI hello ({w})": r.rps for w, r in hello.items()},
         }
+        report["peer"] = measure_peer(workdir)
 
         for backend, workers in MODES:
             print(f"{backend}, {workers} worker(s), {CONNECTIONS} connections", flush=True)
@@ -477,6 +496,9 @@ def main() -> int:
                     }
                     print(f"  /healthz under password load: p99 {probe.p99_ms:.1f} ms", flush=True)
         elapsed = time.monotonic() - started
+    for label, _, _, ratio, goal, met in against_peer(report):
+        if met is not None:  # both sides measured in this run
+            print(f"  ours ÷ node-oidc-provider, {label}: {ratio} (goal {goal})", flush=True)
     if {"BENCH_MODES", "BENCH_SCENARIOS", "BENCH_SERVER_ENV"} & set(os.environ):
         print(f"subset of modes: no report written ({elapsed:.0f} s)")
         return 0
