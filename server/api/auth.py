@@ -1,8 +1,7 @@
-"""Protecting the JSON APIs (and /userinfo) with our own access tokens, as a resource server must.
+"""Protecting the JSON APIs with our own access tokens (bearer.py: the credential, its
+validation and the RFC 6750 §3 refusals, shared with /userinfo).
 
-``live_bearer`` validates a bearer token exactly as introspection does (tokens.py: RFC 9068 §4
-signature with a published key, ``typ`` at+jwt, ``iss``, ``aud``, ``exp``; then, in one
-transaction, the deny-list, the client and the family) and loads who is behind it. On top of it:
+On top of a live token (``bearer.Bearer``):
 
 - ``PersonScope(scope)``: a person's token carrying ``scope`` from a client still allowed it;
   ``CallerDep`` is ``PersonScope("account")`` (the account API), ``FirstPartyCallerDep`` the
@@ -10,9 +9,9 @@ transaction, the deny-list, the client and the family) and loads who is behind i
 - ``ClientScope(scope)``: a client_credentials token carrying ``scope`` from a client still
   allowed it; ``AdminDep`` is ``ClientScope("admin")``, the admin API.
 
-Errors follow RFC 6750 §3: 401 with ``WWW-Authenticate: Bearer`` (no error code when no token
-was sent, ``error="invalid_token"`` otherwise) and 403 ``insufficient_scope``; the body is
-SPEC's ``{"detail", "error_code"}``.
+Refusals are the ``API`` realm's: 401 with ``WWW-Authenticate: Bearer realm="api"`` (no error
+code when no token was sent, ``error="invalid_token"`` otherwise) and 403
+``insufficient_scope``; the body is SPEC's ``{"detail", "error_code"}``, as every ``ApiError``.
 """
 
 from __future__ import annotations
@@ -25,16 +24,13 @@ from typing import Annotated, Any
 from fastapi import Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, field_validator
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from .. import manage
+from ..bearer import Bearer, Realm, live_bearer, token_claims
 from ..boundary import text_problem
 from ..deps import AppState, StateDep
-from ..models import ACCOUNT_SCOPE, Client, User, now
+from ..models import ACCOUNT_SCOPE, Client, User
 from ..observability import audit
-from ..tokens import access_token_is_live, decode_access_token
-
-REALM = "api"
 
 
 class Body(BaseModel):
@@ -71,92 +67,21 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def challenge(
-    realm: str, error: str | None = None, description: str = "", scope: str = ""
-) -> dict[str, str]:
-    """The RFC 6750 §3 ``WWW-Authenticate`` header."""
-    parts = [f'realm="{realm}"']
-    if error:
-        parts.append(f'error="{error}"')
-    if description:
-        parts.append(f'error_description="{description}"')
-    if scope:
-        parts.append(f'scope="{scope}"')
-    return {"WWW-Authenticate": "Bearer " + ", ".join(parts)}
-
-
-@dataclass(frozen=True)
-class Bearer:
-    """A live access token: its claims, its client and, for a user token, the person."""
-
-    claims: dict[str, Any]
-    client: Client
-    #: ``None`` for a client_credentials token (no ``auth_time``: nobody signed in).
-    user: User | None
-
-    @property
-    def scopes(self) -> frozenset[str]:
-        return frozenset(str(self.claims["scope"]).split())
-
-
-def bearer_token(request: Request) -> str | None:
-    """The token of an ``Authorization: Bearer`` header (RFC 6750 §2.1), if one was sent."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
-
-
-async def live_bearer(state: AppState, token: str) -> Bearer | None:
-    """The token's claims and subjects if it is live now, else ``None`` (never raises on
-    hostile input). A user token of a disabled person is not live."""
-    claims = decode_access_token(
-        state.keys.keyset(),
-        token,
-        issuer=state.settings.issuer,
-        audience=state.settings.audience,
-        now=now(),
-    )
-    if claims is None:
-        return None
-
-    def load(db: Session) -> Bearer | None:
-        if not access_token_is_live(db, claims):
-            return None
-        client = db.get(Client, claims["client_id"])
-        assert client is not None  # access_token_is_live found it, in this same transaction
-        if "auth_time" not in claims:
-            return Bearer(claims, client, None)
-        user = db.get(User, claims["sub"])
-        return None if user is None or user.disabled else Bearer(claims, client, user)
-
-    async with state.db.session() as db:
-        return await db.run_sync(load)
-
-
-def _missing() -> ApiError:
-    # RFC 6750 §3.1: a request without credentials gets the challenge and no error code.
-    return ApiError(401, "missing_token", "A bearer access token is required.", challenge(REALM))
-
-
-def _invalid() -> ApiError:
-    description = "The access token is invalid, expired or revoked."
-    return ApiError(
-        401, "invalid_token", description, challenge(REALM, "invalid_token", description)
-    )
-
-
-def _insufficient(description: str, scope: str = "") -> ApiError:
-    headers = challenge(REALM, "insufficient_scope", description, scope)
-    return ApiError(403, "insufficient_scope", description, headers)
+#: The JSON APIs' answer to a refused token: ``{"detail", "error_code"}``.
+API = Realm(
+    "api",
+    "api",
+    invalid="The access token is invalid, expired or revoked.",
+    missing="A bearer access token is required.",
+)
 
 
 async def _bearer(request: Request, state: AppState) -> Bearer:
-    token = bearer_token(request)
-    if token is None:
-        raise _missing()
-    bearer = await live_bearer(state, token)
+    claims = token_claims(request, state, API)
+    async with state.db.session() as db:
+        bearer = await live_bearer(db, claims)
     if bearer is None:
-        raise _invalid()
+        raise API.invalid_token()
     return bearer
 
 
@@ -210,7 +135,7 @@ async def _scoped(
         reason=reason,
         path=request.url.path,
     )
-    raise _insufficient(description, scope)
+    raise API.insufficient_scope(description, scope)
 
 
 class PersonScope:
