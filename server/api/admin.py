@@ -249,24 +249,23 @@ CLIENT_INPUT_ERRORS: dict[int | str, dict[str, Any]] = {
 )
 async def create_client(new: NewClient, admin: AdminDep, state: StateDep) -> CreatedClient:
     """Register a client. Its secret is in this answer and nowhere else, ever."""
-    async with state.db.session() as db:
-        with client_refusals():
-            created = await manage.create_client(
-                db,
-                client_id=new.client_id,
-                public=new.public,
-                admin=new.admin,
-                resource_server=new.resource_server,
-                first_party=new.first_party,
-                grants=list(new.grant_types),
-                scope=new.scope,
-                redirect_uris=new.redirect_uris,
-                post_logout_redirect_uris=new.post_logout_redirect_uris,
-                name=new.name,
-                https_only=_https_only(state),
-                actor=admin.client_id,
-            )
-            await db.commit()
+    with client_refusals():
+        created = await manage.create_client(
+            admin.db,
+            client_id=new.client_id,
+            public=new.public,
+            admin=new.admin,
+            resource_server=new.resource_server,
+            first_party=new.first_party,
+            grants=list(new.grant_types),
+            scope=new.scope,
+            redirect_uris=new.redirect_uris,
+            post_logout_redirect_uris=new.post_logout_redirect_uris,
+            name=new.name,
+            https_only=_https_only(state),
+            actor=admin.client_id,
+        )
+        await admin.commit()
     return CreatedClient(**manage.client_view(created.client), client_secret=created.secret)
 
 
@@ -275,8 +274,7 @@ async def list_clients(
     admin: AdminDep, state: StateDep, limit: Limit = 50, cursor: Cursor = None
 ) -> ClientPage:
     after = _after(state.settings.secret_key, "clients", cursor)
-    async with state.db.session() as db:
-        rows = await manage.page_clients(db, after=after, limit=limit + 1)
+    rows = await manage.page_clients(admin.db, after=after, limit=limit + 1)
     clients, next_cursor = _page(state.settings.secret_key, "clients", rows, limit, "client_id")
     audit("admin.clients_listed", actor_client_id=admin.client_id, count=len(clients))
     return ClientPage(
@@ -285,10 +283,9 @@ async def list_clients(
 
 
 @router.get("/clients/{client_id}", responses=CLIENT_ERRORS)
-async def show_client(client_id: ClientId, admin: AdminDep, state: StateDep) -> ClientOut:
-    async with state.db.session() as db:
-        with client_refusals():
-            client = await manage.get_client(db, client_id)
+async def show_client(client_id: ClientId, admin: AdminDep) -> ClientOut:
+    with client_refusals():
+        client = await manage.get_client(admin.db, client_id)
     audit("admin.client_viewed", actor_client_id=admin.client_id, client_id=client_id)
     return ClientOut(**manage.client_view(client))
 
@@ -299,16 +296,15 @@ async def update_client(
 ) -> ClientOut:
     """Change the name, consent, grants, scopes or URIs; sign-ins already made keep only the
     scopes the client still has when they next refresh."""
-    async with state.db.session() as db:
-        with client_refusals():
-            client = await manage.update_client(
-                db,
-                client_id,
-                change.model_dump(include=change.model_fields_set),
-                https_only=_https_only(state),
-                actor=admin.client_id,
-            )
-            await db.commit()
+    with client_refusals():
+        client = await manage.update_client(
+            admin.db,
+            client_id,
+            change.model_dump(include=change.model_fields_set),
+            https_only=_https_only(state),
+            actor=admin.client_id,
+        )
+        await admin.commit()
     return ClientOut(**manage.client_view(client))
 
 
@@ -316,13 +312,12 @@ async def update_client(
     "/clients/{client_id}/secret",
     responses={**CLIENT_ERRORS, 409: {"description": "A public client (`public_client`)"}},
 )
-async def rotate_secret(client_id: ClientId, admin: AdminDep, state: StateDep) -> ClientSecret:
+async def rotate_secret(client_id: ClientId, admin: AdminDep) -> ClientSecret:
     """A new secret, shown once; the old one stops working at once. Tokens already issued
     stay valid until they expire."""
-    async with state.db.session() as db:
-        with client_refusals():
-            secret = await manage.rotate_client_secret(db, client_id, actor=admin.client_id)
-            await db.commit()
+    with client_refusals():
+        secret = await manage.rotate_client_secret(admin.db, client_id, actor=admin.client_id)
+        await admin.commit()
     return ClientSecret(client_id=client_id, client_secret=secret)
 
 
@@ -334,15 +329,14 @@ async def rotate_secret(client_id: ClientId, admin: AdminDep, state: StateDep) -
         409: {"description": "The acting client itself (`cannot_delete_self`)"},
     },
 )
-async def delete_client(client_id: ClientId, admin: AdminDep, state: StateDep) -> Response:
+async def delete_client(client_id: ClientId, admin: AdminDep) -> Response:
     """Delete the client with its sign-ins; its tokens stop working at once."""
     if client_id == admin.client_id:
         # Deleting the last admin client would leave only the CLI; the CLI can do it.
         raise ApiError(409, "cannot_delete_self", "A client cannot delete itself here.")
-    async with state.db.session() as db:
-        with client_refusals():
-            await manage.delete_client(db, client_id, actor=admin.client_id)
-            await db.commit()
+    with client_refusals():
+        await manage.delete_client(admin.db, client_id, actor=admin.client_id)
+        await admin.commit()
     return Response(status_code=204)
 
 
@@ -359,18 +353,17 @@ async def delete_client(client_id: ClientId, admin: AdminDep, state: StateDep) -
 )
 async def create_user(new: NewUser, admin: AdminDep, state: StateDep) -> UserOut:
     """Create a person, with the password policy of sign-up (registration need not be on)."""
-    async with state.db.session() as db:
-        with user_refusals():
-            user = await manage.create_user(
-                db,
-                state.passwords,
-                username=new.username,
-                password=new.password,
-                email=new.email,
-                name=new.name,
-                actor=admin.client_id,
-            )
-            await db.commit()
+    with user_refusals():
+        user = await manage.create_user(
+            admin.db,
+            state.passwords,
+            username=new.username,
+            password=new.password,
+            email=new.email,
+            name=new.name,
+            actor=admin.client_id,
+        )
+        await admin.commit()
     return _user_out(user)
 
 
@@ -392,10 +385,9 @@ async def list_users(
     disabled: Annotated[bool | None, Query(description="Only disabled or enabled")] = None,
 ) -> UserPage:
     after = _after(state.settings.secret_key, "users", cursor)
-    async with state.db.session() as db:
-        rows = await manage.page_users(
-            db, after=after, limit=limit + 1, search=search, disabled=disabled
-        )
+    rows = await manage.page_users(
+        admin.db, after=after, limit=limit + 1, search=search, disabled=disabled
+    )
     users, next_cursor = _page(state.settings.secret_key, "users", rows, limit, "username_key")
     # The search text may be personal data: the audit says only that there was one.
     audit(
@@ -408,33 +400,30 @@ async def list_users(
 
 
 @router.get("/users/{user_id}", responses=USER_ERRORS)
-async def show_user(user_id: UserId, admin: AdminDep, state: StateDep) -> UserOut:
-    async with state.db.session() as db:
-        with user_refusals():
-            user = await manage.get_user_by_id(db, user_id)
+async def show_user(user_id: UserId, admin: AdminDep) -> UserOut:
+    with user_refusals():
+        user = await manage.get_user_by_id(admin.db, user_id)
     audit("admin.user_viewed", actor_client_id=admin.client_id, user_id=user_id)
     return _user_out(user)
 
 
 @router.post("/users/{user_id}/disable", responses=USER_ERRORS)
-async def disable_user(user_id: UserId, admin: AdminDep, state: StateDep) -> UserOut:
+async def disable_user(user_id: UserId, admin: AdminDep) -> UserOut:
     """The person can no longer sign in; every sign-in and token of theirs stops at once."""
-    async with state.db.session() as db:
-        with user_refusals():
-            user = await manage.get_user_by_id(db, user_id)
-            await manage.disable(db, user, actor=admin.client_id)
-            await db.commit()
+    with user_refusals():
+        user = await manage.get_user_by_id(admin.db, user_id)
+        await manage.disable(admin.db, user, actor=admin.client_id)
+        await admin.commit()
     return _user_out(user)
 
 
 @router.post("/users/{user_id}/enable", responses=USER_ERRORS)
-async def enable_user(user_id: UserId, admin: AdminDep, state: StateDep) -> UserOut:
+async def enable_user(user_id: UserId, admin: AdminDep) -> UserOut:
     """The person may sign in again; sign-ins ended by disabling stay ended."""
-    async with state.db.session() as db:
-        with user_refusals():
-            user = await manage.get_user_by_id(db, user_id)
-            await manage.enable(db, user, actor=admin.client_id)
-            await db.commit()
+    with user_refusals():
+        user = await manage.get_user_by_id(admin.db, user_id)
+        await manage.enable(admin.db, user, actor=admin.client_id)
+        await admin.commit()
     return _user_out(user)
 
 
@@ -447,35 +436,35 @@ async def reset_password(
     user_id: UserId, reset: PasswordReset, admin: AdminDep, state: StateDep
 ) -> Response:
     """Set a new password (the sign-up policy applies); every sign-in of the person ends."""
-    async with state.db.session() as db:
-        with user_refusals():
-            user = await manage.get_user_by_id(db, user_id)
-            await manage.reset_password(
-                db, state.passwords, user, reset.password, actor=admin.client_id
-            )
-            await db.commit()
+    with user_refusals():
+        user = await manage.get_user_by_id(admin.db, user_id)
+        # Two transactions: manage.reset_password hashes (argon2) before its first query, and
+        # this one has ended by then, so no connection or lock is held while it does.
+        await admin.release()
+        await manage.reset_password(
+            admin.db, state.passwords, user, reset.password, actor=admin.client_id
+        )
+        await admin.commit()
     return Response(status_code=204)
 
 
 @router.get("/users/{user_id}/sessions", responses=USER_ERRORS)
-async def list_sessions(user_id: UserId, admin: AdminDep, state: StateDep) -> UserSessions:
+async def list_sessions(user_id: UserId, admin: AdminDep) -> UserSessions:
     """The person's live sign-ins, most recently used first."""
-    async with state.db.session() as db:
-        with user_refusals():
-            user = await manage.get_user_by_id(db, user_id)
-        families = list(await db.execute(live_families(user.id, now())))
+    with user_refusals():
+        user = await manage.get_user_by_id(admin.db, user_id)
+    families = list(await admin.db.execute(live_families(user.id, now())))
     audit("admin.sessions_listed", actor_client_id=admin.client_id, user_id=user_id)
     return UserSessions(sessions=[UserSession.of(family, name) for family, name in families])
 
 
 @router.delete("/users/{user_id}/sessions", responses=USER_ERRORS)
-async def revoke_sessions(user_id: UserId, admin: AdminDep, state: StateDep) -> Revoked:
+async def revoke_sessions(user_id: UserId, admin: AdminDep) -> Revoked:
     """End every sign-in of the person (they may sign in again)."""
-    async with state.db.session() as db:
-        with user_refusals():
-            user = await manage.get_user_by_id(db, user_id)
-        count = await manage.revoke_user_families(db, user.id, reason="revoked_by_admin")
-        await db.commit()
+    with user_refusals():
+        user = await manage.get_user_by_id(admin.db, user_id)
+    count = await manage.revoke_user_families(admin.db, user.id, reason="revoked_by_admin")
+    await admin.commit()
     audit(
         "session.revoked",
         actor_client_id=admin.client_id,
@@ -495,12 +484,10 @@ async def revoke_session(
     user_id: UserId,
     session_id: SessionId,
     admin: AdminDep,
-    state: StateDep,
 ) -> Response:
     """End one sign-in: its refresh token and every access token it issued stop working."""
-    async with state.db.session() as db:
-        ended = await manage.end_sign_in(db, user_id, session_id, reason="revoked_by_admin")
-        await db.commit()
+    ended = await manage.end_sign_in(admin.db, user_id, session_id, reason="revoked_by_admin")
+    await admin.commit()
     if not ended:
         raise ApiError(404, "not_found", "No such live sign-in of that user.")
     audit(
@@ -558,6 +545,7 @@ def _keys_out(infos: list[KeyInfo]) -> Keys:
 async def list_keys(admin: AdminDep, state: StateDep) -> Keys:
     """The signing keys' manifest (never a private key): the JWKS publishes next, current and
     retired keys; ``current`` signs."""
+    await admin.release()  # the keys are files: no transaction is held while they are read
     infos = await to_thread.run_sync(state.keys.read_manifest)
     audit("admin.keys_listed", actor_client_id=admin.client_id)
     return _keys_out(infos)
@@ -572,6 +560,7 @@ async def rotate_keys(
 ) -> Keys:
     """next → current, current → retired, and a new next key, as ``keys rotate`` does. Every
     replica sharing the keys directory picks the change up within AUTH_KEY_RELOAD_INTERVAL."""
+    await admin.release()  # the keys are files: no transaction is held while they change
     min_age = 0 if rotation is not None and rotation.force else state.settings.jwks_max_age
     try:
         infos = await to_thread.run_sync(lambda: state.keys.rotate(min_next_age=min_age))
@@ -590,6 +579,7 @@ async def rotate_keys(
 @router.post("/keys/prune")
 async def prune_keys(admin: AdminDep, state: StateDep) -> KeysPruned:
     """Remove retired keys whose every token has expired, as ``keys prune`` does."""
+    await admin.release()  # the keys are files: no transaction is held while they change
     ttl = state.settings.access_token_ttl
     pruned = await to_thread.run_sync(lambda: state.keys.prune(max_token_lifetime=ttl))
     await to_thread.run_sync(state.keys.reload)

@@ -9,6 +9,12 @@ On top of a live token (``bearer.Bearer``):
 - ``ClientScope(scope)``: a client_credentials token carrying ``scope`` from a client still
   allowed it; ``AdminDep`` is ``ClientScope("admin")``, the admin API.
 
+Each request is one unit of work (``Unit``): the dependency takes one session from
+``Database.session`` once the token passed the checks that need no database, finds the token
+live in its transaction, and hands that session to the handler (``caller.db``, ``admin.db``),
+which reads and writes in the same transaction and commits. Handlers that run argon2 end the
+transaction first (``Unit.release``), as the token endpoint does.
+
 Refusals are the ``API`` realm's: 401 with ``WWW-Authenticate: Bearer realm="api"`` (no error
 code when no token was sent, ``error="invalid_token"`` otherwise) and 403
 ``insufficient_scope``; the body is SPEC's ``{"detail", "error_code"}``, as every ``ApiError``.
@@ -16,17 +22,18 @@ code when no token was sent, ``error="invalid_token"`` otherwise) and 403
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, field_validator
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from .. import manage
-from ..bearer import Bearer, Realm, live_bearer, token_claims
+from ..bearer import Bearer, Realm, Refusal, live_bearer, token_claims
 from ..boundary import text_problem
 from ..deps import AppState, StateDep
 from ..models import ACCOUNT_SCOPE, Client, User
@@ -76,18 +83,34 @@ API = Realm(
 )
 
 
-async def _bearer(request: Request, state: AppState) -> Bearer:
-    claims = token_claims(request, state, API)
-    async with state.db.session() as db:
-        bearer = await live_bearer(db, claims)
-    if bearer is None:
-        raise API.invalid_token()
-    return bearer
+@dataclass(frozen=True)
+class Unit:
+    """The request's unit of work: one session, on one pooled connection taken through
+    ``Database.session`` (the breaker, the connect retries), in whose transaction the token
+    was found live. The handler reads and writes in it, and commits what it writes: a fault
+    during that commit is a 503, as the commit may or may not have landed. Whatever is not
+    committed when the handler returns is rolled back, and the connection goes back to the
+    pool before the response is sent.
+
+    Requests are not re-run on a fault (their body is read once); only taking the connection
+    is retried, before anything ran."""
+
+    db: AsyncSession
+
+    async def commit(self) -> None:
+        await self.db.commit()
+
+    async def release(self) -> None:
+        """End the transaction and give the connection back now, before slow work that
+        needs no database: argon2 (as ``TokenServer.verify_password`` does), key files. The
+        session takes a connection again if it is used after this."""
+        await self.db.commit()
 
 
 @dataclass(frozen=True)
-class Caller:
-    """The person behind a validated user access token, and what the token grants."""
+class Caller(Unit):
+    """The person behind a validated user access token, what the token grants, and the
+    request's unit of work."""
 
     user: User
     claims: dict[str, Any]
@@ -95,6 +118,17 @@ class Caller:
     @property
     def family_id(self) -> str:
         return str(self.claims["sid"])
+
+
+@dataclass(frozen=True)
+class Admin(Unit):
+    """The client acting on the admin API, and the request's unit of work."""
+
+    client: Client
+
+    @property
+    def client_id(self) -> str:
+        return self.client.client_id
 
 
 def _scope_refusal(
@@ -117,16 +151,17 @@ def _scope_refusal(
     return None
 
 
-async def _scoped(
-    request: Request, state: AppState, scope: str, *, person: bool, first_party: bool = False
-) -> Bearer:
-    """The request's live bearer token if ``_scope_refusal`` finds nothing against it; else 403
-    with ``scope`` in the challenge. Refusals of a valid token are audited: they are either a
-    misconfigured client or someone probing."""
-    bearer = await _bearer(request, state)
+def _refusal(
+    request: Request, bearer: Bearer | None, scope: str, *, person: bool, first_party: bool
+) -> Refusal | None:
+    """401 for a token that is not live, 403 with ``scope`` in the challenge for one that
+    ``_scope_refusal`` finds against; else None. Refusals of a valid token are audited: they
+    are either a misconfigured client or someone probing."""
+    if bearer is None:
+        return API.invalid_token()
     refusal = _scope_refusal(bearer, scope, person=person, first_party=first_party)
     if refusal is None:
-        return bearer
+        return None
     reason, description = refusal
     audit(
         "api.access_denied",
@@ -135,37 +170,58 @@ async def _scoped(
         reason=reason,
         path=request.url.path,
     )
-    raise API.insufficient_scope(description, scope)
+    return API.insufficient_scope(description, scope)
+
+
+@asynccontextmanager
+async def _authorized(
+    request: Request, state: AppState, scope: str, *, person: bool, first_party: bool = False
+) -> AsyncIterator[tuple[Bearer, AsyncSession]]:
+    """The request's live token, once nothing refuses it, with the session of the unit of
+    work it was checked in; the handler runs inside. A token that is not ours, or expired, is
+    refused before any connection is taken; a refusal after the check ends its transaction
+    first (the database answered; the breaker hears so)."""
+    claims = token_claims(request, state, API)
+    async with state.db.session() as db:
+        bearer = await live_bearer(db, claims)
+        refusal = _refusal(request, bearer, scope, person=person, first_party=first_party)
+        if refusal is None:
+            assert bearer is not None  # _refusal refuses a token that is not live
+            yield bearer, db
+            return
+    raise refusal
 
 
 class PersonScope:
     """Dependency: a live token issued to a person, whose ``scope`` claim holds ``scope``, from a
     client whose registration still allows it; with ``first_party``, from a first-party client
-    only. Yields the caller. The account API must not be reachable with a sign-in token
-    (``openid`` alone): a client the person let see who they are could otherwise read and
-    change their profile and recovery email."""
+    only. Yields the caller with the request's unit of work. The account API must not be
+    reachable with a sign-in token (``openid`` alone): a client the person let see who they
+    are could otherwise read and change their profile and recovery email."""
 
     def __init__(self, scope: str, *, first_party: bool = False) -> None:
         self.scope = scope
         self.first_party = first_party
 
-    async def __call__(self, request: Request, state: StateDep) -> Caller:
-        bearer = await _scoped(
+    async def __call__(self, request: Request, state: StateDep) -> AsyncIterator[Caller]:
+        async with _authorized(
             request, state, self.scope, person=True, first_party=self.first_party
-        )
-        assert bearer.user is not None  # _scope_refusal refuses a token without a person
-        return Caller(bearer.user, bearer.claims)
+        ) as (bearer, db):
+            assert bearer.user is not None  # _scope_refusal refuses a token without a person
+            yield Caller(db, bearer.user, bearer.claims)
 
 
 class ClientScope:
     """Dependency: a live client_credentials token whose ``scope`` claim holds ``scope``, from
-    a client whose registration still allows it. Yields the acting client."""
+    a client whose registration still allows it. Yields the acting client with the request's
+    unit of work."""
 
     def __init__(self, scope: str) -> None:
         self.scope = scope
 
-    async def __call__(self, request: Request, state: StateDep) -> Client:
-        return (await _scoped(request, state, self.scope, person=False)).client
+    async def __call__(self, request: Request, state: StateDep) -> AsyncIterator[Admin]:
+        async with _authorized(request, state, self.scope, person=False) as (bearer, db):
+            yield Admin(db, bearer.client)
 
 
 @contextmanager
@@ -197,9 +253,13 @@ def user_refusals() -> AbstractContextManager[None]:
     return _refusals("invalid_user", "username_taken")
 
 
-CallerDep = Annotated[Caller, Depends(PersonScope(ACCOUNT_SCOPE))]
-FirstPartyCallerDep = Annotated[Caller, Depends(PersonScope(ACCOUNT_SCOPE, first_party=True))]
-AdminDep = Annotated[Client, Depends(ClientScope("admin"))]
+# ``scope="function"``: the unit of work ends when the handler returns, before the response is
+# sent, so no connection (nor SQLite's lock) is held while the client reads it.
+CallerDep = Annotated[Caller, Depends(PersonScope(ACCOUNT_SCOPE), scope="function")]
+FirstPartyCallerDep = Annotated[
+    Caller, Depends(PersonScope(ACCOUNT_SCOPE, first_party=True), scope="function")
+]
+AdminDep = Annotated[Admin, Depends(ClientScope("admin"), scope="function")]
 
 
 def no_store(response: Response) -> None:
