@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .api.account import router as account_router
 from .api.admin import router as admin_router
 from .api.auth import ApiError
+from .bearer import Refusal
 from .breaker import DatabaseUnavailable
 from .clients import ClientCache, Listener
 from .clients import load as load_client
@@ -39,6 +40,7 @@ from .metrics import router as metrics_router
 from .oauth.authorize import router as authorize_router
 from .oauth.routes import router as oauth_router
 from .oauth.server import TokenServer
+from .oauth.userinfo import router as userinfo_router
 from .observability import RequestIdMiddleware, configure_logging, log
 from .passwords import Passwords
 from .ratelimit import Limiter
@@ -148,6 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware)
     # The schema describes the JSON APIs; OAuth endpoints are described by discovery (RFC 8414).
     app.include_router(oauth_router, include_in_schema=False)
+    app.include_router(userinfo_router, include_in_schema=False)
     app.include_router(authorize_router, include_in_schema=False)
     app.include_router(pages_router, include_in_schema=False)
     app.include_router(metrics_router, include_in_schema=False)
@@ -246,6 +249,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             error_body(exc.detail, exc.error_code), status_code=exc.status, headers=headers
         )
+
+    @app.exception_handler(Refusal)
+    async def refusal(_: Request, exc: Refusal) -> Response:
+        return exc.response()  # bearer.py: the challenge and body of the resource's realm
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> Response:

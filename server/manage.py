@@ -603,7 +603,7 @@ async def prune_tokens(
         )
     )
     # Refresh tokens go with their family (ON DELETE CASCADE). Why deleting a family early
-    # (on a fast clock) is still safe: it only ever fails closed. ``access_token_is_live``
+    # (on a fast clock) is still safe: it only ever fails closed. ``store.access_token_live``
     # refuses a user token whose family row is missing exactly as one whose family is
     # revoked, and a refresh token whose row is gone is ``invalid_grant``; only ended
     # families are deleted, so nothing live loses its row.

@@ -1,11 +1,10 @@
 """Validating our own access tokens, as a resource server must (RFC 9068 §4, RFC 8725).
 
 ``decode_access_token`` checks the JWT alone (structure, header, signature, claims) and
-returns its claims or ``None``; it never raises on hostile input. ``access_token_state``
-adds what only the database knows: revoked by ``jti``, its client deleted, or its family
-(sign-in) revoked, which is what signing out, disabling the user and changing the password do.
-
-Introspection uses both; the account and admin APIs will too.
+returns its claims or ``None``; it never raises on hostile input. What only the database knows
+(revoked by ``jti``, its client deleted, its family revoked) is one statement in
+``server/oauth/store.py`` (``access_token_live``). Introspection and the bearer module
+(``server/bearer.py``: /userinfo and the JSON APIs) use both.
 """
 
 from __future__ import annotations
@@ -17,11 +16,8 @@ from typing import Any
 
 from joserfc import jws
 from joserfc.errors import JoseError
-from sqlalchemy import Connection
-from sqlalchemy.orm import Session
 
 from .keys import KeySet
-from .oauth.store import access_token_live
 
 #: Far above any token we sign (about 1 KB); anything longer is not ours.
 MAX_TOKEN_LENGTH = 8192
@@ -106,9 +102,3 @@ def decode_access_token(
         if not isinstance(claims.get(name), str):
             return None
     return claims
-
-
-def access_token_is_live(db: Session | Connection, claims: dict[str, Any]) -> bool:
-    """The database's view of a validly signed, unexpired access token (one statement,
-    ``server/oauth/store.py``)."""
-    return access_token_live(db, claims)

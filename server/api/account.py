@@ -158,14 +158,12 @@ async def me(caller: CallerDep) -> Me:
 
 
 @router.patch("/me", responses=ERRORS)
-async def change_profile(change: ProfileChange, caller: CallerDep, state: StateDep) -> Me:
+async def change_profile(change: ProfileChange, caller: CallerDep) -> Me:
     fields = change.model_dump(exclude_unset=True)
-    async with state.db.session() as db:
-        user = await db.get(User, caller.user.id)
-        assert user is not None  # the caller was loaded a moment ago; users are never deleted
-        for field, value in fields.items():
-            setattr(user, field, value or None)
-        await db.commit()
+    user = caller.user  # loaded with the token, in this unit of work
+    for field, value in fields.items():
+        setattr(user, field, value or None)
+    await caller.commit()
     audit("user.profile_changed", user_id=user.id, fields=sorted(fields))
     return _me(user)
 
@@ -183,30 +181,31 @@ async def change_password(
 ) -> Response:
     """Needs the current password; ends every other sign-in of the person (SPEC: a password
     change kills the families), keeping the one making the request."""
+    user = caller.user  # loaded with the token, in this unit of work
+    # Two transactions, not one: argon2 (verifying the current password here, hashing the new
+    # one in manage.reset_password before its first query) runs between them, holding no
+    # connection and no lock.
+    await caller.release()
     limiter = state.limiter
-    account = normalize_username(caller.user.username)
+    account = normalize_username(user.username)
     ip = limiter.client_ip(request)
     if await limiter.throttled(account, ip):
         raise ApiError(400, "wrong_password", "The current password is not correct.")
-    result = await state.passwords.verify_async(caller.user.password_hash, change.current_password)
+    result = await state.passwords.verify_async(user.password_hash, change.current_password)
     if not result.ok:
         await limiter.failed(account, ip)
         raise ApiError(400, "wrong_password", "The current password is not correct.")
-    async with state.db.session() as db:
-        user = await db.get(User, caller.user.id)
-        assert user is not None  # the caller was loaded a moment ago; users are never deleted
-        with user_refusals():
-            await manage.reset_password(
-                db, state.passwords, user, change.new_password, keep_family=caller.family_id
-            )
-        await db.commit()
+    with user_refusals():
+        await manage.reset_password(
+            caller.db, state.passwords, user, change.new_password, keep_family=caller.family_id
+        )
+    await caller.commit()
     return Response(status_code=204)
 
 
 @router.get("/me/sessions", responses=ERRORS)
-async def my_sessions(caller: CallerDep, state: StateDep) -> Sessions:
-    async with state.db.session() as db:
-        families = list(await db.execute(live_families(caller.user.id, now())))
+async def my_sessions(caller: CallerDep) -> Sessions:
+    families = list(await caller.db.execute(live_families(caller.user.id, now())))
     return Sessions(
         sessions=[
             Session.of(family, name, current=family.id == caller.family_id)
@@ -220,16 +219,11 @@ async def my_sessions(caller: CallerDep, state: StateDep) -> Sessions:
     status_code=204,
     responses={**ERRORS, 404: {"description": "No such live sign-in of yours (`not_found`)"}},
 )
-async def end_session(
-    session_id: SessionId,
-    caller: CallerDep,
-    state: StateDep,
-) -> Response:
+async def end_session(session_id: SessionId, caller: CallerDep) -> Response:
     """End one sign-in: its refresh token and every access token it issued stop working."""
-    async with state.db.session() as db:
-        # Only the person's own sign-ins.
-        ended = await manage.end_sign_in(db, caller.user.id, session_id, reason="signed_out")
-        await db.commit()
+    # Only the person's own sign-ins.
+    ended = await manage.end_sign_in(caller.db, caller.user.id, session_id, reason="signed_out")
+    await caller.commit()
     if not ended:
         raise ApiError(404, "not_found", "No such live sign-in of yours.")
     audit("session.revoked", family_id=session_id, user_id=caller.user.id, via="api")

@@ -1,8 +1,7 @@
-"""Protecting the JSON APIs (and /userinfo) with our own access tokens, as a resource server must.
+"""Protecting the JSON APIs with our own access tokens (bearer.py: the credential, its
+validation and the RFC 6750 §3 refusals, shared with /userinfo).
 
-``live_bearer`` validates a bearer token exactly as introspection does (tokens.py: RFC 9068 §4
-signature with a published key, ``typ`` at+jwt, ``iss``, ``aud``, ``exp``; then, in one
-transaction, the deny-list, the client and the family) and loads who is behind it. On top of it:
+On top of a live token (``bearer.Bearer``):
 
 - ``PersonScope(scope)``: a person's token carrying ``scope`` from a client still allowed it;
   ``CallerDep`` is ``PersonScope("account")`` (the account API), ``FirstPartyCallerDep`` the
@@ -10,31 +9,35 @@ transaction, the deny-list, the client and the family) and loads who is behind i
 - ``ClientScope(scope)``: a client_credentials token carrying ``scope`` from a client still
   allowed it; ``AdminDep`` is ``ClientScope("admin")``, the admin API.
 
-Errors follow RFC 6750 §3: 401 with ``WWW-Authenticate: Bearer`` (no error code when no token
-was sent, ``error="invalid_token"`` otherwise) and 403 ``insufficient_scope``; the body is
-SPEC's ``{"detail", "error_code"}``.
+Each request is one unit of work (``Unit``): the dependency takes one session from
+``Database.session`` once the token passed the checks that need no database, finds the token
+live in its transaction, and hands that session to the handler (``caller.db``, ``admin.db``),
+which reads and writes in the same transaction and commits. Handlers that run argon2 end the
+transaction first (``Unit.release``), as the token endpoint does.
+
+Refusals are the ``API`` realm's: 401 with ``WWW-Authenticate: Bearer realm="api"`` (no error
+code when no token was sent, ``error="invalid_token"`` otherwise) and 403
+``insufficient_scope``; the body is SPEC's ``{"detail", "error_code"}``, as every ``ApiError``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, field_validator
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from .. import manage
+from ..bearer import Bearer, Realm, Refusal, live_bearer, token_claims
 from ..boundary import text_problem
 from ..deps import AppState, StateDep
-from ..models import ACCOUNT_SCOPE, Client, User, now
+from ..models import ACCOUNT_SCOPE, Client, User
 from ..observability import audit
-from ..tokens import access_token_is_live, decode_access_token
-
-REALM = "api"
 
 
 class Body(BaseModel):
@@ -71,98 +74,43 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def challenge(
-    realm: str, error: str | None = None, description: str = "", scope: str = ""
-) -> dict[str, str]:
-    """The RFC 6750 §3 ``WWW-Authenticate`` header."""
-    parts = [f'realm="{realm}"']
-    if error:
-        parts.append(f'error="{error}"')
-    if description:
-        parts.append(f'error_description="{description}"')
-    if scope:
-        parts.append(f'scope="{scope}"')
-    return {"WWW-Authenticate": "Bearer " + ", ".join(parts)}
+#: The JSON APIs' answer to a refused token: ``{"detail", "error_code"}``.
+API = Realm(
+    "api",
+    "api",
+    invalid="The access token is invalid, expired or revoked.",
+    missing="A bearer access token is required.",
+)
 
 
 @dataclass(frozen=True)
-class Bearer:
-    """A live access token: its claims, its client and, for a user token, the person."""
+class Unit:
+    """The request's unit of work: one session, on one pooled connection taken through
+    ``Database.session`` (the breaker, the connect retries), in whose transaction the token
+    was found live. The handler reads and writes in it, and commits what it writes: a fault
+    during that commit is a 503, as the commit may or may not have landed. Whatever is not
+    committed when the handler returns is rolled back, and the connection goes back to the
+    pool before the response is sent.
 
-    claims: dict[str, Any]
-    client: Client
-    #: ``None`` for a client_credentials token (no ``auth_time``: nobody signed in).
-    user: User | None
+    Requests are not re-run on a fault (their body is read once); only taking the connection
+    is retried, before anything ran."""
 
-    @property
-    def scopes(self) -> frozenset[str]:
-        return frozenset(str(self.claims["scope"]).split())
+    db: AsyncSession
 
+    async def commit(self) -> None:
+        await self.db.commit()
 
-def bearer_token(request: Request) -> str | None:
-    """The token of an ``Authorization: Bearer`` header (RFC 6750 §2.1), if one was sent."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
-
-
-async def live_bearer(state: AppState, token: str) -> Bearer | None:
-    """The token's claims and subjects if it is live now, else ``None`` (never raises on
-    hostile input). A user token of a disabled person is not live."""
-    claims = decode_access_token(
-        state.keys.keyset(),
-        token,
-        issuer=state.settings.issuer,
-        audience=state.settings.audience,
-        now=now(),
-    )
-    if claims is None:
-        return None
-
-    def load(db: Session) -> Bearer | None:
-        if not access_token_is_live(db, claims):
-            return None
-        client = db.get(Client, claims["client_id"])
-        assert client is not None  # access_token_is_live found it, in this same transaction
-        if "auth_time" not in claims:
-            return Bearer(claims, client, None)
-        user = db.get(User, claims["sub"])
-        return None if user is None or user.disabled else Bearer(claims, client, user)
-
-    async with state.db.session() as db:
-        return await db.run_sync(load)
-
-
-def _missing() -> ApiError:
-    # RFC 6750 §3.1: a request without credentials gets the challenge and no error code.
-    return ApiError(401, "missing_token", "A bearer access token is required.", challenge(REALM))
-
-
-def _invalid() -> ApiError:
-    description = "The access token is invalid, expired or revoked."
-    return ApiError(
-        401, "invalid_token", description, challenge(REALM, "invalid_token", description)
-    )
-
-
-def _insufficient(description: str, scope: str = "") -> ApiError:
-    headers = challenge(REALM, "insufficient_scope", description, scope)
-    return ApiError(403, "insufficient_scope", description, headers)
-
-
-async def _bearer(request: Request, state: AppState) -> Bearer:
-    token = bearer_token(request)
-    if token is None:
-        raise _missing()
-    bearer = await live_bearer(state, token)
-    if bearer is None:
-        raise _invalid()
-    return bearer
+    async def release(self) -> None:
+        """End the transaction and give the connection back now, before slow work that
+        needs no database: argon2 (as ``TokenServer.verify_password`` does), key files. The
+        session takes a connection again if it is used after this."""
+        await self.db.commit()
 
 
 @dataclass(frozen=True)
-class Caller:
-    """The person behind a validated user access token, and what the token grants."""
+class Caller(Unit):
+    """The person behind a validated user access token, what the token grants, and the
+    request's unit of work."""
 
     user: User
     claims: dict[str, Any]
@@ -170,6 +118,17 @@ class Caller:
     @property
     def family_id(self) -> str:
         return str(self.claims["sid"])
+
+
+@dataclass(frozen=True)
+class Admin(Unit):
+    """The client acting on the admin API, and the request's unit of work."""
+
+    client: Client
+
+    @property
+    def client_id(self) -> str:
+        return self.client.client_id
 
 
 def _scope_refusal(
@@ -192,16 +151,17 @@ def _scope_refusal(
     return None
 
 
-async def _scoped(
-    request: Request, state: AppState, scope: str, *, person: bool, first_party: bool = False
-) -> Bearer:
-    """The request's live bearer token if ``_scope_refusal`` finds nothing against it; else 403
-    with ``scope`` in the challenge. Refusals of a valid token are audited: they are either a
-    misconfigured client or someone probing."""
-    bearer = await _bearer(request, state)
+def _refusal(
+    request: Request, bearer: Bearer | None, scope: str, *, person: bool, first_party: bool
+) -> Refusal | None:
+    """401 for a token that is not live, 403 with ``scope`` in the challenge for one that
+    ``_scope_refusal`` finds against; else None. Refusals of a valid token are audited: they
+    are either a misconfigured client or someone probing."""
+    if bearer is None:
+        return API.invalid_token()
     refusal = _scope_refusal(bearer, scope, person=person, first_party=first_party)
     if refusal is None:
-        return bearer
+        return None
     reason, description = refusal
     audit(
         "api.access_denied",
@@ -210,37 +170,58 @@ async def _scoped(
         reason=reason,
         path=request.url.path,
     )
-    raise _insufficient(description, scope)
+    return API.insufficient_scope(description, scope)
+
+
+@asynccontextmanager
+async def _authorized(
+    request: Request, state: AppState, scope: str, *, person: bool, first_party: bool = False
+) -> AsyncIterator[tuple[Bearer, AsyncSession]]:
+    """The request's live token, once nothing refuses it, with the session of the unit of
+    work it was checked in; the handler runs inside. A token that is not ours, or expired, is
+    refused before any connection is taken; a refusal after the check ends its transaction
+    first (the database answered; the breaker hears so)."""
+    claims = token_claims(request, state, API)
+    async with state.db.session() as db:
+        bearer = await live_bearer(db, claims)
+        refusal = _refusal(request, bearer, scope, person=person, first_party=first_party)
+        if refusal is None:
+            assert bearer is not None  # _refusal refuses a token that is not live
+            yield bearer, db
+            return
+    raise refusal
 
 
 class PersonScope:
     """Dependency: a live token issued to a person, whose ``scope`` claim holds ``scope``, from a
     client whose registration still allows it; with ``first_party``, from a first-party client
-    only. Yields the caller. The account API must not be reachable with a sign-in token
-    (``openid`` alone): a client the person let see who they are could otherwise read and
-    change their profile and recovery email."""
+    only. Yields the caller with the request's unit of work. The account API must not be
+    reachable with a sign-in token (``openid`` alone): a client the person let see who they
+    are could otherwise read and change their profile and recovery email."""
 
     def __init__(self, scope: str, *, first_party: bool = False) -> None:
         self.scope = scope
         self.first_party = first_party
 
-    async def __call__(self, request: Request, state: StateDep) -> Caller:
-        bearer = await _scoped(
+    async def __call__(self, request: Request, state: StateDep) -> AsyncIterator[Caller]:
+        async with _authorized(
             request, state, self.scope, person=True, first_party=self.first_party
-        )
-        assert bearer.user is not None  # _scope_refusal refuses a token without a person
-        return Caller(bearer.user, bearer.claims)
+        ) as (bearer, db):
+            assert bearer.user is not None  # _scope_refusal refuses a token without a person
+            yield Caller(db, bearer.user, bearer.claims)
 
 
 class ClientScope:
     """Dependency: a live client_credentials token whose ``scope`` claim holds ``scope``, from
-    a client whose registration still allows it. Yields the acting client."""
+    a client whose registration still allows it. Yields the acting client with the request's
+    unit of work."""
 
     def __init__(self, scope: str) -> None:
         self.scope = scope
 
-    async def __call__(self, request: Request, state: StateDep) -> Client:
-        return (await _scoped(request, state, self.scope, person=False)).client
+    async def __call__(self, request: Request, state: StateDep) -> AsyncIterator[Admin]:
+        async with _authorized(request, state, self.scope, person=False) as (bearer, db):
+            yield Admin(db, bearer.client)
 
 
 @contextmanager
@@ -272,9 +253,13 @@ def user_refusals() -> AbstractContextManager[None]:
     return _refusals("invalid_user", "username_taken")
 
 
-CallerDep = Annotated[Caller, Depends(PersonScope(ACCOUNT_SCOPE))]
-FirstPartyCallerDep = Annotated[Caller, Depends(PersonScope(ACCOUNT_SCOPE, first_party=True))]
-AdminDep = Annotated[Client, Depends(ClientScope("admin"))]
+# ``scope="function"``: the unit of work ends when the handler returns, before the response is
+# sent, so no connection (nor SQLite's lock) is held while the client reads it.
+CallerDep = Annotated[Caller, Depends(PersonScope(ACCOUNT_SCOPE), scope="function")]
+FirstPartyCallerDep = Annotated[
+    Caller, Depends(PersonScope(ACCOUNT_SCOPE, first_party=True), scope="function")
+]
+AdminDep = Annotated[Admin, Depends(ClientScope("admin"), scope="function")]
 
 
 def no_store(response: Response) -> None:

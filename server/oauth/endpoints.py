@@ -5,7 +5,7 @@ response shape); we supply the lookup. ``query_token`` returns only *live* token
 Authlib's ``is_expired``/``is_revoked`` checks are already settled by the time it asks:
 - an access token is live when ``decode_access_token`` accepts it (signature with a key we
   publish, RS256 only, ``typ`` at+jwt, ``iss``, ``aud``, ``exp``) and the database does not
-  say otherwise (``access_token_is_live``);
+  say otherwise (``store.access_token_live``);
 - a refresh token is live when its row is the family's newest (not rotated), unexpired, and
   its family is neither revoked nor past its cap, for a user who is not disabled.
 

@@ -12,7 +12,6 @@ from fastapi.responses import Response
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..api.auth import bearer_token, challenge, live_bearer
 from ..deps import AppState, StateDep
 from ..models import sha256_hex
 from ..names import CONFIDENTIAL_AUTH_METHODS, GRANT_TYPES, USER_AUTH_METHODS
@@ -260,41 +259,4 @@ async def discovery(state: StateDep) -> Response:
         200,
         discovery_document(state.settings.issuer),
         {"Cache-Control": "public, max-age=300"},
-    )
-
-
-@router.api_route("/userinfo", methods=["GET", "POST"])
-async def userinfo(request: Request, state: StateDep) -> Response:
-    """OpenID Connect Core §5.3, with a bearer access token (RFC 6750 §2.1)."""
-    token = bearer_token(request)
-    if token is None:
-        # RFC 6750 §3.1: no credentials, so no error code; just the challenge.
-        return Response(status_code=401, headers=challenge("userinfo"))
-    bearer = await live_bearer(state, token)
-    if bearer is None or bearer.user is None:
-        return _bearer_error(401, "invalid_token", "The access token is invalid or expired.")
-    user, claims = bearer.user, bearer.claims
-    scopes = claims["scope"].split()
-    if "openid" not in scopes:
-        # OpenID Connect Core §5.3: only a token with openid; RFC 6750 §3 names the scope.
-        return _bearer_error(
-            403, "insufficient_scope", "The token lacks the openid scope.", scope="openid"
-        )
-    body: dict[str, Any] = {"sub": user.id}
-    if "profile" in scopes:
-        body["preferred_username"] = user.username
-        if user.name:
-            body["name"] = user.name
-    if "email" in scopes and user.email:
-        body["email"] = user.email
-        body["email_verified"] = False  # addresses are not verified by this server
-    return json_response(200, body, {"Cache-Control": "no-store"})
-
-
-def _bearer_error(status: int, error: str, description: str, scope: str = "") -> Response:
-    # RFC 6750 §3: the error in the WWW-Authenticate challenge, and the same in the body.
-    return json_response(
-        status,
-        {"error": error, "error_description": description},
-        {**challenge("userinfo", error, description, scope), "Cache-Control": "no-store"},
     )

@@ -1,0 +1,73 @@
+"""The admin API's signing keys: the manifest, rotation and pruning, as the CLI's ``keys``
+commands do."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from anyio import to_thread
+from fastapi import APIRouter
+
+from ...deps import StateDep
+from ...keys import KeyInfo, RotationTooSoonError
+from ...observability import audit
+from ..auth import AdminDep, ApiError
+from .schemas import KeyOut, KeyRotation, Keys, KeysPruned
+
+router = APIRouter()
+
+
+def _keys_out(infos: list[KeyInfo]) -> Keys:
+    return Keys(keys=[KeyOut(**asdict(info)) for info in infos])
+
+
+@router.get("/keys")
+async def list_keys(admin: AdminDep, state: StateDep) -> Keys:
+    """The signing keys' manifest (never a private key): the JWKS publishes next, current and
+    retired keys; ``current`` signs."""
+    await admin.release()  # the keys are files: no transaction is held while they are read
+    infos = await to_thread.run_sync(state.keys.read_manifest)
+    audit("admin.keys_listed", actor_client_id=admin.client_id)
+    return _keys_out(infos)
+
+
+@router.post(
+    "/keys/rotate",
+    responses={409: {"description": "The next key is too new to sign (`rotation_too_soon`)"}},
+)
+async def rotate_keys(
+    admin: AdminDep, state: StateDep, rotation: KeyRotation | None = None
+) -> Keys:
+    """next → current, current → retired, and a new next key, as ``keys rotate`` does. Every
+    replica sharing the keys directory picks the change up within AUTH_KEY_RELOAD_INTERVAL."""
+    await admin.release()  # the keys are files: no transaction is held while they change
+    min_age = 0 if rotation is not None and rotation.force else state.settings.jwks_max_age
+    try:
+        infos = await to_thread.run_sync(lambda: state.keys.rotate(min_next_age=min_age))
+    except RotationTooSoonError:
+        detail = (
+            f"The next key was published less than the JWKS max-age ({min_age} s) ago, so "
+            'cached JWKS may not hold it yet: retry later, or send {"force": true}.'
+        )
+        raise ApiError(409, "rotation_too_soon", detail) from None
+    await to_thread.run_sync(state.keys.reload)  # this replica signs with it at once
+    current = next(info.kid for info in infos if info.state == "current")
+    audit("key.rotated", kid=current, actor_client_id=admin.client_id, via="admin_api")
+    return _keys_out(infos)
+
+
+@router.post("/keys/prune")
+async def prune_keys(admin: AdminDep, state: StateDep) -> KeysPruned:
+    """Remove retired keys whose every token has expired, as ``keys prune`` does."""
+    await admin.release()  # the keys are files: no transaction is held while they change
+    ttl = state.settings.access_token_ttl
+    pruned = await to_thread.run_sync(lambda: state.keys.prune(max_token_lifetime=ttl))
+    await to_thread.run_sync(state.keys.reload)
+    audit(
+        "key.pruned",
+        removed=pruned.removed,
+        orphans=pruned.orphans,
+        actor_client_id=admin.client_id,
+        via="admin_api",
+    )
+    return KeysPruned(removed=pruned.removed, kept=pruned.kept, orphans=pruned.orphans)

@@ -1,0 +1,180 @@
+"""Authenticating resource requests with our own access tokens, as a resource server must: one
+module for /userinfo, the account API (/api/v1) and the admin API (/admin/v1).
+
+- The credential: ``presented`` reads ``Authorization: Bearer <token>`` (RFC 6750 §2.1; the
+  scheme is case-insensitive, RFC 9110 §11.1). Without one the answer is a bare challenge
+  (RFC 6750 §3.1: no error code).
+- Validation, in two steps. ``token_claims`` checks the token alone, without the database
+  (``tokens.decode_access_token``: RFC 9068 §4 signature with a published key, ``typ``
+  at+jwt, ``iss``, ``aud``, ``exp``), so a forged or expired token never costs a connection.
+  ``live_bearer`` then asks the database, in the caller's unit of work, whether it is still
+  live (``store.access_token_live``: deny-list, client, family) and loads who is behind
+  it, as introspection does. A user token of a disabled person is not live.
+- Refusals: a ``Refusal`` carries RFC 6750 §3's challenge (``WWW-Authenticate: Bearer``,
+  401 ``invalid_token``, 403 ``insufficient_scope`` naming the scope needed) and renders the
+  answer. What differs between endpoints is a ``Realm`` (a parameter, not code): the realm's
+  name, its descriptions and the body's shape, ``oauth`` (RFC 6750 §3 / OpenID Connect Core
+  §5.3.3 ``{"error", "error_description"}``, /userinfo) or ``api`` (the JSON APIs'
+  ``{"detail", "error_code"}``).
+
+What a token may do (its scope, a person or a client behind it) is each endpoint's own rule,
+checked on the ``Bearer`` it gets and refused through its realm.
+
+A second scheme (DPoP, RFC 9449) slots in here: ``presented`` returns it as a ``Credential``
+of that scheme with its proof, ``token_claims`` checks the proof and the token's binding, and
+the challenges name the schemes accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from .deps import AppState
+from .models import Client, User, now
+from .oauth.store import access_token_live
+from .tokens import decode_access_token
+
+BEARER = "Bearer"
+
+
+@dataclass(frozen=True)
+class Credential:
+    """An access token as a request presented it, with its authentication scheme."""
+
+    scheme: str
+    token: str
+
+
+def presented(request: Request) -> Credential | None:
+    """The request's ``Authorization: Bearer`` token (RFC 6750 §2.1), if it sent one."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    return Credential(BEARER, token) if scheme.lower() == "bearer" and token else None
+
+
+def challenge(
+    realm: str,
+    error: str | None = None,
+    description: str = "",
+    scope: str = "",
+    scheme: str = BEARER,
+) -> dict[str, str]:
+    """The RFC 6750 §3 ``WWW-Authenticate`` header."""
+    parts = [f'realm="{realm}"']
+    if error:
+        parts.append(f'error="{error}"')
+    if description:
+        parts.append(f'error_description="{description}"')
+    if scope:
+        parts.append(f'scope="{scope}"')
+    return {"WWW-Authenticate": f"{scheme} " + ", ".join(parts)}
+
+
+@dataclass(frozen=True)
+class Realm:
+    """How one protected resource answers a refused request: RFC 6750 §3 fixes the statuses,
+    the error codes and the challenge; the realm's name, the descriptions and the body are
+    the resource's."""
+
+    name: str
+    #: ``oauth``: ``{"error", "error_description"}`` (RFC 6750 §3), and no body at all for a
+    #: request without credentials; ``api``: ``{"detail", "error_code"}``, always.
+    body: Literal["oauth", "api"]
+    #: The description of a token that is not (or no longer) a live one.
+    invalid: str
+    #: The ``api`` body's ``detail`` for a request without credentials.
+    missing: str = ""
+
+    def missing_token(self) -> Refusal:
+        # RFC 6750 §3.1: a request without credentials gets the challenge and no error code.
+        return Refusal(self, 401, None, self.missing)
+
+    def invalid_token(self) -> Refusal:
+        return Refusal(self, 401, "invalid_token", self.invalid)
+
+    def insufficient_scope(self, description: str, scope: str = "") -> Refusal:
+        return Refusal(self, 403, "insufficient_scope", description, scope)
+
+
+class Refusal(Exception):
+    """A request refused by bearer authentication; ``response()`` is the answer its realm
+    gives (main.py answers every ``Refusal`` raised by a route or a dependency with it)."""
+
+    def __init__(
+        self, realm: Realm, status: int, error: str | None, description: str, scope: str = ""
+    ) -> None:
+        super().__init__(description)
+        self.realm = realm
+        self.status = status
+        #: ``None``: no credentials were sent (RFC 6750 §3.1).
+        self.error = error
+        self.description = description
+        self.scope = scope
+
+    def response(self) -> Response:
+        description = self.description if self.error else ""
+        headers = challenge(self.realm.name, self.error, description, self.scope)
+        if self.realm.body == "api":
+            body = {"detail": self.description, "error_code": self.error or "missing_token"}
+            return JSONResponse(body, self.status, {"Cache-Control": "no-store", **headers})
+        if self.error is None:
+            return Response(status_code=self.status, headers=headers)
+        # RFC 6750 §3: the error in the challenge, and the same in the body.
+        body = {"error": self.error, "error_description": self.description}
+        return JSONResponse(body, self.status, {**headers, "Cache-Control": "no-store"})
+
+
+@dataclass(frozen=True)
+class Bearer:
+    """A live access token: its claims, its client and, for a user token, the person."""
+
+    claims: dict[str, Any]
+    client: Client
+    #: ``None`` for a client_credentials token (no ``auth_time``: nobody signed in).
+    user: User | None
+
+    @property
+    def scopes(self) -> frozenset[str]:
+        return frozenset(str(self.claims["scope"]).split())
+
+
+def token_claims(request: Request, state: AppState, realm: Realm) -> dict[str, Any]:
+    """The claims of the request's access token if it is one we signed and it has not
+    expired, checked without the database; else the realm's 401 (never raises anything else,
+    whatever was sent)."""
+    credential = presented(request)
+    if credential is None:
+        raise realm.missing_token()
+    claims = decode_access_token(
+        state.keys.keyset(),
+        credential.token,
+        issuer=state.settings.issuer,
+        audience=state.settings.audience,
+        now=now(),
+    )
+    if claims is None:
+        raise realm.invalid_token()
+    return claims
+
+
+def _load(db: Session, claims: dict[str, Any]) -> Bearer | None:
+    if not access_token_live(db, claims):
+        return None
+    client = db.get(Client, claims["client_id"])
+    assert client is not None  # access_token_live found it, in this same transaction
+    if "auth_time" not in claims:
+        return Bearer(claims, client, None)
+    user = db.get(User, claims["sub"])
+    return None if user is None or user.disabled else Bearer(claims, client, user)
+
+
+async def live_bearer(db: AsyncSession, claims: dict[str, Any]) -> Bearer | None:
+    """The token of ``claims`` (from ``token_claims``) with its client and person, if the
+    database says it is live; else ``None``. Runs in ``db``, the caller's unit of work."""
+    return await db.run_sync(_load, claims)
