@@ -22,6 +22,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import Table, bindparam, event, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
@@ -139,8 +140,11 @@ class Listener:
     """``LISTEN`` on a dedicated asyncpg connection for the life of the process, reconnecting
     with backoff; the cache is trusted only while it is connected."""
 
-    def __init__(self, engine: AsyncEngine, cache: ClientCache, *, retry: float = 1.0) -> None:
+    def __init__(
+        self, engine: AsyncEngine, cache: ClientCache, *, retry: float = 1.0, timeout: float = 5.0
+    ) -> None:
         self.engine = engine
+        self.timeout = timeout
         self.cache = cache
         self.retry = retry
         self.connected = asyncio.Event()
@@ -163,19 +167,20 @@ class Listener:
 
     async def _run(self) -> None:
         failures = 0
+        # A connection of its own, outside the pool: it is held for the life of the process.
+        args, kwargs = self.engine.dialect.create_connect_args(self.engine.url)
         while True:
             self.lost = asyncio.Event()
+            connection: Any = None
             try:
-                async with self.engine.connect() as connection:
-                    raw = await connection.get_raw_connection()
-                    driver: Any = raw.driver_connection
-                    await driver.add_listener(CHANNEL, self._notified)
-                    driver.add_termination_listener(self._lost)
-                    # Entries read before LISTEN took effect may predate a change: drop them.
-                    self.cache.trust(True)
-                    self.connected.set()
-                    failures = 0
-                    await self.lost.wait()
+                connection = await asyncpg.connect(*args, **kwargs, timeout=self.timeout)
+                await connection.add_listener(CHANNEL, self._notified)
+                connection.add_termination_listener(self._lost)
+                # Entries read before LISTEN took effect may predate a change: drop them.
+                self.cache.trust(True)
+                self.connected.set()
+                failures = 0
+                await self.lost.wait()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -185,4 +190,6 @@ class Listener:
             finally:
                 self.connected.clear()
                 self.cache.trust(False)
+                if connection is not None:
+                    connection.terminate()
             await asyncio.sleep(min(self.retry * 2 ** min(failures, 5), 30.0))

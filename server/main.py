@@ -115,7 +115,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             # The OAuth core, built once: its grants and endpoints keep nothing of a request.
             app.state.oauth = TokenServer(state, clients)
-            listener = Listener(engine, clients) if postgresql and clients.ttl > 0 else None
+            listener = (
+                Listener(engine, clients, timeout=settings.db_connect_timeout)
+                if postgresql and clients.ttl > 0
+                else None
+            )
+            app.state.clients_listener = listener
             if listener is not None:
                 listener.start()
             reloader = asyncio.create_task(_reload_keys(keys, settings.key_reload_interval))

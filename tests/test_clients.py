@@ -7,7 +7,8 @@ import asyncio
 
 import httpx
 import pytest
-from sqlalchemy import update
+from fastapi import FastAPI
+from sqlalchemy import text, update
 
 from server import manage
 from server.clients import ClientCache
@@ -152,3 +153,29 @@ async def test_a_change_behind_its_back_is_seen_after_the_ttl(
     response = await client.post("/oauth2/token", data=CC, headers=creds.basic)
     assert response.status_code == 400
     assert response.json()["error"] == "unauthorized_client"
+
+
+async def test_the_cache_is_trusted_only_while_its_listener_is_connected(
+    app: FastAPI, state: AppState
+) -> None:
+    """A notification sent while the LISTEN connection is down is lost: meanwhile the cache
+    serves nothing, and the entries read before it reconnected are dropped."""
+    listener = app.state.clients_listener
+    if listener is None:
+        assert state.clients.trusted  # SQLite: one process, bounded by the TTL
+        return
+    await asyncio.wait_for(listener.connected.wait(), 10)
+    assert state.clients.trusted
+    async with state.db.engine.connect() as connection:
+        await connection.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND query LIKE 'LISTEN%'"
+            )
+        )
+    async with asyncio.timeout(10):
+        while listener.connected.is_set():
+            await asyncio.sleep(0.01)
+    assert not state.clients.trusted
+    await asyncio.wait_for(listener.connected.wait(), 10)
+    assert state.clients.trusted
