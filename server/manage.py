@@ -30,11 +30,11 @@ from .models import (
     revoke_families,
     sha256_hex,
 )
+from .names import GRANT_TYPES
 from .observability import audit
 from .passwords import Passwords, normalize_username
 from .usernames import UsernameError, check_username
 
-SUPPORTED_GRANTS = ("password", "refresh_token", "client_credentials", "authorization_code")
 #: Checked with ``fullmatch``: Python's ``$`` also matches before a final newline, which would let
 #: "alice\n" through as a look-alike of "alice". (The ``^…$`` stay for the OpenAPI schema.)
 CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._~-]{1,100}$")
@@ -142,11 +142,9 @@ def check_redirect_uri(uri: str, *, https_only: bool = False) -> str:
 
 
 def _checked_grants(grants: Sequence[str], *, public: bool) -> list[str]:
-    unknown = [g for g in grants if g not in SUPPORTED_GRANTS]
+    unknown = [g for g in grants if g not in GRANT_TYPES]
     if unknown:
-        raise ManageError(
-            f"unsupported grant {unknown[0]!r}; choose from {', '.join(SUPPORTED_GRANTS)}"
-        )
+        raise ManageError(f"unsupported grant {unknown[0]!r}; choose from {', '.join(GRANT_TYPES)}")
     if public and "client_credentials" in grants:
         raise ManageError("a public client cannot use client_credentials (it has no secret)")
     return list(dict.fromkeys(grants))

@@ -36,7 +36,10 @@ from prometheus_client import (
 from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .names import GRANT_TYPES
 from .observability import AUDIT_LISTENERS, log
+
+KNOWN_GRANT_TYPES = frozenset(GRANT_TYPES)
 
 METRICS_PATH = "/metrics"
 UNMATCHED = "unmatched"
@@ -47,7 +50,6 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 # -- the label values we accept; anything else is counted as "other" -------------------------
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-GRANT_TYPES = frozenset({"authorization_code", "password", "refresh_token", "client_credentials"})
 #: RFC 6749 §4.1.2.1 and §5.2, RFC 7009 §2.2.1, RFC 8707 §2 (resource indicators).
 OAUTH_ERRORS = frozenset(
     {
@@ -164,7 +166,7 @@ def record_audit(event: str, fields: dict[str, Any]) -> None:
     """The audit listener. Cheap, bounded labels only, and never raises (audit must not fail)."""
     try:
         if event == "token.issued":
-            TOKENS_ISSUED.labels(_known(fields.get("grant_type"), GRANT_TYPES)).inc()
+            TOKENS_ISSUED.labels(_known(fields.get("grant_type"), KNOWN_GRANT_TYPES)).inc()
         elif event == "token.refused":
             TOKEN_FAILURES.labels(_known(fields.get("error"), OAUTH_ERRORS)).inc()
         elif event == "refresh.reuse_detected":

@@ -483,8 +483,8 @@ def test_grants_and_redirect_uris_are_stored(cli: Cli, db: Settings) -> None:
         ),
         (
             ["--client-id", "app", "--grant", "implicit"],
-            "error: unsupported grant 'implicit'; choose from password, refresh_token, "
-            "client_credentials, authorization_code",
+            "error: unsupported grant 'implicit'; choose from authorization_code, password, "
+            "refresh_token, client_credentials",
         ),
         (
             ["--client-id", "app", "--public", "--grant", "client_credentials"],

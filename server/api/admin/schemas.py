@@ -3,16 +3,16 @@ signing keys."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ... import manage
 from ...boundary import NO_NUL
+from ...names import GrantType
 from ..account import UserSession
 from ..auth import Body
 
-Grant = Literal["password", "refresh_token", "client_credentials", "authorization_code"]
 _SCOPE_TOKEN = manage.SCOPE_TOKEN_RE.pattern.strip("^$")
 #: Scope tokens (RFC 6749 §3.3) separated by single spaces, or nothing.
 SCOPE_PATTERN = rf"^({_SCOPE_TOKEN}( {_SCOPE_TOKEN})*)?$"
@@ -60,7 +60,7 @@ class _Registration(Body):
 
     #: The operator's own app: people are not asked to consent.
     first_party: bool = False
-    grant_types: list[Grant] = Field(default_factory=list, max_length=4)
+    grant_types: list[GrantType] = Field(default_factory=list, max_length=4)
     #: Space-separated scope tokens (RFC 6749 §3.3); ``admin`` only for an admin client.
     scope: str = Field(default="", max_length=2000, pattern=SCOPE_PATTERN)
     redirect_uris: list[Uri] = Field(default_factory=list, max_length=20)
