@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import jwks
 from .api.account import router as account_router
 from .api.admin import router as admin_router
 from .api.auth import ApiError
@@ -33,6 +34,7 @@ from .config import Env, Settings
 from .cors import Cors
 from .db import Database, assert_schema_compatible, create_engine, is_unavailable
 from .deps import AppState, StateDep
+from .jwks import PATH as JWKS_PATH
 from .jwks import JwksMiddleware
 from .keys import KeyStore
 from .metrics import KEYS_RELOAD_FAILING, KEYS_RELOAD_FAILURES, MetricsMiddleware
@@ -78,6 +80,20 @@ async def _reload_keys(keys: KeyStore, interval: float) -> None:
             if str(exc) != failure:
                 failure = str(exc)
                 log.error("keys.reload_failed", error=failure)
+
+
+class App(FastAPI):
+    """FastAPI, with resource servers' JWKS fetches answered before any middleware
+    (``server/jwks.py``: ``fast``)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"] == JWKS_PATH
+            and await jwks.fast(self, scope, send)
+        ):
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -135,7 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await engine.dispose()
 
-    app = FastAPI(
+    app = App(
         title="Token server",
         summary="JSON APIs of the token server (the OAuth endpoints are described by discovery)",
         version="1",

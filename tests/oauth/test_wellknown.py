@@ -5,8 +5,10 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from server import metrics
 from server.deps import AppState
 
+JWKS = "/.well-known/jwks.json"
 PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi"}
 
 
@@ -39,6 +41,29 @@ async def test_jwks_etag_gives_304(client: httpx.AsyncClient) -> None:
     assert again.headers["etag"] == etag
     other = await client.get("/.well-known/jwks.json", headers={"If-None-Match": '"stale"'})
     assert other.status_code == 200
+
+
+@pytest.mark.feature("jwks-endpoint", "security-headers", "metrics")
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_a_resource_servers_jwks_fetch_gets_every_header_and_is_counted(
+    client: httpx.AsyncClient, method: str
+) -> None:
+    """A fetch without ``Origin`` is answered before the middlewares (server/jwks.py: fast):
+    it still carries what they add, and is counted and timed like every other request."""
+    counted = ("http_requests_total", {"method": method, "route": JWKS, "status": "200"})
+    before = metrics.REGISTRY.get_sample_value(*counted) or 0
+    response = await client.request(method, JWKS, headers={"X-Request-ID": "rs-fetch-1"})
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "rs-fetch-1"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["content-security-policy"].startswith("default-src 'none'")
+    assert response.headers["x-frame-options"] == "DENY"
+    assert int(response.headers["content-length"]) > 100
+    assert (response.content == b"") is (method == "HEAD")
+    assert metrics.REGISTRY.get_sample_value(*counted) == before + 1
+    forged = await client.get(JWKS, headers={"X-Request-ID": "no spaces\tallowed"})
+    assert forged.headers["x-request-id"] != "no spaces\tallowed"
+    assert len(forged.headers["x-request-id"]) == 32
 
 
 @pytest.mark.feature("discovery", "id-tokens")
