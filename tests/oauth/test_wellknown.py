@@ -43,7 +43,7 @@ async def test_jwks_etag_gives_304(client: httpx.AsyncClient) -> None:
     assert other.status_code == 200
 
 
-@pytest.mark.feature("jwks-endpoint", "security-headers", "metrics")
+@pytest.mark.feature("jwks-endpoint", "browser-security-headers", "metrics")
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
 async def test_a_resource_servers_jwks_fetch_gets_every_header_and_is_counted(
     client: httpx.AsyncClient, method: str
