@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from typing import Any
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -190,6 +192,37 @@ async def test_run_retries_a_unit_that_lost_its_connection_before_the_commit(
     finally:
         await database.engine.dispose()
     assert database.breaker.failures == 0  # the unit succeeded in the end
+
+
+@pytest.mark.parametrize("unit", ["session", "core"])
+async def test_a_refused_connection_is_retried_until_it_connects(
+    database: Database, monkeypatch: pytest.MonkeyPatch, unit: str
+) -> None:
+    """The first attempt runs without tenacity, the retries with it (server/db.py: _retry):
+    both must end with the unit run, on an ORM session and on a Core connection alike."""
+    refused = 0
+    name = "_session" if unit == "session" else "_connection"
+    real = getattr(database, name)
+
+    async def connect(*args: Any) -> Any:
+        nonlocal refused
+        if refused < 2:
+            refused += 1
+            raise ConnectionRefusedError("not yet")
+        return await real(*args)
+
+    monkeypatch.setattr(database, name, connect)
+
+    async def work(db: Any) -> int:
+        return (await db.execute(text("SELECT 7"))).scalar_one()
+
+    try:
+        run = database.run if unit == "session" else database.run_core
+        assert await run(work) == 7
+    finally:
+        await database.engine.dispose()
+    assert refused == 2
+    assert database.breaker.failures == 0
 
 
 async def test_run_gives_up_after_the_configured_attempts(database: Database) -> None:
