@@ -41,23 +41,25 @@ def json_response(
     status: int,
     body: dict[str, Any],
     headers: list[tuple[str, str]] | dict[str, str] = (),  # type: ignore[assignment]
+    *,
+    no_store: bool = False,
 ) -> Response:
-    response = Response(
+    """A compact JSON answer; the headers are set in one pass (Starlette's mutable headers
+    rescan the list on every assignment). ``no_store``: RFC 6749 §5.1's caching headers."""
+    extra = {k: v for k, v in dict(headers).items() if k.lower() != "content-type"}
+    if no_store:
+        extra.update(NO_STORE)
+    return Response(
         json.dumps(body, separators=(",", ":")).encode(),
         status_code=status,
+        headers=extra,
         media_type="application/json",
     )
-    for key, value in dict(headers).items():
-        if key.lower() != "content-type":
-            response.headers[key] = value
-    return response
 
 
 def token_response(status: int, body: dict[str, Any], headers: list[tuple[str, str]]) -> Response:
-    response = json_response(status, body, headers)
     # RFC 6749 §5.1: no caching of token responses, success or error.
-    response.headers.update(NO_STORE)
-    return response
+    return json_response(status, body, headers, no_store=True)
 
 
 async def token(request: Request) -> Response:
