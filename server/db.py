@@ -62,6 +62,9 @@ from .observability import log
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 T = TypeVar("T")
+#: Execution option of a SQLite connection whose statements only read (``Database.connection``
+#: with ``autocommit``): no transaction is begun for it.
+READS_ONLY = "auth_reads_only"
 H = TypeVar("H", AsyncSession, AsyncConnection)
 
 
@@ -195,6 +198,9 @@ def _configure_sqlite(engine: AsyncEngine, *, busy_timeout_ms: int) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Connection) -> None:
+        if connection.get_execution_options().get(READS_ONLY):
+            # Each statement reads on its own, from the last commit (WAL): no lock taken.
+            return
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
@@ -321,11 +327,15 @@ class Database:
 
     async def _connection(self, autocommit: bool) -> AsyncConnection:
         connection = await self.engine.connect()
-        if autocommit and self.engine.dialect.name == "postgresql":
-            # No BEGIN and COMMIT round trips around a read. (SQLite reads stay in a
-            # transaction: they are local, and resetting the driver's autocommit mode on return
-            # to the pool would undo ``_configure_sqlite``.)
-            await connection.execution_options(isolation_level="AUTOCOMMIT")
+        if autocommit:
+            if self.engine.dialect.name == "postgresql":
+                # No BEGIN and COMMIT round trips around a read.
+                await connection.execution_options(isolation_level="AUTOCOMMIT")
+            else:
+                # No BEGIN IMMEDIATE (the write lock) around a read. Not SQLAlchemy's AUTOCOMMIT
+                # level: resetting it when the connection returns to the pool would undo the
+                # driver setting of ``_configure_sqlite``.
+                await connection.execution_options(**{READS_ONLY: True})
         return connection
 
     def session(self) -> AbstractAsyncContextManager[AsyncSession]:

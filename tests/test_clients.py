@@ -9,9 +9,11 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import text, update
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from server import manage
 from server.clients import ClientCache
+from server.db import Database
 from server.deps import AppState
 from server.models import Client
 from tests.conftest import MakeClient
@@ -179,3 +181,31 @@ async def test_the_cache_is_trusted_only_while_its_listener_is_connected(
     assert not state.clients.trusted
     await asyncio.wait_for(listener.connected.wait(), 10)
     assert state.clients.trusted
+
+
+async def test_a_cached_client_keeps_client_credentials_working_while_the_database_is_down(
+    client: httpx.AsyncClient,
+    state: AppState,
+    make_client: MakeClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """client_credentials reads nothing but its client: while the client is cached it needs
+    no database at all. What does need one gets the usual 503."""
+    creds = await make_client(grants=["client_credentials"])
+    issued = await client.post("/oauth2/token", data=CC, headers=creds.basic)
+    assert issued.status_code == 200
+    dead = create_async_engine("postgresql+asyncpg://postgres@127.0.0.1:1/none")
+    monkeypatch.setattr(state, "db", Database(state.settings, dead))
+    try:
+        if state.clients.trusted:  # on PostgreSQL: while its listener is connected
+            again = await client.post("/oauth2/token", data=CC, headers=creds.basic)
+            assert again.status_code == 200
+        introspected = await client.post(
+            "/oauth2/introspect",
+            data={"token": issued.json()["access_token"]},
+            headers=creds.basic,
+        )
+        assert introspected.status_code == 503
+        assert introspected.json()["error"] == "temporarily_unavailable"
+    finally:
+        await dead.dispose()
