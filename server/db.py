@@ -250,6 +250,18 @@ class Database:
 
     def __init__(self, settings: Settings, engine: AsyncEngine) -> None:
         self.engine = engine
+        #: The same pool, for units that only read: on PostgreSQL no BEGIN and COMMIT round
+        #: trips; on SQLite no BEGIN IMMEDIATE, the write lock (``_configure_sqlite``). Not
+        #: SQLAlchemy's AUTOCOMMIT level there: resetting it when a connection returns to the
+        #: pool would undo the driver setting ``_configure_sqlite`` makes. Set once here, not
+        #: per connection (each ``execution_options`` call is a trip through the greenlet).
+        self.reader = engine.execution_options(
+            **(
+                {"isolation_level": "AUTOCOMMIT"}
+                if engine.dialect.name == "postgresql"
+                else {READS_ONLY: True}
+            )
+        )
         self.sessions = session_factory(engine)
         self.retry_attempts = settings.db_retry_attempts
         self.breaker = Breaker(
@@ -326,17 +338,7 @@ class Database:
         return db
 
     async def _connection(self, autocommit: bool) -> AsyncConnection:
-        connection = await self.engine.connect()
-        if autocommit:
-            if self.engine.dialect.name == "postgresql":
-                # No BEGIN and COMMIT round trips around a read.
-                await connection.execution_options(isolation_level="AUTOCOMMIT")
-            else:
-                # No BEGIN IMMEDIATE (the write lock) around a read. Not SQLAlchemy's AUTOCOMMIT
-                # level: resetting it when the connection returns to the pool would undo the
-                # driver setting of ``_configure_sqlite``.
-                await connection.execution_options(**{READS_ONLY: True})
-        return connection
+        return await (self.reader if autocommit else self.engine).connect()
 
     def session(self) -> AbstractAsyncContextManager[AsyncSession]:
         """An ORM session with its connection already taken (the pages, the JSON APIs)."""
