@@ -315,16 +315,27 @@ async def rotate_client_secret(
     return secret
 
 
-async def create_user(
-    db: AsyncSession,
+@dataclass(frozen=True)
+class NewUserRecord:
+    """A person about to be created: checked, the password already hashed."""
+
+    username: str
+    username_key: str
+    email: str | None
+    name: str | None
+    password_hash: str
+
+
+async def new_user_record(
     passwords: Passwords,
     *,
     username: str,
     password: str,
     email: str | None = None,
     name: str | None = None,
-    actor: str | None = None,
-) -> User:
+) -> NewUserRecord:
+    """Every check that needs no database, then argon2: called before a request takes its
+    connection, so none is held (nor SQLite's write lock) while the hash runs."""
     if not USERNAME_RE.fullmatch(username):
         raise ManageError("username must be 1-150 letters, digits or . @ + - _")
     try:
@@ -341,19 +352,42 @@ async def create_user(
     if text_problem(key, column_length(User.username_key)) is not None:
         # NFKC can lengthen a username (one "ﷺ" becomes 18 characters): the key must fit too.
         raise ManageError("username must be 1-150 letters, digits or . @ + - _")
-    if await db.scalar(select(User.id).where(User.username_key == key)) is not None:
-        raise AlreadyExistsError(f"user {username!r} already exists")
+    return NewUserRecord(username, key, email, name, await passwords.hash_async(password))
+
+
+async def insert_user(db: AsyncSession, record: NewUserRecord, *, actor: str | None = None) -> User:
+    taken = select(User.id).where(User.username_key == record.username_key)
+    if await db.scalar(taken) is not None:
+        raise AlreadyExistsError(f"user {record.username!r} already exists")
     user = User(
-        username=username,
-        username_key=key,
-        email=email,
-        name=name,
-        password_hash=await passwords.hash_async(password),
+        username=record.username,
+        username_key=record.username_key,
+        email=record.email,
+        name=record.name,
+        password_hash=record.password_hash,
     )
     db.add(user)
     await db.flush()
     _audit("user.created", actor, user_id=user.id)
     return user
+
+
+async def create_user(
+    db: AsyncSession,
+    passwords: Passwords,
+    *,
+    username: str,
+    password: str,
+    email: str | None = None,
+    name: str | None = None,
+    actor: str | None = None,
+) -> User:
+    """``new_user_record`` then ``insert_user`` (the CLI and tests; request handlers call the
+    two apart, hashing before they take a connection)."""
+    record = await new_user_record(
+        passwords, username=username, password=password, email=email, name=name
+    )
+    return await insert_user(db, record, actor=actor)
 
 
 async def get_user(db: AsyncSession, username: str) -> User:

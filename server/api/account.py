@@ -138,16 +138,17 @@ async def register(new: NewUser, request: Request, state: StateDep) -> Me:
         raise ApiError(
             429, "rate_limited", f"Too many requests; retry in {retry} s.", {"Retry-After": retry}
         )
-    async with state.db.session() as db:
-        with user_refusals():
-            user = await manage.create_user(
-                db,
-                state.passwords,
-                username=new.username,
-                password=new.password,
-                email=new.email,
-                name=new.name,
-            )
+    with user_refusals():
+        # Hashed before the connection is taken: none is held while argon2 runs.
+        record = await manage.new_user_record(
+            state.passwords,
+            username=new.username,
+            password=new.password,
+            email=new.email,
+            name=new.name,
+        )
+        async with state.db.session() as db:
+            user = await manage.insert_user(db, record)
             await db.commit()
     return _me(user)
 

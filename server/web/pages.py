@@ -250,23 +250,24 @@ async def register(request: Request, state: StateDep) -> Response:
         errors.append("The two passwords do not match.")
     user: User | None = None
     if not errors:
-        async with state.db.session() as db:
-            try:
-                user = await manage.create_user(
-                    db,
-                    state.passwords,
-                    username=values["username"],
-                    password=password,
-                    email=values["email"] or None,
-                    name=values["name"][:200] or None,
-                )
+        try:
+            # Hashed before the connection is taken: none is held while argon2 runs.
+            record = await manage.new_user_record(
+                state.passwords,
+                username=values["username"],
+                password=password,
+                email=values["email"] or None,
+                name=values["name"][:200] or None,
+            )
+            async with state.db.session() as db:
+                user = await manage.insert_user(db, record)
                 previous = await current_session(request, db, settings)
                 session, cookie = await start_session(db, settings, user, previous)
                 await db.commit()
-            except manage.ManageError as error:
-                errors.append(_sentence(str(error)))
-            except IntegrityError:
-                errors.append("That username is taken.")
+        except manage.ManageError as error:
+            errors.append(_sentence(str(error)))
+        except IntegrityError:
+            errors.append("That username is taken.")
     if errors or user is None:
         return _register_page(
             state, csrf, next_url=next_url, values=values, errors=errors, http_status=400

@@ -87,9 +87,10 @@ async def test_argon2_runs_holding_no_connection(
     make_user: MakeUser,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The password change (verify, then hash) and the admin's reset (hash) end their
-    transaction before argon2 runs, as the token endpoint does: no connection is checked
-    out (nor, on SQLite, the write lock held) while it does."""
+    """The password change (verify, then hash), the admin's reset (hash) and creating a person
+    (the admin API, sign-up: hash) end or have not begun their transaction when argon2 runs,
+    as the token endpoint does: no connection is checked out (nor, on SQLite, the write lock
+    held) while it does."""
     app = await make_client(
         "app", grants=["password"], scope="profile email api account", first_party=True
     )
@@ -127,6 +128,14 @@ async def test_argon2_runs_holding_no_connection(
     done = await client.post(f"/admin/v1/users/{user.id}/password", json=reset, headers=admin)
     assert done.status_code == 204, done.text
     assert held == [("hash", 0)]
+
+    held.clear()
+    new = {"username": "erin", "password": "a long enough passphrase"}
+    created = await client.post("/admin/v1/users", json=new, headers=admin)
+    assert created.status_code == 201, created.text
+    registered = await client.post("/api/v1/users", json={**new, "username": "fay"})
+    assert registered.status_code == 201, registered.text
+    assert held == [("hash", 0), ("hash", 0)]  # creating a person: the admin API, sign-up
 
     # And the last password is the one that works.
     monkeypatch.undo()

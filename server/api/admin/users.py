@@ -39,16 +39,16 @@ def _user_out(user: User) -> UserOut:
 )
 async def create_user(new: NewUser, admin: AdminDep, state: StateDep) -> UserOut:
     """Create a person, with the password policy of sign-up (registration need not be on)."""
+    await admin.release()  # no connection held while argon2 runs
     with user_refusals():
-        user = await manage.create_user(
-            admin.db,
+        record = await manage.new_user_record(
             state.passwords,
             username=new.username,
             password=new.password,
             email=new.email,
             name=new.name,
-            actor=admin.client_id,
         )
+        user = await manage.insert_user(admin.db, record, actor=admin.client_id)
         await admin.commit()
     return _user_out(user)
 
