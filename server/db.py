@@ -250,12 +250,13 @@ class Database:
 
     def __init__(self, settings: Settings, engine: AsyncEngine) -> None:
         self.engine = engine
-        #: The same pool, for units that only read: on PostgreSQL no BEGIN and COMMIT round
-        #: trips; on SQLite no BEGIN IMMEDIATE, the write lock (``_configure_sqlite``). Not
+        #: The same pool, for units whose statements each stand alone (``autocommit``): on
+        #: PostgreSQL no BEGIN and COMMIT round trips; on SQLite, where only reads are sent
+        #: this way, no BEGIN IMMEDIATE, the write lock (``_configure_sqlite``). Not
         #: SQLAlchemy's AUTOCOMMIT level there: resetting it when a connection returns to the
         #: pool would undo the driver setting ``_configure_sqlite`` makes. Set once here, not
         #: per connection (each ``execution_options`` call is a trip through the greenlet).
-        self.reader = engine.execution_options(
+        self.standalone = engine.execution_options(
             **(
                 {"isolation_level": "AUTOCOMMIT"}
                 if engine.dialect.name == "postgresql"
@@ -338,7 +339,7 @@ class Database:
         return db
 
     async def _connection(self, autocommit: bool) -> AsyncConnection:
-        return await (self.reader if autocommit else self.engine).connect()
+        return await (self.standalone if autocommit else self.engine).connect()
 
     def session(self) -> AbstractAsyncContextManager[AsyncSession]:
         """An ORM session with its connection already taken (the pages, the JSON APIs)."""
@@ -348,8 +349,9 @@ class Database:
         self, *, autocommit: bool = False
     ) -> AbstractAsyncContextManager[AsyncConnection]:
         """A Core connection (the token path: no ORM session, see ``server/oauth/store.py``).
-        Its first statement begins a transaction, except with ``autocommit`` (reads only) on
-        PostgreSQL, where each statement stands alone."""
+        Its first statement begins a transaction, except with ``autocommit``, where each
+        statement stands alone: for units that only read, and on PostgreSQL for a unit whose
+        one write is a single atomic statement (the refresh grant's)."""
         return self._guarded(lambda: self._connection(autocommit))
 
     async def run(
@@ -368,9 +370,10 @@ class Database:
         *,
         autocommit: bool = False,
     ) -> T:
-        """``run`` on a Core connection (``connection``). With ``autocommit`` the unit only
-        reads: nothing is committed (SQLite's read transaction ends when the connection is
-        returned), so there is no uncertain commit either."""
+        """``run`` on a Core connection (``connection``). With ``autocommit`` nothing is
+        committed: each statement stood alone. A unit whose one write is sent that way raises
+        ``CommitUncertain`` itself, with its result, when the answer to it is lost
+        (``store.rotate``), and ``settle`` decides as after a commit."""
         return await self._run(
             lambda: self.connection(autocommit=autocommit), work, settle, commit=not autocommit
         )
@@ -399,7 +402,11 @@ class Database:
                     if commit:
                         await _commit(db)
                 return result
-            except CommitUncertain:
+            except CommitUncertain as uncertain:
+                # A commit, or a unit's one atomic write sent without a transaction, whose
+                # answer was lost: the unit's result travels on the exception in the latter.
+                if uncertain.has_result:
+                    result = uncertain.result
                 if settle is None or not await self._settled(unit, settle, result):
                     raise
                 return result
@@ -428,7 +435,16 @@ class Database:
 
 
 class CommitUncertain(DatabaseUnavailable):
-    """The connection was lost during COMMIT: the writes may or may not be in the database."""
+    """The connection was lost during COMMIT, or during a unit's one atomic write sent without
+    a transaction: the writes may or may not be in the database. ``result``: what the unit
+    answers if they are, when it is raised from inside the unit (``with_result``)."""
+
+    has_result = False
+    result: Any = None
+
+    def with_result(self, result: Any) -> CommitUncertain:
+        self.has_result, self.result = True, result
+        return self
 
 
 class NotCommitted(DatabaseUnavailable):

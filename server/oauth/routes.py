@@ -190,8 +190,8 @@ async def _run(
     database (client_credentials) then runs without a connection. The others run on one
     transaction: a connection lost before the commit runs the whole grant again on a fresh
     one (``Database.run_core``), since nothing of the first attempt was written; one lost
-    during the commit asks ``landed`` whether it was. Introspection writes nothing and runs
-    without BEGIN and COMMIT on PostgreSQL (``autocommit``).
+    during the commit (or during the refresh grant's one write, sent without a transaction)
+    asks ``landed`` whether it was.
     """
     state: AppState = request.app.state.auth
     server: TokenServer = request.app.state.oauth
@@ -211,7 +211,13 @@ async def _run(
     async def unit(db: AsyncConnection) -> ServerResponse:
         return await db.run_sync(on)
 
-    return await state.db.run_core(unit, landed, autocommit=endpoint == "introspection")
+    # Without BEGIN and COMMIT (two round trips): introspection, which only reads, and on
+    # PostgreSQL the refresh grant, whose one write is a single atomic statement (store.py).
+    no_transaction = endpoint == "introspection" or (
+        oauth_request.form.get("grant_type") == "refresh_token"
+        and state.db.engine.dialect.name == "postgresql"
+    )
+    return await state.db.run_core(unit, landed, autocommit=no_transaction)
 
 
 def discovery_document(issuer: str) -> dict[str, Any]:

@@ -9,8 +9,8 @@ Round trips (``tests/test_store.py`` counts the statements):
 - client_credentials: none, with the client cached (``server/clients.py``);
 - refresh_token: one read (token, family and user together, ``find_refresh``) and one write
   (``rotate``: on PostgreSQL a single statement that touches the family, claims the token and
-  inserts its successor; on SQLite, which has no writable CTEs, three statements in the same
-  local transaction);
+  inserts its successor, sent without BEGIN and COMMIT since it is atomic on its own; on
+  SQLite, which has no writable CTEs, three statements in the same local transaction);
 - introspection and bearer checks of an access token: one (``access_token_live``); of a
   refresh token: one (``live_refresh``).
 
@@ -44,6 +44,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from ..db import CommitUncertain, is_unavailable
 from ..models import (
     AuthorizationCode,
     BrowserSession,
@@ -223,7 +224,15 @@ def rotate(
         "p_successor_expires_at": successor_expires_at,
     }
     if _dialect(db) == "postgresql":
-        return db.execute(_ROTATE_POSTGRESQL, params).first() is not None
+        try:
+            return db.execute(_ROTATE_POSTGRESQL, params).first() is not None
+        except Exception as exc:
+            if is_unavailable(exc) and _autocommit(db):
+                # Sent without a transaction (``routes._run``), the statement may have
+                # committed before the answer was lost: settled by the caller, never rerun
+                # (a rerun would find the token rotated and revoke the sign-in as reuse).
+                raise CommitUncertain("connection lost during the rotation") from exc
+            raise
     # SQLite: the transaction holds the database's one write lock (BEGIN IMMEDIATE).
     if db.execute(_TOUCH_FAMILY, params).rowcount != 1:  # type: ignore[attr-defined]
         return False
@@ -437,6 +446,11 @@ def revoke_access_token(db: Db, *, jti: str, client_id: str, expires_at: int, no
 
 REFRESH_EXISTS = select(literal(1)).where(tokens.c.token_hash == bindparam("p_token_hash"))
 FAMILY_EXISTS = select(literal(1)).where(families.c.id == bindparam("p_family_id"))
+
+
+def _autocommit(db: Db) -> bool:
+    connection = db if isinstance(db, Connection) else db.connection()
+    return bool(connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT")
 
 
 def _dialect(db: Db) -> str:

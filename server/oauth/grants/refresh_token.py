@@ -16,6 +16,7 @@ from typing import Any
 from authlib.oauth2.rfc6749 import grants
 from authlib.oauth2.rfc6749.errors import InvalidGrantError
 
+from ...db import CommitUncertain
 from ...models import sha256_hex
 from ...names import USER_AUTH_METHODS
 from ...observability import audit
@@ -71,7 +72,13 @@ class RefreshTokenGrant(Grant, grants.RefreshTokenGrant):  # type: ignore[misc]
     def create_token_response(self) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
         request = self.request
         token = self.server.issue(request, scope=request.scope)
-        if not self.server.save_rotation(request, token["refresh_token"]):
+        try:
+            rotated = self.server.save_rotation(request, token["refresh_token"])
+        except CommitUncertain as uncertain:
+            # The answer to a rotation sent without a transaction was lost: if it landed,
+            # these are the client's tokens (the token endpoint's ``landed`` asks).
+            raise uncertain.with_result((200, token, self.TOKEN_RESPONSE_HEADER)) from None
+        if not rotated:
             # Another request rotated this token first, or the family was revoked since it
             # was read: a replay or a race, both reuse.
             self.revoke_family(request.family)
