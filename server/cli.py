@@ -290,6 +290,7 @@ def cmd_clients(settings: Settings, args: argparse.Namespace) -> int:
                 name=args.name,
                 first_party=args.first_party,
                 post_logout_redirect_uris=args.post_logout_redirect_uri,
+                refresh_retry_window=args.refresh_retry_window,
             ),
         )
         if args.json:
@@ -484,6 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--post-logout-redirect-uri",
         action="append",
         help="where sign-out may return the browser (repeatable)",
+    )
+    create.add_argument(
+        "--refresh-retry-window",
+        type=int,
+        metavar="S",
+        help="seconds during which presenting a just-rotated refresh token again gets the same "
+        "successor (default: AUTH_REFRESH_RETRY_WINDOW)",
     )
     create.add_argument("--json", action="store_true")
     listing = clients.add_parser("list")

@@ -30,6 +30,10 @@ class InsecureSettingsError(ValueError):
     """Raised when ``AUTH_ENV=production`` meets a setting that is not safe to serve with."""
 
 
+#: The longest refresh retry window, seconds: a retry is a matter of seconds, not a session.
+MAX_REFRESH_RETRY_WINDOW = 300
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="AUTH_", env_file=".env", extra="ignore", frozen=True
@@ -46,6 +50,11 @@ class Settings(BaseSettings):
 
     access_token_ttl: int = Field(default=900, ge=30, le=86_400)
     refresh_token_ttl: int = Field(default=7 * 86_400, ge=60)
+    #: Seconds after a rotation during which the same client presenting the token it just
+    #: rotated gets the same successor again (a retry whose answer was lost), instead of the
+    #: family being revoked as reuse. 0: strict, every reuse revokes. Per client: the client's
+    #: ``refresh_retry_window``.
+    refresh_retry_window: int = Field(default=0, ge=0, le=MAX_REFRESH_RETRY_WINDOW)
     #: Absolute cap of a refresh-token family (one sign-in), however often it rotates.
     refresh_token_max_lifetime: int = Field(default=30 * 86_400, ge=60)
     #: ``aud`` of access tokens when no RFC 8707 ``resource`` is asked for; empty = issuer.

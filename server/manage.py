@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import clients, models
 from .boundary import column_length, text_problem
+from .config import MAX_REFRESH_RETRY_WINDOW
 from .models import (
     AuthorizationCode,
     BrowserSession,
@@ -92,6 +93,7 @@ def client_view(client: Client) -> dict[str, Any]:
         "scope": client.scope,
         "redirect_uris": client.redirect_uri_list,
         "post_logout_redirect_uris": client.post_logout_redirect_uri_list,
+        "refresh_retry_window": client.refresh_retry_window,
         "created_at": client.created_at,
     }
 
@@ -167,6 +169,13 @@ def _check_redirect_needs(grants: Sequence[str], uris: Sequence[str]) -> None:
         raise ManageError("the authorization_code grant needs at least one --redirect-uri")
 
 
+def _check_retry_window(window: int | None) -> None:
+    if window is not None and not 0 <= window <= MAX_REFRESH_RETRY_WINDOW:
+        raise ManageError(
+            f"refresh retry window must be 0-{MAX_REFRESH_RETRY_WINDOW} seconds (or unset)"
+        )
+
+
 async def create_client(
     db: AsyncSession,
     *,
@@ -181,6 +190,7 @@ async def create_client(
     first_party: bool = False,
     post_logout_redirect_uris: list[str] | None = None,
     https_only: bool = False,
+    refresh_retry_window: int | None = None,
     actor: str | None = None,
 ) -> NewClient:
     if not CLIENT_ID_RE.fullmatch(client_id):
@@ -201,6 +211,7 @@ async def create_client(
         check_redirect_uri(uri, https_only=https_only) for uri in post_logout_redirect_uris or []
     ]
     _check_redirect_needs(grants, uris)
+    _check_retry_window(refresh_retry_window)
     if await db.get(Client, client_id) is not None:
         raise AlreadyExistsError(f"client {client_id!r} already exists")
     secret = None if public else new_secret()
@@ -215,6 +226,7 @@ async def create_client(
         redirect_uris=" ".join(uris),
         is_first_party=first_party,
         post_logout_redirect_uris=" ".join(logout_uris),
+        refresh_retry_window=refresh_retry_window,
     )
     db.add(client)
     await db.flush()
@@ -251,7 +263,15 @@ async def page_clients(db: AsyncSession, *, after: str | None, limit: int) -> li
 #: What ``update_client`` may change: everything but identity, secret and the admin and
 #: resource-server roles (which decide what the client may do to others: set at creation).
 CLIENT_CHANGES = frozenset(
-    {"name", "grant_types", "scope", "redirect_uris", "post_logout_redirect_uris", "first_party"}
+    {
+        "name",
+        "grant_types",
+        "scope",
+        "redirect_uris",
+        "post_logout_redirect_uris",
+        "first_party",
+        "refresh_retry_window",
+    }
 )
 
 
@@ -288,6 +308,9 @@ async def update_client(
     client.scope = " ".join(scopes)
     client.redirect_uris = " ".join(dict.fromkeys(uris))
     client.post_logout_redirect_uris = " ".join(dict.fromkeys(logout_uris))
+    if "refresh_retry_window" in changes:
+        _check_retry_window(changes["refresh_retry_window"])
+        client.refresh_retry_window = changes["refresh_retry_window"]
     await clients.announce(db, [client_id])
     _audit("client.updated", actor, client_id=client_id, fields=sorted(changes))
     return client

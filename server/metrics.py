@@ -105,6 +105,12 @@ TOKEN_FAILURES = Counter(
     ["error"],
     registry=REGISTRY,
 )
+RETRIES_SERVED = Counter(
+    "refresh_retries_served",
+    "Refresh tokens presented again within their client's retry window and answered with the "
+    "same successor (the family lived on).",
+    registry=REGISTRY,
+)
 REUSE_DETECTED = Counter(
     "refresh_reuse_detected",
     "Replayed refresh tokens or authorization codes (the family was revoked).",
@@ -173,6 +179,8 @@ def record_audit(event: str, fields: dict[str, Any]) -> None:
             REUSE_DETECTED.labels("refresh").inc()
         elif event == "code.reuse_detected":
             REUSE_DETECTED.labels("code").inc()
+        elif event == "refresh.retry_served":
+            RETRIES_SERVED.inc()
         elif event == "signin.failed":
             SIGNIN_FAILURES.inc()
         elif event == "rate_limit.exceeded":

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Boolean,
     ColumnElement,
     ForeignKey,
+    Integer,
     Select,
     String,
     Text,
@@ -102,6 +103,12 @@ class Client(Base):
     scope: Mapped[str] = mapped_column(Text, default="")
     redirect_uris: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    #: Seconds after a rotation during which presenting the rotated refresh token again gets
+    #: the same successor instead of revoking the family; ``None``: ``AUTH_REFRESH_RETRY_WINDOW``.
+    refresh_retry_window: Mapped[int | None] = mapped_column(Integer, default=None)
+
+    def retry_window(self, default: int) -> int:
+        return default if self.refresh_retry_window is None else self.refresh_retry_window
 
     @property
     def is_public(self) -> bool:

@@ -38,6 +38,7 @@ from server.deps import AppState
 from server.keys import KeyStore
 from server.main import create_app
 from server.models import Base
+from server.observability import AUDIT_LISTENERS
 
 #: Lists the seeds of the randomised tests at the end of every run, pytest-xdist's included
 #: (the plugin must be loaded in the controlling process).
@@ -344,6 +345,22 @@ def make_user(state: AppState) -> MakeUser:
         return UserCreds(user.id, username, password)
 
     return factory
+
+
+#: Audit events seen during a test: (event, fields).
+Events = list[tuple[str, dict[str, Any]]]
+
+
+@pytest.fixture
+def events() -> Iterator[Events]:
+    seen: Events = []
+
+    def record(event: str, fields: dict[str, Any]) -> None:
+        seen.append((event, fields))
+
+    AUDIT_LISTENERS.append(record)
+    yield seen
+    AUDIT_LISTENERS.remove(record)
 
 
 async def password_grant(

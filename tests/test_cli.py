@@ -518,6 +518,10 @@ def test_grants_and_redirect_uris_are_stored(cli: Cli, db: Settings) -> None:
             "error: redirect URI 'https://app.example.com/cb#frag' must be absolute, "
             "without a fragment or spaces",
         ),
+        (
+            ["--client-id", "app", "--refresh-retry-window", "301"],
+            "error: refresh retry window must be 0-300 seconds (or unset)",
+        ),
     ],
     ids=[
         "bad-client-id",
@@ -529,6 +533,7 @@ def test_grants_and_redirect_uris_are_stored(cli: Cli, db: Settings) -> None:
         "code-without-redirect",
         "relative-redirect",
         "redirect-with-fragment",
+        "retry-window-too-long",
     ],
 )
 def test_clients_create_refuses_bad_input_with_one_line(
@@ -537,6 +542,16 @@ def test_clients_create_refuses_bad_input_with_one_line(
     result = cli("clients", "create", *extra, "--json")
     assert (result.code, result.out, result.messages) == (1, "", [message])
     assert all_clients(db) == []
+
+
+@pytest.mark.feature("cli-clients", "refresh-retries")
+def test_a_client_is_created_with_its_own_refresh_retry_window(cli: Cli, db: Settings) -> None:
+    made = cli(
+        "clients", "create", "--client-id", "mobile", "--refresh-retry-window", "30", "--json"
+    )
+    assert made.json()["refresh_retry_window"] == 30
+    plain = cli("clients", "create", "--client-id", "web", "--json")
+    assert plain.json()["refresh_retry_window"] is None  # AUTH_REFRESH_RETRY_WINDOW
 
 
 @pytest.mark.feature("cli-clients", "sqlite-backend", "postgres-backend")
@@ -586,6 +601,7 @@ def test_clients_list_and_show(cli: Cli, db: Settings) -> None:
         "scope": "api",
         "redirect_uris": [],
         "post_logout_redirect_uris": [],
+        "refresh_retry_window": None,
         "created_at": body["created_at"],
     }
     assert abs(body["created_at"] - time.time()) < 60

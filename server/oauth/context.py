@@ -32,8 +32,15 @@ class OAuthServer(Protocol):
     def rehash(self, request: OAuth2Request, user: User, password: str) -> None: ...
 
     def issue(
-        self, request: OAuth2Request, *, scope: str, nonce: str | None = None
+        self,
+        request: OAuth2Request,
+        *,
+        scope: str,
+        nonce: str | None = None,
+        refresh_token: str | None = None,
     ) -> dict[str, Any]: ...
+
+    def successor(self, presented: str, scope: str, resources: list[str]) -> str: ...
 
     def save_token(self, token: dict[str, Any], request: OAuth2Request) -> None: ...
 

@@ -39,8 +39,11 @@ class FormRequest(OAuth2Request):  # type: ignore[misc]
         self.db: Db | None = None
         #: The refresh-token family this request starts or continues, if any.
         self.family: Family | None = None
-        #: The refresh token presented to the refresh grant, once found live.
+        #: The refresh token presented to the refresh grant: as sent, and its row once found.
+        self.presented_token: str | None = None
         self.presented: PresentedRefresh | None = None
+        #: The presented token was already rotated, and its client has a retry window.
+        self.retrying = False
         #: Authorization requests: the browser session and when its person signed in.
         self.browser_session_id: str | None = None
         self.auth_time: int | None = None

@@ -12,6 +12,9 @@ loop through a worker thread (``await_only``).
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import secrets
 from typing import Any
 
@@ -45,6 +48,11 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
         self.state = state
         self.settings = state.settings
         self.clients = clients
+        #: Keys the successors of refresh tokens rotated within a retry window (``successor``):
+        #: derived from the server secret, so every replica computes the same successor.
+        self._successor_key = hmac.new(
+            state.settings.secret_key.encode(), b"refresh-retry-successor-v1", hashlib.sha256
+        ).digest()
         for grant in (PasswordGrant, RefreshTokenGrant, ClientCredentialsGrant):
             self.register_grant(grant)
         self.register_grant(CodeGrant, [Pkce(required=True)])
@@ -202,8 +210,23 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
         request.family = family
         return family
 
+    def successor(self, presented: str, scope: str, resources: list[str]) -> str:
+        """The refresh token that rotating ``presented`` for ``scope`` and ``resources`` gives
+        when the client has a retry window: an HMAC of them under a server key, so that a
+        retry of the same request recomputes it (and finds it by its hash) while nothing but
+        hashes is stored. A retry asking for another scope or other resources computes another
+        one, finds nothing, and is reuse. 256 bits, as a random token."""
+        message = "\n".join([presented, scope, " ".join(resources)]).encode()
+        digest = hmac.new(self._successor_key, message, hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
     def issue(
-        self, request: OAuth2Request, *, scope: str, nonce: str | None = None
+        self,
+        request: OAuth2Request,
+        *,
+        scope: str,
+        nonce: str | None = None,
+        refresh_token: str | None = None,
     ) -> dict[str, Any]:
         """The token response (RFC 6749 §5.1) with an RFC 9068 JWT access token; the grant
         stores its refresh token (``save_token``, ``save_rotation``)."""
@@ -235,7 +258,7 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
             "scope": scope,
         }
         if family is not None and client.check_grant_type("refresh_token"):
-            token["refresh_token"] = secrets.token_urlsafe(REFRESH_TOKEN_BYTES)
+            token["refresh_token"] = refresh_token or secrets.token_urlsafe(REFRESH_TOKEN_BYTES)
         if user is not None and "openid" in scope.split():
             token["id_token"] = self.id_token(request, token["access_token"], nonce)
         return token

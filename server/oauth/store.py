@@ -242,6 +242,32 @@ def rotate(
     return True
 
 
+_presented = tokens.alias("presented")
+_RETRY_SUCCESSOR = (
+    select(_presented.c.rotated_at)
+    .join(tokens, tokens.c.family_id == _presented.c.family_id)
+    .join(families, families.c.id == _presented.c.family_id)
+    .where(
+        _presented.c.id == bindparam("p_token_id"),
+        tokens.c.token_hash == bindparam("p_successor_hash"),
+        tokens.c.rotated_at.is_(None),
+        tokens.c.expires_at > bindparam("p_now"),
+        families.c.revoked_at.is_(None),
+        families.c.expires_at > bindparam("p_now"),
+    )
+)
+
+
+def retry_successor(db: Db, *, token_id: str, successor_hash: str, now: int) -> int | None:
+    """When ``token_id`` was rotated, if its successor is ``successor_hash`` and still the
+    family's live token (not rotated itself, unexpired, family live); else ``None``."""
+    row = db.execute(
+        _RETRY_SUCCESSOR,
+        {"p_token_id": token_id, "p_successor_hash": successor_hash, "p_now": now},
+    ).first()
+    return None if row is None or row.rotated_at is None else int(row.rotated_at)
+
+
 _REVOKE_FAMILY = revoke_families(
     families.c.id == bindparam("p_family_id"),
     at=bindparam("p_now", type_=BigInteger),

@@ -405,3 +405,60 @@ def test_a_client_changed_by_the_cli_stops_working_on_every_replica_within_a_sec
     deleted = cli(cluster.env, "clients", "delete", "cached")
     assert deleted.returncode == 0, deleted.stderr
     assert max(_refused_everywhere_within(cluster, new, 1.0)) < 1.0
+
+
+@pytest.mark.feature("refresh-retries")
+def test_with_a_retry_window_replicas_racing_one_token_all_get_one_successor(
+    cluster: Cluster,
+) -> None:
+    """The same race as above, from a client with a refresh retry window: every presentation
+    gets the one successor, and that successor rotates on (the family lives)."""
+    created = create_client(
+        cluster.database_url,
+        "retrying",
+        grants=["password", "refresh_token"],
+        scope="api",
+        refresh_retry_window=30,
+    )
+    assert created.secret is not None
+    auth = ("retrying", created.secret)
+    live = cluster.live
+    signed_in = httpx.post(
+        live[0].url + "/oauth2/token",
+        data={"grant_type": "password", "username": cluster.user("retry"), "password": PASSWORD},
+        auth=auth,
+        timeout=30,
+    )
+    assert signed_in.status_code == 200, signed_in.text
+    token = signed_in.json()["refresh_token"]
+    racers = [live[i % len(live)] for i in range(6)]
+    start = threading.Barrier(len(racers))
+    answers: list[httpx.Response] = []
+
+    def refresh(server: RunningServer) -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            http.get("/healthz")
+            start.wait(timeout=30)
+            answers.append(
+                http.post(
+                    "/oauth2/token",
+                    data={"grant_type": "refresh_token", "refresh_token": token},
+                    auth=auth,
+                )
+            )
+
+    threads = [threading.Thread(target=refresh, args=(s,)) for s in racers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert [r.status_code for r in answers] == [200] * len(racers), [r.text for r in answers]
+    successors = {r.json()["refresh_token"] for r in answers}
+    assert len(successors) == 1
+    onward = httpx.post(
+        live[-1].url + "/oauth2/token",
+        data={"grant_type": "refresh_token", "refresh_token": successors.pop()},
+        auth=auth,
+        timeout=30,
+    )
+    assert onward.status_code == 200, onward.text

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -14,10 +12,10 @@ from server import manage, models
 from server.config import Env
 from server.deps import AppState
 from server.main import create_app
-from server.observability import AUDIT_LISTENERS
 from server.tokens import decode_access_token
 from tests.conftest import (
     ClientCreds,
+    Events,
     MakeClient,
     MakeUser,
     UserCreds,
@@ -26,7 +24,6 @@ from tests.conftest import (
 )
 
 pytestmark = pytest.mark.feature("account-api")
-Events = list[tuple[str, dict[str, Any]]]
 
 
 async def sign_in(client: httpx.AsyncClient, creds: ClientCreds, user: UserCreds) -> dict[str, str]:
@@ -38,18 +35,6 @@ async def sign_in(client: httpx.AsyncClient, creds: ClientCreds, user: UserCreds
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-@pytest.fixture
-def events() -> Iterator[Events]:
-    seen: Events = []
-
-    def record(event: str, fields: dict[str, Any]) -> None:
-        seen.append((event, fields))
-
-    AUDIT_LISTENERS.append(record)
-    yield seen
-    AUDIT_LISTENERS.remove(record)
 
 
 @pytest.fixture

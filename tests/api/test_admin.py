@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,10 @@ from server.deps import AppState
 from server.keys import KeyStore
 from server.main import create_app
 from server.models import Client
-from server.observability import AUDIT_LISTENERS
 from server.tokens import decode_access_token
 from tests.conftest import (
     ClientCreds,
+    Events,
     MakeClient,
     MakeUser,
     UserCreds,
@@ -31,8 +31,6 @@ from tests.conftest import (
 )
 
 pytestmark = pytest.mark.feature("admin-api")
-
-Events = list[tuple[str, dict[str, Any]]]
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -56,18 +54,6 @@ async def admin(client: httpx.AsyncClient, ops: ClientCreds) -> dict[str, str]:
     assert issued.status_code == 200, issued.text
     assert issued.json()["scope"] == "admin"
     return bearer(issued.json()["access_token"])
-
-
-@pytest.fixture
-def events() -> Iterator[Events]:
-    seen: Events = []
-
-    def record(event: str, fields: dict[str, Any]) -> None:
-        seen.append((event, fields))
-
-    AUDIT_LISTENERS.append(record)
-    yield seen
-    AUDIT_LISTENERS.remove(record)
 
 
 @pytest.fixture
@@ -308,6 +294,7 @@ async def test_a_client_is_created_with_its_secret_shown_once(
         "scope": "",
         "redirect_uris": [],
         "post_logout_redirect_uris": [],
+        "refresh_retry_window": None,
         "created_at": body["created_at"],
     }
     assert abs(body["created_at"] - time.time()) < 60
@@ -383,6 +370,27 @@ async def test_clients_are_listed_a_page_at_a_time(
     everything = await client.get("/admin/v1/clients", headers=admin)
     assert [i["client_id"] for i in everything.json()["items"]] == seen
     assert everything.json()["next_cursor"] is None
+
+
+@pytest.mark.feature("refresh-retries")
+async def test_a_clients_refresh_retry_window_is_set_changed_and_bounded(
+    client: httpx.AsyncClient, admin: dict[str, str]
+) -> None:
+    body = {"client_id": "mobile", "refresh_retry_window": 30}
+    created = await client.post("/admin/v1/clients", json=body, headers=admin)
+    assert created.status_code == 201, created.text
+    assert created.json()["refresh_retry_window"] == 30
+    cleared = await client.patch(
+        "/admin/v1/clients/mobile", json={"refresh_retry_window": None}, headers=admin
+    )
+    assert cleared.json()["refresh_retry_window"] is None
+    for bad in (-1, 301, "30", True):
+        refused = await client.patch(
+            "/admin/v1/clients/mobile", json={"refresh_retry_window": bad}, headers=admin
+        )
+        assert refused.status_code in (400, 422), (bad, refused.text)
+    shown = await client.get("/admin/v1/clients/mobile", headers=admin)
+    assert shown.json()["refresh_retry_window"] is None
 
 
 async def test_a_client_is_updated_and_what_it_lost_stops_working(

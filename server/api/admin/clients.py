@@ -53,6 +53,7 @@ async def create_client(new: NewClient, admin: AdminDep, state: StateDep) -> Cre
             post_logout_redirect_uris=new.post_logout_redirect_uris,
             name=new.name,
             https_only=_https_only(state),
+            refresh_retry_window=new.refresh_retry_window,
             actor=admin.client_id,
         )
         await admin.commit()

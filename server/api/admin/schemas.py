@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ... import manage
 from ...boundary import NO_NUL
+from ...config import MAX_REFRESH_RETRY_WINDOW
 from ...names import GrantType
 from ..account import UserSession
 from ..auth import Body
@@ -39,6 +40,9 @@ class ClientOut(BaseModel):
     scope: str
     redirect_uris: list[str]
     post_logout_redirect_uris: list[str]
+    #: Seconds a just-rotated refresh token may be presented again for the same successor;
+    #: ``null``: ``AUTH_REFRESH_RETRY_WINDOW``.
+    refresh_retry_window: int | None
     created_at: int
 
 
@@ -65,6 +69,9 @@ class _Registration(Body):
     scope: str = Field(default="", max_length=2000, pattern=SCOPE_PATTERN)
     redirect_uris: list[Uri] = Field(default_factory=list, max_length=20)
     post_logout_redirect_uris: list[Uri] = Field(default_factory=list, max_length=20)
+    #: Seconds during which presenting a just-rotated refresh token again gets the same
+    #: successor (a retry whose answer was lost); ``null``: ``AUTH_REFRESH_RETRY_WINDOW``.
+    refresh_retry_window: int | None = Field(default=None, ge=0, le=MAX_REFRESH_RETRY_WINDOW)
 
 
 class NewClient(_Registration):

@@ -33,7 +33,8 @@ class RefreshTokenGrant(Grant, grants.RefreshTokenGrant):  # type: ignore[misc]
         """The token exists, belongs to this client, and its family is not revoked; a token
         already rotated is reuse, which revokes the family."""
         request = self.request
-        presented = store.find_refresh(request.db, sha256_hex(self.required("refresh_token")))
+        request.presented_token = self.required("refresh_token")
+        presented = store.find_refresh(request.db, sha256_hex(request.presented_token))
         if presented is None:
             raise InvalidGrantError(BAD_REFRESH_TOKEN)
         family = presented.family
@@ -42,9 +43,12 @@ class RefreshTokenGrant(Grant, grants.RefreshTokenGrant):  # type: ignore[misc]
             raise InvalidGrantError(BAD_REFRESH_TOKEN)
         if presented.family_revoked:
             raise InvalidGrantError(BAD_REFRESH_TOKEN)
-        if presented.rotated:
+        if presented.rotated and not self.retry_window():
             self.revoke_family(family)
             raise InvalidGrantError(BAD_REFRESH_TOKEN)
+        # Rotated, with a retry window: a retry if its successor is still the live one
+        # (decided in ``create_token_response``, once scope and resources are known).
+        request.retrying = presented.rotated
         now = request.issued_at
         if presented.expires_at <= now or family.expires_at <= now or not presented.user_live:
             raise InvalidGrantError(BAD_REFRESH_TOKEN)
@@ -71,7 +75,18 @@ class RefreshTokenGrant(Grant, grants.RefreshTokenGrant):  # type: ignore[misc]
 
     def create_token_response(self) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
         request = self.request
-        token = self.server.issue(request, scope=request.scope)
+        window = self.retry_window()
+        successor = (
+            self.server.successor(request.presented_token, request.scope, request.resources)
+            if window
+            else None
+        )
+        token = self.server.issue(request, scope=request.scope, refresh_token=successor)
+        if request.retrying:
+            if self.serve_retry(window, token["refresh_token"]):
+                return 200, token, self.TOKEN_RESPONSE_HEADER
+            self.revoke_family(request.family)
+            raise InvalidGrantError(BAD_REFRESH_TOKEN)
         try:
             rotated = self.server.save_rotation(request, token["refresh_token"])
         except CommitUncertain as uncertain:
@@ -80,10 +95,43 @@ class RefreshTokenGrant(Grant, grants.RefreshTokenGrant):  # type: ignore[misc]
             raise uncertain.with_result((200, token, self.TOKEN_RESPONSE_HEADER)) from None
         if not rotated:
             # Another request rotated this token first, or the family was revoked since it
-            # was read: a replay or a race, both reuse.
+            # was read: a replay or a race. Within a retry window, a simultaneous presentation
+            # of the same token gets the successor the winner stored; otherwise it is reuse.
+            if window and self.serve_retry(window, token["refresh_token"]):
+                return 200, token, self.TOKEN_RESPONSE_HEADER
             self.revoke_family(request.family)
             raise InvalidGrantError(BAD_REFRESH_TOKEN)
         return 200, token, self.TOKEN_RESPONSE_HEADER
+
+    def retry_window(self) -> int:
+        """The client's refresh retry window, seconds (0: strict)."""
+        client = self.request.client
+        return int(client.retry_window(self.server.settings.refresh_retry_window))
+
+    def serve_retry(self, window: int, successor: str) -> bool:
+        """SPEC, refresh retries: the token presented was rotated at most ``window`` seconds
+        ago and ``successor`` (recomputed from this request) is still the family's live token.
+        Then this answer carries that same successor and a fresh access token, and nothing is
+        written: one rotation, never a branch. A token two rotations back, a successor already
+        used, another scope or other resources, or a late retry find nothing: reuse."""
+        request = self.request
+        rotated_at = store.retry_successor(
+            request.db,
+            token_id=request.presented.token_id,
+            successor_hash=sha256_hex(successor),
+            now=request.issued_at,
+        )
+        if rotated_at is None or request.issued_at - rotated_at > window:
+            return False
+        family = request.family
+        audit(
+            "refresh.retry_served",
+            family_id=family.id,
+            client_id=family.client_id,
+            user_id=family.user_id,
+            seconds_after_rotation=request.issued_at - rotated_at,
+        )
+        return True
 
     def revoke_family(self, family: store.Family) -> None:
         audit(
