@@ -1,4 +1,5 @@
-"""Checks of the refresh grant: rotation, no scope widening, reuse detection."""
+"""Checks of the refresh grant: rotation, no scope widening, reuse detection (and, for a
+test client with a refresh retry window, the identical successor on a retry)."""
 
 from __future__ import annotations
 
@@ -56,16 +57,37 @@ async def check_refresh_scope_widening(ctx: Context) -> None:
 
 @check("refresh-reuse-detection")
 async def check_refresh_reuse_detection(ctx: Context) -> None:
-    """RFC 9700 §4.14.2: reusing a rotated refresh token fails and revokes its whole family."""
+    """RFC 9700 §4.14.2: reusing a rotated refresh token fails and revokes its whole family.
+
+    A test client with a refresh retry window (SPEC, refresh retries) gets the identical
+    successor for the token it just rotated: that is checked instead, and reuse is then a
+    token two rotations back."""
     refreshable_family(ctx)
     first = (await ctx.sign_in()).get("refresh_token")  # a family of its own
     if not isinstance(first, str) or not first:
         raise CheckFailed("a second sign-in issued no refresh_token")
+    newest = await _rotate(ctx, first)
     data = {"grant_type": "refresh_token", "refresh_token": first}
-    second = (await ctx.token(data, "refresh")).get("refresh_token")
-    if not isinstance(second, str) or not second:
-        raise CheckFailed("the refresh response has no new refresh_token")
     reuse = await ctx.post(TOKEN_PATH, data)
-    expect_error(reuse, 400, "invalid_grant", "reusing a rotated refresh token")
-    after = await ctx.post(TOKEN_PATH, {"grant_type": "refresh_token", "refresh_token": second})
+    if reuse.status_code == 200:
+        retried = ctx.token_body(reuse, "retrying a just-rotated refresh token")
+        if retried.get("refresh_token") != newest:
+            raise CheckFailed(
+                "presenting a rotated refresh token again was granted a different refresh "
+                "token: the sign-in branched (neither reuse detection nor a retry window)"
+            )
+        newest = await _rotate(ctx, newest)
+        reuse = await ctx.post(TOKEN_PATH, data)  # now two rotations back
+        expect_error(reuse, 400, "invalid_grant", "reusing a refresh token two rotations back")
+    else:
+        expect_error(reuse, 400, "invalid_grant", "reusing a rotated refresh token")
+    after = await ctx.post(TOKEN_PATH, {"grant_type": "refresh_token", "refresh_token": newest})
     expect_error(after, 400, "invalid_grant", "the newest refresh token after a reuse")
+
+
+async def _rotate(ctx: Context, refresh_token: str) -> str:
+    data = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+    new = (await ctx.token(data, "refresh")).get("refresh_token")
+    if not isinstance(new, str) or not new:
+        raise CheckFailed("the refresh response has no new refresh_token")
+    return new
