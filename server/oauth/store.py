@@ -94,7 +94,8 @@ class PresentedRefresh:
     """``find_refresh``'s row: the presented token, its family and whether its user is live."""
 
     token_id: str
-    rotated: bool
+    #: When it was rotated (``None``: it is the family's live token).
+    rotated_at: int | None
     expires_at: int
     family: Family
     family_revoked: bool
@@ -137,7 +138,7 @@ def find_refresh(db: Db, token_hash: str) -> PresentedRefresh | None:
     token_id, rotated_at, expires_at, revoked_at, disabled, *family = row
     return PresentedRefresh(
         token_id=token_id,
-        rotated=rotated_at is not None,
+        rotated_at=rotated_at,
         expires_at=expires_at,
         family=Family(*family),
         family_revoked=revoked_at is not None,

@@ -209,3 +209,15 @@ async def test_another_client_presenting_it_is_refused_and_the_owner_keeps_the_s
     assert stolen.status_code == 400 and stolen.json()["error"] == "invalid_grant"
     assert await family_state(state) == (2, False)
     assert (await refresh_grant(client, creds, rotated["refresh_token"])).status_code == 200
+
+
+async def test_a_rotated_token_asking_beyond_the_grant_is_reuse_too(
+    client: httpx.AsyncClient, state: AppState, make_client: MakeClient, make_user: MakeUser
+) -> None:
+    """Refused for its scope (invalid_scope) and still reuse: only a retry of the rotation is
+    forgiven, so a rotated token cannot be probed with requests that fail for other reasons."""
+    creds, first = await sign_in(client, make_client, make_user, scope="profile")
+    await refresh_grant(client, creds, first["refresh_token"])
+    beyond = await refresh_grant(client, creds, first["refresh_token"], scope="profile email")
+    assert beyond.status_code == 400 and beyond.json()["error"] == "invalid_scope"
+    assert (await family_state(state))[1] is True

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from authlib.oauth2.rfc6749 import grants
-from authlib.oauth2.rfc6749.errors import InvalidGrantError
+from authlib.oauth2.rfc6749.errors import InvalidGrantError, OAuth2Error
 
 from ...db import CommitUncertain
 from ...models import sha256_hex
@@ -31,7 +31,8 @@ class RefreshTokenGrant(Grant, grants.RefreshTokenGrant):  # type: ignore[misc]
 
     def check_token(self) -> None:
         """The token exists, belongs to this client, and its family is not revoked; a token
-        already rotated is reuse, which revokes the family."""
+        already rotated is reuse, which revokes the family, unless it was rotated within the
+        client's retry window."""
         request = self.request
         request.presented_token = self.required("refresh_token")
         presented = store.find_refresh(request.db, sha256_hex(request.presented_token))
@@ -43,17 +44,19 @@ class RefreshTokenGrant(Grant, grants.RefreshTokenGrant):  # type: ignore[misc]
             raise InvalidGrantError(BAD_REFRESH_TOKEN)
         if presented.family_revoked:
             raise InvalidGrantError(BAD_REFRESH_TOKEN)
-        if presented.rotated and not self.retry_window():
-            self.revoke_family(family)
-            raise InvalidGrantError(BAD_REFRESH_TOKEN)
-        # Rotated, with a retry window: a retry if its successor is still the live one
-        # (decided in ``create_token_response``, once scope and resources are known).
-        request.retrying = presented.rotated
         now = request.issued_at
+        if presented.rotated_at is not None:
+            if now - presented.rotated_at > self.retry_window():  # strict: a window of 0
+                self.revoke_family(family)
+                raise InvalidGrantError(BAD_REFRESH_TOKEN)
+            # Rotated within the client's retry window: a retry if it asks for what the
+            # rotation did and its successor is still the live token (``serve_retry``, once
+            # scope and resources are known); anything else is reuse (``validate_token_request``).
+            request.retrying = True
+        request.family = family
         if presented.expires_at <= now or family.expires_at <= now or not presented.user_live:
             raise InvalidGrantError(BAD_REFRESH_TOKEN)
         request.presented = presented
-        request.family = family
         request.user = store.Subject(family.user_id)
 
     def check_scope(self) -> None:
@@ -72,6 +75,15 @@ class RefreshTokenGrant(Grant, grants.RefreshTokenGrant):  # type: ignore[misc]
         )
 
     CHECKS = (Grant.check_client, check_token, check_scope, check_resources)
+
+    def validate_token_request(self) -> None:
+        try:
+            super().validate_token_request()
+        except OAuth2Error:
+            if self.request.retrying:
+                # A presentation of a rotated token that is not a retry of its rotation.
+                self.revoke_family(self.request.family)
+            raise
 
     def create_token_response(self) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
         request = self.request
