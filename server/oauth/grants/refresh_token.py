@@ -46,7 +46,8 @@ class RefreshTokenGrant(Grant, grants.RefreshTokenGrant):  # type: ignore[misc]
             raise InvalidGrantError(BAD_REFRESH_TOKEN)
         now = request.issued_at
         if presented.rotated_at is not None:
-            if now - presented.rotated_at > self.retry_window():  # strict: a window of 0
+            window = self.retry_window()
+            if not window or now - presented.rotated_at > window:
                 self.revoke_family(family)
                 raise InvalidGrantError(BAD_REFRESH_TOKEN)
             # Rotated within the client's retry window: a retry if it asks for what the
