@@ -60,8 +60,8 @@ class ClientCache:
         #: listener is connected (a notification could be missed otherwise).
         self.trusted = trusted and ttl > 0
         self._entries: dict[str, tuple[float, Client]] = {}
-        #: Bumped by every invalidation: a read that started before one is not stored, since
-        #: it may hold the row as it was before the change.
+        #: Bumped by every invalidation: a read that started before one may hold the row as
+        #: it was before the change, so it is stored stale (for its own request's ``peek``).
         self._generation = 0
         _CACHES.add(self)
 
