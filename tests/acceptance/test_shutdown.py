@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from server.config import Settings
@@ -51,8 +52,17 @@ def test_sigterm_finishes_requests_in_flight_then_exits(clean_db: Settings, tmp_
         workers = [threading.Thread(target=grant) for _ in range(4)]
         for worker in workers:
             worker.start()
+        busy = psutil.Process(server.process.pid)
+        before = sum(busy.cpu_times()[:2])
         connected.wait(timeout=30)
-        time.sleep(0.3)  # the four requests are now being served (argon2 is running)
+        # The four requests are being served once argon2 runs: the server has spent a
+        # check's worth of CPU (about 0.25 s) since they were sent. Polled, not slept for a
+        # fixed time: on a loaded machine a request may still sit unread in its socket,
+        # and SIGTERM would then close that connection as idle.
+        deadline = time.monotonic() + 30
+        while sum(busy.cpu_times()[:2]) - before < 0.2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
         server.process.send_signal(signal.SIGTERM)
         for worker in workers:
             worker.join(timeout=60)
