@@ -215,8 +215,11 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
         when the client has a retry window: an HMAC of them under a server key, so that a
         retry of the same request recomputes it (and finds it by its hash) while nothing but
         hashes is stored. A retry asking for another scope or other resources computes another
-        one, finds nothing, and is reuse. 256 bits, as a random token."""
-        message = "\n".join([presented, scope, " ".join(resources)]).encode()
+        one, finds nothing, and is reuse; the same ones in another order are the same request
+        (scope is a set, RFC 6749 §3.3, and so are resources). 256 bits, as a random token."""
+        message = "\n".join(
+            [presented, " ".join(sorted(set(scope.split()))), " ".join(sorted(set(resources)))]
+        ).encode()
         digest = hmac.new(self._successor_key, message, hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 

@@ -221,3 +221,23 @@ async def test_a_rotated_token_asking_beyond_the_grant_is_reuse_too(
     beyond = await refresh_grant(client, creds, first["refresh_token"], scope="profile email")
     assert beyond.status_code == 400 and beyond.json()["error"] == "invalid_scope"
     assert (await family_state(state))[1] is True
+
+
+async def test_a_retry_naming_the_same_scope_and_resources_in_another_order_is_a_retry(
+    client: httpx.AsyncClient, state: AppState, make_client: MakeClient, make_user: MakeUser
+) -> None:
+    """Scope is a set (RFC 6749 §3.3) and so are resources: order is not a different request."""
+    granted = [state.settings.audience, ORDERS]
+    creds, first = await sign_in(
+        client, make_client, make_user, scope="profile api", resource=granted
+    )
+    rotated = await refresh_grant(
+        client, creds, first["refresh_token"], scope="profile api", resource=granted
+    )
+    assert rotated.status_code == 200, rotated.text
+    retried = await refresh_grant(
+        client, creds, first["refresh_token"], scope="api profile", resource=granted[::-1]
+    )
+    assert retried.status_code == 200, retried.text
+    assert retried.json()["refresh_token"] == rotated.json()["refresh_token"]
+    assert await family_state(state) == (2, False)

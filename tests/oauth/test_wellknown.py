@@ -134,3 +134,21 @@ async def test_jwks_answers_head_and_refuses_other_methods(client: httpx.AsyncCl
     assert "x-request-id" in posted.headers
     scraped = (await client.get("/metrics")).text
     assert 'route="/.well-known/jwks.json"' in scraped  # counted under its template
+
+
+@pytest.mark.feature("jwks-endpoint", "json-errors")
+async def test_a_resource_servers_jwks_fetch_while_the_key_store_fails_is_a_plain_500(
+    client: httpx.AsyncClient, state: AppState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast path gives up on any error and lets the middlewares answer: a redacted 500
+    with a request id, never a traceback or a half-sent answer."""
+
+    def broken() -> None:
+        raise RuntimeError("/secret/path/keys.json unreadable")
+
+    monkeypatch.setattr(state.keys, "keyset", broken)
+    response = await client.get(JWKS, headers={"X-Request-ID": "rs-fetch-2"})
+    assert response.status_code == 500
+    assert response.headers["x-request-id"] == "rs-fetch-2"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert "secret" not in response.text and "Traceback" not in response.text
