@@ -26,10 +26,13 @@ import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import Table, bindparam, event, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
+from .boundary import column_length, text_problem
 from .db import Database
 from .models import Client
 from .observability import log
 
+#: The longest client id a row can hold.
+CLIENT_ID_LENGTH = column_length(Client.client_id)
 #: The expiry of an entry that must be read again.
 STALE = float("-inf")
 #: The PostgreSQL channel of client changes; the payload is a client id, or ``*`` for all.
@@ -66,6 +69,10 @@ class ClientCache:
         _CACHES.add(self)
 
     async def get(self, client_id: str) -> Client | None:
+        if text_problem(client_id, CLIENT_ID_LENGTH) is not None:
+            # No client has it (HTTP Basic percent-decodes ``%00`` into a NUL, which
+            # PostgreSQL refuses in a query): nothing to look up.
+            return None
         entry = self._entries.get(client_id)
         if entry is not None and self.trusted and entry[0] > self._clock():
             return entry[1]

@@ -4,6 +4,7 @@ drops an entry. Replicas are in tests/acceptance/test_replicas.py."""
 from __future__ import annotations
 
 import asyncio
+import base64
 
 import httpx
 import pytest
@@ -209,3 +210,27 @@ async def test_a_cached_client_keeps_client_credentials_working_while_the_databa
         assert introspected.json()["error"] == "temporarily_unavailable"
     finally:
         await dead.dispose()
+
+
+@pytest.mark.parametrize(
+    "client_id",
+    ["%00", "a%00b", "x" * 5000, "é" * 300],
+    ids=["nul", "inner-nul", "long", "long-utf8"],
+)
+async def test_a_client_id_no_client_can_have_is_refused_without_a_lookup(
+    client: httpx.AsyncClient, state: AppState, client_id: str
+) -> None:
+    """HTTP Basic percent-decodes the client id (RFC 6749 §2.3.1), so ``%00`` arrives as NUL,
+    which PostgreSQL refuses in a query: such ids, and ids longer than the column, are
+    ``invalid_client`` at once, never a 500 and never a database read."""
+    basic = base64.b64encode(f"{client_id}:secret".encode()).decode()
+    headers = {"Authorization": "Basic " + basic}
+    for path, data in [
+        ("/oauth2/token", CC),
+        ("/oauth2/token", {"grant_type": "refresh_token", "refresh_token": "x"}),
+        ("/oauth2/introspect", {"token": "x"}),
+        ("/oauth2/revoke", {"token": "x"}),
+    ]:
+        response = await client.post(path, data=data, headers=headers)
+        assert response.status_code == 401, (path, response.text)
+        assert response.json()["error"] == "invalid_client"
