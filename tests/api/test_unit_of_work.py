@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -12,9 +13,36 @@ import pytest
 from sqlalchemy import event
 
 from server.deps import AppState
-from tests.conftest import MakeClient, MakeUser, password_grant
+from tests.conftest import ClientCreds, MakeClient, MakeUser, UserCreds, password_grant
 
 pytestmark = pytest.mark.feature("account-api", "admin-api")
+
+
+@dataclass
+class Callers:
+    """A first-party app, the person it signed in (with their token), and an admin token."""
+
+    app: ClientCreds
+    user: UserCreds
+    person: dict[str, str]
+    admin: dict[str, str]
+
+
+@pytest.fixture
+async def callers(
+    client: httpx.AsyncClient, make_client: MakeClient, make_user: MakeUser
+) -> Callers:
+    app = await make_client(
+        "app", grants=["password"], scope="profile email api account", first_party=True
+    )
+    ops = await make_client("ops", admin=True, grants=["client_credentials"], scope="")
+    user = await make_user("dora")
+    signed_in = await password_grant(client, app, user)
+    person = {"Authorization": f"Bearer {signed_in.json()['access_token']}"}
+    grant = {"grant_type": "client_credentials", "scope": "admin"}
+    issued = await client.post("/oauth2/token", data=grant, headers=ops.basic)
+    admin = {"Authorization": f"Bearer {issued.json()['access_token']}"}
+    return Callers(app, user, person, admin)
 
 
 @contextmanager
@@ -39,18 +67,9 @@ def counted(state: AppState) -> Iterator[dict[str, int]]:
 
 
 async def test_each_request_is_one_transaction_on_one_connection(
-    client: httpx.AsyncClient, state: AppState, make_client: MakeClient, make_user: MakeUser
+    client: httpx.AsyncClient, state: AppState, callers: Callers
 ) -> None:
-    app = await make_client(
-        "app", grants=["password"], scope="profile email api account", first_party=True
-    )
-    ops = await make_client("ops", admin=True, grants=["client_credentials"], scope="")
-    user = await make_user("dora")
-    signed_in = await password_grant(client, app, user)
-    person = {"Authorization": f"Bearer {signed_in.json()['access_token']}"}
-    grant = {"grant_type": "client_credentials", "scope": "admin"}
-    issued = await client.post("/oauth2/token", data=grant, headers=ops.basic)
-    admin = {"Authorization": f"Bearer {issued.json()['access_token']}"}
+    user, person, admin = callers.user, callers.person, callers.admin
 
     requests: list[tuple[str, str, dict[str, str], dict[str, Any] | None, int]] = [
         ("GET", "/api/v1/me/sessions", person, None, 200),  # account API, a read
@@ -81,26 +100,13 @@ async def test_each_request_is_one_transaction_on_one_connection(
 
 @pytest.mark.feature("nonblocking-argon2")
 async def test_argon2_runs_holding_no_connection(
-    client: httpx.AsyncClient,
-    state: AppState,
-    make_client: MakeClient,
-    make_user: MakeUser,
-    monkeypatch: pytest.MonkeyPatch,
+    client: httpx.AsyncClient, state: AppState, callers: Callers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The password change (verify, then hash), the admin's reset (hash) and creating a person
     (the admin API, sign-up: hash) end or have not begun their transaction when argon2 runs,
     as the token endpoint does: no connection is checked out (nor, on SQLite, the write lock
     held) while it does."""
-    app = await make_client(
-        "app", grants=["password"], scope="profile email api account", first_party=True
-    )
-    ops = await make_client("ops", admin=True, grants=["client_credentials"], scope="")
-    user = await make_user("dora")
-    signed_in = await password_grant(client, app, user)
-    person = {"Authorization": f"Bearer {signed_in.json()['access_token']}"}
-    grant = {"grant_type": "client_credentials", "scope": "admin"}
-    issued = await client.post("/oauth2/token", data=grant, headers=ops.basic)
-    admin = {"Authorization": f"Bearer {issued.json()['access_token']}"}
+    app, user, person, admin = callers.app, callers.user, callers.person, callers.admin
 
     pool = state.db.engine.sync_engine.pool
     held: list[tuple[str, int]] = []
