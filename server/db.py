@@ -315,7 +315,7 @@ class Database:
         breaker. Raises ``DatabaseUnavailable`` at once, without I/O, while it is open."""
         await self.breaker.admit(self.probe)
         try:
-            handle = await self._connect(opened)
+            handle = await self._retry(opened)
             try:
                 yield handle
             finally:
@@ -325,9 +325,6 @@ class Database:
                 self.breaker.failure(type(exc).__name__)
             raise
         self.breaker.success()
-
-    async def _connect(self, opened: Callable[[], Awaitable[H]]) -> H:
-        return await self._retry(opened)
 
     async def _session(self) -> AsyncSession:
         db = self.sessions()

@@ -197,12 +197,17 @@ async def _run(
     server: TokenServer = request.app.state.oauth
     if oauth_request.claimed_client_id:
         await state.clients.get(oauth_request.claimed_client_id)
-    if endpoint == "token":
-        call: Callable[[], ServerResponse] = lambda: server.create_token_response(oauth_request)  # noqa: E731
-        if oauth_request.form.get("grant_type") in NO_DATABASE_GRANTS:
-            return call()
-    else:
-        call = lambda: server.create_endpoint_response(endpoint, oauth_request)  # noqa: E731
+
+    def call() -> ServerResponse:
+        answer: ServerResponse = (
+            server.create_token_response(oauth_request)
+            if endpoint == "token"
+            else server.create_endpoint_response(endpoint, oauth_request)
+        )
+        return answer
+
+    if endpoint == "token" and oauth_request.form.get("grant_type") in NO_DATABASE_GRANTS:
+        return call()
 
     def on(connection: Connection) -> ServerResponse:
         oauth_request.db = connection
