@@ -221,13 +221,30 @@ def is_unavailable(exc: BaseException) -> bool:
     """The database is down, unreachable, too slow or locked: a 503, not a bug (500).
 
     Connect failures arrive as the driver's own ``OSError`` (asyncpg re-raises them unwrapped,
-    ``TimeoutError`` included); a connection lost mid-statement as a ``DBAPIError`` with
-    ``connection_invalidated``; SQLite's "database is locked" as an ``OperationalError``.
+    ``TimeoutError`` included), or, reset during the handshake, as a ``DBAPIError`` caused by
+    one; a connection lost mid-statement as a ``DBAPIError`` with ``connection_invalidated``;
+    SQLite's "database is locked" as an ``OperationalError``.
     """
     if isinstance(exc, DatabaseUnavailable | OSError):
         return True
     if isinstance(exc, DBAPIError):
-        return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+        return (
+            exc.connection_invalidated
+            or isinstance(exc, OperationalError | InterfaceError)
+            or _lost_connection(exc)
+        )
+    return False
+
+
+def _lost_connection(exc: BaseException) -> bool:
+    """Whether a driver error was caused by a reset or refused connection: asyncpg's adapter
+    wraps a reset during the connect handshake in a plain ``DBAPIError``, not an
+    ``InterfaceError``, and keeps the ``ConnectionError`` as the cause."""
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, ConnectionError):
+            return True
+        cause = cause.__cause__
     return False
 
 
@@ -241,7 +258,9 @@ def is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, ConnectionError | NotCommitted):
         return True
     if isinstance(exc, DBAPIError):
-        return exc.connection_invalidated or isinstance(exc, InterfaceError)
+        return (
+            exc.connection_invalidated or isinstance(exc, InterfaceError) or _lost_connection(exc)
+        )
     return False
 
 

@@ -143,6 +143,21 @@ def invalidated() -> DBAPIError:
     return DBAPIError("SELECT 1", None, Exception("connection lost"), connection_invalidated=True)
 
 
+def reset_while_connecting() -> DBAPIError:
+    """What SQLAlchemy's asyncpg adapter raised when PostgreSQL's connection was reset during
+    the connect handshake (seen in the outage test): a plain ``DBAPIError`` ("connection was
+    closed in the middle of operation") whose cause is the ``ConnectionResetError``."""
+    try:
+        try:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        except ConnectionResetError as reset:
+            raise Exception("connection was closed in the middle of operation") from reset
+    except Exception as adapted:
+        error = DBAPIError(None, None, adapted)
+        error.__cause__ = adapted
+        return error
+
+
 @pytest.mark.parametrize(
     ("error", "unavailable", "retryable"),
     [
@@ -151,6 +166,7 @@ def invalidated() -> DBAPIError:
         (TimeoutError(), True, False),  # waiting again only doubles the wait
         (OSError("no route"), True, False),
         (invalidated(), True, True),
+        (reset_while_connecting(), True, True),
         (InterfaceError("x", None, Exception("closed")), True, True),
         (OperationalError("x", None, sqlite3.OperationalError("database is locked")), True, False),
         (DatabaseUnavailable("circuit breaker open"), True, False),
