@@ -10,7 +10,7 @@ import json
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from limits import parse_many
@@ -66,6 +66,26 @@ class Settings(BaseSettings):
     key_rotation_interval: int = Field(default=30 * 86_400, ge=60)
     #: How often a running server looks at ``keys_dir`` for a rotation (seconds).
     key_reload_interval: float = Field(default=2.0, gt=0)
+
+    #: Dynamic client registration (RFC 7591) at ``POST /oauth2/register``: ``off``; ``token``
+    #: (an initial access token from ``clients registration-token`` is required, RFC 7591 §3);
+    #: ``open`` (anyone may register; rate-limited per IP).
+    client_registration: Literal["off", "token", "open"] = "token"
+    #: Registrations per client IP (``limits`` notation).
+    rate_limit_registration_ip: str = "10/minute;100/hour"
+    #: Clients whose ``client_id`` is the https URL of their metadata document
+    #: (draft-ietf-oauth-client-id-metadata-document): fetched, validated and cached.
+    client_metadata_documents: bool = True
+    #: Fetches of client metadata documents and ``jwks_uri``: seconds for the whole fetch,
+    #: largest body, and how long a document is kept when its ``Cache-Control`` does not say
+    #: (its ``max-age`` is honoured between ``client_fetch_min_ttl`` and this).
+    client_fetch_timeout: float = Field(default=3.0, gt=0, le=30)
+    client_fetch_max_bytes: int = Field(default=65_536, ge=1024, le=1_048_576)
+    client_fetch_ttl: int = Field(default=300, ge=0, le=86_400)
+    client_fetch_min_ttl: int = Field(default=30, ge=0, le=3600)
+    #: Development and tests only: let those fetches reach loopback addresses over http.
+    #: Production refuses it (private, loopback and link-local addresses are never fetched).
+    client_fetch_allow_loopback: bool = False
 
     #: Lifetime of a browser sign-in on the hosted pages (the session cookie), in seconds.
     session_ttl: int = Field(default=86_400, ge=60)
@@ -159,6 +179,7 @@ class Settings(BaseSettings):
         "rate_limit_authorize",
         "throttle_account_ip",
         "throttle_account",
+        "rate_limit_registration_ip",
     )
     @classmethod
     def _valid_limits(cls, value: str) -> str:
@@ -276,6 +297,11 @@ class Settings(BaseSettings):
             reasons.append(
                 f"AUTH_CORS_ORIGINS has http origins ({', '.join(plain)}): a network attacker "
                 "could serve a page there; list https origins only"
+            )
+        if self.client_fetch_allow_loopback:
+            reasons.append(
+                "AUTH_CLIENT_FETCH_ALLOW_LOOPBACK is on: client metadata documents and jwks_uri "
+                "could be fetched from this host's own services; remove it"
             )
         if self.argon2_memory_cost < 19_456 or self.argon2_time_cost < 2:
             reasons.append(

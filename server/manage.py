@@ -34,6 +34,7 @@ from .models import (
 from .names import GRANT_TYPES
 from .observability import audit
 from .passwords import Passwords, normalize_username
+from .secretbox import seal
 from .usernames import UsernameError, check_username
 
 #: Checked with ``fullmatch``: Python's ``$`` also matches before a final newline, which would let
@@ -120,6 +121,34 @@ class NewClient:
 
 def new_secret() -> str:
     return secrets.token_urlsafe(SECRET_BYTES)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    #: Shown once, never stored in the clear; ``None`` when the client has no secret.
+    secret: str | None
+    secret_hash: str | None
+    secret_sealed: str | None
+
+
+def credentials_for(method: str, client_id: str, secret_key: str) -> Credentials:
+    """The secret columns of a client authenticating with ``method``.
+
+    - ``client_secret_basic``/``client_secret_post``: a new secret, stored as its hash.
+    - ``client_secret_jwt``: a new secret, also sealed (``server/secretbox.py``), since the
+      server needs it to check the HMAC of the client's assertions.
+    - ``private_key_jwt``: no secret; the hash of one nobody knows is stored, so that code
+      older than migration 0007 (which tells public clients by a missing hash) sees a
+      confidential client whose secret nobody has, not a public one.
+    - ``none``: nothing.
+    """
+    if method == "none":
+        return Credentials(None, None, None)
+    secret = new_secret()
+    if method == "private_key_jwt":
+        return Credentials(None, sha256_hex(new_secret()), None)
+    sealed = seal(secret_key, secret, context=client_id) if method == "client_secret_jwt" else None
+    return Credentials(secret, sha256_hex(secret), sealed)
 
 
 def check_redirect_uri(uri: str, *, https_only: bool = False) -> str:

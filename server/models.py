@@ -29,6 +29,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from .names import SECRET_AUTH_METHODS
+
 #: The wall clock behind ``now()``: seconds since the epoch. Every expiry decision reads it
 #: through ``now()`` (issuing: ``iat``/``exp`` and row lifetimes; checking: bearer tokens,
 #: introspection, sessions, families), so a test moves time by replacing this one attribute
@@ -106,13 +108,44 @@ class Client(Base):
     #: Seconds after a rotation during which presenting the rotated refresh token again gets
     #: the same successor instead of revoking the family; ``None``: ``AUTH_REFRESH_RETRY_WINDOW``.
     refresh_retry_window: Mapped[int | None] = mapped_column(Integer, default=None)
+    #: RFC 7591 §2 ``token_endpoint_auth_method``; ``None`` for a client created before it was
+    #: recorded: ``none`` without a secret, else a secret method (``token_endpoint_auth_method``).
+    auth_method: Mapped[str | None] = mapped_column(String(32), default=None)
+    #: ``private_key_jwt``: the client's public keys, as a JWK Set (JSON), or where to fetch it.
+    jwks: Mapped[str | None] = mapped_column(Text, default=None)
+    jwks_uri: Mapped[str | None] = mapped_column(Text, default=None)
+    #: ``client_secret_jwt``: the secret itself (HMAC needs it), sealed with AES-256-GCM under a
+    #: key derived from ``AUTH_SECRET_KEY`` (``server/secretbox.py``).
+    secret_sealed: Mapped[str | None] = mapped_column(Text, default=None)
+    #: RFC 8707 resources (of ``AUTH_RESOURCES``) it may ask for, space-separated; ``None``: all.
+    resources: Mapped[str | None] = mapped_column(Text, default=None)
+    #: How it came to exist: ``None`` by an operator (CLI, admin API), ``registration`` (RFC 7591),
+    #: ``document`` (its ``client_id`` is the URL of its metadata document).
+    origin: Mapped[str | None] = mapped_column(String(16), default=None)
+    #: RFC 7592 §3: SHA-256 of the registration access token of a registered client.
+    registration_token_hash: Mapped[str | None] = mapped_column(String(64), default=None)
 
     def retry_window(self, default: int) -> int:
         return default if self.refresh_retry_window is None else self.refresh_retry_window
 
     @property
+    def token_endpoint_auth_method(self) -> str:
+        if self.auth_method is not None:
+            return self.auth_method
+        return "none" if self.secret_hash is None else "client_secret_basic"
+
+    @property
     def is_public(self) -> bool:
-        return self.secret_hash is None
+        return self.token_endpoint_auth_method == "none"  # noqa: S105 (a method name)
+
+    @property
+    def uses_secret(self) -> bool:
+        """Authenticates with a shared secret sent as such (Basic or in the form)."""
+        return self.token_endpoint_auth_method in SECRET_AUTH_METHODS
+
+    @property
+    def resource_list(self) -> list[str] | None:
+        return None if self.resources is None else self.resources.split()
 
     @property
     def grant_type_list(self) -> list[str]:
@@ -145,14 +178,18 @@ class Client(Base):
         return redirect_uri in self.redirect_uri_list
 
     def check_client_secret(self, client_secret: str) -> bool:
-        if self.secret_hash is None:
+        # A client_secret_jwt client's secret only ever keys its assertions (one method per
+        # client): sent as such it is refused.
+        if self.secret_hash is None or not self.uses_secret:
             return False
         return hmac.compare_digest(self.secret_hash, sha256_hex(client_secret))
 
     def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
-        if self.is_public:
-            return method == "none"
-        return method in ("client_secret_basic", "client_secret_post")
+        """One method per client (its registered one); the two secret methods are one."""
+        mine = self.token_endpoint_auth_method
+        if mine in SECRET_AUTH_METHODS:
+            return method in SECRET_AUTH_METHODS
+        return method == mine
 
     def check_grant_type(self, grant_type: str) -> bool:
         return grant_type in self.grant_type_list
@@ -318,3 +355,14 @@ class Consent(Base):
     )
     scope: Mapped[str] = mapped_column(Text, default="")
     updated_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class RegistrationToken(Base):
+    """An initial access token (RFC 7591 §3): lets whoever holds it register clients until it
+    expires. Only its hash is stored; ``clients registration-token`` shows it once."""
+
+    __tablename__ = "registration_tokens"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    expires_at: Mapped[int] = mapped_column(BigInteger, index=True)

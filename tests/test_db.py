@@ -51,6 +51,7 @@ from tests.conftest import (
 TABLES = {
     "users",
     "clients",
+    "registration_tokens",
     "refresh_families",
     "refresh_tokens",
     "revoked_access_tokens",
