@@ -315,6 +315,18 @@ def cmd_clients(settings: Settings, args: argparse.Namespace) -> int:
         client = _run_db(settings, lambda db: manage.get_client(db, args.client_id))
         print(json.dumps(manage.client_view(client), indent=2))
         return 0
+    if sub == "registration-token":
+        issued = _run_db(settings, lambda db: manage.create_registration_token(db, ttl=args.ttl))
+        if args.json:
+            print(json.dumps({"token": issued.token, "expires_at": issued.expires_at}))
+        else:
+            print(f"initial access token: {issued.token}")
+            print(f"expires: {_when(issued.expires_at)}")
+            print(
+                "(shown once, only its hash is kept; send it as 'Authorization: Bearer …' to "
+                "POST /oauth2/register)"
+            )
+        return 0
     if sub == "delete":
         _run_db(settings, lambda db: manage.delete_client(db, args.client_id))
         print(f"deleted client {args.client_id} and every token family it held")
@@ -498,6 +510,18 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true")
     for name in ("show", "delete"):
         clients.add_parser(name).add_argument("client_id")
+    token = clients.add_parser(
+        "registration-token",
+        help="print an initial access token for dynamic client registration (RFC 7591 §3)",
+    )
+    token.add_argument(
+        "--ttl",
+        type=int,
+        default=manage.REGISTRATION_TOKEN_TTL,
+        metavar="S",
+        help="seconds it stays good for (default: one hour)",
+    )
+    token.add_argument("--json", action="store_true")
     rotate = clients.add_parser("rotate-secret")
     rotate.add_argument("client_id")
     rotate.add_argument("--json", action="store_true")

@@ -124,14 +124,14 @@ def check_redirect_uri(uri: str, name: str = "redirect_uris") -> str:
         if not parts.hostname or not _loopback_literal(parts.hostname) or "@" in parts.netloc:
             raise refuse(
                 "must be https, or http to a loopback IP literal (127.0.0.1 or [::1]) for "
-                "a native app (RFC 8252 §7.3)"
+                "a native app (RFC 8252 section 7.3)"
             )
     elif not re.fullmatch(r"[a-z][a-z0-9+-]*(\.[a-z0-9+-]+)+", scheme) or not uri.startswith(
         parts.scheme + ":/"
     ):
         raise refuse(
             "must be https, loopback http, or a private-use scheme in reverse-domain form "
-            "(com.example.app:/callback, RFC 8252 §7.1)"
+            "(com.example.app:/callback, RFC 8252 section 7.1)"
         )
     return uri
 
@@ -226,7 +226,7 @@ def parse_client_metadata(
     jwks = data.get("jwks")
     jwks_uri = _string(data, "jwks_uri", MAX_URI_LENGTH)
     if jwks is not None and jwks_uri is not None:
-        raise MetadataError("send jwks or jwks_uri, not both (RFC 7591 §2)")
+        raise MetadataError("send jwks or jwks_uri, not both (RFC 7591 section 2)")
     if method == "private_key_jwt":
         if jwks is None and jwks_uri is None:
             raise MetadataError("private_key_jwt needs jwks or jwks_uri")
@@ -281,7 +281,7 @@ def parse_client_metadata(
 
 
 def metadata_view(client: Any) -> dict[str, Any]:
-    """RFC 7591 §3.2.1: every metadata value registered for ``client`` (a ``models.Client``)."""
+    """RFC 7591 section 3.2.1: every metadata value registered for ``client`` (a model row)."""
     view: dict[str, Any] = {
         "client_id": client.client_id,
         "client_id_issued_at": client.created_at,

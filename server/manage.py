@@ -25,6 +25,7 @@ from .models import (
     BrowserSession,
     Client,
     RefreshFamily,
+    RegistrationToken,
     RevokedAccessToken,
     User,
     now,
@@ -365,6 +366,35 @@ async def rotate_client_secret(
     await clients.announce(db, [client_id])
     _audit("client.secret_rotated", actor, client_id=client_id)
     return secret
+
+
+#: Bounds of an initial access token's lifetime (``clients registration-token --ttl``).
+REGISTRATION_TOKEN_TTL = 3600
+REGISTRATION_TOKEN_MAX_TTL = 30 * 86_400
+
+
+@dataclass(frozen=True)
+class NewRegistrationToken:
+    #: Shown once; only its hash is stored.
+    token: str
+    expires_at: int
+
+
+async def create_registration_token(
+    db: AsyncSession, *, ttl: int = REGISTRATION_TOKEN_TTL
+) -> NewRegistrationToken:
+    """An initial access token (RFC 7591 §3) for ``POST /oauth2/register``: any number of
+    registrations until it expires."""
+    if not 60 <= ttl <= REGISTRATION_TOKEN_MAX_TTL:
+        raise ManageError(f"--ttl must be 60-{REGISTRATION_TOKEN_MAX_TTL} seconds")
+    token = secrets.token_urlsafe(SECRET_BYTES)
+    stamp = models.now()
+    db.add(
+        RegistrationToken(token_hash=sha256_hex(token), created_at=stamp, expires_at=stamp + ttl)
+    )
+    await db.flush()
+    audit("registration_token.created", expires_at=stamp + ttl)
+    return NewRegistrationToken(token=token, expires_at=stamp + ttl)
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,8 @@ class Limiter:
         self.login_ip = parse_many(settings.rate_limit_login_ip)
         self.login_account = parse_many(settings.rate_limit_login_account)
         self.authorize_session = parse_many(settings.rate_limit_authorize)
+        #: Dynamic client registrations (RFC 7591) per client IP.
+        self.registration_ip = parse_many(settings.rate_limit_registration_ip)
         self.failures_account_ip = parse_many(settings.throttle_account_ip)
         self.failures_account = parse_many(settings.throttle_account)
         self.proxies: list[IpNetwork] = [

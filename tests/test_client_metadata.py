@@ -3,6 +3,7 @@ it, and the sealing of client_secret_jwt secrets."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -27,6 +28,8 @@ def refused(data: Any, error: str = "invalid_client_metadata", **kw: Any) -> str
     with pytest.raises(MetadataError) as caught:
         parse_client_metadata(data, kw.pop("settings", SETTINGS), **kw)
     assert caught.value.error == error
+    # RFC 6749 §5.2: an error_description holds only these characters (Authlib refuses others).
+    assert re.fullmatch(r"[\x20\x21\x23-\x5B\x5D-\x7E]+", caught.value.description)
     return caught.value.description
 
 

@@ -138,9 +138,9 @@ async def token(request: Request) -> Response:
     return token_response(status, body, headers)
 
 
-def _too_many(verdict: Verdict) -> Response:
+def _too_many(verdict: Verdict, endpoint: str = "token") -> Response:
     retry_after = verdict.retry_after
-    audit("rate_limit.exceeded", endpoint="token", scope=verdict.scope)
+    audit("rate_limit.exceeded", endpoint=endpoint, scope=verdict.scope)
     return token_response(
         429,
         {
@@ -225,9 +225,10 @@ async def _run(
     return await state.db.run_core(unit, landed, autocommit=no_transaction)
 
 
-def discovery_document(issuer: str) -> dict[str, Any]:
+def discovery_document(settings: Settings) -> dict[str, Any]:
     """RFC 8414 / OpenID Connect Discovery 1.0 metadata: only what this server really does."""
-    return {
+    issuer = settings.issuer
+    document: dict[str, Any] = {
         "issuer": issuer,
         "authorization_endpoint": issuer + "/oauth2/authorize",
         "token_endpoint": issuer + "/oauth2/token",
@@ -264,6 +265,9 @@ def discovery_document(issuer: str) -> dict[str, Any]:
         "request_parameter_supported": False,
         "claims_parameter_supported": False,
     }
+    if settings.client_registration != "off":
+        document["registration_endpoint"] = issuer + "/oauth2/register"  # RFC 7591 §3
+    return document
 
 
 @router.get("/.well-known/openid-configuration")
@@ -271,7 +275,7 @@ def discovery_document(issuer: str) -> dict[str, Any]:
 async def discovery(state: StateDep) -> Response:
     return json_response(
         200,
-        discovery_document(state.settings.issuer),
+        discovery_document(state.settings),
         {"Cache-Control": "public, max-age=300"},
     )
 

@@ -31,6 +31,7 @@ from ..passwords import Verification, normalize_username
 from . import store
 from .endpoints import Introspection, Revocation
 from .grants import ClientCredentialsGrant, CodeGrant, PasswordGrant, Pkce, RefreshTokenGrant
+from .registration import Configuration, Registration
 from .resources import audience
 
 Response = tuple[int, dict[str, Any], list[tuple[str, str]]]
@@ -58,6 +59,8 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
         self.register_grant(CodeGrant, [Pkce(required=True)])
         self.register_endpoint(Revocation)
         self.register_endpoint(Introspection)
+        self.register_endpoint(Registration)
+        self.register_endpoint(Configuration)
 
     # -- Authlib integration points ---------------------------------------------
 

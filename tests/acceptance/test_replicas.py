@@ -462,3 +462,30 @@ def test_with_a_retry_window_replicas_racing_one_token_all_get_one_successor(
         timeout=30,
     )
     assert onward.status_code == 200, onward.text
+
+
+@pytest.mark.feature("client-registration-management")
+def test_a_client_deleted_through_rfc_7592_gets_no_token_on_any_replica(cluster: Cluster) -> None:
+    """A client registered on one replica works on all of them; deleted through another with
+    its registration access token, it is refused everywhere at once (PostgreSQL NOTIFY)."""
+    issued = cli(cluster.env, "clients", "registration-token", "--json")
+    assert issued.returncode == 0, issued.stderr
+    first, second = cluster.live[0], cluster.live[1]
+    registered = httpx.post(
+        first.url + "/oauth2/register",
+        json={"grant_types": ["client_credentials"], "client_name": "self-registered"},
+        headers={"Authorization": "Bearer " + json.loads(issued.stdout)["token"]},
+        timeout=30,
+    )
+    assert registered.status_code == 201, registered.text
+    body = registered.json()
+    auth = (body["client_id"], body["client_secret"])
+    for server in cluster.live:  # each replica now holds the client in its cache
+        assert _client_credentials(server, auth) == 200
+    deleted = httpx.delete(
+        second.url + "/oauth2/register/" + body["client_id"],
+        headers={"Authorization": "Bearer " + body["registration_access_token"]},
+        timeout=30,
+    )
+    assert deleted.status_code == 204
+    assert max(_refused_everywhere_within(cluster, auth, 1.0)) < 1.0
