@@ -88,7 +88,7 @@ async def update_client(
     """Change the name, consent, grants, scopes or URIs; sign-ins already made keep only the
     scopes the client still has when they next refresh."""
     with client_refusals():
-        client = await manage.update_client(
+        updated = await manage.update_client(
             admin.db,
             client_id,
             change.model_dump(include=change.model_fields_set),
@@ -96,7 +96,7 @@ async def update_client(
             actor=admin.client_id,
         )
         await admin.commit()
-    return ClientOut(**manage.client_view(client))
+    return ClientOut(**manage.client_view(updated.client))
 
 
 @router.post(
