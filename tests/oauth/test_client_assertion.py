@@ -28,8 +28,6 @@ from server.replay import ReplayGuard
 from tests.conftest import ClientCreds, Events, MakeClient, MakeUser
 from tests.test_ratelimit import redis_url
 
-PK = "client-auth-private-key-jwt"
-SJ = "client-auth-client-secret-jwt"
 TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 CC = {"grant_type": "client_credentials"}
 
@@ -120,7 +118,7 @@ def assert_refused(response: httpx.Response, description: str | None = None) -> 
 # -- success --------------------------------------------------------------------------------
 
 
-@pytest.mark.feature(PK)
+@pytest.mark.feature("client-auth-private-key-jwt")
 async def test_private_key_jwt_client_credentials(
     client: httpx.AsyncClient, setup: Setup, events: Events
 ) -> None:
@@ -133,7 +131,7 @@ async def test_private_key_jwt_client_credentials(
     assert issued and issued[-1]["client_id"] == "pk"
 
 
-@pytest.mark.feature(PK)
+@pytest.mark.feature("client-auth-private-key-jwt")
 @pytest.mark.parametrize("key,alg", [(RSA, "RS256"), (RSA, "PS384"), (EC, "ES256")])
 async def test_private_key_jwt_each_allowed_alg_and_key(
     client: httpx.AsyncClient, setup: Setup, key: Key, alg: str
@@ -142,7 +140,7 @@ async def test_private_key_jwt_each_allowed_alg_and_key(
     assert response.status_code == 200, response.text
 
 
-@pytest.mark.feature(PK)
+@pytest.mark.feature("client-auth-private-key-jwt")
 async def test_aud_may_be_the_issuer_or_an_array_holding_it(
     client: httpx.AsyncClient, setup: Setup
 ) -> None:
@@ -151,14 +149,14 @@ async def test_aud_may_be_the_issuer_or_an_array_holding_it(
         assert response.status_code == 200, (aud, response.text)
 
 
-@pytest.mark.feature(PK)
+@pytest.mark.feature("client-auth-private-key-jwt")
 async def test_without_kid_each_key_is_tried(client: httpx.AsyncClient, setup: Setup) -> None:
     assertion = sign(claims_for("pk", setup.token_url), EC, "ES256")  # no kid header
     response = await client.post("/oauth2/token", data={**CC, **form(assertion)})
     assert response.status_code == 200, response.text
 
 
-@pytest.mark.feature(PK)
+@pytest.mark.feature("client-auth-private-key-jwt")
 async def test_client_id_parameter_must_match_the_subject(
     client: httpx.AsyncClient, setup: Setup
 ) -> None:
@@ -169,7 +167,7 @@ async def test_client_id_parameter_must_match_the_subject(
     assert response.json()["error"] == "invalid_request"
 
 
-@pytest.mark.feature(SJ)
+@pytest.mark.feature("client-auth-client-secret-jwt")
 @pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512"])
 async def test_client_secret_jwt_client_credentials(
     client: httpx.AsyncClient, setup: Setup, alg: str
@@ -178,7 +176,7 @@ async def test_client_secret_jwt_client_credentials(
     assert response.status_code == 200, response.text
 
 
-@pytest.mark.feature(PK, SJ)
+@pytest.mark.feature("client-auth-private-key-jwt", "client-auth-client-secret-jwt")
 @pytest.mark.parametrize("who", ["pk", "sj"])
 async def test_password_then_refresh_with_assertions(
     client: httpx.AsyncClient, setup: Setup, make_user: MakeUser, who: str
@@ -214,7 +212,7 @@ async def test_password_then_refresh_with_assertions(
     assert third.status_code == 400 and third.json()["error"] == "invalid_grant", third.text
 
 
-@pytest.mark.feature(PK, SJ)
+@pytest.mark.feature("client-auth-private-key-jwt", "client-auth-client-secret-jwt")
 @pytest.mark.parametrize("who", ["pk", "sj"])
 async def test_introspection_and_revocation(
     client: httpx.AsyncClient, setup: Setup, who: str
@@ -240,7 +238,7 @@ async def test_introspection_and_revocation(
     assert_refused(wrong)
 
 
-@pytest.mark.feature(PK, SJ)
+@pytest.mark.feature("client-auth-private-key-jwt", "client-auth-client-secret-jwt")
 async def test_discovery_lists_the_methods_and_algs(client: httpx.AsyncClient) -> None:
     doc = (await client.get("/.well-known/openid-configuration")).json()
     for name in ("token", "revocation", "introspection"):
@@ -270,7 +268,7 @@ def _refusals() -> list[Any]:
     ]
 
 
-@pytest.mark.feature(PK)
+@pytest.mark.feature("client-auth-private-key-jwt")
 @pytest.mark.parametrize("overrides", _refusals())
 async def test_private_key_jwt_claim_refusals(
     client: httpx.AsyncClient, setup: Setup, overrides: dict[str, Any]
@@ -283,7 +281,7 @@ async def test_private_key_jwt_claim_refusals(
     assert response.json()["error_description"] != CLIENT_AUTH_FAILED
 
 
-@pytest.mark.feature(SJ)
+@pytest.mark.feature("client-auth-client-secret-jwt")
 @pytest.mark.parametrize("overrides", _refusals())
 async def test_client_secret_jwt_claim_refusals(
     client: httpx.AsyncClient, setup: Setup, overrides: dict[str, Any]
@@ -296,7 +294,7 @@ async def test_client_secret_jwt_claim_refusals(
     assert_refused(response)
 
 
-@pytest.mark.feature(PK, SJ)
+@pytest.mark.feature("client-auth-private-key-jwt", "client-auth-client-secret-jwt")
 @pytest.mark.parametrize("who", ["pk", "sj"])
 async def test_a_jti_is_accepted_once(client: httpx.AsyncClient, setup: Setup, who: str) -> None:
     assertion = setup.pk() if who == "pk" else setup.sj()
@@ -311,7 +309,7 @@ async def test_a_jti_is_accepted_once(client: httpx.AsyncClient, setup: Setup, w
     assert_refused(await client.post("/oauth2/token", data={**CC, **form(fresh)}))
 
 
-@pytest.mark.feature(PK)
+@pytest.mark.feature("client-auth-private-key-jwt")
 async def test_one_jti_per_client_not_global(client: httpx.AsyncClient, setup: Setup) -> None:
     jti = secrets.token_urlsafe(8)
     for assertion in (setup.pk(jti=jti), setup.sj(jti=jti)):
@@ -319,7 +317,7 @@ async def test_one_jti_per_client_not_global(client: httpx.AsyncClient, setup: S
         assert response.status_code == 200, response.text
 
 
-@pytest.mark.feature(PK, SJ)
+@pytest.mark.feature("client-auth-private-key-jwt", "client-auth-client-secret-jwt")
 async def test_simultaneous_replays_one_wins(client: httpx.AsyncClient, setup: Setup) -> None:
     import asyncio
 
@@ -330,7 +328,7 @@ async def test_simultaneous_replays_one_wins(client: httpx.AsyncClient, setup: S
     assert sorted(a.status_code for a in answers) == [200] + [401] * 7
 
 
-@pytest.mark.feature(PK)
+@pytest.mark.feature("client-auth-private-key-jwt")
 async def test_a_jti_is_accepted_once_across_replicas(
     settings: Settings, make_client: MakeClient, state: AppState
 ) -> None:
@@ -363,7 +361,7 @@ async def test_a_jti_is_accepted_once_across_replicas(
         assert_refused(answers[1])
 
 
-@pytest.mark.feature(PK)
+@pytest.mark.feature("client-auth-private-key-jwt")
 async def test_unknown_kid_wrong_key_and_foreign_algs(
     client: httpx.AsyncClient, setup: Setup
 ) -> None:
@@ -405,7 +403,7 @@ async def test_unknown_kid_wrong_key_and_foreign_algs(
         assert response.json()["error_description"] == CLIENT_AUTH_FAILED, name
 
 
-@pytest.mark.feature(SJ)
+@pytest.mark.feature("client-auth-client-secret-jwt")
 async def test_client_secret_jwt_refuses_other_keys_and_algs(
     client: httpx.AsyncClient, setup: Setup
 ) -> None:
@@ -420,7 +418,7 @@ async def test_client_secret_jwt_refuses_other_keys_and_algs(
         assert name
 
 
-@pytest.mark.feature(PK, SJ)
+@pytest.mark.feature("client-auth-private-key-jwt", "client-auth-client-secret-jwt")
 async def test_nothing_tells_whether_a_client_exists(
     client: httpx.AsyncClient, setup: Setup, make_client: MakeClient
 ) -> None:
@@ -451,7 +449,7 @@ async def test_nothing_tells_whether_a_client_exists(
         assert_refused(response, CLIENT_AUTH_FAILED)
 
 
-@pytest.mark.feature(PK, SJ)
+@pytest.mark.feature("client-auth-private-key-jwt", "client-auth-client-secret-jwt")
 async def test_one_method_per_request(
     client: httpx.AsyncClient, setup: Setup, make_client: MakeClient
 ) -> None:
@@ -467,7 +465,7 @@ async def test_one_method_per_request(
         assert "one client authentication method" in response.json()["error_description"]
 
 
-@pytest.mark.feature(PK, SJ)
+@pytest.mark.feature("client-auth-private-key-jwt", "client-auth-client-secret-jwt")
 async def test_bad_assertion_parameters(client: httpx.AsyncClient, setup: Setup) -> None:
     for data in (
         {"client_assertion_type": "urn:example:other", "client_assertion": setup.pk()},
@@ -480,7 +478,7 @@ async def test_bad_assertion_parameters(client: httpx.AsyncClient, setup: Setup)
         assert response.json()["error"] == "invalid_request"
 
 
-@pytest.mark.feature(PK, SJ)
+@pytest.mark.feature("client-auth-private-key-jwt", "client-auth-client-secret-jwt")
 async def test_a_jwt_client_cannot_use_a_secret_or_none(
     client: httpx.AsyncClient, setup: Setup, make_user: MakeUser
 ) -> None:
@@ -527,7 +525,7 @@ class FakeFetch:
         return document
 
 
-@pytest.mark.feature(PK)
+@pytest.mark.feature("client-auth-private-key-jwt")
 async def test_jwks_uri_keys_with_refetch_on_unknown_kid(
     app: FastAPI,
     client: httpx.AsyncClient,
@@ -570,7 +568,7 @@ async def test_jwks_uri_keys_with_refetch_on_unknown_kid(
     assert fetch.calls[-1] == (uri, True)
 
 
-@pytest.mark.feature(PK)
+@pytest.mark.feature("client-auth-private-key-jwt")
 async def test_jwks_uri_failures_are_invalid_client(
     app: FastAPI,
     client: httpx.AsyncClient,
@@ -598,7 +596,7 @@ async def test_jwks_uri_failures_are_invalid_client(
         assert_refused(response, CLIENT_AUTH_FAILED)
 
 
-@pytest.mark.feature(PK)
+@pytest.mark.feature("client-auth-private-key-jwt")
 async def test_the_app_without_a_fetcher_refuses_jwks_uri_clients(
     client: httpx.AsyncClient, state: AppState, make_client: MakeClient
 ) -> None:
@@ -614,7 +612,7 @@ async def test_the_app_without_a_fetcher_refuses_jwks_uri_clients(
     assert_refused(await client.post("/oauth2/token", data={**CC, **form(assertion)}))
 
 
-@pytest.mark.feature(PK)
+@pytest.mark.feature("client-auth-private-key-jwt")
 async def test_client_keys_parse_registered_jwks_once_per_row() -> None:
     from server.models import Client
 
@@ -632,7 +630,7 @@ async def test_client_keys_parse_registered_jwks_once_per_row() -> None:
     assert isinstance(first, KeySet)
 
 
-@pytest.mark.feature(PK)
+@pytest.mark.feature("client-auth-private-key-jwt")
 async def test_replay_guard_first_use_only() -> None:
     guard = ReplayGuard(MemoryStorage())
     assert await guard.first_use("ns", "a", 10)
