@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from sqlalchemy.engine import make_url
@@ -24,6 +24,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import check, manage
+from .client_metadata import MAX_JWKS_BYTES
 from .config import Env, InsecureSettingsError, Settings
 from .db import (
     InsecureDatabaseFileError,
@@ -36,10 +37,14 @@ from .db import (
     session_factory,
 )
 from .keys import KeyStore, KeysUnavailableError, RotationTooSoonError
+from .names import CLIENT_AUTH_METHODS
 from .observability import audit, configure_logging
 from .passwords import Passwords
 
 T = TypeVar("T")
+#: A ``--jwks-file`` read at most this far (its JWK Set is then limited to ``MAX_JWKS_BYTES``
+#: serialised; whitespace of a pretty-printed file is allowed for).
+MAX_JWKS_FILE_BYTES = 4 * MAX_JWKS_BYTES
 
 
 class CommandError(Exception):
@@ -94,6 +99,21 @@ def _run_db(settings: Settings, action: Callable[[AsyncSession], Awaitable[T]]) 
             await engine.dispose()
 
     return asyncio.run(runner())
+
+
+def _read_jwks(path: str) -> Any:
+    """The JSON of a ``--jwks-file`` (checked as a JWK Set by ``manage``)."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_JWKS_FILE_BYTES + 1)
+    except OSError as exc:
+        raise CommandError(f"cannot read --jwks-file: {exc.strerror or exc}") from None
+    if len(data) > MAX_JWKS_FILE_BYTES:
+        raise CommandError(f"--jwks-file is larger than {MAX_JWKS_FILE_BYTES} bytes")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise CommandError('--jwks-file is not JSON (a JWK Set: {"keys": [...]})') from None
 
 
 def _read_password() -> str:
@@ -276,6 +296,7 @@ def cmd_tokens(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_clients(settings: Settings, args: argparse.Namespace) -> int:
     sub = args.clients_command
     if sub == "create":
+        jwks = _read_jwks(args.jwks_file) if args.jwks_file is not None else None
         created = _run_db(
             settings,
             lambda db: manage.create_client(
@@ -291,6 +312,11 @@ def cmd_clients(settings: Settings, args: argparse.Namespace) -> int:
                 first_party=args.first_party,
                 post_logout_redirect_uris=args.post_logout_redirect_uri,
                 refresh_retry_window=args.refresh_retry_window,
+                auth_method=args.auth_method,
+                jwks=jwks,
+                jwks_uri=args.jwks_uri,
+                resources=args.resource,
+                settings=settings,
             ),
         )
         if args.json:
@@ -331,7 +357,9 @@ def cmd_clients(settings: Settings, args: argparse.Namespace) -> int:
         _run_db(settings, lambda db: manage.delete_client(db, args.client_id))
         print(f"deleted client {args.client_id} and every token family it held")
         return 0
-    secret = _run_db(settings, lambda db: manage.rotate_client_secret(db, args.client_id))
+    secret = _run_db(
+        settings, lambda db: manage.rotate_client_secret(db, args.client_id, settings=settings)
+    )
     if args.json:
         print(json.dumps({"client_id": args.client_id, "client_secret": secret}))
     else:
@@ -481,6 +509,24 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--client-id", required=True)
     create.add_argument("--name", default="")
     create.add_argument("--public", action="store_true", help="no secret (auth method none)")
+    create.add_argument(
+        "--auth-method",
+        choices=CLIENT_AUTH_METHODS,
+        help="token_endpoint_auth_method (default client_secret_basic; --public means none)",
+    )
+    key_source = create.add_mutually_exclusive_group()
+    key_source.add_argument(
+        "--jwks-file", metavar="F", help="private_key_jwt: a file holding its public JWK Set"
+    )
+    key_source.add_argument(
+        "--jwks-uri", metavar="U", help="private_key_jwt: where its public JWK Set is published"
+    )
+    create.add_argument(
+        "--resource",
+        action="append",
+        metavar="URI",
+        help="a resource of AUTH_RESOURCES it may ask for (repeatable; default: all of them)",
+    )
     create.add_argument("--admin", action="store_true", help="may receive the admin scope")
     create.add_argument(
         "--resource-server",

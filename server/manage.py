@@ -7,6 +7,7 @@ passes none: its operator is whoever ran it, in the shell's own history).
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from collections.abc import Sequence
@@ -19,7 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import clients, models
 from .boundary import column_length, text_problem
-from .config import MAX_REFRESH_RETRY_WINDOW
+from .client_metadata import MetadataError, check_fetch_url, check_jwks
+from .config import MAX_REFRESH_RETRY_WINDOW, Settings
 from .models import (
     AuthorizationCode,
     BrowserSession,
@@ -32,7 +34,7 @@ from .models import (
     revoke_families,
     sha256_hex,
 )
-from .names import GRANT_TYPES
+from .names import CLIENT_AUTH_METHODS, GRANT_TYPES, SECRET_AUTH_METHODS
 from .observability import audit
 from .passwords import Passwords, normalize_username
 from .secretbox import seal
@@ -96,6 +98,13 @@ def client_view(client: Client) -> dict[str, Any]:
         "redirect_uris": client.redirect_uri_list,
         "post_logout_redirect_uris": client.post_logout_redirect_uri_list,
         "refresh_retry_window": client.refresh_retry_window,
+        "token_endpoint_auth_method": client.token_endpoint_auth_method,
+        **({"jwks": json.loads(client.jwks)} if client.jwks is not None else {}),
+        **({"jwks_uri": client.jwks_uri} if client.jwks_uri is not None else {}),
+        #: RFC 8707 resources it may ask for; ``None``: every one of ``AUTH_RESOURCES``.
+        "resources": client.resource_list,
+        #: ``None``: an operator's; ``registration`` (RFC 7591); ``document`` (a metadata URL).
+        "origin": client.origin,
         "created_at": client.created_at,
     }
 
@@ -117,6 +126,13 @@ def user_view(user: User) -> dict[str, Any]:
 class NewClient:
     client: Client
     #: Shown once, never stored; ``None`` for a public client.
+    secret: str | None
+
+
+@dataclass(frozen=True)
+class UpdatedClient:
+    client: Client
+    #: A new secret when the change of method needed one (shown once), else ``None``.
     secret: str | None
 
 
@@ -199,6 +215,58 @@ def _check_redirect_needs(grants: Sequence[str], uris: Sequence[str]) -> None:
         raise ManageError("the authorization_code grant needs at least one --redirect-uri")
 
 
+def _checked_method(method: str | None, *, public: bool) -> str:
+    """``--public`` is ``none``; without a method a client is public or ``client_secret_basic``."""
+    if method is None:
+        return "none" if public else "client_secret_basic"
+    if method not in CLIENT_AUTH_METHODS:
+        raise ManageError(f"auth method must be one of {', '.join(CLIENT_AUTH_METHODS)}")
+    if public and method != "none":
+        raise ManageError(f"a public client authenticates with none, not {method}")
+    return method
+
+
+def _checked_keys(
+    method: str, jwks: Any, jwks_uri: str | None, settings: Settings | None
+) -> tuple[str | None, str | None]:
+    """The ``jwks`` (JSON text) and ``jwks_uri`` columns: exactly one of them for
+    ``private_key_jwt`` (RFC 7591 §2), neither for any other method."""
+    if method != "private_key_jwt":
+        if jwks is not None or jwks_uri is not None:
+            raise ManageError("jwks and jwks_uri are only for private_key_jwt clients")
+        return None, None
+    if (jwks is None) == (jwks_uri is None):
+        raise ManageError("a private_key_jwt client needs its public keys: jwks or jwks_uri")
+    try:
+        if jwks is not None:
+            return json.dumps(check_jwks(jwks), separators=(",", ":")), None
+        assert jwks_uri is not None
+        return None, check_fetch_url(jwks_uri, _need(settings), "jwks_uri")
+    except MetadataError as error:
+        raise ManageError(error.description) from None
+
+
+def _checked_resources(resources: Sequence[str] | None, settings: Settings | None) -> str | None:
+    """``Client.resources``: some of ``AUTH_RESOURCES`` (RFC 8707), ``None`` for all of them."""
+    if resources is None:
+        return None
+    known = _need(settings).resources
+    unknown = [r for r in resources if r not in known]
+    if unknown:
+        raise ManageError(
+            f"resource {unknown[0][:200]!r} is not one of AUTH_RESOURCES"
+            if known
+            else "no resources are configured (AUTH_RESOURCES is empty)"
+        )
+    return " ".join(dict.fromkeys(resources))
+
+
+def _need(settings: Settings | None) -> Settings:
+    if settings is None:
+        raise ValueError("this change needs the server's settings")
+    return settings
+
+
 def _check_retry_window(window: int | None) -> None:
     if window is not None and not 0 <= window <= MAX_REFRESH_RETRY_WINDOW:
         raise ManageError(
@@ -221,12 +289,26 @@ async def create_client(
     post_logout_redirect_uris: list[str] | None = None,
     https_only: bool = False,
     refresh_retry_window: int | None = None,
+    auth_method: str | None = None,
+    jwks: Any = None,
+    jwks_uri: str | None = None,
+    resources: Sequence[str] | None = None,
+    settings: Settings | None = None,
     actor: str | None = None,
 ) -> NewClient:
+    """``auth_method``: RFC 7591 §2 ``token_endpoint_auth_method`` (default: ``none`` when
+    ``public``, else ``client_secret_basic``); ``jwks`` (a JWK Set) or ``jwks_uri`` for
+    ``private_key_jwt``; ``resources``: the RFC 8707 resources it may ask for (``None``: all).
+    ``settings`` is needed for ``client_secret_jwt`` (its secret is sealed with
+    ``AUTH_SECRET_KEY``), a ``jwks_uri`` and ``resources``."""
     if not CLIENT_ID_RE.fullmatch(client_id):
         raise ManageError("client id must be 1-100 characters of A-Z a-z 0-9 . _ ~ -")
+    method = _checked_method(auth_method, public=public)
+    public = method == "none"
     if resource_server and public:
         raise ManageError("a resource server must be confidential: it authenticates to introspect")
+    jwks_text, jwks_uri = _checked_keys(method, jwks, jwks_uri, settings)
+    resource_text = _checked_resources(resources, settings)
     if not grants:
         # A resource server only introspects; it needs no grant unless asked for one.
         grants = (
@@ -244,11 +326,18 @@ async def create_client(
     _check_retry_window(refresh_retry_window)
     if await db.get(Client, client_id) is not None:
         raise AlreadyExistsError(f"client {client_id!r} already exists")
-    secret = None if public else new_secret()
+    credentials = credentials_for(
+        method, client_id, _need(settings).secret_key if method == "client_secret_jwt" else ""
+    )
     client = Client(
         client_id=client_id,
         name=name or client_id,
-        secret_hash=None if secret is None else sha256_hex(secret),
+        secret_hash=credentials.secret_hash,
+        secret_sealed=credentials.secret_sealed,
+        auth_method=method,
+        jwks=jwks_text,
+        jwks_uri=jwks_uri,
+        resources=resource_text,
         is_admin=admin,
         is_resource_server=resource_server,
         grant_types=" ".join(grants),
@@ -267,8 +356,9 @@ async def create_client(
         public=public,
         admin=admin,
         resource_server=resource_server,
+        auth_method=method,
     )
-    return NewClient(client=client, secret=secret)
+    return NewClient(client=client, secret=credentials.secret)
 
 
 async def get_client(db: AsyncSession, client_id: str) -> Client:
@@ -301,6 +391,10 @@ CLIENT_CHANGES = frozenset(
         "post_logout_redirect_uris",
         "first_party",
         "refresh_retry_window",
+        "token_endpoint_auth_method",
+        "jwks",
+        "jwks_uri",
+        "resources",
     }
 )
 
@@ -311,10 +405,18 @@ async def update_client(
     changes: dict[str, Any],
     *,
     https_only: bool = False,
+    settings: Settings | None = None,
     actor: str | None = None,
-) -> Client:
+) -> UpdatedClient:
     """Change the fields in ``changes`` (keys from ``CLIENT_CHANGES``), checked as at creation
-    against the client's resulting registration."""
+    against the client's resulting registration.
+
+    ``token_endpoint_auth_method`` moves a confidential client between the confidential
+    methods (a public one stays public; a confidential one, confidential): into a method
+    that needs a new secret (from ``private_key_jwt``, or into ``client_secret_jwt``, whose
+    secret must be sealed), a new secret is made and returned once, as by a rotation. Its
+    keys (``jwks``/``jwks_uri``) are checked against the resulting method; changing one
+    replaces the other. ``resources``: a list, or ``None`` for all."""
     unknown = set(changes) - CLIENT_CHANGES
     if unknown:
         raise ManageError(f"cannot change {sorted(unknown)[0]!r}")
@@ -332,6 +434,37 @@ async def update_client(
         for uri in changes.get("post_logout_redirect_uris", client.post_logout_redirect_uri_list)
     ]
     _check_redirect_needs(grants, uris)
+    old_method = client.token_endpoint_auth_method
+    method = changes.get("token_endpoint_auth_method") or old_method
+    if method not in CLIENT_AUTH_METHODS:
+        raise ManageError(f"auth method must be one of {', '.join(CLIENT_AUTH_METHODS)}")
+    if (method == "none") != client.is_public:
+        raise ManageError("a client cannot change between public and confidential")
+    if "jwks" in changes or "jwks_uri" in changes:
+        jwks, jwks_uri = changes.get("jwks"), changes.get("jwks_uri")
+    elif method == "private_key_jwt":
+        # The keys it has, checked again under the (possibly new) method.
+        jwks = json.loads(client.jwks) if client.jwks is not None else None
+        jwks_uri = client.jwks_uri
+    else:
+        jwks, jwks_uri = None, None
+    jwks_text, jwks_uri = _checked_keys(method, jwks, jwks_uri, settings)
+    if "resources" in changes:
+        client.resources = _checked_resources(changes["resources"], settings)
+    secret = None
+    if method != old_method:
+        same_secret = old_method in SECRET_AUTH_METHODS and method in SECRET_AUTH_METHODS
+        if not same_secret:
+            credentials = credentials_for(
+                method,
+                client_id,
+                _need(settings).secret_key if method == "client_secret_jwt" else "",
+            )
+            client.secret_hash = credentials.secret_hash
+            client.secret_sealed = credentials.secret_sealed
+            secret = credentials.secret
+    client.auth_method = method
+    client.jwks, client.jwks_uri = jwks_text, jwks_uri
     client.name = changes.get("name") or client.name
     client.is_first_party = bool(changes.get("first_party", client.is_first_party))
     client.grant_types = " ".join(grants)
@@ -343,7 +476,7 @@ async def update_client(
         client.refresh_retry_window = changes["refresh_retry_window"]
     await clients.announce(db, [client_id])
     _audit("client.updated", actor, client_id=client_id, fields=sorted(changes))
-    return client
+    return UpdatedClient(client=client, secret=secret)
 
 
 async def delete_client(db: AsyncSession, client_id: str, *, actor: str | None = None) -> None:
@@ -356,13 +489,30 @@ async def delete_client(db: AsyncSession, client_id: str, *, actor: str | None =
 
 
 async def rotate_client_secret(
-    db: AsyncSession, client_id: str, *, actor: str | None = None
+    db: AsyncSession,
+    client_id: str,
+    *,
+    settings: Settings | None = None,
+    actor: str | None = None,
 ) -> str:
+    """A new secret for a secret or ``client_secret_jwt`` client (sealed again for the
+    latter: ``settings`` needed); a ``private_key_jwt`` client has none (it rotates its keys)."""
     client = await get_client(db, client_id)
     if client.is_public:
         raise PublicClientError(f"client {client_id!r} is public: it has no secret")
-    secret = new_secret()
-    client.secret_hash = sha256_hex(secret)
+    method = client.token_endpoint_auth_method
+    if method == "private_key_jwt":
+        raise ManageError(
+            f"client {client_id!r} authenticates with private_key_jwt: it has no secret "
+            "(change its jwks or jwks_uri instead)"
+        )
+    credentials = credentials_for(
+        method, client_id, _need(settings).secret_key if method == "client_secret_jwt" else ""
+    )
+    secret = credentials.secret
+    assert secret is not None
+    client.secret_hash = credentials.secret_hash
+    client.secret_sealed = credentials.secret_sealed
     await clients.announce(db, [client_id])
     _audit("client.secret_rotated", actor, client_id=client_id)
     return secret

@@ -26,9 +26,8 @@ JWT_AUTH_METHODS: tuple[str, ...] = ("private_key_jwt", "client_secret_jwt")
 #: a public client ``none`` (it identifies itself by ``client_id`` only).
 CLIENT_AUTH_METHODS: tuple[str, ...] = get_args(AuthMethod)
 KEYED_AUTH_METHODS: tuple[str, ...] = (*SECRET_AUTH_METHODS, *JWT_AUTH_METHODS)
-#: What the token, revocation and introspection endpoints accept today (the JWT methods join
-#: them once their verification is wired in).
-CONFIDENTIAL_AUTH_METHODS: tuple[str, ...] = SECRET_AUTH_METHODS
+#: What the token, revocation and introspection endpoints accept from a confidential client.
+CONFIDENTIAL_AUTH_METHODS: tuple[str, ...] = KEYED_AUTH_METHODS
 USER_AUTH_METHODS: tuple[str, ...] = (*CONFIDENTIAL_AUTH_METHODS, "none")
 
 #: ``token_endpoint_auth_signing_alg_values_supported`` (RFC 8414 §2): asymmetric algorithms

@@ -602,6 +602,9 @@ def test_clients_list_and_show(cli: Cli, db: Settings) -> None:
         "redirect_uris": [],
         "post_logout_redirect_uris": [],
         "refresh_retry_window": None,
+        "token_endpoint_auth_method": "client_secret_basic",
+        "resources": None,
+        "origin": None,
         "created_at": body["created_at"],
     }
     assert abs(body["created_at"] - time.time()) < 60
@@ -1638,3 +1641,121 @@ async def _current_revision(url: str) -> str | None:
             ).scalar()
     finally:
         await engine.dispose()
+
+
+# -- client authentication methods and resources (issue 19) ------------------------------
+
+
+def _public_jwks() -> dict[str, Any]:
+    from joserfc.jwk import ECKey
+
+    return {"keys": [ECKey.generate_key("P-256", parameters={"kid": "k1"}).as_dict(private=False)]}
+
+
+@pytest.mark.feature("client-auth-private-key-jwt", "cli-clients")
+def test_clients_create_private_key_jwt_from_a_jwks_file_or_uri(
+    cli: Cli, db: Settings, tmp_path: Path
+) -> None:
+    jwks = _public_jwks()
+    (tmp_path / "jwks.json").write_text(json.dumps(jwks, indent=2))
+    made = cli(
+        "clients", "create", "--client-id", "bank", "--auth-method", "private_key_jwt",
+        "--jwks-file", str(tmp_path / "jwks.json"), "--grant", "client_credentials", "--json",
+    )  # fmt: skip
+    assert made.code == 0, made.err
+    view = made.json()
+    assert view["token_endpoint_auth_method"] == "private_key_jwt"
+    assert view["client_secret"] is None and view["public"] is False
+    assert view["jwks"] == jwks and "jwks_uri" not in view
+    row = client_row(db, "bank")
+    assert row is not None and row.auth_method == "private_key_jwt"
+    assert row.secret_sealed is None and not row.uses_secret
+    text = cli(
+        "clients", "create", "--client-id", "remote", "--auth-method", "private_key_jwt",
+        "--jwks-uri", "https://client.example/jwks.json", "--grant", "client_credentials",
+    )  # fmt: skip
+    assert text.code == 0 and "client_secret" not in text.out, text.out
+    shown = json.loads(cli("clients", "show", "remote").out)
+    assert shown["jwks_uri"] == "https://client.example/jwks.json" and "jwks" not in shown
+    # No secret to rotate: it rotates its keys.
+    refused = cli("clients", "rotate-secret", "bank")
+    assert refused.code == 1 and "private_key_jwt" in refused.messages[0]
+
+
+@pytest.mark.feature("client-auth-client-secret-jwt", "cli-clients")
+def test_clients_create_client_secret_jwt_seals_its_secret(cli: Cli, db: Settings) -> None:
+    from server.config import DEV_SECRET_KEY
+    from server.secretbox import unseal
+
+    made = cli(
+        "clients", "create", "--client-id", "hmac", "--auth-method", "client_secret_jwt",
+        "--grant", "client_credentials", "--json",
+    )  # fmt: skip
+    assert made.code == 0, made.err
+    secret = made.json()["client_secret"]
+    assert SECRET_RE.match(secret)
+    assert made.json()["token_endpoint_auth_method"] == "client_secret_jwt"
+    row = client_row(db, "hmac")
+    assert row is not None and row.secret_sealed is not None
+    assert unseal(DEV_SECRET_KEY, row.secret_sealed, context="hmac") == secret
+    # The secret keys assertions only: sent as such it is refused.
+    assert row.check_client_secret(secret) is False
+    rotated = cli("clients", "rotate-secret", "hmac", "--json").json()["client_secret"]
+    row = client_row(db, "hmac")
+    assert row is not None and row.secret_sealed is not None
+    assert unseal(DEV_SECRET_KEY, row.secret_sealed, context="hmac") == rotated != secret
+
+
+@pytest.mark.feature("client-auth-private-key-jwt", "cli-clients")
+def test_clients_create_auth_method_refusals(cli: Cli, db: Settings, tmp_path: Path) -> None:
+    from joserfc.jwk import ECKey
+
+    private = {"keys": [ECKey.generate_key("P-256").as_dict(private=True)]}
+    (tmp_path / "private.json").write_text(json.dumps(private))
+    (tmp_path / "garbage.json").write_text("{not json")
+    (tmp_path / "huge.json").write_text(" " * 70_000 + "{}")
+    (tmp_path / "good.json").write_text(json.dumps(_public_jwks()))
+    pk = ["--auth-method", "private_key_jwt"]
+    cases = [
+        (["--public", *pk, "--jwks-file", str(tmp_path / "good.json")], "public client"),
+        (pk, "needs its public keys"),
+        (["--jwks-uri", "https://client.example/jwks"], "only for private_key_jwt"),
+        (["--auth-method", "client_secret_jwt", "--jwks-file", str(tmp_path / "good.json")],
+         "only for private_key_jwt"),
+        ([*pk, "--jwks-file", str(tmp_path / "private.json")], "public keys only"),
+        ([*pk, "--jwks-file", str(tmp_path / "garbage.json")], "not JSON"),
+        ([*pk, "--jwks-file", str(tmp_path / "huge.json")], "larger than"),
+        ([*pk, "--jwks-file", str(tmp_path / "missing.json")], "cannot read --jwks-file"),
+        ([*pk, "--jwks-uri", "ftp://client.example/jwks"], "https URL"),
+        ([*pk, "--jwks-uri", "https://user@client.example/jwks"], "https URL"),
+    ]  # fmt: skip
+    for extra, message in cases:
+        result = cli("clients", "create", "--client-id", "x", *extra, "--json")
+        assert result.code == 1 and result.out == "", (extra, result.out)
+        assert len(result.messages) == 1 and message in result.messages[0], (extra, result.err)
+    assert all_clients(db) == []
+
+
+@pytest.mark.feature("client-auth-private-key-jwt", "cli-clients")
+def test_clients_create_with_resources(
+    cli: Cli, db: Settings, environment: pytest.MonkeyPatch
+) -> None:
+    unset = cli("clients", "create", "--client-id", "any", "--json").json()
+    assert unset["resources"] is None  # every one of AUTH_RESOURCES
+    none_configured = cli(
+        "clients", "create", "--client-id", "x", "--resource", "https://api.example"
+    )
+    assert none_configured.code == 1 and "AUTH_RESOURCES" in none_configured.messages[0]
+    environment.setenv("AUTH_RESOURCES", "https://api.example,https://reports.example")
+    made = cli(
+        "clients", "create", "--client-id", "narrow", "--resource", "https://api.example",
+        "--resource", "https://api.example", "--json",
+    )  # fmt: skip
+    assert made.json()["resources"] == ["https://api.example"]
+    row = client_row(db, "narrow")
+    assert row is not None and row.resources == "https://api.example"
+    unknown = cli(
+        "clients", "create", "--client-id", "y", "--resource", "https://elsewhere.example"
+    )
+    assert unknown.code == 1 and "not one of AUTH_RESOURCES" in unknown.messages[0]
+    assert json.loads(cli("clients", "show", "any").out)["origin"] is None

@@ -17,7 +17,8 @@ from authlib.oauth2.rfc6749.requests import BasicOAuth2Payload
 from starlette.requests import Request
 
 from ..forms import FormError, read_form
-from ..models import now
+from ..models import Client, now
+from .assertion import Presented, read_assertion
 from .store import Db, Family, PresentedRefresh
 
 
@@ -51,6 +52,10 @@ class FormRequest(OAuth2Request):  # type: ignore[misc]
         self.resources: list[str] = []
         #: The client this request says it is (Basic user, else ``client_id``), unverified.
         self.claimed_client_id: str | None = form.get("client_id")
+        #: A ``client_assertion`` (RFC 7523 §2.2) as sent, and the client it authenticated
+        #: (``assertion.ClientAssertion.verify``, before Authlib runs).
+        self.assertion: Presented | None = None
+        self.asserted_client: Client | None = None
 
     @property
     def form(self) -> dict[str, str]:
@@ -88,6 +93,7 @@ async def form_request(request: Request, *, uri: str, limit: int) -> FormRequest
             str(error)
         ) from None
     basic_client_id = check_basic_auth(request.headers)
+    assertion = read_assertion(form, other_credentials=basic_client_id is not None)
     if basic_client_id is not None and "client_secret" in form:
         # RFC 6749 §2.3: a client MUST NOT use more than one authentication method.
         raise InvalidRequestError("Use one client authentication method, not several.")
@@ -95,4 +101,7 @@ async def form_request(request: Request, *, uri: str, limit: int) -> FormRequest
         raise InvalidRequestError("client_id does not match the HTTP Basic credentials.")
     oauth_request = FormRequest(request.method, uri, request.headers, form)
     oauth_request.claimed_client_id = basic_client_id or oauth_request.claimed_client_id
+    if assertion is not None:
+        oauth_request.assertion = assertion
+        oauth_request.claimed_client_id = assertion.client_id
     return oauth_request

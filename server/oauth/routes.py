@@ -17,7 +17,13 @@ from starlette.types import Receive, Scope, Send
 from ..config import Settings
 from ..deps import AppState, StateDep
 from ..models import sha256_hex
-from ..names import CONFIDENTIAL_AUTH_METHODS, GRANT_TYPES, USER_AUTH_METHODS
+from ..names import (
+    CONFIDENTIAL_AUTH_METHODS,
+    GRANT_TYPES,
+    PRIVATE_KEY_ALGS,
+    SECRET_ALGS,
+    USER_AUTH_METHODS,
+)
 from ..observability import audit
 from ..passwords import normalize_username
 from ..ratelimit import Verdict
@@ -28,6 +34,8 @@ from .server import Response as ServerResponse
 from .server import TokenServer
 
 router = APIRouter()
+
+ASSERTION_ALGS = (*PRIVATE_KEY_ALGS, *SECRET_ALGS)
 
 #: Grants whose every check and write needs no database (the client comes from the cache).
 NO_DATABASE_GRANTS = frozenset({"client_credentials"})
@@ -195,7 +203,15 @@ async def _run(
     """
     state: AppState = request.app.state.auth
     server: TokenServer = request.app.state.oauth
-    if oauth_request.claimed_client_id:
+    if oauth_request.assertion is not None:
+        # RFC 7523 §2.2: verified here, where keys can be fetched and the jti checked in the
+        # shared storage; Authlib then finds the verified client (``assertion.py``).
+        try:
+            await server.assertions.verify(oauth_request, oauth_request.assertion)
+        except OAuth2Error as error:
+            failed: ServerResponse = server.handle_error_response(oauth_request, error)
+            return failed
+    elif oauth_request.claimed_client_id:
         await state.clients.get(oauth_request.claimed_client_id)
 
     def call() -> ServerResponse:
@@ -260,6 +276,10 @@ def discovery_document(settings: Settings) -> dict[str, Any]:
         "revocation_endpoint_auth_methods_supported": list(USER_AUTH_METHODS),
         # RFC 7662 §2.1: introspection needs a confidential client.
         "introspection_endpoint_auth_methods_supported": list(CONFIDENTIAL_AUTH_METHODS),
+        # RFC 8414 §2: the algorithms of private_key_jwt and client_secret_jwt assertions.
+        "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
+        "revocation_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
+        "introspection_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
         "prompt_values_supported": ["none", "login", "consent"],
         "authorization_response_iss_parameter_supported": True,  # RFC 9207
         "request_parameter_supported": False,

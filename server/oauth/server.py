@@ -27,8 +27,12 @@ from sqlalchemy.util import await_only
 from ..clients import ClientCache
 from ..deps import AppState
 from ..models import Client, User, new_id, sha256_hex
+from ..names import JWT_AUTH_METHODS
 from ..passwords import Verification, normalize_username
+from ..replay import ReplayGuard
 from . import store
+from .assertion import CLIENT_AUTH_FAILED, ClientAssertion
+from .client_keys import ClientKeys, not_wired
 from .endpoints import Introspection, Revocation
 from .grants import ClientCredentialsGrant, CodeGrant, PasswordGrant, Pkce, RefreshTokenGrant
 from .registration import Configuration, Registration
@@ -38,17 +42,29 @@ Response = tuple[int, dict[str, Any], list[tuple[str, str]]]
 
 REFRESH_TOKEN_BYTES = 32  # 256 bits from the OS CSPRNG
 
-
-#: The one description of a failed client authentication (RFC 6749 §5.2 ``invalid_client``).
-CLIENT_AUTH_FAILED = "Client authentication failed."
+__all__ = ["CLIENT_AUTH_FAILED", "Response", "TokenServer"]
 
 
 class TokenServer(AuthorizationServer):  # type: ignore[misc]
-    def __init__(self, state: AppState, clients: ClientCache) -> None:
+    def __init__(
+        self, state: AppState, clients: ClientCache, client_keys: ClientKeys | None = None
+    ) -> None:
+        """``client_keys``: the keys of ``private_key_jwt`` clients; without one, a
+        ``jwks_uri`` cannot be fetched (``client_keys.not_wired``)."""
         super().__init__()
         self.state = state
         self.settings = state.settings
         self.clients = clients
+        #: RFC 7523 §2.2: verified in the async prelude (``routes._run``), then handed to
+        #: Authlib by the two registered methods.
+        self.assertions = ClientAssertion(
+            state.settings,
+            clients,
+            client_keys or ClientKeys(not_wired),
+            ReplayGuard(state.limiter.storage),
+        )
+        for method in JWT_AUTH_METHODS:
+            self.register_client_auth_method(method, self.assertions)
         #: Keys the successors of refresh tokens rotated within a retry window (``successor``):
         #: derived from the server secret, so every replica computes the same successor.
         self._successor_key = hmac.new(

@@ -295,6 +295,11 @@ async def test_a_client_is_created_with_its_secret_shown_once(
         "redirect_uris": [],
         "post_logout_redirect_uris": [],
         "refresh_retry_window": None,
+        "token_endpoint_auth_method": "client_secret_basic",
+        "jwks": None,
+        "jwks_uri": None,
+        "resources": None,
+        "origin": None,
         "created_at": body["created_at"],
     }
     assert abs(body["created_at"] - time.time()) < 60
@@ -311,6 +316,7 @@ async def test_a_client_is_created_with_its_secret_shown_once(
             "public": False,
             "admin": False,
             "resource_server": False,
+            "auth_method": "client_secret_basic",
             "actor_client_id": "ops",
             "via": "admin_api",
         },

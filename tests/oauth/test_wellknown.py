@@ -85,20 +85,26 @@ async def test_discovery_lists_what_is_supported(client: httpx.AsyncClient, path
     ]
     assert sorted(doc["token_endpoint_auth_methods_supported"]) == [
         "client_secret_basic",
+        "client_secret_jwt",
         "client_secret_post",
         "none",
+        "private_key_jwt",
     ]
     assert doc["revocation_endpoint"] == "http://127.0.0.1:8000/oauth2/revoke"
     assert doc["introspection_endpoint"] == "http://127.0.0.1:8000/oauth2/introspect"
     assert sorted(doc["revocation_endpoint_auth_methods_supported"]) == [
         "client_secret_basic",
+        "client_secret_jwt",
         "client_secret_post",
         "none",
+        "private_key_jwt",
     ]
     # RFC 7662 §2.1: introspection is for authenticated (confidential) clients only.
     assert sorted(doc["introspection_endpoint_auth_methods_supported"]) == [
         "client_secret_basic",
+        "client_secret_jwt",
         "client_secret_post",
+        "private_key_jwt",
     ]
     # OpenID Connect Discovery 1.0 §3 and RFC 8414 §2.
     assert doc["authorization_endpoint"] == "http://127.0.0.1:8000/oauth2/authorize"

@@ -12,7 +12,15 @@ from ...deps import AppState, StateDep
 from ...observability import audit
 from ..auth import AdminDep, ApiError, client_refusals
 from .pagination import CURSOR_ERRORS, Cursor, Limit, cursor_key, page
-from .schemas import ClientChange, ClientOut, ClientPage, ClientSecret, CreatedClient, NewClient
+from .schemas import (
+    ChangedClient,
+    ClientChange,
+    ClientOut,
+    ClientPage,
+    ClientSecret,
+    CreatedClient,
+    NewClient,
+)
 
 router = APIRouter()
 
@@ -54,6 +62,11 @@ async def create_client(new: NewClient, admin: AdminDep, state: StateDep) -> Cre
             name=new.name,
             https_only=_https_only(state),
             refresh_retry_window=new.refresh_retry_window,
+            auth_method=new.token_endpoint_auth_method,
+            jwks=None if new.jwks is None else new.jwks.model_dump(),
+            jwks_uri=new.jwks_uri,
+            resources=new.resources,
+            settings=state.settings,
             actor=admin.client_id,
         )
         await admin.commit()
@@ -84,30 +97,35 @@ async def show_client(client_id: ClientId, admin: AdminDep) -> ClientOut:
 @router.patch("/clients/{client_id}", responses={**CLIENT_ERRORS, **CLIENT_INPUT_ERRORS})
 async def update_client(
     client_id: ClientId, change: ClientChange, admin: AdminDep, state: StateDep
-) -> ClientOut:
-    """Change the name, consent, grants, scopes or URIs; sign-ins already made keep only the
-    scopes the client still has when they next refresh."""
+) -> ChangedClient:
+    """Change the name, consent, grants, scopes, URIs, resources, keys or authentication
+    method; sign-ins already made keep only the scopes the client still has when they next
+    refresh. A change of method that needs a new secret answers it, once."""
     with client_refusals():
-        client = await manage.update_client(
+        updated = await manage.update_client(
             admin.db,
             client_id,
             change.model_dump(include=change.model_fields_set),
             https_only=_https_only(state),
+            settings=state.settings,
             actor=admin.client_id,
         )
         await admin.commit()
-    return ClientOut(**manage.client_view(client))
+    return ChangedClient(**manage.client_view(updated.client), client_secret=updated.secret)
 
 
 @router.post(
     "/clients/{client_id}/secret",
     responses={**CLIENT_ERRORS, 409: {"description": "A public client (`public_client`)"}},
 )
-async def rotate_secret(client_id: ClientId, admin: AdminDep) -> ClientSecret:
+async def rotate_secret(client_id: ClientId, admin: AdminDep, state: StateDep) -> ClientSecret:
     """A new secret, shown once; the old one stops working at once. Tokens already issued
-    stay valid until they expire."""
+    stay valid until they expire. A private_key_jwt client has none (400: it changes its
+    keys instead)."""
     with client_refusals():
-        secret = await manage.rotate_client_secret(admin.db, client_id, actor=admin.client_id)
+        secret = await manage.rotate_client_secret(
+            admin.db, client_id, settings=state.settings, actor=admin.client_id
+        )
         await admin.commit()
     return ClientSecret(client_id=client_id, client_secret=secret)
 

@@ -3,14 +3,15 @@ signing keys."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ... import manage
 from ...boundary import NO_NUL
+from ...client_metadata import MAX_KEYS
 from ...config import MAX_REFRESH_RETRY_WINDOW
-from ...names import GrantType
+from ...names import AuthMethod, GrantType
 from ..account import UserSession
 from ..auth import Body
 
@@ -18,6 +19,15 @@ _SCOPE_TOKEN = manage.SCOPE_TOKEN_RE.pattern.strip("^$")
 #: Scope tokens (RFC 6749 §3.3) separated by single spaces, or nothing.
 SCOPE_PATTERN = rf"^({_SCOPE_TOKEN}( {_SCOPE_TOKEN})*)?$"
 Uri = Annotated[str, Field(min_length=1, max_length=manage.MAX_URI_LENGTH, pattern=NO_NUL)]
+
+
+class JwkSet(BaseModel):
+    """RFC 7517 §5: public signing keys (RSA of 2048 bits or more, EC, OKP); checked in full by
+    ``client_metadata.check_jwks``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    keys: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_KEYS)
 
 
 # -- clients ---------------------------------------------------------------------------------
@@ -43,7 +53,23 @@ class ClientOut(BaseModel):
     #: Seconds a just-rotated refresh token may be presented again for the same successor;
     #: ``null``: ``AUTH_REFRESH_RETRY_WINDOW``.
     refresh_retry_window: int | None
+    #: RFC 7591 §2: how it authenticates at the token, revocation and introspection endpoints.
+    token_endpoint_auth_method: AuthMethod
+    #: ``private_key_jwt``: its public keys (a JWK Set), or where they are published.
+    jwks: dict[str, Any] | None = None
+    jwks_uri: str | None = None
+    #: RFC 8707 resources of ``AUTH_RESOURCES`` it may ask for; ``null``: all of them.
+    resources: list[str] | None
+    #: ``null``: created by an operator; ``registration`` (RFC 7591); ``document`` (its
+    #: client_id is the URL of its metadata document).
+    origin: str | None
     created_at: int
+
+
+class ChangedClient(ClientOut):
+    #: A new secret when the change of ``token_endpoint_auth_method`` needed one (shown once,
+    #: in this answer only), else ``null``.
+    client_secret: str | None
 
 
 class CreatedClient(ClientOut):
@@ -72,6 +98,14 @@ class _Registration(Body):
     #: Seconds during which presenting a just-rotated refresh token again gets the same
     #: successor (a retry whose answer was lost); ``null``: ``AUTH_REFRESH_RETRY_WINDOW``.
     refresh_retry_window: int | None = Field(default=None, ge=0, le=MAX_REFRESH_RETRY_WINDOW)
+    #: RFC 7591 §2; default ``client_secret_basic`` (``none`` when ``public``).
+    token_endpoint_auth_method: AuthMethod | None = None
+    #: ``private_key_jwt`` only, exactly one of them: a JWK Set of public signing keys, or an
+    #: https URL where it is published.
+    jwks: JwkSet | None = None
+    jwks_uri: Uri | None = None
+    #: RFC 8707 resources (of ``AUTH_RESOURCES``) it may ask for; ``null``: all of them.
+    resources: list[Uri] | None = Field(default=None, max_length=20)
 
 
 class NewClient(_Registration):
