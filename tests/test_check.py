@@ -32,6 +32,7 @@ ALL = [entry.name for entry in check.CHECKS]
 NO_CREDENTIALS = {
     "health",
     "discovery",
+    "registration-refuses-empty",
     "jwks-hygiene",
     "jwks-cache",
     "token-error-format",
@@ -999,3 +1000,320 @@ def test_a_closed_port_is_exit_status_one(
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"FAIL health: cannot connect to http://127.0.0.1:{port}")
     assert lines[-1] == f"summary: 0 passed, {len(ALL)} failed, 0 skipped"
+
+
+# -- issue 19: client authentication metadata and the registration endpoint ------------------
+
+ISSUER = "http://127.0.0.1:8000"
+REGISTER = "/oauth2/register"
+#: What discovery will publish once issue 19 lands (RFC 8414 §2, RFC 7591, the CIMD draft).
+ISSUE_19_METADATA: dict[str, Any] = {
+    "registration_endpoint": ISSUER + REGISTER,
+    "token_endpoint_auth_methods_supported": [
+        "client_secret_basic",
+        "client_secret_post",
+        "private_key_jwt",
+        "client_secret_jwt",
+        "none",
+    ],
+    "token_endpoint_auth_signing_alg_values_supported": ["RS256", "ES256", "HS256"],
+    "client_id_metadata_document_supported": True,
+}
+
+
+@dataclass
+class Registrar:
+    """The real app, advertising ``metadata`` in both documents, with ``register`` answering
+    at the registration endpoint (the app of this branch has none) and a record of what the
+    check sent there."""
+
+    metadata: dict[str, Any]
+    register: Callable[[httpx.Request], httpx.Response]
+    seen: list[httpx.Request]
+
+    def __call__(
+        self, request: httpx.Request, response: httpx.Response, body: dict[str, Any] | None
+    ) -> httpx.Response:
+        if request.url.path in BOTH_DOCUMENTS and body is not None:
+            return replace_json(response, {**body, **self.metadata})
+        if request.url.path.startswith(REGISTER):
+            self.seen.append(request)
+            return self.register(request)
+        return response
+
+
+def registrar(
+    register: Callable[[httpx.Request], httpx.Response] | None = None, **metadata: Any
+) -> Registrar:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, json={"error": "invalid_token"})
+
+    return Registrar({**ISSUE_19_METADATA, **metadata}, register or refuse, [])
+
+
+def answering(status: int, body: dict[str, Any] | None = None) -> Registrar:
+    def register(request: httpx.Request) -> httpx.Response:
+        if request.method == "DELETE":
+            return httpx.Response(204)
+        return httpx.Response(status, json=body if body is not None else {})
+
+    return registrar(register)
+
+
+async def without_credentials(app: FastAPI, edit: Edit) -> Outcome:
+    async with httpx.AsyncClient(transport=Tamper(app, edit), base_url=ISSUER) as http:
+        return await run(http, ISSUER)
+
+
+async def test_a_server_with_issue_19_metadata_passes_every_check(
+    app: FastAPI, setup: Setup
+) -> None:
+    fake = registrar()
+    outcome = await setup.run(Tamper(app, fake))
+    assert outcome.failures == 0, outcome.lines
+    assert outcome.named("PASS") == set(ALL)
+    # One request, carrying nothing a server could register: no token, no metadata.
+    (sent,) = fake.seen
+    assert (sent.method, str(sent.url)) == ("POST", ISSUER + REGISTER)
+    assert sent.content == b"{}"
+    assert sent.headers["content-type"] == "application/json"
+    assert "authorization" not in sent.headers
+    assert "cookie" not in sent.headers
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        (401, {"error": "invalid_token"}),
+        (401, {}),
+        (400, {"error": "invalid_redirect_uri"}),
+        (400, {"error": "invalid_client_metadata", "error_description": "redirect_uris"}),
+    ],
+    ids=["initial-token-required", "401-without-body", "redirect-uri", "client-metadata"],
+)
+async def test_each_refusal_of_an_empty_registration_passes(
+    app: FastAPI, refusal: tuple[int, dict[str, Any]]
+) -> None:
+    outcome = await without_credentials(app, answering(*refusal))
+    assert outcome.results["registration-refuses-empty"] == ("PASS", ""), outcome.lines
+    assert outcome.failures == 0
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_without_a_registration_endpoint_there_is_nothing_to_refuse(
+    app: FastAPI,
+) -> None:
+    """AUTH_CLIENT_REGISTRATION=off: none advertised, nothing sent, nothing registered."""
+    fake = registrar()
+    fake.metadata.pop("registration_endpoint")
+    outcome = await without_credentials(app, fake)
+    assert outcome.results["registration-refuses-empty"] == ("PASS", "")
+    assert fake.seen == []
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (
+            lambda: answering(400, {"error": "invalid_request"}),
+            "POST registration_endpoint with {}: HTTP 400 invalid_request, expected 400 "
+            "invalid_client_metadata or invalid_redirect_uri, or 401",
+        ),
+        (lambda: answering(400, {}), "with {}: HTTP 400, expected 400 invalid_client_metadata"),
+        (lambda: answering(403, {"error": "access_denied"}), "HTTP 403 access_denied, expected"),
+        (lambda: answering(404), "HTTP 404, expected 400"),
+        (lambda: answering(302), "HTTP 302, expected 400"),
+        (lambda: answering(500), "HTTP 500, expected 400"),
+        (lambda: answering(503, {"error": "temporarily_unavailable"}), "HTTP 503 temporarily"),
+        (
+            lambda: answering(200, {"client_id": "x"}),
+            "HTTP 200, a client was registered from nothing (and no registration_client_uri",
+        ),
+        (
+            lambda: answering(
+                201,
+                {
+                    "client_id": "x",
+                    "registration_client_uri": "https://elsewhere.test/oauth2/register/x",
+                    "registration_access_token": "rat-never-printed",
+                },
+            ),
+            "registered from nothing (its registration_client_uri is not under the issuer: "
+            "not deleted)",
+        ),
+    ],
+    ids=[
+        "other-error",
+        "400-without-error",
+        "forbidden",
+        "not-there",
+        "redirect",
+        "server-error",
+        "unavailable",
+        "registered-200",
+        "registered-elsewhere",
+    ],
+)
+async def test_an_endpoint_that_does_not_refuse_an_empty_registration_fails(
+    app: FastAPI, make: Callable[[], Registrar], reason: str
+) -> None:
+    fake = make()
+    outcome = await without_credentials(app, fake)
+    status, seen = outcome.results["registration-refuses-empty"]
+    assert status == "FAIL", outcome.lines
+    assert reason in seen
+    assert outcome.named("FAIL") == {"registration-refuses-empty"}
+    assert [r.method for r in fake.seen] == ["POST"]  # nothing deleted outside the issuer
+    assert "rat-never-printed" not in "\n".join(outcome.lines)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_client_registered_by_mistake_is_deleted_again(app: FastAPI) -> None:
+    """RFC 7592 §2.3 with the registration access token it was given; never printed."""
+    token = "rat-" + "x" * 40
+    fake = answering(
+        201,
+        {
+            "client_id": "oops",
+            "client_secret": "secret-" + "y" * 40,
+            "registration_client_uri": ISSUER + REGISTER + "/oops",
+            "registration_access_token": token,
+        },
+    )
+    outcome = await without_credentials(app, fake)
+    assert outcome.reason("registration-refuses-empty") == (
+        "POST registration_endpoint with {}: HTTP 201, a client was registered from nothing "
+        "(deleted again)"
+    )
+    _, delete = fake.seen
+    assert (delete.method, str(delete.url)) == ("DELETE", ISSUER + REGISTER + "/oops")
+    assert delete.headers["authorization"] == "Bearer " + token
+    text = "\n".join(outcome.lines)
+    assert token not in text and "y" * 40 not in text
+
+    def refuse_delete(request: httpx.Request) -> httpx.Response:
+        if request.method == "DELETE":
+            return httpx.Response(401, json={"error": "invalid_token"})
+        return httpx.Response(201, json={**post_body, "registration_access_token": token})
+
+    post_body = {"client_id": "oops", "registration_client_uri": ISSUER + REGISTER + "/oops"}
+    outcome = await without_credentials(app, registrar(refuse_delete))
+    assert outcome.reason("registration-refuses-empty").endswith(
+        "(deleting it: HTTP 401 invalid_token)"
+    )
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(
+    ("metadata", "reason"),
+    [
+        (
+            {"token_endpoint_auth_signing_alg_values_supported": None},
+            "token_endpoint_auth_signing_alg_values_supported is required with private_key_jwt",
+        ),
+        (
+            {
+                "token_endpoint_auth_methods_supported": [
+                    "client_secret_basic",
+                    "client_secret_jwt",
+                ],
+                "token_endpoint_auth_signing_alg_values_supported": None,
+            },
+            "token_endpoint_auth_signing_alg_values_supported is required with client_secret_jwt",
+        ),
+        (
+            {"token_endpoint_auth_signing_alg_values_supported": ["RS256", "none"]},
+            "token_endpoint_auth_signing_alg_values_supported lists none",
+        ),
+        (
+            {"token_endpoint_auth_signing_alg_values_supported": "RS256"},
+            "token_endpoint_auth_signing_alg_values_supported is not a list of algorithm names",
+        ),
+        (
+            {"token_endpoint_auth_signing_alg_values_supported": []},
+            "is not a list of algorithm names",
+        ),
+        (
+            {"token_endpoint_auth_signing_alg_values_supported": ["RS256", 7]},
+            "is not a list of algorithm names",
+        ),
+        (
+            # Without a JWT method the list is optional, but never names none.
+            {
+                "token_endpoint_auth_methods_supported": ["client_secret_basic"],
+                "token_endpoint_auth_signing_alg_values_supported": ["none"],
+            },
+            "token_endpoint_auth_signing_alg_values_supported lists none",
+        ),
+        (
+            {
+                "revocation_endpoint_auth_methods_supported": [
+                    "client_secret_basic",
+                    "private_key_jwt",
+                ]
+            },
+            "revocation_endpoint_auth_signing_alg_values_supported is required with "
+            "private_key_jwt",
+        ),
+        (
+            {
+                "introspection_endpoint_auth_methods_supported": [
+                    "client_secret_basic",
+                    "client_secret_jwt",
+                ],
+                "introspection_endpoint_auth_signing_alg_values_supported": ["HS256", "none"],
+            },
+            "introspection_endpoint_auth_signing_alg_values_supported lists none",
+        ),
+        (
+            {"client_id_metadata_document_supported": "true"},
+            "client_id_metadata_document_supported is not a boolean",
+        ),
+        (
+            {"registration_endpoint": "https://elsewhere.test/oauth2/register"},
+            "registration_endpoint is not under the issuer",
+        ),
+        (
+            # The issuer's scheme: https for an http issuer is another origin, and back.
+            {"registration_endpoint": "https://127.0.0.1:8000/oauth2/register"},
+            "registration_endpoint is not under the issuer",
+        ),
+        (
+            {"registration_endpoint": "http://127.0.0.1:8000.evil.test/oauth2/register"},
+            "registration_endpoint is not under the issuer",
+        ),
+        ({"registration_endpoint": 42}, "registration_endpoint is not under the issuer"),
+    ],
+    ids=[
+        "private-key-jwt-without-algs",
+        "client-secret-jwt-without-algs",
+        "alg-none",
+        "algs-not-a-list",
+        "algs-empty",
+        "algs-not-strings",
+        "alg-none-without-jwt-methods",
+        "revocation-without-algs",
+        "introspection-alg-none",
+        "cimd-not-boolean",
+        "registration-elsewhere",
+        "registration-other-scheme",
+        "registration-lookalike-host",
+        "registration-not-a-string",
+    ],
+)
+async def test_issue_19_metadata_faults_fail_discovery(
+    app: FastAPI, metadata: dict[str, Any], reason: str
+) -> None:
+    fake = registrar()
+    for name, value in metadata.items():
+        if value is None:
+            fake.metadata.pop(name, None)
+        else:
+            fake.metadata[name] = value
+    outcome = await without_credentials(app, fake)
+    assert outcome.named("FAIL") == {"discovery", "registration-refuses-empty"}, outcome.lines
+    assert reason in outcome.reason("discovery")
+    assert outcome.reason("registration-refuses-empty") == "needs discovery, which failed"
+    assert fake.seen == []  # a URL the documents got wrong is never sent anything

@@ -188,6 +188,7 @@ CONTEXTS: dict[str, dict[str, Any]] = {
             {"name": "openid", "description": "Confirm who you are"},
             {"name": "email", "description": "See your email address"},
         ],
+        "resources": ["https://photos.example/api", "https://print.example.com/v2"],
         "params": [
             ("response_type", "code"),
             ("client_id", "acme"),
@@ -544,6 +545,29 @@ def test_consent_without_scopes(env: Environment) -> None:
     page = render(env, "consent.html", **context_for("consent.html", scopes=[]))
     assert "no extra permissions" in page.text()
     assert len(page.forms) == 1
+
+
+@pytest.mark.feature("client-resources")
+def test_consent_names_the_resources_asked_for(env: Environment) -> None:
+    """RFC 8707: the services the access is for, each listed as the request named it."""
+    page = render(env, "consent.html", **CONTEXTS["consent.html"])
+    (section,) = [h for h in page.all("h2") if "services" in h.text]
+    assert section.text.strip() == "Acme Photos can use this access at these services:"
+    listed = [e.text for e in page.elements if "resource" in (e.attrs.get("class") or "").split()]
+    assert listed == CONTEXTS["consent.html"]["resources"]
+    # After the scopes, before the form: read in the order the decision needs them.
+    assert page.html.index("Confirm who you are") < page.html.index(listed[0])
+    assert page.html.index(listed[-1]) < page.html.index("<form")
+    anonymous = render(env, "consent.html", **context_for("consent.html", client_name=""))
+    assert "It can use this access at these services:" in anonymous.text()
+
+
+@pytest.mark.feature("client-resources")
+def test_consent_without_resources_says_nothing_of_them(env: Environment) -> None:
+    page = render(env, "consent.html", **context_for("consent.html", resources=[]))
+    assert "services" not in page.text()
+    assert not [e for e in page.elements if "resource" in (e.attrs.get("class") or "")]
+    assert [h.text.strip() for h in page.all("h2")] == ["This will allow Acme Photos to:"]
 
 
 # ---------- Sign out ----------

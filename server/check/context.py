@@ -70,6 +70,8 @@ class Context:
     client_token: str | None = None
     #: The sign-in of ``password-grant``; ``refresh-rotation`` advances it.
     family: Family | None = None
+    #: The ``registration_endpoint`` of a discovery document that passed ``discovery``.
+    registration_endpoint: str | None = None
     #: (request, Cache-Control) of every response that must carry ``no-store``.
     cache_log: list[tuple[str, str]] = field(default_factory=list)
     #: Values that must never appear in the output.

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 from joserfc.errors import JoseError
 from joserfc.jwk import RSAKey
 
 from .context import INTROSPECT_PATH, JWKS_PATH, REVOKE_PATH, TOKEN_PATH, Context, check
 from .outcome import CheckFailed
-from .parse import b64url_decode, cache_directives, json_object, short
+from .parse import (
+    b64url_decode,
+    cache_directives,
+    describe,
+    error_code,
+    json_object,
+    parse_json,
+    short,
+)
 
 DISCOVERY_PATHS = ("/.well-known/openid-configuration", "/.well-known/oauth-authorization-server")
 #: Endpoint metadata (RFC 8414 §2) and the fixed path each must point to (SPEC.md, Endpoints).
@@ -25,6 +34,11 @@ AUTH_METHOD_LISTS = (
     "revocation_endpoint_auth_methods_supported",
     "introspection_endpoint_auth_methods_supported",
 )
+#: RFC 8414 §2: listing one of these client authentication methods in a ``…_auth_methods_
+#: supported`` list makes the matching ``…_auth_signing_alg_values_supported`` required.
+JWT_AUTH_METHODS = ("private_key_jwt", "client_secret_jwt")
+#: RFC 7591 §3.2.2: what a registration endpoint answers a registration it refuses.
+METADATA_ERRORS = ("invalid_client_metadata", "invalid_redirect_uri")
 #: RFC 7518 §6.3.2: the private members of an RSA JWK; none may be published.
 PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth")
 MIN_RSA_BITS = 2048
@@ -71,6 +85,75 @@ async def check_discovery(ctx: Context) -> None:
             methods = doc.get(name)
             if not isinstance(methods, list) or "client_secret_basic" not in methods:
                 raise CheckFailed(f"{path}: {name} lacks client_secret_basic")
+            check_signing_algs(path, doc, name.removesuffix("methods_supported"))
+        supported = doc.get("client_id_metadata_document_supported", False)
+        if not isinstance(supported, bool):
+            # draft-ietf-oauth-client-id-metadata-document: a boolean.
+            raise CheckFailed(f"{path}: client_id_metadata_document_supported is not a boolean")
+    registration = oauth.get("registration_endpoint", oidc.get("registration_endpoint"))
+    # Under the issuer (the loop above): the only URL of a document ``check`` ever sends to.
+    ctx.registration_endpoint = registration if isinstance(registration, str) else None
+
+
+def check_signing_algs(path: str, doc: dict[str, Any], prefix: str) -> None:
+    """RFC 8414 §2: ``{prefix}signing_alg_values_supported`` is required when a JWT client
+    authentication method is listed, and never names ``none``."""
+    name = prefix + "signing_alg_values_supported"
+    methods = doc.get(prefix + "methods_supported")
+    jwt = [m for m in JWT_AUTH_METHODS if isinstance(methods, list) and m in methods]
+    algs = doc.get(name)
+    if algs is None:
+        if jwt:
+            raise CheckFailed(f"{path}: {name} is required with {jwt[0]}")
+        return
+    if not isinstance(algs, list) or not algs or not all(isinstance(a, str) for a in algs):
+        raise CheckFailed(f"{path}: {name} is not a list of algorithm names")
+    if "none" in algs:
+        raise CheckFailed(f"{path}: {name} lists none")
+
+
+@check("registration-refuses-empty")
+async def check_registration_refuses_empty(ctx: Context) -> None:
+    """An advertised registration endpoint (RFC 7591) registers nothing from an empty request:
+    400 invalid_client_metadata or invalid_redirect_uri (§3.2.2), or 401 where an initial
+    access token is required (§3); never 2xx, never 5xx. Nothing to check (and nothing
+    registered) when the server advertises none (``AUTH_CLIENT_REGISTRATION=off``)."""
+    ctx.need("discovery")
+    endpoint = ctx.registration_endpoint
+    if endpoint is None:
+        return
+    # ``{}``: no redirect URI, no token: nothing a careful server can register.
+    response = await ctx.http.post(endpoint, json={})
+    status = response.status_code
+    if status == 401 or (status == 400 and error_code(response) in METADATA_ERRORS):
+        return
+    what = f"POST registration_endpoint with {{}}: {describe(response)}"
+    if 200 <= status < 300:
+        raise CheckFailed(
+            f"{what}, a client was registered from nothing{await undo(ctx, response)}"
+        )
+    expected = "expected 400 invalid_client_metadata or invalid_redirect_uri, or 401"
+    raise CheckFailed(f"{what}, {expected}")
+
+
+async def undo(ctx: Context, response: httpx.Response) -> str:
+    """Delete what a faulty endpoint registered (RFC 7592 §2.3), if it says how: a check must
+    leave nothing behind. The reason's tail: whether that worked."""
+    body = parse_json(response)
+    if not isinstance(body, dict):
+        return ""
+    for name in ("registration_access_token", "client_secret"):
+        if isinstance(body.get(name), str):
+            ctx.sensitive.add(body[name])
+    uri, token = body.get("registration_client_uri"), body.get("registration_access_token")
+    if not isinstance(uri, str) or not isinstance(token, str):
+        return " (and no registration_client_uri to delete it with)"
+    if not uri.startswith(ctx.base_url + "/"):
+        return " (its registration_client_uri is not under the issuer: not deleted)"
+    deleted = await ctx.http.delete(uri, headers={"Authorization": "Bearer " + token})
+    if deleted.status_code == 204:
+        return " (deleted again)"
+    return f" (deleting it: {describe(deleted)})"
 
 
 @check("jwks-hygiene")

@@ -129,8 +129,11 @@ def decide(
     if max_age is not None and not re.fullmatch(r"[0-9]{1,9}", max_age):
         return fail(InvalidRequestError("max_age must be a number of seconds."))
     try:
-        # RFC 8707 §2: the resources the grant is for; the token requests may narrow them.
-        request.resources = rfc8707.allowed(rfc8707.requested(request.form), server.settings)
+        # RFC 8707 §2: the resources the grant is for (each one the client may have); the
+        # token requests may narrow them.
+        request.resources = rfc8707.allowed(
+            rfc8707.requested(request.form), server.settings, request.client
+        )
     except OAuth2Error as error:
         return fail(error)
     # OpenID Connect Core §3.1.2.1: max_age asks for a sign-in at most that old, and
@@ -158,7 +161,13 @@ def decide(
     if needs_consent and decision != "allow":
         if "none" in prompts:
             return fail(OAuth2Error(error="consent_required", description="Consent required."))
-        return Outcome(consent={"client_name": client.name, "scope": scope.split()})
+        return Outcome(
+            consent={
+                "client_name": client.name,
+                "scope": scope.split(),
+                "resources": list(request.resources),
+            }
+        )
     if needs_consent:
         if consent is None:
             db.add(Consent(user_id=who.user.id, client_id=client.client_id, scope=scope))
@@ -241,6 +250,8 @@ async def handle(
             {"name": s, "description": SCOPE_DESCRIPTIONS.get(s, f"Use “{s}”")}
             for s in outcome.consent["scope"]
         ],
+        # RFC 8707: the services (APIs) the access is for, named as asked for; none: ours.
+        resources=outcome.consent["resources"],
         params=[(k, v) for k, v in repeated(params) if k != "prompt"],
     )
 

@@ -9,6 +9,13 @@ What a sign-in (refresh-token family) or an authorization code was granted is st
 space-separated, empty for "the default audience". Each later token request may ask for any
 part of that grant and nothing outside it (§2.1, §2.2): one sign-in can get a token for each of
 its resource servers, none of which accepts the others' tokens.
+
+A client may further be limited to some of ``AUTH_RESOURCES`` (``Client.resources``; ``None``:
+all of them). A resource outside its list is refused exactly as one the server does not serve,
+at the authorization request and at every grant, and with the same description, so that a
+limited client does not learn which other resources the server serves. The default audience is
+always the client's. A narrowed list also narrows every grant already made, as removing a
+resource from ``AUTH_RESOURCES`` does (``within``).
 """
 
 from __future__ import annotations
@@ -16,6 +23,10 @@ from __future__ import annotations
 from authlib.oauth2.rfc6749.errors import OAuth2Error
 
 from ..config import Settings
+from ..models import Client
+
+#: The one description a limited client gets for any resource outside its list.
+NOT_THE_CLIENTS = "The resource is not one this client may have tokens for."
 
 
 class InvalidTargetError(OAuth2Error):  # type: ignore[misc]
@@ -30,27 +41,40 @@ def requested(form: dict[str, str]) -> list[str]:
     return list(dict.fromkeys(form.get("resource", "").split()))
 
 
-def allowed(resources: list[str], settings: Settings) -> list[str]:
-    """§2: each must be a resource this server issues tokens for."""
+def permitted(client: Client, settings: Settings) -> frozenset[str]:
+    """What ``client`` may have tokens for: the default audience and those of its resources
+    this server still serves (all of ``AUTH_RESOURCES`` when it has no list)."""
+    audiences = settings.audiences
+    limited = client.resource_list
+    if limited is None:
+        return audiences
+    return frozenset([settings.audience, *(r for r in limited if r in audiences)])
+
+
+def allowed(resources: list[str], settings: Settings, client: Client) -> list[str]:
+    """§2: each must be a resource this server issues tokens for, to this client."""
     if not resources:  # the common case: no set to build
         return resources
-    audiences = settings.audiences
+    mine = permitted(client, settings)
     for resource in resources:
-        if resource not in audiences:
-            raise InvalidTargetError(
-                "The resource is not one this server issues tokens for."
-                if "#" not in resource
-                else "A resource must be an absolute URI without a fragment."
-            )
+        if resource in mine:
+            continue
+        if "#" in resource:
+            raise InvalidTargetError("A resource must be an absolute URI without a fragment.")
+        if client.resource_list is not None:
+            raise InvalidTargetError(NOT_THE_CLIENTS)
+        raise InvalidTargetError("The resource is not one this server issues tokens for.")
     return resources
 
 
-def within(resources: list[str], granted: str, settings: Settings) -> list[str]:
+def within(resources: list[str], granted: str, settings: Settings, client: Client) -> list[str]:
     """§2.2: what a refresh or code exchange may have: the ``resources`` asked for, all of
     them within the grant; if none are asked for, the whole grant. A resource the operator
-    has since removed from ``AUTH_RESOURCES`` is no longer part of any grant."""
-    audiences = settings.audiences
-    still = [r for r in (granted.split() or [settings.audience]) if r in audiences]
+    has since removed from ``AUTH_RESOURCES``, or from the client's list, is no longer part of
+    any grant: asked for, it is refused; not asked for, the rest of the grant is given, and
+    when nothing of the grant is left, ``invalid_target`` (the refresh token is not spent)."""
+    mine = permitted(client, settings)
+    still = [r for r in (granted.split() or [settings.audience]) if r in mine]
     if not resources:
         if not still:
             raise InvalidTargetError("The resources of this grant are no longer served.")

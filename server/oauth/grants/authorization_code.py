@@ -71,6 +71,7 @@ class CodeGrant(Grant, grants.AuthorizationCodeGrant):  # type: ignore[misc]
             rfc8707.requested(request.form),
             request.authorization_code.resources,
             self.server.settings,
+            request.client,
         )
 
     CHECKS = (check_code, check_resources)

@@ -61,9 +61,10 @@ class Grant:
         self.request.client = client
 
     def check_resources(self) -> None:
-        """RFC 8707 §2: the ``resource`` values asked for, each one we serve."""
-        self.request.resources = rfc8707.allowed(
-            rfc8707.requested(self.request.form), self.server.settings
+        """RFC 8707 §2: the ``resource`` values asked for, each one we serve to this client."""
+        request = self.request
+        request.resources = rfc8707.allowed(
+            rfc8707.requested(request.form), self.server.settings, request.client
         )
 
     def required(self, name: str) -> str:

@@ -69,10 +69,14 @@ class RefreshTokenGrant(Grant, grants.RefreshTokenGrant):  # type: ignore[misc]
         request.scope = resolve_scope(request.payload.scope, granted)
 
     def check_resources(self) -> None:
-        # RFC 8707 §2.2: a token for any of the sign-in's resources, never another.
+        # RFC 8707 §2.2: a token for any of the sign-in's resources the client may still
+        # have, never another.
         request = self.request
         request.resources = rfc8707.within(
-            rfc8707.requested(request.form), request.family.resources, self.server.settings
+            rfc8707.requested(request.form),
+            request.family.resources,
+            self.server.settings,
+            request.client,
         )
 
     CHECKS = (Grant.check_client, check_token, check_scope, check_resources)
