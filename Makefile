@@ -19,6 +19,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+## The Node client library the interop test drives (tests/interop_node); skipped without npm.
+NODE_DEPS := tests/interop_node/node_modules/.package-lock.json
+$(NODE_DEPS): tests/interop_node/package-lock.json
+	@if command -v npm >/dev/null; then \
+		npm ci --prefix tests/interop_node --no-audit --no-fund --loglevel=error \
+			|| echo "npm ci failed: the oauth4webapi interop test will be skipped"; \
+	else echo "npm not found: the oauth4webapi interop test will be skipped"; fi
+
 ## Serve on http://127.0.0.1:$(PORT) with SQLite, dev keys and a demo client and user.
 run: export AUTH_ISSUER ?= http://127.0.0.1:$(PORT)
 run: install
@@ -27,7 +35,7 @@ run: install
 	$(PY) -m server serve --port $(PORT)
 
 ## The whole suite, with line and branch coverage of server/ (fails below 95%).
-test: install
+test: install $(NODE_DEPS)
 	$(PY) -m pytest $(PYTEST_WORKERS) $(PYTEST_COV)
 
 lint: install
@@ -42,7 +50,7 @@ format: install
 ## Run the suite and write artifacts/auth-test/ (features.json, test-results.md); the browser
 ## test refreshes artifacts/screenshots/*.png.
 report: export AUTH_SCREENSHOT_DIR := $(CURDIR)/artifacts/screenshots
-report: install
+report: install $(NODE_DEPS)
 	mkdir -p artifacts/auth-test "$$AUTH_SCREENSHOT_DIR"
 	set -o pipefail; $(PY) -m pytest $(PYTEST_WORKERS) $(PYTEST_COV) --report-dir artifacts/auth-test 2>&1 \
 		| tee artifacts/auth-test/pytest-output.txt; status=$$?; \
