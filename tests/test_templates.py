@@ -189,6 +189,7 @@ CONTEXTS: dict[str, dict[str, Any]] = {
             {"name": "email", "description": "See your email address"},
         ],
         "resources": ["https://photos.example/api", "https://print.example.com/v2"],
+        "provenance": "This application registered itself: its name has not been checked.",
         "params": [
             ("response_type", "code"),
             ("client_id", "acme"),
@@ -685,3 +686,12 @@ def test_stylesheet() -> None:
     assert "@import" not in css  # the CSP allows only this one file
     assert not re.search(r"url\((?![\"']?data:)", css), "external resource in the stylesheet"
     assert css.count("{") == css.count("}")
+
+
+@pytest.mark.feature("client-registration")
+def test_consent_says_when_nobody_checked_the_clients_name(env: Environment) -> None:
+    page = render(env, "consent.html", **CONTEXTS["consent.html"])
+    (note,) = [e for e in page.elements if "provenance" in (e.attrs.get("class") or "").split()]
+    assert note.text == CONTEXTS["consent.html"]["provenance"]
+    operator = render(env, "consent.html", **context_for("consent.html", provenance=None))
+    assert "has not been checked" not in operator.text()

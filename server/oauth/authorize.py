@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from authlib.common.urls import add_params_to_uri
 from authlib.oauth2.rfc6749.errors import AccessDeniedError, InvalidRequestError, OAuth2Error
@@ -82,6 +82,18 @@ class Outcome:
     login: bool = False  # send to the sign-in page
     consent: dict[str, Any] = field(default_factory=dict)  # show the consent page
     issued: bool = False  # the redirect carries a new code
+
+
+def provenance(client: Client) -> str | None:
+    """What the consent page says of who vouches for the client's name: nobody, for a client
+    that registered itself (RFC 7591) or is described by its own metadata document, which is
+    named by the host serving it (people can judge a host; a name anyone may choose)."""
+    if client.origin == "registration":
+        return "This application registered itself: its name has not been checked."
+    if client.origin == "document":
+        host = urlsplit(client.client_id).hostname or client.client_id
+        return f"This application is described by {host}: its name has not been checked."
+    return None
 
 
 def _with_iss(location: str, issuer: str) -> str:
@@ -166,6 +178,7 @@ def decide(
                 "client_name": client.name,
                 "scope": scope.split(),
                 "resources": list(request.resources),
+                "provenance": provenance(client),
             }
         )
     if needs_consent:
@@ -252,6 +265,7 @@ async def handle(
         ],
         # RFC 8707: the services (APIs) the access is for, named as asked for; none: ours.
         resources=outcome.consent["resources"],
+        provenance=outcome.consent["provenance"],
         params=[(k, v) for k, v in repeated(params) if k != "prompt"],
     )
 

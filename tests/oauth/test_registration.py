@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import pytest
@@ -14,7 +17,7 @@ from server import manage, models
 from server.config import Settings
 from server.deps import AppState
 from server.models import Client
-from tests.conftest import Events, make_settings
+from tests.conftest import Events, csrf_of, make_settings, sign_in
 
 pytestmark = pytest.mark.feature("client-registration")
 
@@ -345,3 +348,56 @@ def test_cli_prints_an_initial_access_token(cli: Any) -> None:
     text = cli("clients", "registration-token")
     assert text.code == 0 and "initial access token:" in text.out
     assert cli("clients", "registration-token", "--ttl", "5").code != 0
+
+
+async def test_a_registered_public_client_signs_people_in_and_its_consent_says_so(
+    client: httpx.AsyncClient,
+    browser: httpx.AsyncClient,
+    state: AppState,
+    make_user: Any,
+) -> None:
+    """The whole browser flow for a client that registered itself (public, PKCE): people are
+    asked to consent, and told that nobody checked the name it gave."""
+    body = await registered(
+        client,
+        state,
+        client_name="Totally Official Bank",
+        grant_types=["authorization_code"],
+        token_endpoint_auth_method="none",
+    )
+    user = await make_user("reggie")
+    await sign_in(browser, user)
+    verifier = "v" * 64
+    challenge = (
+        base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    )
+    params = {
+        "response_type": "code",
+        "client_id": body["client_id"],
+        "redirect_uri": WEB["redirect_uris"][0],
+        "scope": "openid profile",
+        "state": "s",
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+    }
+    page = await browser.get("/oauth2/authorize", params=params)
+    assert page.status_code == 200, page.text
+    assert "Totally Official Bank" in page.text
+    assert "registered itself: its name has not been checked" in page.text
+    allowed = await browser.post(
+        "/consent", data={**params, "csrf_token": csrf_of(page), "decision": "allow"}
+    )
+    assert allowed.status_code in (302, 303), allowed.text
+    code = dict(parse_qsl(urlsplit(allowed.headers["location"]).query))["code"]
+    token = await client.post(
+        "/oauth2/token",
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": WEB["redirect_uris"][0],
+            "client_id": body["client_id"],
+            "code_verifier": verifier,
+        },
+    )
+    assert token.status_code == 200, token.text
+    assert "id_token" in token.json() and "refresh_token" not in token.json()
