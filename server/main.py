@@ -34,6 +34,7 @@ from .config import Env, Settings
 from .cors import Cors
 from .db import Database, assert_schema_compatible, create_engine, is_unavailable
 from .deps import AppState, StateDep
+from .fetch import Fetcher
 from .jwks import PATH as JWKS_PATH
 from .jwks import JwksMiddleware
 from .keys import KeyStore
@@ -129,6 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 passwords=Passwords(settings),
                 limiter=Limiter(settings),
                 clients=clients,
+                fetcher=Fetcher(settings),
             )
             # The OAuth core, built once: its grants and endpoints keep nothing of a request.
             app.state.oauth = TokenServer(state, clients)
@@ -149,6 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await listener.stop()
                 app.state.auth.limiter.close()
                 app.state.auth.passwords.close()
+                await app.state.auth.fetcher.aclose()
         finally:
             await engine.dispose()
 
