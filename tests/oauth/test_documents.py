@@ -454,3 +454,23 @@ async def test_lookups_while_the_document_loads_share_its_fetch(
     assert all(client is not None and client.client_id == url for client in found)
     assert len(docs.hits(PATH)) == 1
     assert len(await rows(state)) == 1
+
+
+@pytest.mark.feature("end-session")
+async def test_sign_out_follows_a_document_clients_post_logout_uri_while_it_exists(
+    browser: httpx.AsyncClient, docs: DocServer, state: AppState, use_fetcher: FetcherFactory
+) -> None:
+    clock = Clock()
+    use_fetcher(clock=clock)
+    bye = "https://app.example/bye"
+    url = serve_document(docs, post_logout_redirect_uris=[bye])
+    params = {"client_id": url, "post_logout_redirect_uri": bye}
+    gone = await browser.get("/logout", params=params)
+    assert (gone.status_code, gone.headers["location"]) == (303, bye)
+    # The document is withdrawn: its row stays, but its URIs are no longer followed.
+    docs.serve(PATH, status=404, body=b"gone")
+    clock.now += 301
+    state.clients.invalidate()
+    plain = await browser.get("/logout", params=params)
+    assert plain.status_code == 200 and "location" not in plain.headers
+    assert len(await rows(state)) == 1
