@@ -295,15 +295,15 @@ class Fetcher:
         try:
             found = await self.resolver(host, port)
         except (OSError, UnicodeError):
-            raise FetchError(f"{host} does not resolve", transient=True) from None
+            raise FetchError(f"{host[:QUOTED]} does not resolve", transient=True) from None
         addresses: list[IPAddress] = []
         for each in found:
             try:
                 addresses.append(ipaddress.ip_address(each))
             except ValueError:
-                raise FetchError(f"{host} resolves to something that is not an address") from None
+                raise FetchError(f"{host[:QUOTED]} resolves to something not an address") from None
         if not addresses:
-            raise FetchError(f"{host} does not resolve", transient=True)
+            raise FetchError(f"{host[:QUOTED]} does not resolve", transient=True)
         return addresses
 
     async def _fetch(self, url: str, etag: str | None) -> _Answer:
@@ -323,7 +323,9 @@ class Fetcher:
             # order, and a lookup elsewhere may pick another.
             problem = address_problem(address, allow_loopback=self.allow_loopback)
             if problem is not None:
-                raise FetchError(f"{host} resolves to a {problem} address, which is not fetched")
+                raise FetchError(
+                    f"{host[:QUOTED]} resolves to an address that is not fetched ({problem})"
+                )
         headers = {"Host": target.netloc.decode("ascii")}
         if etag is not None:
             headers["If-None-Match"] = etag

@@ -286,6 +286,12 @@ REFUSALS: dict[str, Callable[[DocServer], str]] = {
     "http redirect URI": lambda d: serve_document(d, redirect_uris=["http://app.example/cb"]),
     "the admin scope": lambda d: serve_document(d, scope="openid admin"),
     "the password grant": lambda d: serve_document(d, grant_types=["password"]),
+    "a lone surrogate in the name": lambda d: serve_document(d, client_name="x\ud800"),
+    "a NUL in a redirect URI": lambda d: serve_document(
+        d, redirect_uris=["https://a.example/\x00"]
+    ),
+    "a NUL in the name": lambda d: serve_document(d, client_name="x\x00"),
+    "dpop_bound_access_tokens": lambda d: serve_document(d, dpop_bound_access_tokens=True),
     "root path": lambda d: (d.serve("/", document(d.url("/"))), d.url("/"))[1],
     "dot segment": lambda d: (
         d.serve("/a/../client.json", document(d.url("/a/../client.json"))),
