@@ -107,17 +107,29 @@ class ClientCache:
         self.trusted = trusted and self.ttl > 0
 
 
-_CLIENT = select(*cast(Table, Client.__table__).c).where(
+#: One client by id (``p_client_id``); ``server/documents.py`` reads with it too.
+CLIENT_BY_ID = select(*cast(Table, Client.__table__).c).where(
     Client.__table__.c.client_id == bindparam("p_client_id")
 )
 
 
-async def load(database: Database, client_id: str) -> Client | None:
+def is_document_id(client_id: str) -> bool:
+    """A URL: the client of a metadata document (``server/documents.py``), which no operator
+    could have named so (``manage.CLIENT_ID_RE`` has no ``:`` or ``/``)."""
+    return client_id.startswith(("https://", "http://"))
+
+
+async def load(
+    database: Database, client_id: str, *, documents: Loader | None = None
+) -> Client | None:
     """One statement, outside any transaction of the request (no BEGIN on PostgreSQL), behind
-    the circuit breaker like every unit of work."""
+    the circuit breaker like every unit of work. A URL-shaped id goes to ``documents`` (the
+    metadata-document loader) when one is given."""
+    if documents is not None and is_document_id(client_id):
+        return await documents(client_id)
 
     async def read(connection: AsyncConnection) -> Client | None:
-        row = (await connection.execute(_CLIENT, {"p_client_id": client_id})).first()
+        row = (await connection.execute(CLIENT_BY_ID, {"p_client_id": client_id})).first()
         return Client(**row._mapping) if row is not None else None
 
     return await database.run_core(read, autocommit=True)

@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from .clients import ClientCache
 from .config import Settings
 from .db import Database
+from .fetch import Fetcher
 from .keys import KeyStore
 from .passwords import Passwords
 from .ratelimit import Limiter
@@ -23,6 +24,8 @@ class AppState:
     passwords: Passwords
     limiter: Limiter
     clients: ClientCache
+    #: Client metadata documents and ``jwks_uri`` (server/fetch.py): SSRF-safe, cached.
+    fetcher: Fetcher
 
 
 async def get_state(request: Request) -> AppState:

@@ -34,11 +34,14 @@ from .config import Env, Settings
 from .cors import Cors
 from .db import Database, assert_schema_compatible, create_engine, is_unavailable
 from .deps import AppState, StateDep
+from .documents import load_document_client
+from .fetch import Fetcher
 from .jwks import PATH as JWKS_PATH
 from .jwks import JwksMiddleware
 from .keys import KeyStore
 from .metrics import KEYS_RELOAD_FAILING, KEYS_RELOAD_FAILURES, MetricsMiddleware
 from .metrics import router as metrics_router
+from .models import Client
 from .oauth.authorize import router as authorize_router
 from .oauth.client_keys import ClientKeys, not_wired
 from .oauth.registration_routes import ROUTES as REGISTRATION_ROUTES
@@ -118,11 +121,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             keys.reload()
             database = Database(settings, engine)
             postgresql = engine.dialect.name == "postgresql"
+
+            async def load_any_client(client_id: str) -> Client | None:
+                # ``state`` when it is read: tests put a broken database in its place.
+                state: AppState = app.state.auth
+                return await load_client(
+                    state.db,
+                    client_id,
+                    documents=lambda url: load_document_client(state, url),
+                )
+
             clients = ClientCache(
-                settings.client_cache_ttl,
-                # ``state.db`` when it is read: tests put a broken database in its place.
-                lambda client_id: load_client(app.state.auth.db, client_id),
-                trusted=not postgresql,
+                settings.client_cache_ttl, load_any_client, trusted=not postgresql
             )
             app.state.auth = state = AppState(
                 settings=settings,
@@ -131,6 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 passwords=Passwords(settings),
                 limiter=Limiter(settings),
                 clients=clients,
+                fetcher=Fetcher(settings),
             )
             # The OAuth core, built once: its grants and endpoints keep nothing of a request.
             # ``not_wired``: no fetcher yet, so a jwks_uri client cannot authenticate.
@@ -152,6 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await listener.stop()
                 app.state.auth.limiter.close()
                 app.state.auth.passwords.close()
+                await app.state.auth.fetcher.aclose()
         finally:
             await engine.dispose()
 

@@ -307,8 +307,9 @@ async def _logout_target(
         client_id = client_id or hinted
     if not client_id or text_problem(client_id, CLIENT_ID_LENGTH) is not None:
         return None, None
-    async with state.db.session() as db:
-        client = await db.get(Client, client_id)
+    # Through the client cache, as every OAuth endpoint: a metadata-document client exists
+    # only while its document does (server/documents.py), whatever rows it left behind.
+    client = await state.clients.get(client_id)
     if client is None:
         return None, None
     uri = params.get("post_logout_redirect_uri")
