@@ -144,6 +144,7 @@ def check_fetch_url(url: str, settings: Settings, name: str) -> str:
         raise MetadataError(f"{name} must be an absolute https URL")
     try:
         parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a port out of range)
     except ValueError:
         raise MetadataError(f"{name} must be an absolute https URL") from None
     allowed = ("https",) if settings.env is Env.production else ("https", "http")

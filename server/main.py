@@ -43,7 +43,6 @@ from .metrics import KEYS_RELOAD_FAILING, KEYS_RELOAD_FAILURES, MetricsMiddlewar
 from .metrics import router as metrics_router
 from .models import Client
 from .oauth.authorize import router as authorize_router
-from .oauth.client_keys import ClientKeys, not_wired
 from .oauth.registration_routes import ROUTES as REGISTRATION_ROUTES
 from .oauth.routes import PLAIN_ROUTES
 from .oauth.routes import router as oauth_router
@@ -144,8 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 fetcher=Fetcher(settings),
             )
             # The OAuth core, built once: its grants and endpoints keep nothing of a request.
-            # ``not_wired``: no fetcher yet, so a jwks_uri client cannot authenticate.
-            app.state.oauth = TokenServer(state, clients, ClientKeys(not_wired))
+            app.state.oauth = TokenServer(state, clients)
             listener = (
                 Listener(engine, clients, timeout=settings.db_connect_timeout)
                 if postgresql and clients.ttl > 0

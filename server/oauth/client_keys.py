@@ -22,6 +22,7 @@ from typing import Any
 from joserfc.jwk import KeySet
 
 from ..client_metadata import MetadataError, check_jwks
+from ..fetch import FetchError
 from ..models import Client
 from ..observability import log
 
@@ -33,12 +34,6 @@ MAX_CACHED = 1024
 
 class KeysUnavailable(Exception):
     """The client's keys cannot be had: its ``jwks_uri`` failed, or a key set is unusable."""
-
-
-async def not_wired(url: str, refresh: bool) -> Any:
-    """The fetch of an app with no fetcher: every ``jwks_uri`` client fails to authenticate
-    (``invalid_client``); registered ``jwks`` work."""
-    raise KeysUnavailable("jwks_uri fetching not wired")
 
 
 def _keyset(data: Any) -> KeySet:
@@ -86,12 +81,9 @@ class ClientKeys:
     async def _fetched_keys(self, url: str, *, refresh: bool) -> KeySet:
         try:
             data = await self.fetch(url, refresh)
-        except KeysUnavailable:
-            raise
-        except Exception as error:
-            # The fetcher's own error (``FetchError``), whatever its class: the client's keys
-            # are unavailable, which fails its authentication, never the server.
-            log.warning("client_keys.fetch_failed", jwks_uri=url, error=type(error).__name__)
+        except FetchError as error:
+            # The client's keys are unavailable: its authentication fails, never the server.
+            log.warning("client_keys.fetch_failed", jwks_uri=url, reason=error.reason)
             raise KeysUnavailable("jwks_uri could not be fetched") from error
         entry = self._fetched.get(url)
         if entry is not None and entry[0] is data:

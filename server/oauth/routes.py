@@ -287,6 +287,9 @@ def discovery_document(settings: Settings) -> dict[str, Any]:
     }
     if settings.client_registration != "off":
         document["registration_endpoint"] = issuer + "/oauth2/register"  # RFC 7591 §3
+    if settings.client_metadata_documents:
+        # draft-ietf-oauth-client-id-metadata-document: an https client_id is its document.
+        document["client_id_metadata_document_supported"] = True
     return document
 
 

@@ -32,7 +32,7 @@ from ..passwords import Verification, normalize_username
 from ..replay import ReplayGuard
 from . import store
 from .assertion import CLIENT_AUTH_FAILED, ClientAssertion
-from .client_keys import ClientKeys, not_wired
+from .client_keys import ClientKeys
 from .endpoints import Introspection, Revocation
 from .grants import ClientCredentialsGrant, CodeGrant, PasswordGrant, Pkce, RefreshTokenGrant
 from .registration import Configuration, Registration
@@ -46,11 +46,7 @@ __all__ = ["CLIENT_AUTH_FAILED", "Response", "TokenServer"]
 
 
 class TokenServer(AuthorizationServer):  # type: ignore[misc]
-    def __init__(
-        self, state: AppState, clients: ClientCache, client_keys: ClientKeys | None = None
-    ) -> None:
-        """``client_keys``: the keys of ``private_key_jwt`` clients; without one, a
-        ``jwks_uri`` cannot be fetched (``client_keys.not_wired``)."""
+    def __init__(self, state: AppState, clients: ClientCache) -> None:
         super().__init__()
         self.state = state
         self.settings = state.settings
@@ -60,7 +56,9 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
         self.assertions = ClientAssertion(
             state.settings,
             clients,
-            client_keys or ClientKeys(not_wired),
+            # A ``jwks_uri`` is read through the app's fetcher (SSRF-safe, cached), looked up
+            # at each call so that a test may give the app another one.
+            ClientKeys(lambda url, refresh: state.fetcher.get_json(url, refresh=refresh)),
             ReplayGuard(state.limiter.storage),
         )
         for method in JWT_AUTH_METHODS:

@@ -21,6 +21,7 @@ from limits.aio.storage import MemoryStorage
 
 from server.config import Settings
 from server.deps import AppState
+from server.fetch import FetchError
 from server.main import create_app
 from server.oauth.assertion import CLIENT_AUTH_FAILED, MAX_ASSERTION_LENGTH
 from server.oauth.client_keys import ClientKeys, KeysUnavailable
@@ -585,7 +586,7 @@ async def test_jwks_uri_failures_are_invalid_client(
     )
     url = state.settings.issuer + "/oauth2/token"
     for document in (
-        OSError("refused"),
+        FetchError("refused", transient=True),
         {"keys": [{"kty": "oct", "k": "c2VjcmV0"}]},  # a symmetric key: never
         {"keys": [RSA.as_dict(private=True)]},  # private members
         ["not", "a", "set"],
