@@ -222,6 +222,13 @@ def parse_client_metadata(
             "a client metadata document's client authenticates with none or private_key_jwt "
             "(it has no shared secret)"
         )
+    if document and "client_credentials" in grants:
+        # Anyone can publish a document: it identifies an app people sign in to (with their
+        # consent), never a service acting on its own, which only an operator or a vetted
+        # registration (an initial access token) may create.
+        raise MetadataError(
+            "a client metadata document's client uses authorization_code and refresh_token only"
+        )
     if "client_credentials" in grants and method not in KEYED_AUTH_METHODS:
         raise MetadataError("client_credentials needs a confidential authentication method")
     jwks = data.get("jwks")

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import Table, insert, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
+from starlette.requests import Request
 
 from . import clients, manage
 from .boundary import text_problem
@@ -29,7 +30,8 @@ from .config import Env, Settings
 from .deps import AppState
 from .fetch import FetchError
 from .models import Client
-from .observability import log
+from .observability import audit, log
+from .ratelimit import Verdict
 
 DOCUMENT = "document"
 #: Members a document must not have (draft §4.1: its client has no shared secret).
@@ -151,3 +153,26 @@ async def load_document_client(state: AppState, url: str) -> Client | None:
     if written is not None and written.origin == DOCUMENT:
         log.info("client_document.stored", client_id=url[:200], new=row is None)
     return written
+
+
+async def admit(state: AppState, request: Request, client_id: str | None) -> Verdict:
+    """Whether this request may make the server fetch a metadata document now: a URL client
+    id whose document is not in the fetcher's cache counts against the requesting address's
+    ``AUTH_RATE_LIMIT_REGISTRATION_IP`` (in a bucket of its own). Anyone can send any URL to
+    the authorization or token endpoint, and each new one is a fetch (and, when valid, a
+    row): unlimited, that would let one address make this server request a third party's
+    host at will. A cached document costs nothing, so a popular app's users never count."""
+    if (
+        not client_id
+        or not clients.is_document_id(client_id)
+        or not state.settings.client_metadata_documents
+        or state.fetcher.answers_from_cache(client_id)
+    ):
+        return Verdict(allowed=True)
+    limiter = state.limiter
+    verdict = await limiter.hit(
+        [(limiter.registration_ip, "client-document-ip", limiter.client_ip(request))]
+    )
+    if not verdict.allowed:
+        audit("rate_limit.exceeded", endpoint="client_document", scope=verdict.scope)
+    return verdict

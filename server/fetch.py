@@ -198,6 +198,11 @@ class Fetcher:
             task.cancel()
         await self._http.aclose()
 
+    def answers_from_cache(self, url: str) -> bool:
+        """Whether ``get_json(url)`` would answer now without asking the remote."""
+        entry = self._entries.get(url)
+        return entry is not None and self.clock() < entry.fresh_until
+
     async def get_json(self, url: str, *, refresh: bool = False) -> Any:
         """The JSON document at ``url``, from the cache while it is fresh. ``refresh``: ask the
         remote even so (an unknown ``kid`` in a ``jwks_uri`` client's assertion), but at most

@@ -126,6 +126,11 @@ def test_private_key_jwt_with_keys_or_a_uri() -> None:
     refused({**by_uri, "jwks_uri": "http://a.example/k"}, settings=production)
     refused({**by_uri, "jwks_uri": "https://a.example/k#x"})
     refused({**by_uri, "jwks_uri": "https://a.example:99999/k"})
+    # A document's client is an app people sign in to, never a service on its own.
+    assert "authorization_code and refresh_token only" in refused(
+        {**by_uri, "jwks_uri": "https://a.example/k", "grant_types": ["client_credentials"]},
+        document=True,
+    )
     # A document's client never holds a shared secret.
     assert "no shared secret" in refused(
         {**WEB, "token_endpoint_auth_method": "client_secret_basic"}, document=True

@@ -28,6 +28,7 @@ from fastapi import APIRouter, Request
 from sqlalchemy.orm import Session
 from starlette.responses import RedirectResponse, Response
 
+from .. import documents
 from ..boundary import column_length, text_problem
 from ..deps import AppState, StateDep
 from ..forms import FormError, parse_form, read_form, repeated
@@ -205,6 +206,9 @@ async def handle(
     # The client, for Authlib's ``query_client`` (server/clients.py); before the session is
     # opened, since a SQLite process has one connection.
     if client_id := params.get("client_id"):
+        admitted = await documents.admit(state, request, client_id)
+        if not admitted.allowed:
+            return _too_many_documents(admitted)
         await state.clients.get(client_id)
     async with state.db.session() as db:
         who = await current_session(request, db, settings)
@@ -279,6 +283,18 @@ def _too_many_codes(verdict: Verdict) -> Response:
         "Too many sign-in requests",
         f"This browser asked for too many sign-ins. Wait {verdict.retry_after} seconds "
         "and try again.",
+    )
+    response.headers["Retry-After"] = str(verdict.retry_after)
+    return response
+
+
+def _too_many_documents(verdict: Verdict) -> Response:
+    """429: this address made the server fetch too many client metadata documents."""
+    response = error_page(
+        429,
+        "Too many new applications",
+        f"Too many sign-ins with applications new to this server came from your network. "
+        f"Wait {verdict.retry_after} seconds and try again.",
     )
     response.headers["Retry-After"] = str(verdict.retry_after)
     return response

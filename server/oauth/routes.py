@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from .. import documents
 from ..config import Settings
 from ..deps import AppState, StateDep
 from ..models import sha256_hex
@@ -146,6 +147,16 @@ async def token(request: Request) -> Response:
     return token_response(status, body, headers)
 
 
+def _rate_limited(verdict: Verdict) -> ServerResponse:
+    retry_after = verdict.retry_after
+    description = f"Too many requests; retry in {retry_after} s."
+    return (
+        429,
+        {"error": "rate_limited", "error_description": description},
+        [("Retry-After", str(retry_after))],
+    )
+
+
 def _too_many(verdict: Verdict, endpoint: str = "token") -> Response:
     retry_after = verdict.retry_after
     audit("rate_limit.exceeded", endpoint=endpoint, scope=verdict.scope)
@@ -203,6 +214,10 @@ async def _run(
     """
     state: AppState = request.app.state.auth
     server: TokenServer = request.app.state.oauth
+    # A URL client id whose document this server would fetch now: limited per address.
+    admitted = await documents.admit(state, request, oauth_request.claimed_client_id)
+    if not admitted.allowed:
+        return _rate_limited(admitted)
     if oauth_request.assertion is not None:
         # RFC 7523 §2.2: verified here, where keys can be fetched and the jti checked in the
         # shared storage; Authlib then finds the verified client (``assertion.py``).

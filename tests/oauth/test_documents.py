@@ -403,7 +403,7 @@ async def test_a_document_client_authenticating_with_a_key_is_stored_without_a_u
         docs,
         token_endpoint_auth_method="private_key_jwt",
         jwks={"keys": [jwk]},
-        grant_types=["authorization_code", "client_credentials"],
+        grant_types=["authorization_code", "refresh_token"],
     )
     client = await state.clients.get(url)
     assert client is not None
