@@ -1021,11 +1021,15 @@ ISSUE_19_METADATA: dict[str, Any] = {
 }
 
 
+#: A member of ``Registrar.metadata`` to leave out of the documents the app serves.
+REMOVED: Any = object()
+
+
 @dataclass
 class Registrar:
-    """The real app, advertising ``metadata`` in both documents, with ``register`` answering
-    at the registration endpoint (the app of this branch has none) and a record of what the
-    check sent there."""
+    """The real app, advertising ``metadata`` in both documents (``REMOVED``: not at all),
+    with ``register`` answering at the registration endpoint instead of the app's own, and a
+    record of what the check sent there."""
 
     metadata: dict[str, Any]
     register: Callable[[httpx.Request], httpx.Response]
@@ -1035,7 +1039,8 @@ class Registrar:
         self, request: httpx.Request, response: httpx.Response, body: dict[str, Any] | None
     ) -> httpx.Response:
         if request.url.path in BOTH_DOCUMENTS and body is not None:
-            return replace_json(response, {**body, **self.metadata})
+            merged = {**body, **self.metadata}
+            return replace_json(response, {k: v for k, v in merged.items() if v is not REMOVED})
         if request.url.path.startswith(REGISTER):
             self.seen.append(request)
             return self.register(request)
@@ -1106,7 +1111,7 @@ async def test_without_a_registration_endpoint_there_is_nothing_to_refuse(
 ) -> None:
     """AUTH_CLIENT_REGISTRATION=off: none advertised, nothing sent, nothing registered."""
     fake = registrar()
-    fake.metadata.pop("registration_endpoint")
+    fake.metadata["registration_endpoint"] = REMOVED
     outcome = await without_credentials(app, fake)
     assert outcome.results["registration-refuses-empty"] == ("PASS", "")
     assert fake.seen == []
@@ -1252,7 +1257,8 @@ async def test_a_client_registered_by_mistake_is_deleted_again(app: FastAPI) -> 
                 "revocation_endpoint_auth_methods_supported": [
                     "client_secret_basic",
                     "private_key_jwt",
-                ]
+                ],
+                "revocation_endpoint_auth_signing_alg_values_supported": None,
             },
             "revocation_endpoint_auth_signing_alg_values_supported is required with "
             "private_key_jwt",
@@ -1308,10 +1314,7 @@ async def test_issue_19_metadata_faults_fail_discovery(
 ) -> None:
     fake = registrar()
     for name, value in metadata.items():
-        if value is None:
-            fake.metadata.pop(name, None)
-        else:
-            fake.metadata[name] = value
+        fake.metadata[name] = REMOVED if value is None else value
     outcome = await without_credentials(app, fake)
     assert outcome.named("FAIL") == {"discovery", "registration-refuses-empty"}, outcome.lines
     assert reason in outcome.reason("discovery")
