@@ -598,22 +598,6 @@ async def test_jwks_uri_failures_are_invalid_client(
 
 
 @pytest.mark.feature("client-auth-private-key-jwt")
-async def test_the_app_without_a_fetcher_refuses_jwks_uri_clients(
-    client: httpx.AsyncClient, state: AppState, make_client: MakeClient
-) -> None:
-    await make_client(
-        "remote",
-        auth_method="private_key_jwt",
-        jwks_uri="https://client.example/jwks",
-        grants=["client_credentials"],
-        settings=state.settings,
-    )
-    url = state.settings.issuer + "/oauth2/token"
-    assertion = sign(claims_for("remote", url), RSA, "RS256", kid="rsa-1")
-    assert_refused(await client.post("/oauth2/token", data={**CC, **form(assertion)}))
-
-
-@pytest.mark.feature("client-auth-private-key-jwt")
 async def test_client_keys_parse_registered_jwks_once_per_row() -> None:
     from server.models import Client
 
