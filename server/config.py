@@ -86,6 +86,22 @@ class Settings(BaseSettings):
     #: Development and tests only: let those fetches reach loopback addresses over http.
     #: Production refuses it (private, loopback and link-local addresses are never fetched).
     client_fetch_allow_loopback: bool = False
+    #: DPoP proofs (RFC 9449 §4.3 check 11, §11.1): how many seconds old a proof's ``iat`` may
+    #: be, and how far ahead of this server's clock. A proof is built just before its request,
+    #: so a minute covers a slow network and a client clock somewhat behind; each ``jti`` is
+    #: remembered (``AUTH_RATE_LIMIT_STORAGE``) for as long as its proof could be accepted. A
+    #: few seconds ahead allows for clocks that differ a little; a proof dated further ahead
+    #: would stay usable for longer than the window.
+    dpop_iat_leeway: int = Field(default=60, ge=5, le=300)
+    dpop_iat_future_leeway: int = Field(default=5, ge=0, le=60)
+    #: RFC 9449 §8: every proof must carry a nonce this server issued (``DPoP-Nonce``), so a
+    #: proof cannot be built ahead of its use. Nonces need no shared state: each is an HMAC of
+    #: the current time slot under a key derived from ``AUTH_SECRET_KEY``, and a new one is
+    #: issued every ``dpop_nonce_lifetime`` seconds; the previous slot's stays accepted (and
+    #: the next one's, for replicas whose clocks differ a little), so a nonce lives one to two
+    #: slots, and every replica with the same secret agrees.
+    dpop_require_nonce: bool = False
+    dpop_nonce_lifetime: int = Field(default=300, ge=30, le=3600)
 
     #: Lifetime of a browser sign-in on the hosted pages (the session cookie), in seconds.
     session_ttl: int = Field(default=86_400, ge=60)

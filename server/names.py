@@ -38,3 +38,8 @@ PRIVATE_KEY_ALGS: tuple[str, ...] = (
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
 )  # fmt: skip
 SECRET_ALGS: tuple[str, ...] = ("HS256", "HS384", "HS512")
+
+#: ``dpop_signing_alg_values_supported`` (RFC 9449 §5.1): the algorithms a DPoP proof may be
+#: signed with. Asymmetric only (RFC 9449 §4.2: a MAC-based algorithm must not be used, and
+#: ``none`` never): the proof carries the public key it is checked with.
+DPOP_ALGS: tuple[str, ...] = PRIVATE_KEY_ALGS
