@@ -54,6 +54,7 @@ from urllib.parse import urlsplit
 from joserfc import jws
 from joserfc.errors import JoseError, SecurityWarning
 from joserfc.jwk import JWKRegistry, Key
+from joserfc.jws import JWSRegistry
 
 from .boundary import text_problem
 from .config import Settings
@@ -304,7 +305,7 @@ class DpopVerifier:
             with warnings.catch_warnings():
                 # joserfc calls EdDSA deprecated (RFC 9864); RFC 9449 proofs still use it.
                 warnings.simplefilter("ignore", SecurityWarning)
-                signed = jws.deserialize_compact(proof, key, algorithms=[alg])
+                signed = jws.deserialize_compact(proof, key, registry=_registry(alg))
         except (JoseError, ValueError, TypeError, KeyError, RecursionError):
             raise DpopError("The DPoP proof signature does not verify with its jwk.") from None
         try:
@@ -368,6 +369,19 @@ class DpopVerifier:
                 "The DPoP nonce is stale or unknown: use the one in the DPoP-Nonce header.",
                 self.current_nonce(),
             )
+
+
+class _ProofRegistry(JWSRegistry):
+    #: joserfc's default (512 bytes) is shorter than the header of a proof with an RSA key
+    #: of 3072 bits or more; the whole proof is bounded by ``MAX_PROOF_LENGTH`` already.
+    max_header_length = MAX_PROOF_LENGTH
+
+
+def _registry(alg: str) -> JWSRegistry:
+    """The one algorithm the header names (checked against ``DPOP_ALGS``); header members
+    joserfc does not know are allowed (RFC 7515 §4: ignored unless listed in ``crit``, which
+    a proof may not carry), those it knows are type-checked."""
+    return _ProofRegistry(algorithms=[alg], strict_check_header=False)
 
 
 def _b64decode(segment: Any) -> bytes:
