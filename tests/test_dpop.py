@@ -213,7 +213,7 @@ async def test_an_oversized_proof_is_refused_before_parsing() -> None:
         "not json",
         "[]",
         '"dpop+jwt"',
-        "[" * 3000 + "]" * 3000,  # nesting deep enough to exhaust a recursive parser
+        "[" * 2000 + "]" * 2000,  # nesting deep enough to exhaust a recursive parser
     ],
 )
 async def test_an_unreadable_header_is_refused(header: str) -> None:
@@ -343,7 +343,7 @@ async def test_a_tampered_payload_is_refused() -> None:
     await refused(verifier(), f"{header}.{b64(json.dumps(claims(htm='GET')))}.{signature}")
 
 
-@pytest.mark.parametrize("payload", ["not json", "[1]", '"text"', "[" * 4000 + "]" * 4000])
+@pytest.mark.parametrize("payload", ["not json", "[1]", '"text"', "[" * 2000 + "]" * 2000])
 async def test_signed_claims_that_are_not_an_object_are_refused(payload: str) -> None:
     protected = {"typ": "dpop+jwt", "alg": "ES256", "jwk": EC.as_dict(private=False)}
     value = serialize(protected, payload.encode(), EC)
