@@ -124,6 +124,8 @@ class Client(Base):
     origin: Mapped[str | None] = mapped_column(String(16), default=None)
     #: RFC 7592 §3: SHA-256 of the registration access token of a registered client.
     registration_token_hash: Mapped[str | None] = mapped_column(String(64), default=None)
+    #: RFC 9449 §5 (``dpop_bound_access_tokens``): every token request needs a DPoP proof.
+    dpop_bound: Mapped[bool | None] = mapped_column(Boolean, default=None)
 
     def retry_window(self, default: int) -> int:
         return default if self.refresh_retry_window is None else self.refresh_retry_window
@@ -234,6 +236,9 @@ class RefreshFamily(Base):
     browser_session_id: Mapped[str | None] = mapped_column(
         ForeignKey("browser_sessions.id", ondelete="SET NULL"), default=None, index=True
     )
+    #: RFC 9449 §5: the JWK thumbprint (RFC 7638) of the key a public client's refresh tokens
+    #: of this sign-in are bound to; refreshing needs a proof with that key. ``None``: unbound.
+    dpop_jkt: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 def live_families(user_id: str, at: int) -> Select[RefreshFamily, str]:
