@@ -24,7 +24,7 @@ USERINFO = Realm("userinfo", "oauth", invalid="The access token is invalid or ex
 @router.api_route("/userinfo", methods=["GET", "POST"])
 async def userinfo(request: Request, state: StateDep) -> Response:
     """OpenID Connect Core §5.3, with a bearer access token (RFC 6750 §2.1)."""
-    claims = token_claims(request, state, USERINFO)
+    claims = await token_claims(request, state, USERINFO)
     async with state.db.session() as db:
         bearer = await live_bearer(db, claims)
     if bearer is None or bearer.user is None:
