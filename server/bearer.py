@@ -110,6 +110,10 @@ class Realm:
     invalid: str
     #: The ``api`` body's ``detail`` for a request without credentials.
     missing: str = ""
+    #: The resource takes DPoP-bound tokens too (``token_claims``; RFC 9449 §7.1), and
+    #: challenges with both schemes. Off for credentials that are only ever bearer tokens
+    #: (registration's, RFC 7591 §3 / RFC 7592 §3).
+    dpop: bool = False
 
     def missing_token(self) -> Refusal:
         # RFC 6750 §3.1: a request without credentials gets the challenge and no error code.
@@ -170,7 +174,7 @@ class Refusal(Exception):
             # RFC 6750 §3: the error in the challenge, and the same in the body.
             body = {"error": self.error, "error_description": self.description}
             response = JSONResponse(body, self.status, {**headers, "Cache-Control": "no-store"})
-        if self.error is None:
+        if self.error is None and self.realm.dpop:
             # No credentials: both schemes are accepted, each challenge in its own field
             # (RFC 9110 §11.6.1, RFC 9449 §7.1).
             dpop = challenge(self.realm.name, scheme=DPOP)["WWW-Authenticate"]
@@ -197,7 +201,7 @@ async def token_claims(request: Request, state: AppState, realm: Realm) -> dict[
     and, when it is DPoP-bound, the request's proof is good for it; checked without the
     database; else the realm's 401 (never raises anything else, whatever was sent)."""
     credential = presented(request)
-    if credential is None:
+    if credential is None or (credential.scheme == DPOP and not realm.dpop):
         raise realm.missing_token()
     claims = decode_access_token(
         state.keys.keyset(),

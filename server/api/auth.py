@@ -80,6 +80,7 @@ API = Realm(
     "api",
     invalid="The access token is invalid, expired or revoked.",
     missing="A bearer access token is required.",
+    dpop=True,
 )
 
 

@@ -18,7 +18,7 @@ from .routes import json_response
 
 router = APIRouter()
 
-USERINFO = Realm("userinfo", "oauth", invalid="The access token is invalid or expired.")
+USERINFO = Realm("userinfo", "oauth", invalid="The access token is invalid or expired.", dpop=True)
 
 
 @router.api_route("/userinfo", methods=["GET", "POST"])

@@ -22,6 +22,7 @@ from joserfc.jwk import ECKey, Key
 from sqlalchemy import func, select, update
 
 from server import manage
+from server.bearer import Realm
 from server.config import Settings
 from server.deps import AppState
 from server.models import Client, RefreshFamily, RefreshToken
@@ -582,3 +583,13 @@ async def test_discovery_names_the_proof_algorithms(client: httpx.AsyncClient) -
     document = (await client.get("/.well-known/openid-configuration")).json()
     assert document["dpop_signing_alg_values_supported"] == list(DPOP_ALGS)
     assert "none" not in document["dpop_signing_alg_values_supported"]
+
+
+def test_bearer_only_realms_challenge_with_bearer_alone() -> None:
+    """Registration's tokens (RFC 7591 §3) are only ever bearer tokens: no DPoP challenge."""
+    realm = Realm("registration", "oauth", invalid="The access token is not valid.")
+    assert realm.missing_token().response().headers.getlist("www-authenticate") == [
+        'Bearer realm="registration"'
+    ]
+    dpop = Realm("userinfo", "oauth", invalid="The access token is not valid.", dpop=True)
+    assert len(dpop.missing_token().response().headers.getlist("www-authenticate")) == 2
