@@ -579,6 +579,46 @@ async def test_nonce_required_then_accepted(settings: Settings, shared_apps: Sha
         assert wrong.json()["error"] == "use_dpop_nonce"
 
 
+async def test_a_resource_asks_for_the_nonce_too(
+    settings: Settings, shared_apps: SharedApps
+) -> None:
+    """RFC 9449 §9: /admin/v1 (bearer.py) answers 401 use_dpop_nonce with the nonce."""
+    nonce_settings = settings.model_copy(update={"dpop_require_nonce": True})
+    app: FastAPI = await shared_apps.get(nonce_settings)
+    await reset_app(app)
+    state: AppState = app.state.auth
+    async with state.db.sessions() as db:
+        created = await manage.create_client(
+            db, client_id="ops", admin=True, grants=["client_credentials"]
+        )
+        await db.commit()
+    creds = ClientCreds("ops", created.secret)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+        nonce = app.state.oauth.dpop.current_nonce()
+        issued = await http.post(
+            TOKEN_PATH,
+            data={"grant_type": "client_credentials", "scope": "admin"},
+            headers={**creds.basic, "DPoP": make_proof(nonce_settings, nonce=nonce)},
+        )
+        assert issued.status_code == 200, issued.text
+        token = issued.json()["access_token"]
+        good = {"method": "GET", "path": "/admin/v1/keys", "access_token": token}
+        without = await http.get(
+            "/admin/v1/keys",
+            headers={"Authorization": f"DPoP {token}", "DPoP": make_proof(nonce_settings, **good)},
+        )
+        assert without.status_code == 401, without.text
+        assert without.json()["error_code"] == "use_dpop_nonce"
+        assert 'error="use_dpop_nonce"' in without.headers["www-authenticate"]
+        fresh = without.headers["dpop-nonce"]
+        proof = make_proof(nonce_settings, nonce=fresh, **good)
+        listed = await http.get(
+            "/admin/v1/keys", headers={"Authorization": f"DPoP {token}", "DPoP": proof}
+        )
+        assert listed.status_code == 200, listed.text
+
+
 async def test_discovery_names_the_proof_algorithms(client: httpx.AsyncClient) -> None:
     document = (await client.get("/.well-known/openid-configuration")).json()
     assert document["dpop_signing_alg_values_supported"] == list(DPOP_ALGS)
