@@ -20,9 +20,14 @@ module for /userinfo, the account API (/api/v1) and the admin API (/admin/v1).
 What a token may do (its scope, a person or a client behind it) is each endpoint's own rule,
 checked on the ``Bearer`` it gets and refused through its realm.
 
-A second scheme (DPoP, RFC 9449) slots in here: ``presented`` returns it as a ``Credential``
-of that scheme with its proof, ``token_claims`` checks the proof and the token's binding, and
-the challenges name the schemes accepted.
+DPoP (RFC 9449 §7): ``presented`` also reads ``Authorization: DPoP <token>``, and
+``token_claims`` then checks the request's ``DPoP`` proof (``dpop.DpopVerifier``: ``htm`` the
+request's method, ``htu`` the issuer and the request's path, ``ath`` the token's hash, the key
+the token's ``cnf.jkt``). A bound token sent as ``Bearer``, and an unbound one sent as ``DPoP``
+(§7.2 lets a server refuse it), are ``invalid_token``; a bad proof is 401 with
+``WWW-Authenticate: DPoP error="invalid_dpop_proof", algs="…"`` (§7.1), a missing nonce
+``use_dpop_nonce`` with ``DPoP-Nonce``. A request without credentials is challenged with both
+schemes.
 """
 
 from __future__ import annotations
@@ -36,11 +41,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from .deps import AppState
+from .dpop import DpopBindingError, DpopError, DpopNonceError, DpopVerifier
 from .models import Client, User, now
+from .names import DPOP_ALGS
 from .oauth.store import access_token_live
 from .tokens import decode_access_token
 
 BEARER = "Bearer"
+DPOP = "DPoP"
+#: RFC 9449 §7.1: the ``algs`` parameter of a DPoP challenge.
+DPOP_ALGS_PARAM = " ".join(DPOP_ALGS)
+BOUND_AS_BEARER = "This access token is DPoP-bound: send it with the DPoP scheme and a proof."
+NOT_BOUND = "This access token is not DPoP-bound: send it with the Bearer scheme."
 
 
 @dataclass(frozen=True)
@@ -52,10 +64,15 @@ class Credential:
 
 
 def presented(request: Request) -> Credential | None:
-    """The request's ``Authorization: Bearer`` token (RFC 6750 §2.1), if it sent one."""
+    """The request's ``Authorization: Bearer`` (RFC 6750 §2.1) or ``Authorization: DPoP``
+    (RFC 9449 §7.1) token, if it sent one."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     token = token.strip()
-    return Credential(BEARER, token) if scheme.lower() == "bearer" and token else None
+    if not token:
+        return None
+    return {"bearer": Credential(BEARER, token), "dpop": Credential(DPOP, token)}.get(
+        scheme.lower()
+    )
 
 
 def challenge(
@@ -65,8 +82,11 @@ def challenge(
     scope: str = "",
     scheme: str = BEARER,
 ) -> dict[str, str]:
-    """The RFC 6750 §3 ``WWW-Authenticate`` header."""
+    """The RFC 6750 §3 ``WWW-Authenticate`` header; with the DPoP scheme, RFC 9449 §7.1's
+    (``algs`` added)."""
     parts = [f'realm="{realm}"']
+    if scheme == DPOP:
+        parts.append(f'algs="{DPOP_ALGS_PARAM}"')
     if error:
         parts.append(f'error="{error}"')
     if description:
@@ -90,13 +110,23 @@ class Realm:
     invalid: str
     #: The ``api`` body's ``detail`` for a request without credentials.
     missing: str = ""
+    #: The resource takes DPoP-bound tokens too (``token_claims``; RFC 9449 §7.1), and
+    #: challenges with both schemes. Off for credentials that are only ever bearer tokens
+    #: (registration's, RFC 7591 §3 / RFC 7592 §3).
+    dpop: bool = False
 
     def missing_token(self) -> Refusal:
         # RFC 6750 §3.1: a request without credentials gets the challenge and no error code.
         return Refusal(self, 401, None, self.missing)
 
-    def invalid_token(self) -> Refusal:
-        return Refusal(self, 401, "invalid_token", self.invalid)
+    def invalid_token(self, scheme: str = BEARER, description: str = "") -> Refusal:
+        return Refusal(self, 401, "invalid_token", description or self.invalid, scheme=scheme)
+
+    def dpop_refused(self, error: DpopError) -> Refusal:
+        """RFC 9449 §7.1: a proof refused (``invalid_dpop_proof``) or without the nonce it
+        needs (``use_dpop_nonce``, the nonce in ``DPoP-Nonce``)."""
+        nonce = error.nonce if isinstance(error, DpopNonceError) else None
+        return Refusal(self, 401, error.error, error.description, scheme=DPOP, nonce=nonce)
 
     def insufficient_scope(self, description: str, scope: str = "") -> Refusal:
         return Refusal(self, 403, "insufficient_scope", description, scope)
@@ -107,7 +137,15 @@ class Refusal(Exception):
     gives (main.py answers every ``Refusal`` raised by a route or a dependency with it)."""
 
     def __init__(
-        self, realm: Realm, status: int, error: str | None, description: str, scope: str = ""
+        self,
+        realm: Realm,
+        status: int,
+        error: str | None,
+        description: str,
+        scope: str = "",
+        *,
+        scheme: str = BEARER,
+        nonce: str | None = None,
     ) -> None:
         super().__init__(description)
         self.realm = realm
@@ -116,18 +154,32 @@ class Refusal(Exception):
         self.error = error
         self.description = description
         self.scope = scope
+        #: The scheme the challenge names: the one the credential was sent with.
+        self.scheme = scheme
+        #: RFC 9449 §8: the ``DPoP-Nonce`` to send.
+        self.nonce = nonce
 
     def response(self) -> Response:
         description = self.description if self.error else ""
-        headers = challenge(self.realm.name, self.error, description, self.scope)
+        headers = challenge(self.realm.name, self.error, description, self.scope, self.scheme)
+        if self.nonce is not None:
+            headers["DPoP-Nonce"] = self.nonce
+        response: Response
         if self.realm.body == "api":
             body = {"detail": self.description, "error_code": self.error or "missing_token"}
-            return JSONResponse(body, self.status, {"Cache-Control": "no-store", **headers})
-        if self.error is None:
-            return Response(status_code=self.status, headers=headers)
-        # RFC 6750 §3: the error in the challenge, and the same in the body.
-        body = {"error": self.error, "error_description": self.description}
-        return JSONResponse(body, self.status, {**headers, "Cache-Control": "no-store"})
+            response = JSONResponse(body, self.status, {"Cache-Control": "no-store", **headers})
+        elif self.error is None:
+            response = Response(status_code=self.status, headers=headers)
+        else:
+            # RFC 6750 §3: the error in the challenge, and the same in the body.
+            body = {"error": self.error, "error_description": self.description}
+            response = JSONResponse(body, self.status, {**headers, "Cache-Control": "no-store"})
+        if self.error is None and self.realm.dpop:
+            # No credentials: both schemes are accepted, each challenge in its own field
+            # (RFC 9110 §11.6.1, RFC 9449 §7.1).
+            dpop = challenge(self.realm.name, scheme=DPOP)["WWW-Authenticate"]
+            response.headers.append("WWW-Authenticate", dpop)
+        return response
 
 
 @dataclass(frozen=True)
@@ -144,12 +196,12 @@ class Bearer:
         return frozenset(str(self.claims["scope"]).split())
 
 
-def token_claims(request: Request, state: AppState, realm: Realm) -> dict[str, Any]:
-    """The claims of the request's access token if it is one we signed and it has not
-    expired, checked without the database; else the realm's 401 (never raises anything else,
-    whatever was sent)."""
+async def token_claims(request: Request, state: AppState, realm: Realm) -> dict[str, Any]:
+    """The claims of the request's access token if it is one we signed, it has not expired
+    and, when it is DPoP-bound, the request's proof is good for it; checked without the
+    database; else the realm's 401 (never raises anything else, whatever was sent)."""
     credential = presented(request)
-    if credential is None:
+    if credential is None or (credential.scheme == DPOP and not realm.dpop):
         raise realm.missing_token()
     claims = decode_access_token(
         state.keys.keyset(),
@@ -159,8 +211,37 @@ def token_claims(request: Request, state: AppState, realm: Realm) -> dict[str, A
         now=now(),
     )
     if claims is None:
-        raise realm.invalid_token()
+        raise realm.invalid_token(credential.scheme)
+    jkt = bound_key(claims)
+    if credential.scheme == BEARER:
+        if jkt is not None:
+            # RFC 9449 §7.1: a bound token is worth nothing without its proof.
+            raise realm.invalid_token(BEARER, BOUND_AS_BEARER)
+        return claims
+    if jkt is None:
+        raise realm.invalid_token(DPOP, NOT_BOUND)
+    verifier: DpopVerifier = request.app.state.oauth.dpop
+    try:
+        await verifier.verify(
+            request.headers.getlist("dpop"),
+            method=request.method,
+            # The URI the client addressed, from the issuer: never the Host header.
+            url=state.settings.issuer + request.url.path,
+            access_token=credential.token,
+            required_jkt=jkt,
+        )
+    except DpopBindingError:
+        raise realm.invalid_token(DPOP) from None
+    except DpopError as error:
+        raise realm.dpop_refused(error) from None
     return claims
+
+
+def bound_key(claims: dict[str, Any]) -> str | None:
+    """RFC 9449 §6.1: the thumbprint an access token is bound to (``cnf.jkt``), if any."""
+    cnf = claims.get("cnf")
+    jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
+    return jkt if isinstance(jkt, str) else None
 
 
 def _load(db: Session, claims: dict[str, Any]) -> Bearer | None:

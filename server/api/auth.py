@@ -80,6 +80,7 @@ API = Realm(
     "api",
     invalid="The access token is invalid, expired or revoked.",
     missing="A bearer access token is required.",
+    dpop=True,
 )
 
 
@@ -181,7 +182,7 @@ async def _authorized(
     work it was checked in; the handler runs inside. A token that is not ours, or expired, is
     refused before any connection is taken; a refusal after the check ends its transaction
     first (the database answered; the breaker hears so)."""
-    claims = token_claims(request, state, API)
+    claims = await token_claims(request, state, API)
     async with state.db.session() as db:
         bearer = await live_bearer(db, claims)
         refusal = _refusal(request, bearer, scope, person=person, first_party=first_party)

@@ -23,6 +23,7 @@ from authlib.oauth2.rfc6749.errors import InvalidGrantError, InvalidRequestError
 from authlib.oauth2.rfc7009 import RevocationEndpoint
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint
 
+from ..bearer import DPOP, bound_key
 from ..models import Client, sha256_hex
 from ..names import CONFIDENTIAL_AUTH_METHODS, USER_AUTH_METHODS
 from ..observability import audit
@@ -103,6 +104,11 @@ class _Lookup:
                 for name in ("scope", "client_id", "sub", "exp", "iat", "iss", "aud", "jti")
             },
         }
+        jkt = bound_key(claims)
+        if jkt is not None:
+            # RFC 9449 §6.2: a bound token, and the key it is bound to.
+            public["token_type"] = DPOP
+            public["cnf"] = {"jkt": jkt}
         return LiveToken(
             kind="access_token",
             client_id=claims["client_id"],

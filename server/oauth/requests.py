@@ -16,6 +16,7 @@ from authlib.oauth2.rfc6749.errors import InvalidClientError, InvalidRequestErro
 from authlib.oauth2.rfc6749.requests import BasicOAuth2Payload
 from starlette.requests import Request
 
+from ..dpop import Proof
 from ..forms import FormError, read_form
 from ..models import Client, now
 from .assertion import Presented, read_assertion
@@ -56,6 +57,9 @@ class FormRequest(OAuth2Request):  # type: ignore[misc]
         #: (``assertion.ClientAssertion.verify``, before Authlib runs).
         self.assertion: Presented | None = None
         self.asserted_client: Client | None = None
+        #: The request's DPoP proof (RFC 9449 §5), verified before Authlib runs
+        #: (``routes._run``); the access token is bound to its key.
+        self.dpop: Proof | None = None
 
     @property
     def form(self) -> dict[str, str]:

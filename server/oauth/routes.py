@@ -17,9 +17,11 @@ from starlette.types import Receive, Scope, Send
 from .. import documents
 from ..config import Settings
 from ..deps import AppState, StateDep
+from ..dpop import DpopError, DpopNonceError
 from ..models import sha256_hex
 from ..names import (
     CONFIDENTIAL_AUTH_METHODS,
+    DPOP_ALGS,
     GRANT_TYPES,
     PRIVATE_KEY_ALGS,
     SECRET_ALGS,
@@ -144,6 +146,10 @@ async def token(request: Request) -> Response:
         audit("token.refused", grant_type=grant_type, client_id=client_id, error=body.get("error"))
         if account is not None and body.get("error") == "invalid_grant":
             await limiter.failed(account, ip)
+    if status == 200 and oauth_request.dpop is not None and settings.dpop_require_nonce:
+        # RFC 9449 §8.2: the nonce for the client's next proof (it rotates by itself).
+        nonce = request.app.state.oauth.dpop.current_nonce()
+        headers = [*headers, ("DPoP-Nonce", nonce)]
     return token_response(status, body, headers)
 
 
@@ -192,6 +198,11 @@ async def _endpoint(request: Request, name: str, path: str) -> Response:
     return token_response(status, body, headers)
 
 
+def _dpop_error(error: DpopError) -> dict[str, Any]:
+    """RFC 9449 §7.1 / §12.2: ``invalid_dpop_proof`` or ``use_dpop_nonce``, as RFC 6749 §5.2."""
+    return {"error": error.error, "error_description": error.description}
+
+
 async def _run_again(db: AsyncConnection, result: ServerResponse) -> bool:
     """Revocation and introspection: running them twice answers the same, so run again."""
     return False
@@ -218,6 +229,20 @@ async def _run(
     admitted = await documents.admit(state, request, oauth_request.claimed_client_id)
     if not admitted.allowed:
         return _rate_limited(admitted)
+    if endpoint == "token":
+        # RFC 9449 §5: the proof is checked before anything else runs, so a refused one spends
+        # neither a client assertion nor a code or refresh token. Its URI is the issuer's,
+        # never one built from the Host header.
+        try:
+            oauth_request.dpop = await server.dpop.verify(
+                request.headers.getlist("dpop"),
+                method="POST",
+                url=state.settings.issuer + "/oauth2/token",
+            )
+        except DpopNonceError as error:
+            return 400, _dpop_error(error), [("DPoP-Nonce", error.nonce)]
+        except DpopError as error:
+            return 400, _dpop_error(error), []
     if oauth_request.assertion is not None:
         # RFC 7523 §2.2: verified here, where keys can be fetched and the jti checked in the
         # shared storage; Authlib then finds the verified client (``assertion.py``).
@@ -299,6 +324,7 @@ def discovery_document(settings: Settings) -> dict[str, Any]:
         "authorization_response_iss_parameter_supported": True,  # RFC 9207
         "request_parameter_supported": False,
         "claims_parameter_supported": False,
+        "dpop_signing_alg_values_supported": list(DPOP_ALGS),  # RFC 9449 §5.1
     }
     if settings.client_registration != "off":
         document["registration_endpoint"] = issuer + "/oauth2/register"  # RFC 7591 §3

@@ -20,12 +20,18 @@ from typing import Any
 
 from authlib.oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749 import OAuth2Request
-from authlib.oauth2.rfc6749.errors import InvalidClientError, UnsupportedResponseTypeError
+from authlib.oauth2.rfc6749.errors import (
+    InvalidClientError,
+    OAuth2Error,
+    UnsupportedResponseTypeError,
+)
 from authlib.oidc.core.util import create_half_hash
 from sqlalchemy.util import await_only
 
+from ..bearer import DPOP
 from ..clients import ClientCache
 from ..deps import AppState
+from ..dpop import INVALID_DPOP_PROOF, DpopVerifier, Proof
 from ..models import Client, User, new_id, sha256_hex
 from ..names import JWT_AUTH_METHODS
 from ..passwords import Verification, normalize_username
@@ -45,12 +51,24 @@ REFRESH_TOKEN_BYTES = 32  # 256 bits from the OS CSPRNG
 __all__ = ["CLIENT_AUTH_FAILED", "Response", "TokenServer"]
 
 
+class InvalidDpopProofError(OAuth2Error):  # type: ignore[misc]
+    """RFC 9449 §12.2: the request's DPoP proof is missing, malformed or refused."""
+
+    error = INVALID_DPOP_PROOF
+
+
 class TokenServer(AuthorizationServer):  # type: ignore[misc]
     def __init__(self, state: AppState, clients: ClientCache) -> None:
         super().__init__()
         self.state = state
         self.settings = state.settings
         self.clients = clients
+        #: One guard for every ``jti`` this app remembers (client assertions and DPoP
+        #: proofs, in their own namespaces), in the shared rate-limit storage.
+        replay = ReplayGuard(state.limiter.storage)
+        #: RFC 9449: the proofs of the token endpoint (``routes._run``) and of the resources
+        #: (``bearer.py``), checked by one verifier.
+        self.dpop = DpopVerifier(state.settings, replay)
         #: RFC 7523 §2.2: verified in the async prelude (``routes._run``), then handed to
         #: Authlib by the two registered methods.
         self.assertions = ClientAssertion(
@@ -59,7 +77,7 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
             # A ``jwks_uri`` is read through the app's fetcher (SSRF-safe, cached), looked up
             # at each call so that a test may give the app another one.
             ClientKeys(lambda url, refresh: state.fetcher.get_json(url, refresh=refresh)),
-            ReplayGuard(state.limiter.storage),
+            replay,
         )
         for method in JWT_AUTH_METHODS:
             self.register_client_auth_method(method, self.assertions)
@@ -95,6 +113,10 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
             # token, revocation and introspection endpoints alike.
             error.description = CLIENT_AUTH_FAILED
             raise
+        if endpoint == "token" and client.dpop_bound and getattr(request, "dpop", None) is None:
+            # RFC 9449 §5 (dpop_bound_access_tokens): checked once the client has
+            # authenticated and before the grant looks at its code or token, so nothing is spent.
+            raise InvalidDpopProofError("This client's tokens must be DPoP-bound: send a proof.")
         return client
 
     def get_authorization_grant(self, request: OAuth2Request) -> Any:
@@ -222,6 +244,9 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
             auth_time=auth_time,
             expires_at=request.issued_at + lifetime,
             browser_session_id=browser_session_id,
+            # RFC 9449 §5: a public client's refresh tokens are bound to the proof's key (a
+            # confidential client's are not: it authenticates when it refreshes).
+            dpop_jkt=request.dpop.jkt if request.dpop is not None and client.is_public else None,
         )
         store.insert_family(request.db, family, now=request.issued_at)
         request.family = family
@@ -271,9 +296,14 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
         if family is not None:
             # The family id lets one lookup revoke or introspect every token of a sign-in.
             claims["sid"] = family.id
+        proof: Proof | None = request.dpop
+        if proof is not None:
+            # RFC 9449 §6.1: bound to the proof's key; worth nothing without a fresh proof.
+            claims["cnf"] = {"jkt": proof.jkt}
         token: dict[str, Any] = {
             "access_token": self.state.keys.keyset().sign(claims, "at+jwt"),
-            "token_type": "Bearer",
+            # RFC 9449 §5: a bound token is of type DPoP.
+            "token_type": DPOP if proof is not None else "Bearer",
             "expires_in": settings.access_token_ttl,
             "scope": scope,
         }

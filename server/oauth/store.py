@@ -80,6 +80,8 @@ class Family:
     auth_time: int
     expires_at: int
     browser_session_id: str | None = None
+    #: RFC 9449 §5: a public client's refresh tokens are bound to this DPoP key thumbprint.
+    dpop_jkt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ _FAMILY_COLUMNS = (
     families.c.auth_time,
     families.c.expires_at,
     families.c.browser_session_id,
+    families.c.dpop_jkt,
 )
 
 # -- refresh_token ----------------------------------------------------------------------------
@@ -294,6 +297,7 @@ _INSERT_FAMILY = insert(families).values(
         "last_used_at": bindparam("p_now"),
         "expires_at": bindparam("p_expires_at"),
         "browser_session_id": bindparam("p_browser_session_id"),
+        "dpop_jkt": bindparam("p_dpop_jkt"),
     }
 )
 
@@ -311,6 +315,7 @@ def insert_family(db: Db, family: Family, *, now: int) -> None:
             "p_now": now,
             "p_expires_at": family.expires_at,
             "p_browser_session_id": family.browser_session_id,
+            "p_dpop_jkt": family.dpop_jkt,
         },
     )
 

@@ -18,13 +18,13 @@ from .routes import json_response
 
 router = APIRouter()
 
-USERINFO = Realm("userinfo", "oauth", invalid="The access token is invalid or expired.")
+USERINFO = Realm("userinfo", "oauth", invalid="The access token is invalid or expired.", dpop=True)
 
 
 @router.api_route("/userinfo", methods=["GET", "POST"])
 async def userinfo(request: Request, state: StateDep) -> Response:
     """OpenID Connect Core §5.3, with a bearer access token (RFC 6750 §2.1)."""
-    claims = token_claims(request, state, USERINFO)
+    claims = await token_claims(request, state, USERINFO)
     async with state.db.session() as db:
         bearer = await live_bearer(db, claims)
     if bearer is None or bearer.user is None:

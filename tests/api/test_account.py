@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from server import manage, models
+from server.bearer import DPOP_ALGS_PARAM
 from server.config import Env
 from server.deps import AppState
 from server.main import create_app
@@ -118,7 +119,11 @@ async def test_no_token_is_a_401_with_a_bare_bearer_challenge(
 ) -> None:
     response = await client.get(path)
     assert response.status_code == 401
-    assert response.headers["www-authenticate"] == 'Bearer realm="api"'  # RFC 6750 §3.1
+    # RFC 6750 §3.1 and RFC 9449 §7.1: no error code, one challenge per scheme accepted.
+    assert response.headers.get_list("www-authenticate") == [
+        'Bearer realm="api"',
+        f'DPoP realm="api", algs="{DPOP_ALGS_PARAM}"',
+    ]
     assert response.json()["error_code"] == "missing_token"
     basic = await client.get(path, headers={"Authorization": "Basic YTpi"})
     assert basic.status_code == 401

@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import update
 
 from server import manage, models
+from server.bearer import DPOP_ALGS_PARAM
 from server.deps import AppState
 from server.keys import KeyStore
 from server.main import create_app
@@ -146,7 +147,11 @@ async def test_every_operation_needs_a_live_admin_client_token(
 
     missing = await call(client, operation, {}, user.id)
     assert missing.status_code == 401
-    assert missing.headers["www-authenticate"] == 'Bearer realm="api"'  # RFC 6750 §3.1
+    # RFC 6750 §3.1 and RFC 9449 §7.1: no error code, one challenge per scheme accepted.
+    assert missing.headers.get_list("www-authenticate") == [
+        'Bearer realm="api"',
+        f'DPoP realm="api", algs="{DPOP_ALGS_PARAM}"',
+    ]
     assert missing.json()["error_code"] == "missing_token"
     assert missing.headers["cache-control"] == "no-store"
 

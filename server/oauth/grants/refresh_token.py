@@ -11,6 +11,7 @@ Two statements: ``store.find_refresh`` (token, family and user together) and ``s
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 from authlib.oauth2.rfc6749 import grants
@@ -23,6 +24,8 @@ from ...observability import audit
 from .. import resources as rfc8707
 from .. import store
 from .base import BAD_REFRESH_TOKEN, Grant, resolve_scope
+
+BOUND_TO_ANOTHER_KEY = "The refresh token is bound to another key."
 
 
 class RefreshTokenGrant(Grant, grants.RefreshTokenGrant):  # type: ignore[misc]
@@ -42,6 +45,11 @@ class RefreshTokenGrant(Grant, grants.RefreshTokenGrant):  # type: ignore[misc]
         if family.client_id != request.client.client_id:
             # Issued to another client: refuse, but leave the owner's family alone.
             raise InvalidGrantError(BAD_REFRESH_TOKEN)
+        if family.dpop_jkt is not None and not self.proves(family.dpop_jkt):
+            # RFC 9449 §5: a public client's bound refresh token needs a proof with its key.
+            # Checked before reuse detection: without the key the token is nobody's to use,
+            # so presenting it ends nothing (SPEC, DPoP).
+            raise InvalidGrantError(BOUND_TO_ANOTHER_KEY)
         if presented.family_revoked:
             raise InvalidGrantError(BAD_REFRESH_TOKEN)
         now = request.issued_at
@@ -59,6 +67,11 @@ class RefreshTokenGrant(Grant, grants.RefreshTokenGrant):  # type: ignore[misc]
             raise InvalidGrantError(BAD_REFRESH_TOKEN)
         request.presented = presented
         request.user = store.Subject(family.user_id)
+
+    def proves(self, jkt: str) -> bool:
+        """The request's DPoP proof (verified in ``routes._run``) is signed with key ``jkt``."""
+        proof = self.request.dpop
+        return proof is not None and hmac.compare_digest(proof.jkt, jkt)
 
     def check_scope(self) -> None:
         # RFC 6749 §6: never wider than the sign-in's grant, nor than what the client is
