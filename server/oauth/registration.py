@@ -123,6 +123,7 @@ def _apply(client: Client, meta: ClientMetadata) -> None:
     client.jwks = meta.jwks_json
     client.jwks_uri = meta.jwks_uri
     client.resources = None if meta.resources is None else " ".join(meta.resources)
+    client.dpop_bound = meta.dpop_bound
 
 
 def _uri(server: OAuthServer, client_id: str) -> str:
