@@ -605,6 +605,7 @@ def test_clients_list_and_show(cli: Cli, db: Settings) -> None:
         "token_endpoint_auth_method": "client_secret_basic",
         "resources": None,
         "origin": None,
+        "dpop_bound_access_tokens": False,
         "created_at": body["created_at"],
     }
     assert abs(body["created_at"] - time.time()) < 60
