@@ -180,3 +180,15 @@ def test_sealed_secrets_open_only_with_their_key_and_client() -> None:
     ]:
         with pytest.raises(secretbox.UnsealError):
             secretbox.unseal(key, value, context=context)
+
+
+def test_dpop_bound_access_tokens_is_accepted() -> None:
+    """RFC 9449 §5.2: a boolean, false when absent or null."""
+    assert parse_client_metadata({**WEB, "dpop_bound_access_tokens": True}, SETTINGS).dpop_bound
+    assert not parse_client_metadata(
+        {**WEB, "dpop_bound_access_tokens": False}, SETTINGS
+    ).dpop_bound
+    assert not parse_client_metadata(WEB, SETTINGS).dpop_bound
+    assert parse_client_metadata(
+        {**WEB, "dpop_bound_access_tokens": True}, SETTINGS, document=True
+    ).dpop_bound

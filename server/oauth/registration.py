@@ -101,6 +101,8 @@ def _metadata(request: RegistrationRequest, settings: Any) -> dict[str, Any]:
         "response_types": meta.response_types,
         "token_endpoint_auth_method": meta.auth_method,
         "scope": meta.scope,
+        # Always answered, as ``metadata_view`` does (RFC 9449 §5.2; false by default).
+        "dpop_bound_access_tokens": meta.dpop_bound,
     }
     if meta.post_logout_redirect_uris:
         body["post_logout_redirect_uris"] = meta.post_logout_redirect_uris
