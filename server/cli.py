@@ -316,6 +316,7 @@ def cmd_clients(settings: Settings, args: argparse.Namespace) -> int:
                 jwks=jwks,
                 jwks_uri=args.jwks_uri,
                 resources=args.resource,
+                dpop_bound=args.dpop_bound,
                 settings=settings,
             ),
         )
@@ -526,6 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="URI",
         help="a resource of AUTH_RESOURCES it may ask for (repeatable; default: all of them)",
+    )
+    create.add_argument(
+        "--dpop-bound",
+        action="store_true",
+        help="its access tokens must be DPoP-bound (RFC 9449): token requests without a DPoP "
+        "proof are refused",
     )
     create.add_argument("--admin", action="store_true", help="may receive the admin scope")
     create.add_argument(

@@ -62,6 +62,8 @@ class ClientMetadata:
     scope: str
     #: RFC 8707 resources of ``AUTH_RESOURCES`` it may ask for; ``None``: all of them.
     resources: list[str] | None
+    #: RFC 9449 §5.2 ``dpop_bound_access_tokens``: token requests need a DPoP proof.
+    dpop_bound: bool = False
 
     @property
     def jwks_json(self) -> str | None:
@@ -266,12 +268,15 @@ def parse_client_metadata(
     if resources is not None and not set(resources) <= set(settings.resources):
         raise MetadataError("resources may hold only resources this server serves")
 
+    flags: dict[str, bool] = {}
     for flag in ("dpop_bound_access_tokens", "require_pushed_authorization_requests"):
         value = data.get(flag)
         if value is not None and not isinstance(value, bool):
             raise MetadataError(f"{flag} must be a boolean")
-        if value:
-            raise MetadataError(f"{flag} is not supported by this server yet")
+        flags[flag] = bool(value)
+    if flags["require_pushed_authorization_requests"]:
+        # RFC 9126 §6: refusing it is right while there is no PAR endpoint to push to.
+        raise MetadataError("require_pushed_authorization_requests is not supported yet")
 
     name = _string(data, "client_name", MAX_NAME_LENGTH) or ""
     return ClientMetadata(
@@ -285,6 +290,7 @@ def parse_client_metadata(
         jwks_uri=jwks_uri,
         scope=" ".join(dict.fromkeys(scopes)),
         resources=resources,
+        dpop_bound=flags["dpop_bound_access_tokens"],
     )
 
 
@@ -299,6 +305,8 @@ def metadata_view(client: Any) -> dict[str, Any]:
         "response_types": ["code"] if client.check_grant_type("authorization_code") else [],
         "token_endpoint_auth_method": client.token_endpoint_auth_method,
         "scope": client.scope,
+        # RFC 9449 §5.2: always answered, false when it was not registered (its default).
+        "dpop_bound_access_tokens": bool(client.dpop_bound),
     }
     if client.post_logout_redirect_uris:
         view["post_logout_redirect_uris"] = client.post_logout_redirect_uri_list

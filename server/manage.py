@@ -105,6 +105,8 @@ def client_view(client: Client) -> dict[str, Any]:
         "resources": client.resource_list,
         #: ``None``: an operator's; ``registration`` (RFC 7591); ``document`` (a metadata URL).
         "origin": client.origin,
+        #: RFC 9449 §5.2: its token requests must carry a DPoP proof.
+        "dpop_bound_access_tokens": bool(client.dpop_bound),
         "created_at": client.created_at,
     }
 
@@ -293,12 +295,15 @@ async def create_client(
     jwks: Any = None,
     jwks_uri: str | None = None,
     resources: Sequence[str] | None = None,
+    dpop_bound: bool = False,
     settings: Settings | None = None,
     actor: str | None = None,
 ) -> NewClient:
     """``auth_method``: RFC 7591 §2 ``token_endpoint_auth_method`` (default: ``none`` when
     ``public``, else ``client_secret_basic``); ``jwks`` (a JWK Set) or ``jwks_uri`` for
-    ``private_key_jwt``; ``resources``: the RFC 8707 resources it may ask for (``None``: all).
+    ``private_key_jwt``; ``resources``: the RFC 8707 resources it may ask for (``None``: all);
+    ``dpop_bound``: RFC 9449 §5.2 ``dpop_bound_access_tokens``, the token endpoint refuses
+    its requests without a DPoP proof.
     ``settings`` is needed for ``client_secret_jwt`` (its secret is sealed with
     ``AUTH_SECRET_KEY``), a ``jwks_uri`` and ``resources``."""
     if not CLIENT_ID_RE.fullmatch(client_id):
@@ -346,6 +351,7 @@ async def create_client(
         is_first_party=first_party,
         post_logout_redirect_uris=" ".join(logout_uris),
         refresh_retry_window=refresh_retry_window,
+        dpop_bound=dpop_bound,
     )
     db.add(client)
     await db.flush()
@@ -357,6 +363,7 @@ async def create_client(
         admin=admin,
         resource_server=resource_server,
         auth_method=method,
+        dpop_bound=dpop_bound,
     )
     return NewClient(client=client, secret=credentials.secret)
 
@@ -395,6 +402,7 @@ CLIENT_CHANGES = frozenset(
         "jwks",
         "jwks_uri",
         "resources",
+        "dpop_bound_access_tokens",
     }
 )
 
@@ -416,10 +424,13 @@ async def update_client(
     that needs a new secret (from ``private_key_jwt``, or into ``client_secret_jwt``, whose
     secret must be sealed), a new secret is made and returned once, as by a rotation. Its
     keys (``jwks``/``jwks_uri``) are checked against the resulting method; changing one
-    replaces the other. ``resources``: a list, or ``None`` for all."""
+    replaces the other. ``resources``: a list, or ``None`` for all.
+    ``dpop_bound_access_tokens``: a bool (RFC 9449 §5.2)."""
     unknown = set(changes) - CLIENT_CHANGES
     if unknown:
         raise ManageError(f"cannot change {sorted(unknown)[0]!r}")
+    if not isinstance(changes.get("dpop_bound_access_tokens", False), bool):
+        raise ManageError("dpop_bound_access_tokens must be true or false")
     client = await get_client(db, client_id)
     grants = _checked_grants(
         changes.get("grant_types", client.grant_type_list), public=client.is_public
@@ -471,6 +482,8 @@ async def update_client(
     client.scope = " ".join(scopes)
     client.redirect_uris = " ".join(dict.fromkeys(uris))
     client.post_logout_redirect_uris = " ".join(dict.fromkeys(logout_uris))
+    if "dpop_bound_access_tokens" in changes:
+        client.dpop_bound = changes["dpop_bound_access_tokens"]
     if "refresh_retry_window" in changes:
         _check_retry_window(changes["refresh_retry_window"])
         client.refresh_retry_window = changes["refresh_retry_window"]

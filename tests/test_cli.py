@@ -605,6 +605,7 @@ def test_clients_list_and_show(cli: Cli, db: Settings) -> None:
         "token_endpoint_auth_method": "client_secret_basic",
         "resources": None,
         "origin": None,
+        "dpop_bound_access_tokens": False,
         "created_at": body["created_at"],
     }
     assert abs(body["created_at"] - time.time()) < 60
@@ -1759,3 +1760,13 @@ def test_clients_create_with_resources(
     )
     assert unknown.code == 1 and "not one of AUTH_RESOURCES" in unknown.messages[0]
     assert json.loads(cli("clients", "show", "any").out)["origin"] is None
+
+
+@pytest.mark.feature("cli-clients", "sqlite-backend", "postgres-backend")
+def test_clients_create_dpop_bound(cli: Cli, db: Settings) -> None:
+    body = cli("clients", "create", "--client-id", "fapi", "--dpop-bound", "--json").json()
+    assert body["dpop_bound_access_tokens"] is True
+    row = client_row(db, "fapi")
+    assert row is not None and row.dpop_bound is True
+    plain = cli("clients", "create", "--client-id", "plain", "--json").json()
+    assert plain["dpop_bound_access_tokens"] is False

@@ -96,7 +96,16 @@ def test_redirect_uris_refused(uri: str) -> None:
         ({**WEB, "scope": 7}, "must be a string"),
         ({**WEB, "client_name": "x" * 201}, "at most 200"),
         ({**WEB, "resources": ["https://other.example.com"]}, "resources"),
-        ({**WEB, "dpop_bound_access_tokens": True}, "not supported"),
+        ({**WEB, "dpop_bound_access_tokens": "true"}, "boolean"),
+        ({**WEB, "dpop_bound_access_tokens": 1}, "boolean"),
+        (
+            {
+                **WEB,
+                "dpop_bound_access_tokens": None,
+                "require_pushed_authorization_requests": True,
+            },
+            "not supported",
+        ),
         ({**WEB, "require_pushed_authorization_requests": "yes"}, "boolean"),
         ({"redirect_uris": ["https://a.example/" + str(i) for i in range(21)]}, "at most 20"),
         ([], "JSON object"),
@@ -171,3 +180,15 @@ def test_sealed_secrets_open_only_with_their_key_and_client() -> None:
     ]:
         with pytest.raises(secretbox.UnsealError):
             secretbox.unseal(key, value, context=context)
+
+
+def test_dpop_bound_access_tokens_is_accepted() -> None:
+    """RFC 9449 §5.2: a boolean, false when absent or null."""
+    assert parse_client_metadata({**WEB, "dpop_bound_access_tokens": True}, SETTINGS).dpop_bound
+    assert not parse_client_metadata(
+        {**WEB, "dpop_bound_access_tokens": False}, SETTINGS
+    ).dpop_bound
+    assert not parse_client_metadata(WEB, SETTINGS).dpop_bound
+    assert parse_client_metadata(
+        {**WEB, "dpop_bound_access_tokens": True}, SETTINGS, document=True
+    ).dpop_bound

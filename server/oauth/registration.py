@@ -101,6 +101,8 @@ def _metadata(request: RegistrationRequest, settings: Any) -> dict[str, Any]:
         "response_types": meta.response_types,
         "token_endpoint_auth_method": meta.auth_method,
         "scope": meta.scope,
+        # Always answered, as ``metadata_view`` does (RFC 9449 §5.2; false by default).
+        "dpop_bound_access_tokens": meta.dpop_bound,
     }
     if meta.post_logout_redirect_uris:
         body["post_logout_redirect_uris"] = meta.post_logout_redirect_uris
@@ -123,6 +125,7 @@ def _apply(client: Client, meta: ClientMetadata) -> None:
     client.jwks = meta.jwks_json
     client.jwks_uri = meta.jwks_uri
     client.resources = None if meta.resources is None else " ".join(meta.resources)
+    client.dpop_bound = meta.dpop_bound
 
 
 def _uri(server: OAuthServer, client_id: str) -> str:

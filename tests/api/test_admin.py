@@ -305,6 +305,7 @@ async def test_a_client_is_created_with_its_secret_shown_once(
         "jwks_uri": None,
         "resources": None,
         "origin": None,
+        "dpop_bound_access_tokens": False,
         "created_at": body["created_at"],
     }
     assert abs(body["created_at"] - time.time()) < 60
@@ -322,6 +323,7 @@ async def test_a_client_is_created_with_its_secret_shown_once(
             "admin": False,
             "resource_server": False,
             "auth_method": "client_secret_basic",
+            "dpop_bound": False,
             "actor_client_id": "ops",
             "via": "admin_api",
         },

@@ -196,3 +196,28 @@ async def test_admin_refuses_bad_methods_keys_and_resources(
         refused = await client.patch("/admin/v1/clients/pub", headers=admin, json=change)
         assert refused.status_code == 400, (change, refused.text)
         assert refused.json()["error_code"] == "invalid_client_metadata"
+
+
+@pytest.mark.feature("admin-api")
+async def test_admin_sets_dpop_bound_access_tokens(
+    client: httpx.AsyncClient, admin: dict[str, str]
+) -> None:
+    created = await client.post(
+        "/admin/v1/clients",
+        headers=admin,
+        json={"client_id": "fapi", "dpop_bound_access_tokens": True},
+    )
+    assert created.status_code == 201, created.text
+    assert created.json()["dpop_bound_access_tokens"] is True
+    for bad in ("true", 1, None):
+        refused = await client.patch(
+            "/admin/v1/clients/fapi", headers=admin, json={"dpop_bound_access_tokens": bad}
+        )
+        assert refused.status_code == 422, (bad, refused.text)
+    changed = await client.patch(
+        "/admin/v1/clients/fapi", headers=admin, json={"dpop_bound_access_tokens": False}
+    )
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["dpop_bound_access_tokens"] is False
+    shown = await client.get("/admin/v1/clients/fapi", headers=admin)
+    assert shown.json()["dpop_bound_access_tokens"] is False

@@ -291,7 +291,12 @@ REFUSALS: dict[str, Callable[[DocServer], str]] = {
         d, redirect_uris=["https://a.example/\x00"]
     ),
     "a NUL in the name": lambda d: serve_document(d, client_name="x\x00"),
-    "dpop_bound_access_tokens": lambda d: serve_document(d, dpop_bound_access_tokens=True),
+    "dpop_bound_access_tokens not a boolean": lambda d: serve_document(
+        d, dpop_bound_access_tokens="true"
+    ),
+    "require_pushed_authorization_requests": lambda d: serve_document(
+        d, require_pushed_authorization_requests=True
+    ),
     "root path": lambda d: (d.serve("/", document(d.url("/"))), d.url("/"))[1],
     "dot segment": lambda d: (
         d.serve("/a/../client.json", document(d.url("/a/../client.json"))),

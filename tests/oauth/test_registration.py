@@ -401,3 +401,25 @@ async def test_a_registered_public_client_signs_people_in_and_its_consent_says_s
     )
     assert token.status_code == 200, token.text
     assert "id_token" in token.json() and "refresh_token" not in token.json()
+
+
+async def test_dpop_bound_access_tokens_is_registered_echoed_and_stored(
+    client: httpx.AsyncClient, state: AppState
+) -> None:
+    token = await initial_token(state)
+    plain = await register(client, WEB, token)
+    assert plain.status_code == 201, plain.text
+    assert plain.json()["dpop_bound_access_tokens"] is False
+    response = await register(client, {**WEB, "dpop_bound_access_tokens": True}, token)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["dpop_bound_access_tokens"] is True
+    read = await client.get(path(body), headers=bearer(body["registration_access_token"]))
+    assert read.status_code == 200, read.text
+    assert read.json()["dpop_bound_access_tokens"] is True
+    async with state.db.sessions() as db:
+        row = await db.get(Client, body["client_id"])
+        assert row is not None and row.dpop_bound is True
+    refused = await register(client, {**WEB, "dpop_bound_access_tokens": "yes"}, token)
+    assert refused.status_code == 400
+    assert refused.json()["error"] == "invalid_client_metadata"

@@ -66,6 +66,7 @@ async def create_client(new: NewClient, admin: AdminDep, state: StateDep) -> Cre
             jwks=None if new.jwks is None else new.jwks.model_dump(),
             jwks_uri=new.jwks_uri,
             resources=new.resources,
+            dpop_bound=new.dpop_bound_access_tokens,
             settings=state.settings,
             actor=admin.client_id,
         )
@@ -98,9 +99,9 @@ async def show_client(client_id: ClientId, admin: AdminDep) -> ClientOut:
 async def update_client(
     client_id: ClientId, change: ClientChange, admin: AdminDep, state: StateDep
 ) -> ChangedClient:
-    """Change the name, consent, grants, scopes, URIs, resources, keys or authentication
-    method; sign-ins already made keep only the scopes the client still has when they next
-    refresh. A change of method that needs a new secret answers it, once."""
+    """Change the name, consent, grants, scopes, URIs, resources, keys, authentication
+    method or DPoP binding; sign-ins already made keep only the scopes the client still has
+    when they next refresh. A change of method that needs a new secret answers it, once."""
     with client_refusals():
         updated = await manage.update_client(
             admin.db,

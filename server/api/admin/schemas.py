@@ -63,6 +63,8 @@ class ClientOut(BaseModel):
     #: ``null``: created by an operator; ``registration`` (RFC 7591); ``document`` (its
     #: client_id is the URL of its metadata document).
     origin: str | None
+    #: RFC 9449 §5.2: its token requests without a DPoP proof are refused.
+    dpop_bound_access_tokens: bool
     created_at: int
 
 
@@ -106,6 +108,9 @@ class _Registration(Body):
     jwks_uri: Uri | None = None
     #: RFC 8707 resources (of ``AUTH_RESOURCES``) it may ask for; ``null``: all of them.
     resources: list[Uri] | None = Field(default=None, max_length=20)
+    #: RFC 9449 §5.2: its access tokens must be DPoP-bound; token requests without a DPoP
+    #: proof are refused.
+    dpop_bound_access_tokens: bool = False
 
 
 class NewClient(_Registration):
