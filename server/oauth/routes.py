@@ -164,16 +164,8 @@ def _rate_limited(verdict: Verdict) -> ServerResponse:
 
 
 def _too_many(verdict: Verdict, endpoint: str = "token") -> Response:
-    retry_after = verdict.retry_after
     audit("rate_limit.exceeded", endpoint=endpoint, scope=verdict.scope)
-    return token_response(
-        429,
-        {
-            "error": "rate_limited",
-            "error_description": f"Too many requests; retry in {retry_after} s.",
-        },
-        [("Retry-After", str(retry_after))],
-    )
+    return token_response(*_rate_limited(verdict))
 
 
 async def revoke(request: Request) -> Response:

@@ -347,6 +347,10 @@ def test_cli_prints_an_initial_access_token(cli: Any) -> None:
     assert len(issued["token"]) >= 43 and issued["expires_at"] > models.now()
     text = cli("clients", "registration-token")
     assert text.code == 0 and "initial access token:" in text.out
+    # SPEC: one hour by default.
+    before = models.now()
+    default = cli("clients", "registration-token", "--json").json()
+    assert before + 3600 <= default["expires_at"] <= models.now() + 3600
     assert cli("clients", "registration-token", "--ttl", "5").code != 0
 
 
