@@ -622,6 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(settings.log_level, stream=sys.stderr)
         if args.command == "serve":
             settings.check_production()
+            settings.check_profile()
         return COMMANDS[args.command](settings, args)
     except ValidationError as exc:
         first = exc.errors()[0]

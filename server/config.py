@@ -102,6 +102,13 @@ class Settings(BaseSettings):
     #: slots, and every replica with the same secret agrees.
     dpop_require_nonce: bool = False
     dpop_nonce_lifetime: int = Field(default=300, ge=30, le=3600)
+    #: RFC 9126 §5: /oauth2/authorize accepts only requests pushed to /oauth2/par (a
+    #: ``request_uri``), for every client; per client: ``require_pushed_authorization_requests``.
+    require_par: bool = False
+    #: The FAPI 2.0 Security Profile at once (README, "FAPI 2.0"): PAR, PKCE and DPoP-bound
+    #: tokens for every request, ``private_key_jwt`` for every client, no password grant.
+    #: Refuses to start when another setting contradicts it (``profile_problems``).
+    fapi2: bool = False
 
     #: Lifetime of a browser sign-in on the hosted pages (the session cookie), in seconds.
     session_ttl: int = Field(default=86_400, ge=60)
@@ -325,6 +332,36 @@ class Settings(BaseSettings):
                 "(19456 KiB, 2): remove them to use the defaults"
             )
         return reasons
+
+    def profile_problems(self) -> list[str]:
+        """Why ``AUTH_FAPI2`` cannot hold with the other settings, each with its fix."""
+        if not self.fapi2:
+            return []
+        problems: list[str] = []
+        if self.authorization_code_ttl > 60:
+            # FAPI 2.0 Security Profile §5.3.2.1 item 11.
+            problems.append(
+                f"AUTH_AUTHORIZATION_CODE_TTL={self.authorization_code_ttl} is over the 60 s "
+                "FAPI 2.0 allows: remove it to use the default"
+            )
+        if self.env is Env.production and not self.issuer.startswith("https://"):
+            problems.append(
+                "AUTH_ISSUER is not https, which FAPI 2.0 requires: set it to the public https URL"
+            )
+        if self.env is Env.production and self.rate_limit_storage.startswith("memory"):
+            # DPoP proofs' and client assertions' jti must be refused across replicas.
+            problems.append(
+                "AUTH_RATE_LIMIT_STORAGE is memory://: a DPoP proof or client assertion "
+                "replayed to another replica would be accepted; set it to a redis:// URL"
+            )
+        return problems
+
+    def check_profile(self) -> None:
+        problems = self.profile_problems()
+        if problems:
+            raise InsecureSettingsError(
+                "refusing to start with AUTH_FAPI2:\n  - " + "\n  - ".join(problems)
+            )
 
     def check_production(self) -> None:
         if self.env is Env.production:

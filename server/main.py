@@ -104,6 +104,7 @@ class App(FastAPI):
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     settings.check_production()
+    settings.check_profile()
     if settings.env is not Env.production and not settings.issuer.startswith("https://"):
         # Authlib refuses plain-http request URLs unless told otherwise; production never is.
         os.environ.setdefault("AUTHLIB_INSECURE_TRANSPORT", "1")

@@ -126,6 +126,9 @@ class Client(Base):
     registration_token_hash: Mapped[str | None] = mapped_column(String(64), default=None)
     #: RFC 9449 §5 (``dpop_bound_access_tokens``): every token request needs a DPoP proof.
     dpop_bound: Mapped[bool | None] = mapped_column(Boolean, default=None)
+    #: RFC 9126 §6 (``require_pushed_authorization_requests``): /oauth2/authorize accepts only
+    #: a ``request_uri`` from /oauth2/par.
+    require_par: Mapped[bool | None] = mapped_column(Boolean, default=None)
 
     def retry_window(self, default: int) -> int:
         return default if self.refresh_retry_window is None else self.refresh_retry_window
@@ -341,6 +344,9 @@ class AuthorizationCode(Base):
     used_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
     #: The family the exchange started, so reuse can revoke what the code issued.
     family_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    #: RFC 9449 §10: the thumbprint of the DPoP key the code is bound to (``dpop_jkt`` at
+    #: /oauth2/authorize, or the key of the proof sent to /oauth2/par).
+    dpop_jkt: Mapped[str | None] = mapped_column(String(64), default=None)
 
     def get_redirect_uri(self) -> str | None:
         # What Authlib's token-request validation compares the token request's URI with.
@@ -371,3 +377,24 @@ class RegistrationToken(Base):
     token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+class PushedRequest(Base):
+    """RFC 9126: an authorization request pushed to /oauth2/par, until one code is issued for
+    it. Only the hash of its ``request_uri`` is stored. It must be opened at /oauth2/authorize
+    before ``expires_at``; the first browser that opens it holds it (``browser_hash``, the
+    hash of that browser's ``par`` cookie) for the sign-in, and nobody else can open it."""
+
+    __tablename__ = "pushed_requests"
+
+    request_uri_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    client_id: Mapped[str] = mapped_column(
+        ForeignKey("clients.client_id", ondelete="CASCADE"), index=True
+    )
+    #: The validated request parameters, as a JSON object of strings.
+    params: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    expires_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    browser_hash: Mapped[str | None] = mapped_column(String(64), default=None)
+    #: Set once, atomically, when the request ends at the client (a code or an error).
+    used_at: Mapped[int | None] = mapped_column(BigInteger, default=None)

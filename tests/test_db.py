@@ -57,6 +57,7 @@ TABLES = {
     "revoked_access_tokens",
     "browser_sessions",
     "authorization_codes",
+    "pushed_requests",
     "consents",
 }
 
