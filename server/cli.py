@@ -287,8 +287,9 @@ def cmd_tokens(settings: Settings, args: argparse.Namespace) -> int:
     print(
         f"deleted {pruned.families} ended sign-ins (with their refresh tokens), "
         f"{pruned.revoked_access_tokens} expired access-token revocations, "
-        f"{pruned.authorization_codes} expired authorization codes and "
-        f"{pruned.browser_sessions} ended browser sessions"
+        f"{pruned.authorization_codes} expired authorization codes, "
+        f"{pruned.browser_sessions} ended browser sessions and "
+        f"{pruned.pushed_requests} expired pushed authorization requests"
     )
     return 0
 

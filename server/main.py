@@ -43,6 +43,7 @@ from .metrics import KEYS_RELOAD_FAILING, KEYS_RELOAD_FAILURES, MetricsMiddlewar
 from .metrics import router as metrics_router
 from .models import Client
 from .oauth.authorize import router as authorize_router
+from .oauth.par import ROUTES as PAR_ROUTES
 from .oauth.registration_routes import ROUTES as REGISTRATION_ROUTES
 from .oauth.routes import PLAIN_ROUTES
 from .oauth.routes import router as oauth_router
@@ -185,7 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(MetricsMiddleware)
     # The schema describes the JSON APIs; OAuth endpoints are described by discovery (RFC 8414).
-    app.router.routes.extend(PLAIN_ROUTES + REGISTRATION_ROUTES)
+    app.router.routes.extend(PLAIN_ROUTES + PAR_ROUTES + REGISTRATION_ROUTES)
     app.include_router(oauth_router, include_in_schema=False)
     app.include_router(userinfo_router, include_in_schema=False)
     app.include_router(authorize_router, include_in_schema=False)

@@ -26,6 +26,7 @@ from .models import (
     AuthorizationCode,
     BrowserSession,
     Client,
+    PushedRequest,
     RefreshFamily,
     RegistrationToken,
     RevokedAccessToken,
@@ -836,6 +837,7 @@ class Pruned:
     revoked_access_tokens: int
     authorization_codes: int = 0
     browser_sessions: int = 0
+    pushed_requests: int = 0
 
 
 #: Seconds a row whose deletion would widen access (a revocation) outlives what it guards.
@@ -862,7 +864,8 @@ async def prune_tokens(
     - deny-listed ``jti``s whose tokens have expired;
     - authorization codes expired for longer than the margin, unless the sign-in their
       exchange started is still live (see below);
-    - browser sessions ended or expired for longer than the margin.
+    - browser sessions ended or expired for longer than the margin;
+    - pushed authorization requests expired for longer than the margin.
 
     The margin is the longer of an access token's and a code's lifetime (``margin_before``).
     Where deleting early would make something live again, ``PRUNE_SKEW_MARGIN`` is added, as
@@ -930,11 +933,17 @@ async def prune_tokens(
             )
         )
     )
+    # Why deleting these pushed requests (RFC 9126) is safe: /oauth2/authorize refuses an
+    # expired one whether its row exists or not, and an unknown request_uri alike.
+    pushed = await db.execute(
+        delete(PushedRequest).where(PushedRequest.expires_at <= margin_before)
+    )
     result = Pruned(
         families=families.rowcount,  # type: ignore[attr-defined]
         revoked_access_tokens=revoked.rowcount,  # type: ignore[attr-defined]
         authorization_codes=codes.rowcount,  # type: ignore[attr-defined]
         browser_sessions=sessions.rowcount,  # type: ignore[attr-defined]
+        pushed_requests=pushed.rowcount,  # type: ignore[attr-defined]
     )
     audit(
         "tokens.pruned",
@@ -942,5 +951,6 @@ async def prune_tokens(
         revoked_access_tokens=result.revoked_access_tokens,
         authorization_codes=result.authorization_codes,
         browser_sessions=result.browser_sessions,
+        pushed_requests=result.pushed_requests,
     )
     return result

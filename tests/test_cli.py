@@ -1415,8 +1415,8 @@ def test_tokens_prune_deletes_only_what_can_no_longer_matter(cli: Cli, db: Setti
     assert (result.code, result.messages) == (0, [])
     assert result.out == (
         "deleted 2 ended sign-ins (with their refresh tokens), "
-        "1 expired access-token revocations, 0 expired authorization codes and "
-        "0 ended browser sessions\n"
+        "1 expired access-token revocations, 0 expired authorization codes, "
+        "0 ended browser sessions and 0 expired pushed authorization requests\n"
     )
     assert sorted(families(db)) == ["capped-just-now", "live", "revoked-now"]
 
@@ -1510,8 +1510,8 @@ def test_tokens_prune_deletes_expired_codes_and_ended_browser_sessions(
     assert (result.code, result.messages) == (0, [])
     assert result.out == (
         "deleted 0 ended sign-ins (with their refresh tokens), "
-        "0 expired access-token revocations, 3 expired authorization codes and "
-        "2 ended browser sessions\n"
+        "0 expired access-token revocations, 3 expired authorization codes, "
+        "2 ended browser sessions and 0 expired pushed authorization requests\n"
     )
 
     async def leftovers(session: AsyncSession) -> tuple[list[str], list[str], list[str | None]]:

@@ -17,7 +17,6 @@ by one conditional UPDATE; a second use revokes the family the first one started
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -29,14 +28,14 @@ from sqlalchemy.orm import Session
 from starlette.responses import RedirectResponse, Response
 
 from .. import documents
-from ..boundary import column_length, text_problem
 from ..deps import AppState, StateDep
 from ..forms import FormError, parse_form, read_form, repeated
-from ..models import AuthorizationCode, Client, Consent
+from ..models import Client, Consent
 from ..observability import audit
 from ..ratelimit import Verdict
 from ..web.browser import Csrf, SignedIn, current_session, error_page, posted_form, render
-from . import resources as rfc8707
+from . import par
+from .authorization_request import check_request
 from .grants import CodeGrant
 from .requests import FormRequest
 from .server import TokenServer
@@ -53,13 +52,6 @@ SCOPE_DESCRIPTIONS = {
     "account": "Read and change your profile and email address, and end your sign-ins",
 }
 MAX_AUTHORIZE_QUERY = 4096
-#: Request values the code row stores verbatim, and their column lengths. The others it
-#: stores (client, redirect URI, scope, resources) are matched against registered values.
-STORED_LENGTHS = {
-    "nonce": column_length(AuthorizationCode.nonce),
-    "code_challenge": column_length(AuthorizationCode.code_challenge),
-    "code_challenge_method": column_length(AuthorizationCode.code_challenge_method),
-}
 #: What the error page tells a person, before the technical detail for the developers.
 PEOPLE_ERRORS = {
     "invalid_client": "The application that sent you here is not registered with this server.",
@@ -68,6 +60,8 @@ PEOPLE_ERRORS = {
     "invalid_scope": "The application asked for access it is not allowed to ask for.",
     "invalid_target": "The application asked for a service it is not allowed to use.",
     "unauthorized_client": "The application is not allowed to use this kind of sign-in.",
+    "invalid_request_uri": "This sign-in was already used. Go back to the application and "
+    "start again.",
 }
 
 
@@ -83,6 +77,12 @@ class Outcome:
     login: bool = False  # send to the sign-in page
     consent: dict[str, Any] = field(default_factory=dict)  # show the consent page
     issued: bool = False  # the redirect carries a new code
+
+
+class PushedRequestUsedError(OAuth2Error):  # type: ignore[misc]
+    """RFC 9101 §7 ``invalid_request_uri``: the pushed request already ended."""
+
+    error = "invalid_request_uri"
 
 
 def provenance(client: Client) -> str | None:
@@ -114,14 +114,18 @@ def decide(
     request: FormRequest,
     who: SignedIn | None,
     decision: str | None,
+    *,
+    pushed: bool = False,
 ) -> Outcome:
+    """``pushed``: the parameters came from /oauth2/par (RFC 9126 §4)."""
     issuer = server.settings.issuer
     prompts = set(request.form.get("prompt", "").split())
     user = who.user if who is not None else None
     try:
-        grant: CodeGrant = server.get_consent_grant(request, end_user=user)
+        grant: CodeGrant = check_request(server, request)
     except OAuth2Error as error:
         return _redirect_error(error, issuer)
+    request.user = user
     redirect_uri = grant.redirect_uri
     state = request.form.get("state")
 
@@ -129,26 +133,14 @@ def decide(
         error.redirect_uri, error.state = redirect_uri, state
         return _redirect_error(error, issuer)
 
-    for name, length in STORED_LENGTHS.items():
-        value = request.form.get(name)
-        # The code row keeps these as the client sent them: each must fit its column.
-        if value is not None and text_problem(value, length) is not None:
-            return fail(InvalidRequestError(f"{name} must be at most {length} characters."))
-    if "none" in prompts and len(prompts) > 1:
-        # OpenID Connect Core §3.1.2.1.
-        return fail(InvalidRequestError("prompt=none cannot be combined with other values."))
-    max_age = request.form.get("max_age")
-    # ASCII digits only: str.isdigit() also accepts "²" and "①", which int() refuses.
-    if max_age is not None and not re.fullmatch(r"[0-9]{1,9}", max_age):
-        return fail(InvalidRequestError("max_age must be a number of seconds."))
-    try:
-        # RFC 8707 §2: the resources the grant is for (each one the client may have); the
-        # token requests may narrow them.
-        request.resources = rfc8707.allowed(
-            rfc8707.requested(request.form), server.settings, request.client
+    if not pushed and par.required(server, request.client):
+        # RFC 9126 §5 / §6 (SPEC.md: invalid_request, to the client's redirect URI).
+        return fail(
+            InvalidRequestError(
+                "This client must push its authorization requests to /oauth2/par first."
+            )
         )
-    except OAuth2Error as error:
-        return fail(error)
+    max_age = request.form.get("max_age")
     # OpenID Connect Core §3.1.2.1: max_age asks for a sign-in at most that old, and
     # max_age=0 is prompt=login (so also within the second of the last sign-in).
     too_old = (
@@ -199,6 +191,28 @@ def decide(
 async def handle(
     request: Request, state: AppState, params: dict[str, str], decision: str | None
 ) -> Response:
+    """``params``: the request as the browser sent it (URL or consent form)."""
+    if "request_uri" not in params:
+        return await _handle(request, state, params, params, decision, None)
+    # RFC 9126 §4: a pushed request; its parameters are the pushed ones only.
+    opened = await par.open_pushed(request, state, params)
+    if isinstance(opened, Response):
+        return opened
+    used = par.effective(opened.params, params)
+    response = await _handle(request, state, params, used, decision, opened.request_uri_hash)
+    return opened.attach(response, state)
+
+
+async def _handle(
+    request: Request,
+    state: AppState,
+    sent: dict[str, str],
+    params: dict[str, str],
+    decision: str | None,
+    pushed: str | None,
+) -> Response:
+    """``sent``: what the browser sent, which the sign-in and consent pages send back;
+    ``params``: the request's parameters; ``pushed``: the hash of its ``request_uri``."""
     settings = state.settings
     query = urlencode(repeated(params))
     oauth_request = FormRequest("GET", settings.issuer + "/oauth2/authorize?" + query, {}, params)
@@ -225,7 +239,17 @@ async def handle(
 
         def on(session: Session) -> Outcome:
             oauth_request.db = session
-            return decide(server, oauth_request, who, decision)
+            outcome = decide(server, oauth_request, who, decision, pushed=pushed is not None)
+            if (
+                pushed is not None
+                and outcome.location is not None
+                and not par.spend(session, pushed, oauth_request.issued_at)
+            ):
+                # Another tab of this browser ended the pushed request first: nothing of
+                # this answer is kept (its code would never reach the client).
+                session.rollback()
+                return Outcome(error=PushedRequestUsedError())
+            return outcome
 
         outcome: Outcome = await db.run_sync(on)
         await db.commit()
@@ -249,10 +273,16 @@ async def handle(
         )
     if outcome.login:
         # The sign-in about to happen satisfies prompt=login and max_age: not asked again.
-        again = {k: v for k, v in params.items() if k not in ("prompt", "max_age")}
+        # A pushed request's own parameters cannot change: the URL narrows its prompt
+        # (``par.effective``).
         prompts = [p for p in params.get("prompt", "").split() if p != "login"]
-        if prompts:
+        if pushed is not None:
+            again = {k: sent[k] for k in ("client_id", "request_uri")}
             again["prompt"] = " ".join(prompts)
+        else:
+            again = {k: v for k, v in params.items() if k not in ("prompt", "max_age")}
+            if prompts:
+                again["prompt"] = " ".join(prompts)
         target = "/oauth2/authorize?" + urlencode(repeated(again))
         return RedirectResponse("/login?" + urlencode({"next": target}), status_code=status)
     csrf = Csrf.of(request, settings)
@@ -270,7 +300,9 @@ async def handle(
         # RFC 8707: the services (APIs) the access is for, named as asked for; none: ours.
         resources=outcome.consent["resources"],
         provenance=outcome.consent["provenance"],
-        params=[(k, v) for k, v in repeated(params) if k != "prompt"],
+        # A plain request's prompt was answered by showing this page; a pushed request's
+        # URL prompt only narrows the pushed one (``par.effective``), so it stays.
+        params=[(k, v) for k, v in repeated(sent) if pushed is not None or k != "prompt"],
     )
 
 

@@ -317,6 +317,9 @@ def discovery_document(settings: Settings) -> dict[str, Any]:
         "request_parameter_supported": False,
         "claims_parameter_supported": False,
         "dpop_signing_alg_values_supported": list(DPOP_ALGS),  # RFC 9449 §5.1
+        # RFC 9126 §5: pushed authorization requests, and whether every client must use them.
+        "pushed_authorization_request_endpoint": issuer + "/oauth2/par",
+        "require_pushed_authorization_requests": settings.require_par or settings.fapi2,
     }
     if settings.client_registration != "off":
         document["registration_endpoint"] = issuer + "/oauth2/register"  # RFC 7591 §3

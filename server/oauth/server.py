@@ -22,7 +22,6 @@ from authlib.oauth2 import AuthorizationServer
 from authlib.oauth2.rfc6749 import OAuth2Request
 from authlib.oauth2.rfc6749.errors import (
     InvalidClientError,
-    OAuth2Error,
     UnsupportedResponseTypeError,
 )
 from authlib.oidc.core.util import create_half_hash
@@ -31,7 +30,7 @@ from sqlalchemy.util import await_only
 from ..bearer import DPOP
 from ..clients import ClientCache
 from ..deps import AppState
-from ..dpop import INVALID_DPOP_PROOF, DpopVerifier, Proof
+from ..dpop import DpopVerifier, Proof
 from ..models import Client, User, new_id, sha256_hex
 from ..names import JWT_AUTH_METHODS
 from ..passwords import Verification, normalize_username
@@ -40,7 +39,14 @@ from . import store
 from .assertion import CLIENT_AUTH_FAILED, ClientAssertion
 from .client_keys import ClientKeys
 from .endpoints import Introspection, Revocation
-from .grants import ClientCredentialsGrant, CodeGrant, PasswordGrant, Pkce, RefreshTokenGrant
+from .grants import (
+    ClientCredentialsGrant,
+    CodeGrant,
+    InvalidDpopProofError,
+    PasswordGrant,
+    Pkce,
+    RefreshTokenGrant,
+)
 from .registration import Configuration, Registration
 from .resources import audience
 
@@ -49,12 +55,6 @@ Response = tuple[int, dict[str, Any], list[tuple[str, str]]]
 REFRESH_TOKEN_BYTES = 32  # 256 bits from the OS CSPRNG
 
 __all__ = ["CLIENT_AUTH_FAILED", "Response", "TokenServer"]
-
-
-class InvalidDpopProofError(OAuth2Error):  # type: ignore[misc]
-    """RFC 9449 §12.2: the request's DPoP proof is missing, malformed or refused."""
-
-    error = INVALID_DPOP_PROOF
 
 
 class TokenServer(AuthorizationServer):  # type: ignore[misc]

@@ -1,7 +1,13 @@
 """The token grants, one module each: ``CHECKS`` in order, then one issue step (``base.py``)."""
 
 from .authorization_code import CodeGrant, Pkce
-from .base import BAD_CODE, BAD_CREDENTIALS, BAD_REFRESH_TOKEN, resolve_scope
+from .base import (
+    BAD_CODE,
+    BAD_CREDENTIALS,
+    BAD_REFRESH_TOKEN,
+    InvalidDpopProofError,
+    resolve_scope,
+)
 from .client_credentials import ClientCredentialsGrant
 from .password import PasswordGrant
 from .refresh_token import RefreshTokenGrant
@@ -12,6 +18,7 @@ __all__ = [
     "BAD_REFRESH_TOKEN",
     "ClientCredentialsGrant",
     "CodeGrant",
+    "InvalidDpopProofError",
     "PasswordGrant",
     "Pkce",
     "RefreshTokenGrant",

@@ -19,7 +19,7 @@ from ...names import USER_AUTH_METHODS
 from ...observability import audit
 from .. import resources as rfc8707
 from .. import store
-from .base import BAD_CODE, Grant
+from .base import BAD_CODE, Grant, InvalidDpopProofError
 
 #: RFC 7636 §4.2: base64url of a SHA-256 digest is 43 characters; 43-128 unreserved ones.
 CODE_CHALLENGE = re.compile(r"[A-Za-z0-9._~-]{43,128}")
@@ -35,7 +35,8 @@ class Pkce(CodeChallenge):  # type: ignore[misc]
     def validate_code_challenge(self, grant: Any, redirect_uri: str) -> None:
         data = grant.request.payload.data
         if not data.get("code_challenge") and not data.get("code_challenge_method"):
-            if grant.request.client.is_public:
+            # FAPI 2.0 Security Profile §5.3.2.2 item 5: every client, confidential too.
+            if grant.request.client.is_public or grant.server.settings.fapi2:
                 raise InvalidRequestError(
                     "PKCE is required: send code_challenge and code_challenge_method=S256."
                 )
@@ -74,7 +75,20 @@ class CodeGrant(Grant, grants.AuthorizationCodeGrant):  # type: ignore[misc]
             request.client,
         )
 
-    CHECKS = (check_code, check_resources)
+    def check_dpop_binding(self) -> None:
+        """RFC 9449 §10: a code bound to a key (``dpop_jkt`` at /oauth2/authorize or the key
+        of the proof sent to /oauth2/par) is redeemed only with a proof made with that key.
+        Checked before the code is spent: a refusal ends nothing (SPEC.md)."""
+        bound: str | None = self.request.authorization_code.dpop_jkt
+        if bound is None:
+            return
+        proof = self.request.dpop
+        if proof is None:
+            raise InvalidDpopProofError("This code is bound to a DPoP key: send a proof.")
+        if proof.jkt != bound:
+            raise InvalidGrantError("The code is bound to another DPoP key.")
+
+    CHECKS = (check_code, check_dpop_binding, check_resources)
 
     @staticmethod
     def validate_authorization_redirect_uri(request: Any, client: Client) -> str:
@@ -109,6 +123,7 @@ class CodeGrant(Grant, grants.AuthorizationCodeGrant):  # type: ignore[misc]
                 nonce=data.get("nonce"),
                 code_challenge=data.get("code_challenge"),
                 code_challenge_method=data.get("code_challenge_method"),
+                dpop_jkt=data.get("dpop_jkt"),
                 auth_time=request.auth_time,
                 created_at=issued,
                 expires_at=issued + self.server.settings.authorization_code_ttl,

@@ -18,9 +18,11 @@ from typing import Any, ClassVar
 from authlib.oauth2.rfc6749.errors import (
     InvalidRequestError,
     InvalidScopeError,
+    OAuth2Error,
     UnauthorizedClientError,
 )
 
+from ...dpop import INVALID_DPOP_PROOF
 from ...models import Client, narrow_scope
 from .. import resources as rfc8707
 from ..context import OAuthServer
@@ -28,6 +30,12 @@ from ..context import OAuthServer
 BAD_CREDENTIALS = "Invalid username or password."
 BAD_REFRESH_TOKEN = "The refresh token is invalid, expired or revoked."  # noqa: S105
 BAD_CODE = "The authorization code is invalid, expired or already used."
+
+
+class InvalidDpopProofError(OAuth2Error):  # type: ignore[misc]
+    """RFC 9449 §12.2: the request's DPoP proof is missing, malformed or refused."""
+
+    error = INVALID_DPOP_PROOF
 
 
 def resolve_scope(requested: str | None, allowed: list[str]) -> str:
