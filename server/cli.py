@@ -318,6 +318,7 @@ def cmd_clients(settings: Settings, args: argparse.Namespace) -> int:
                 jwks_uri=args.jwks_uri,
                 resources=args.resource,
                 dpop_bound=args.dpop_bound,
+                require_par=args.require_par,
                 settings=settings,
             ),
         )
@@ -534,6 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="its access tokens must be DPoP-bound (RFC 9449): token requests without a DPoP "
         "proof are refused",
+    )
+    create.add_argument(
+        "--require-par",
+        action="store_true",
+        help="its authorization requests must be pushed first (RFC 9126 PAR): plain requests "
+        "to /oauth2/authorize are refused",
     )
     create.add_argument("--admin", action="store_true", help="may receive the admin scope")
     create.add_argument(

@@ -64,6 +64,9 @@ class ClientMetadata:
     resources: list[str] | None
     #: RFC 9449 §5.2 ``dpop_bound_access_tokens``: token requests need a DPoP proof.
     dpop_bound: bool = False
+    #: RFC 9126 §6 ``require_pushed_authorization_requests``: authorization requests must be
+    #: pushed (PAR) first.
+    require_par: bool = False
 
     @property
     def jwks_json(self) -> str | None:
@@ -274,9 +277,6 @@ def parse_client_metadata(
         if value is not None and not isinstance(value, bool):
             raise MetadataError(f"{flag} must be a boolean")
         flags[flag] = bool(value)
-    if flags["require_pushed_authorization_requests"]:
-        # RFC 9126 §6: refusing it is right while there is no PAR endpoint to push to.
-        raise MetadataError("require_pushed_authorization_requests is not supported yet")
 
     name = _string(data, "client_name", MAX_NAME_LENGTH) or ""
     return ClientMetadata(
@@ -291,6 +291,7 @@ def parse_client_metadata(
         scope=" ".join(dict.fromkeys(scopes)),
         resources=resources,
         dpop_bound=flags["dpop_bound_access_tokens"],
+        require_par=flags["require_pushed_authorization_requests"],
     )
 
 
@@ -307,6 +308,8 @@ def metadata_view(client: Any) -> dict[str, Any]:
         "scope": client.scope,
         # RFC 9449 §5.2: always answered, false when it was not registered (its default).
         "dpop_bound_access_tokens": bool(client.dpop_bound),
+        # RFC 9126 §6: likewise, false by default.
+        "require_pushed_authorization_requests": bool(client.require_par),
     }
     if client.post_logout_redirect_uris:
         view["post_logout_redirect_uris"] = client.post_logout_redirect_uri_list

@@ -84,6 +84,7 @@ def _columns(url: str, metadata: ClientMetadata) -> dict[str, Any]:
         "jwks_uri": metadata.jwks_uri,
         "resources": None if metadata.resources is None else " ".join(metadata.resources),
         "dpop_bound": metadata.dpop_bound,
+        "require_par": metadata.require_par,
     }
 
 

@@ -108,6 +108,8 @@ def client_view(client: Client) -> dict[str, Any]:
         "origin": client.origin,
         #: RFC 9449 §5.2: its token requests must carry a DPoP proof.
         "dpop_bound_access_tokens": bool(client.dpop_bound),
+        #: RFC 9126 §6: its authorization requests must be pushed (PAR) first.
+        "require_pushed_authorization_requests": bool(client.require_par),
         "created_at": client.created_at,
     }
 
@@ -297,6 +299,7 @@ async def create_client(
     jwks_uri: str | None = None,
     resources: Sequence[str] | None = None,
     dpop_bound: bool = False,
+    require_par: bool = False,
     settings: Settings | None = None,
     actor: str | None = None,
 ) -> NewClient:
@@ -304,7 +307,8 @@ async def create_client(
     ``public``, else ``client_secret_basic``); ``jwks`` (a JWK Set) or ``jwks_uri`` for
     ``private_key_jwt``; ``resources``: the RFC 8707 resources it may ask for (``None``: all);
     ``dpop_bound``: RFC 9449 §5.2 ``dpop_bound_access_tokens``, the token endpoint refuses
-    its requests without a DPoP proof.
+    its requests without a DPoP proof; ``require_par``: RFC 9126 §6
+    ``require_pushed_authorization_requests``, /oauth2/authorize accepts only a pushed request.
     ``settings`` is needed for ``client_secret_jwt`` (its secret is sealed with
     ``AUTH_SECRET_KEY``), a ``jwks_uri`` and ``resources``."""
     if not CLIENT_ID_RE.fullmatch(client_id):
@@ -353,6 +357,7 @@ async def create_client(
         post_logout_redirect_uris=" ".join(logout_uris),
         refresh_retry_window=refresh_retry_window,
         dpop_bound=dpop_bound,
+        require_par=require_par,
     )
     db.add(client)
     await db.flush()
@@ -365,6 +370,7 @@ async def create_client(
         resource_server=resource_server,
         auth_method=method,
         dpop_bound=dpop_bound,
+        require_par=require_par,
     )
     return NewClient(client=client, secret=credentials.secret)
 
@@ -404,6 +410,7 @@ CLIENT_CHANGES = frozenset(
         "jwks_uri",
         "resources",
         "dpop_bound_access_tokens",
+        "require_pushed_authorization_requests",
     }
 )
 
@@ -426,12 +433,14 @@ async def update_client(
     secret must be sealed), a new secret is made and returned once, as by a rotation. Its
     keys (``jwks``/``jwks_uri``) are checked against the resulting method; changing one
     replaces the other. ``resources``: a list, or ``None`` for all.
-    ``dpop_bound_access_tokens``: a bool (RFC 9449 §5.2)."""
+    ``dpop_bound_access_tokens``: a bool (RFC 9449 §5.2);
+    ``require_pushed_authorization_requests``: a bool (RFC 9126 §6)."""
     unknown = set(changes) - CLIENT_CHANGES
     if unknown:
         raise ManageError(f"cannot change {sorted(unknown)[0]!r}")
-    if not isinstance(changes.get("dpop_bound_access_tokens", False), bool):
-        raise ManageError("dpop_bound_access_tokens must be true or false")
+    for flag in ("dpop_bound_access_tokens", "require_pushed_authorization_requests"):
+        if not isinstance(changes.get(flag, False), bool):
+            raise ManageError(f"{flag} must be true or false")
     client = await get_client(db, client_id)
     grants = _checked_grants(
         changes.get("grant_types", client.grant_type_list), public=client.is_public
@@ -485,6 +494,8 @@ async def update_client(
     client.post_logout_redirect_uris = " ".join(dict.fromkeys(logout_uris))
     if "dpop_bound_access_tokens" in changes:
         client.dpop_bound = changes["dpop_bound_access_tokens"]
+    if "require_pushed_authorization_requests" in changes:
+        client.require_par = changes["require_pushed_authorization_requests"]
     if "refresh_retry_window" in changes:
         _check_retry_window(changes["refresh_retry_window"])
         client.refresh_retry_window = changes["refresh_retry_window"]

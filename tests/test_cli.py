@@ -606,6 +606,7 @@ def test_clients_list_and_show(cli: Cli, db: Settings) -> None:
         "resources": None,
         "origin": None,
         "dpop_bound_access_tokens": False,
+        "require_pushed_authorization_requests": False,
         "created_at": body["created_at"],
     }
     assert abs(body["created_at"] - time.time()) < 60
@@ -1770,3 +1771,19 @@ def test_clients_create_dpop_bound(cli: Cli, db: Settings) -> None:
     assert row is not None and row.dpop_bound is True
     plain = cli("clients", "create", "--client-id", "plain", "--json").json()
     assert plain["dpop_bound_access_tokens"] is False
+
+
+@pytest.mark.feature("cli-clients", "sqlite-backend", "postgres-backend")
+def test_clients_create_require_par(cli: Cli, db: Settings) -> None:
+    """RFC 9126 §6 ``require_pushed_authorization_requests``, set by ``--require-par``."""
+    body = cli("clients", "create", "--client-id", "pushy", "--require-par", "--json").json()
+    assert body["require_pushed_authorization_requests"] is True
+    assert body["dpop_bound_access_tokens"] is False
+    row = client_row(db, "pushy")
+    assert row is not None and row.require_par is True and row.dpop_bound is False
+    shown = json.loads(cli("clients", "show", "pushy").out)
+    assert shown["require_pushed_authorization_requests"] is True
+    plain = cli("clients", "create", "--client-id", "plain", "--json").json()
+    assert plain["require_pushed_authorization_requests"] is False
+    plain_row = client_row(db, "plain")
+    assert plain_row is not None and plain_row.require_par is False

@@ -98,15 +98,9 @@ def test_redirect_uris_refused(uri: str) -> None:
         ({**WEB, "resources": ["https://other.example.com"]}, "resources"),
         ({**WEB, "dpop_bound_access_tokens": "true"}, "boolean"),
         ({**WEB, "dpop_bound_access_tokens": 1}, "boolean"),
-        (
-            {
-                **WEB,
-                "dpop_bound_access_tokens": None,
-                "require_pushed_authorization_requests": True,
-            },
-            "not supported",
-        ),
         ({**WEB, "require_pushed_authorization_requests": "yes"}, "boolean"),
+        ({**WEB, "require_pushed_authorization_requests": 1}, "boolean"),
+        ({**WEB, "require_pushed_authorization_requests": "true"}, "boolean"),
         ({"redirect_uris": ["https://a.example/" + str(i) for i in range(21)]}, "at most 20"),
         ([], "JSON object"),
     ],
@@ -192,3 +186,16 @@ def test_dpop_bound_access_tokens_is_accepted() -> None:
     assert parse_client_metadata(
         {**WEB, "dpop_bound_access_tokens": True}, SETTINGS, document=True
     ).dpop_bound
+
+
+def test_require_pushed_authorization_requests_is_accepted() -> None:
+    """RFC 9126 §6: a boolean, false when absent or null; independent of the DPoP flag."""
+    flag = "require_pushed_authorization_requests"
+    meta = parse_client_metadata({**WEB, flag: True}, SETTINGS)
+    assert meta.require_par and not meta.dpop_bound
+    assert not parse_client_metadata({**WEB, flag: False}, SETTINGS).require_par
+    assert not parse_client_metadata({**WEB, flag: None}, SETTINGS).require_par
+    assert not parse_client_metadata(WEB, SETTINGS).require_par
+    both = parse_client_metadata({**WEB, flag: True, "dpop_bound_access_tokens": True}, SETTINGS)
+    assert both.require_par and both.dpop_bound
+    assert parse_client_metadata({**WEB, flag: True}, SETTINGS, document=True).require_par

@@ -103,6 +103,8 @@ def _metadata(request: RegistrationRequest, settings: Any) -> dict[str, Any]:
         "scope": meta.scope,
         # Always answered, as ``metadata_view`` does (RFC 9449 §5.2; false by default).
         "dpop_bound_access_tokens": meta.dpop_bound,
+        # Likewise (RFC 9126 §6; false by default).
+        "require_pushed_authorization_requests": meta.require_par,
     }
     if meta.post_logout_redirect_uris:
         body["post_logout_redirect_uris"] = meta.post_logout_redirect_uris
@@ -126,6 +128,7 @@ def _apply(client: Client, meta: ClientMetadata) -> None:
     client.jwks_uri = meta.jwks_uri
     client.resources = None if meta.resources is None else " ".join(meta.resources)
     client.dpop_bound = meta.dpop_bound
+    client.require_par = meta.require_par
 
 
 def _uri(server: OAuthServer, client_id: str) -> str:

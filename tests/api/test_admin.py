@@ -306,6 +306,7 @@ async def test_a_client_is_created_with_its_secret_shown_once(
         "resources": None,
         "origin": None,
         "dpop_bound_access_tokens": False,
+        "require_pushed_authorization_requests": False,
         "created_at": body["created_at"],
     }
     assert abs(body["created_at"] - time.time()) < 60
@@ -324,6 +325,7 @@ async def test_a_client_is_created_with_its_secret_shown_once(
             "resource_server": False,
             "auth_method": "client_secret_basic",
             "dpop_bound": False,
+            "require_par": False,
             "actor_client_id": "ops",
             "via": "admin_api",
         },

@@ -11,8 +11,10 @@ import pytest
 from joserfc import jwt
 from joserfc.jwk import ECKey, OctKey
 
+from server import manage
 from server.config import Settings
 from server.deps import AppState
+from server.models import Client
 from tests.conftest import ClientCreds, MakeClient, make_settings
 
 API = "https://api.example"
@@ -221,3 +223,67 @@ async def test_admin_sets_dpop_bound_access_tokens(
     assert changed.json()["dpop_bound_access_tokens"] is False
     shown = await client.get("/admin/v1/clients/fapi", headers=admin)
     assert shown.json()["dpop_bound_access_tokens"] is False
+
+
+@pytest.mark.feature("admin-api")
+async def test_admin_sets_require_pushed_authorization_requests(
+    client: httpx.AsyncClient, admin: dict[str, str], state: AppState
+) -> None:
+    """RFC 9126 §6: created, changed, shown and stored like ``dpop_bound_access_tokens``."""
+    flag = "require_pushed_authorization_requests"
+    plain = await client.post("/admin/v1/clients", headers=admin, json={"client_id": "plain"})
+    assert plain.status_code == 201, plain.text
+    assert plain.json()[flag] is False
+    created = await client.post(
+        "/admin/v1/clients", headers=admin, json={"client_id": "pushy", flag: True}
+    )
+    assert created.status_code == 201, created.text
+    assert created.json()[flag] is True
+    assert created.json()["dpop_bound_access_tokens"] is False
+    assert (await client.get("/admin/v1/clients/pushy", headers=admin)).json()[flag] is True
+    for bad in ("true", 1, None):
+        refused = await client.patch("/admin/v1/clients/pushy", headers=admin, json={flag: bad})
+        assert refused.status_code == 422, (bad, refused.text)
+        made = await client.post(
+            "/admin/v1/clients", headers=admin, json={"client_id": "bad", flag: bad}
+        )
+        assert made.status_code == 422, (bad, made.text)
+    async with state.db.sessions() as db:
+        row = await db.get(Client, "pushy")
+        assert row is not None and row.require_par is True
+    changed = await client.patch("/admin/v1/clients/pushy", headers=admin, json={flag: False})
+    assert changed.status_code == 200, changed.text
+    assert changed.json()[flag] is False
+    shown = await client.get("/admin/v1/clients/pushy", headers=admin)
+    assert shown.json()[flag] is False
+    again = await client.patch("/admin/v1/clients/plain", headers=admin, json={flag: True})
+    assert again.status_code == 200, again.text
+    assert again.json()[flag] is True
+    async with state.db.sessions() as db:
+        rows = {c: await db.get(Client, c) for c in ("pushy", "plain")}
+        assert {c: r is not None and r.require_par for c, r in rows.items()} == {
+            "pushy": False,
+            "plain": True,
+        }
+
+
+@pytest.mark.feature("admin-api")
+@pytest.mark.parametrize(
+    "flag", ["dpop_bound_access_tokens", "require_pushed_authorization_requests"]
+)
+async def test_manage_refuses_a_flag_that_is_not_a_bool(state: AppState, flag: str) -> None:
+    """What the API's schema stops, ``manage`` still refuses, and changes nothing."""
+    async with state.db.sessions() as db:
+        await manage.create_client(db, client_id="app")
+        await db.commit()
+    for bad in ("true", 1, None):
+        async with state.db.sessions() as db:
+            with pytest.raises(manage.ManageError, match=f"{flag} must be true or false"):
+                await manage.update_client(db, "app", {flag: bad})
+    async with state.db.sessions() as db:
+        changed = await manage.update_client(db, "app", {flag: True})
+        await db.commit()
+        view = manage.client_view(changed.client)
+    assert view[flag] is True
+    other = ({"dpop_bound_access_tokens", "require_pushed_authorization_requests"} - {flag}).pop()
+    assert view[other] is False

@@ -198,6 +198,28 @@ async def test_the_document_is_cached_revalidated_and_followed_when_it_changes(
     assert (row.redirect_uris, row.name, row.origin) == (other, "Renamed", "document")
 
 
+async def test_a_documents_require_pushed_authorization_requests_is_stored_and_followed(
+    docs: DocServer, state: AppState, use_fetcher: FetcherFactory
+) -> None:
+    """RFC 9126 §6: the document's flag is the row's, and follows the document."""
+    clock = Clock()
+    use_fetcher(clock=clock)
+    url = docs.url(PATH)
+    headers = {"Content-Type": JSON, "Cache-Control": "max-age=60"}
+    docs.serve(PATH, document(url, require_pushed_authorization_requests=True), headers=headers)
+    client = await state.clients.get(url)
+    assert client is not None and client.require_par is True and client.dpop_bound is False
+    (row,) = await rows(state)
+    assert (row.require_par, row.origin) == (True, "document")
+    docs.serve(PATH, document(url), headers=headers)
+    clock.now += 61
+    state.clients.invalidate()
+    client = await state.clients.get(url)
+    assert client is not None and client.require_par is False
+    (row,) = await rows(state)
+    assert row.require_par is False
+
+
 async def test_a_client_whose_document_goes_away_no_longer_exists_but_its_row_stays(
     browser: httpx.AsyncClient, docs: DocServer, state: AppState, use_fetcher: FetcherFactory
 ) -> None:
@@ -294,8 +316,8 @@ REFUSALS: dict[str, Callable[[DocServer], str]] = {
     "dpop_bound_access_tokens not a boolean": lambda d: serve_document(
         d, dpop_bound_access_tokens="true"
     ),
-    "require_pushed_authorization_requests": lambda d: serve_document(
-        d, require_pushed_authorization_requests=True
+    "require_pushed_authorization_requests not a boolean": lambda d: serve_document(
+        d, require_pushed_authorization_requests="true"
     ),
     "root path": lambda d: (d.serve("/", document(d.url("/"))), d.url("/"))[1],
     "dot segment": lambda d: (

@@ -427,3 +427,59 @@ async def test_dpop_bound_access_tokens_is_registered_echoed_and_stored(
     refused = await register(client, {**WEB, "dpop_bound_access_tokens": "yes"}, token)
     assert refused.status_code == 400
     assert refused.json()["error"] == "invalid_client_metadata"
+
+
+async def test_require_pushed_authorization_requests_is_registered_echoed_and_stored(
+    client: httpx.AsyncClient, state: AppState
+) -> None:
+    flag = "require_pushed_authorization_requests"
+    token = await initial_token(state)
+    plain = await register(client, WEB, token)
+    assert plain.status_code == 201, plain.text
+    assert plain.json()[flag] is False
+    response = await register(client, {**WEB, flag: True}, token)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body[flag] is True and body["dpop_bound_access_tokens"] is False
+    read = await client.get(path(body), headers=bearer(body["registration_access_token"]))
+    assert read.status_code == 200, read.text
+    assert read.json()[flag] is True
+    async with state.db.sessions() as db:
+        row = await db.get(Client, body["client_id"])
+        assert row is not None and row.require_par is True and row.dpop_bound is False
+    for bad in ("yes", 1, "true", [True]):
+        refused = await register(client, {**WEB, flag: bad}, token)
+        assert refused.status_code == 400, (bad, refused.text)
+        assert refused.json()["error"] == "invalid_client_metadata"
+        assert flag in refused.json()["error_description"]
+
+
+@pytest.mark.feature("client-registration-management")
+async def test_an_update_sets_and_clears_require_pushed_authorization_requests(
+    client: httpx.AsyncClient, state: AppState
+) -> None:
+    """RFC 7592 §2.2: the update replaces the metadata, the flag included; a bad value is
+    refused and changes nothing."""
+    flag = "require_pushed_authorization_requests"
+    body = await registered(client, state)
+    token = body["registration_access_token"]
+    base = {"client_id": body["client_id"], **WEB}
+    bad = await client.put(path(body), json={**base, flag: "yes"}, headers=bearer(token))
+    assert bad.status_code == 400, bad.text
+    assert bad.json()["error"] == "invalid_client_metadata"
+    assert (await client.get(path(body), headers=bearer(token))).json()[flag] is False
+    updated = await client.put(path(body), json={**base, flag: True}, headers=bearer(token))
+    assert updated.status_code == 200, updated.text
+    assert updated.json()[flag] is True
+    token = updated.json()["registration_access_token"]
+    assert (await client.get(path(body), headers=bearer(token))).json()[flag] is True
+    async with state.db.sessions() as db:
+        row = await db.get(Client, body["client_id"])
+        assert row is not None and row.require_par is True
+    # Left out of the next update: back to its default, as every replaced value is.
+    cleared = await client.put(path(body), json=base, headers=bearer(token))
+    assert cleared.status_code == 200, cleared.text
+    assert cleared.json()[flag] is False
+    async with state.db.sessions() as db:
+        row = await db.get(Client, body["client_id"])
+        assert row is not None and row.require_par is False

@@ -67,6 +67,7 @@ async def create_client(new: NewClient, admin: AdminDep, state: StateDep) -> Cre
             jwks_uri=new.jwks_uri,
             resources=new.resources,
             dpop_bound=new.dpop_bound_access_tokens,
+            require_par=new.require_pushed_authorization_requests,
             settings=state.settings,
             actor=admin.client_id,
         )
@@ -100,8 +101,9 @@ async def update_client(
     client_id: ClientId, change: ClientChange, admin: AdminDep, state: StateDep
 ) -> ChangedClient:
     """Change the name, consent, grants, scopes, URIs, resources, keys, authentication
-    method or DPoP binding; sign-ins already made keep only the scopes the client still has
-    when they next refresh. A change of method that needs a new secret answers it, once."""
+    method, DPoP binding or PAR requirement; sign-ins already made keep only the scopes the
+    client still has when they next refresh. A change of method that needs a new secret
+    answers it, once."""
     with client_refusals():
         updated = await manage.update_client(
             admin.db,

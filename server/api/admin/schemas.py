@@ -65,6 +65,8 @@ class ClientOut(BaseModel):
     origin: str | None
     #: RFC 9449 §5.2: its token requests without a DPoP proof are refused.
     dpop_bound_access_tokens: bool
+    #: RFC 9126 §6: its authorization requests must be pushed (PAR); plain ones are refused.
+    require_pushed_authorization_requests: bool
     created_at: int
 
 
@@ -111,6 +113,9 @@ class _Registration(Body):
     #: RFC 9449 §5.2: its access tokens must be DPoP-bound; token requests without a DPoP
     #: proof are refused.
     dpop_bound_access_tokens: bool = False
+    #: RFC 9126 §6: its authorization requests must be pushed first (PAR); plain requests to
+    #: /oauth2/authorize are refused.
+    require_pushed_authorization_requests: bool = False
 
 
 class NewClient(_Registration):
