@@ -20,7 +20,7 @@ from sqlalchemy import func, select, update
 from server import manage
 from server.config import Settings
 from server.deps import AppState
-from server.models import AuthorizationCode, Client, PushedRequest, now
+from server.models import AuthorizationCode, PushedRequest, now
 from server.oauth.par import PUSHED_REQUEST_TTL, URN_PREFIX
 from tests.conftest import (
     MakeClient,
@@ -331,7 +331,7 @@ async def test_plain_requests_are_refused_when_par_is_required(
     alice: UserCreds,
     shared_apps: SharedApps,
 ) -> None:
-    await spa(make_client)
+    await spa(make_client, require_par=True)
     await make_client(
         "free",
         public=True,
@@ -339,10 +339,6 @@ async def test_plain_requests_are_refused_when_par_is_required(
         redirect_uris=[CALLBACK],
         scope="openid profile email",
     )
-    async with state.db.sessions() as db:
-        await db.execute(update(Client).where(Client.client_id == "spa").values(require_par=True))
-        await db.commit()
-    state.clients.invalidate()
     await sign_in(browser, alice)
     _, challenge = pkce()
     plain = await browser.get("/oauth2/authorize", params=authorize_params(challenge))
