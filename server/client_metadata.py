@@ -222,6 +222,9 @@ def parse_client_metadata(
         raise MetadataError(
             f"token_endpoint_auth_method must be one of {', '.join(CLIENT_AUTH_METHODS)}"
         )
+    if settings.fapi2 and method != "private_key_jwt":
+        # FAPI 2.0 Security Profile §5.3.2.1: confidential clients with private_key_jwt.
+        raise MetadataError("token_endpoint_auth_method must be private_key_jwt on this server")
     if document and method not in ("none", "private_key_jwt"):
         raise MetadataError(
             "a client metadata document's client authenticates with none or private_key_jwt "

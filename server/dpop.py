@@ -59,7 +59,7 @@ from joserfc.jws import JWSRegistry
 from .boundary import text_problem
 from .config import Settings
 from .models import now
-from .names import DPOP_ALGS
+from .names import DPOP_ALGS, FAPI2_ALGS
 from .replay import ReplayGuard
 
 INVALID_DPOP_PROOF = "invalid_dpop_proof"
@@ -193,6 +193,8 @@ class DpopVerifier:
     ) -> None:
         self.replay = replay
         self.clock = clock
+        #: ``dpop_signing_alg_values_supported``: fewer under ``AUTH_FAPI2``.
+        self.algs = FAPI2_ALGS if settings.fapi2 else DPOP_ALGS
         self.past = settings.dpop_iat_leeway
         self.future = settings.dpop_iat_future_leeway
         self.require_nonce = settings.dpop_require_nonce
@@ -292,8 +294,8 @@ class DpopVerifier:
         if header.get("typ") != PROOF_TYPE:
             raise DpopError(f"The DPoP proof typ must be {PROOF_TYPE}.")
         alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in DPOP_ALGS:
-            raise DpopError(f"The DPoP proof alg must be one of {' '.join(DPOP_ALGS)}.")
+        if not isinstance(alg, str) or alg not in self.algs:
+            raise DpopError(f"The DPoP proof alg must be one of {' '.join(self.algs)}.")
         forbidden = FORBIDDEN_HEADERS & set(header)
         if forbidden:
             raise DpopError(

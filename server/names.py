@@ -43,3 +43,6 @@ SECRET_ALGS: tuple[str, ...] = ("HS256", "HS384", "HS512")
 #: signed with. Asymmetric only (RFC 9449 §4.2: a MAC-based algorithm must not be used, and
 #: ``none`` never): the proof carries the public key it is checked with.
 DPOP_ALGS: tuple[str, ...] = PRIVATE_KEY_ALGS
+#: FAPI 2.0 Security Profile §5.4.1 (``AUTH_FAPI2``): the only algorithms of client assertions
+#: and DPoP proofs.
+FAPI2_ALGS: tuple[str, ...] = ("PS256", "ES256", "EdDSA")

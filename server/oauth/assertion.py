@@ -37,7 +37,7 @@ from ..boundary import text_problem
 from ..clients import CLIENT_ID_LENGTH, ClientCache
 from ..config import Settings
 from ..models import Client, now
-from ..names import JWT_AUTH_METHODS, PRIVATE_KEY_ALGS, SECRET_ALGS
+from ..names import FAPI2_ALGS, JWT_AUTH_METHODS, PRIVATE_KEY_ALGS, SECRET_ALGS
 from ..observability import log
 from ..replay import ReplayGuard
 from ..secretbox import UnsealError, unseal
@@ -126,6 +126,9 @@ class ClientAssertion(JWTBearerClientAssertion):  # type: ignore[misc]
         the token endpoint; RFC 7523 and FAPI 2.0 the issuer). ``verify`` adds the URL of the
         endpoint the assertion was sent to (revocation, introspection)."""
         issuer = self.settings.issuer
+        if self.settings.fapi2:
+            # FAPI 2.0 Security Profile §5.3.2.1: the issuer, and nothing else.
+            return [issuer]
         return [issuer, issuer + "/oauth2/token"]
 
     def check_claims(self, claims: dict[str, Any], audiences: list[str]) -> None:
@@ -162,11 +165,15 @@ class ClientAssertion(JWTBearerClientAssertion):  # type: ignore[misc]
         method = client.token_endpoint_auth_method
         alg = presented.headers.get("alg")
         allowed = PRIVATE_KEY_ALGS if method == "private_key_jwt" else SECRET_ALGS
+        if self.settings.fapi2:
+            allowed = FAPI2_ALGS  # §5.4.1
         # An allow-list per method: never ``none``, never an HMAC keyed with a public key.
         if not isinstance(alg, str) or alg not in allowed:
             raise _failed()
         claims = self._verified_claims(presented, alg, await self._candidates(client, presented))
-        audiences = [*self.get_audiences(), request.uri]
+        audiences = self.get_audiences()
+        if not self.settings.fapi2:
+            audiences.append(request.uri)
         self.check_claims(claims, audiences)
         # RFC 7523 §3 item 7: once per client, remembered until the assertion has expired.
         ttl = claims["exp"] - now() + self.leeway

@@ -22,6 +22,7 @@ from ..models import sha256_hex
 from ..names import (
     CONFIDENTIAL_AUTH_METHODS,
     DPOP_ALGS,
+    FAPI2_ALGS,
     GRANT_TYPES,
     PRIVATE_KEY_ALGS,
     SECRET_ALGS,
@@ -276,6 +277,12 @@ async def _run(
 def discovery_document(settings: Settings) -> dict[str, Any]:
     """RFC 8414 / OpenID Connect Discovery 1.0 metadata: only what this server really does."""
     issuer = settings.issuer
+    methods, confidential = list(USER_AUTH_METHODS), list(CONFIDENTIAL_AUTH_METHODS)
+    algs, dpop_algs = list(ASSERTION_ALGS), list(DPOP_ALGS)
+    if settings.fapi2:
+        # FAPI 2.0 Security Profile §5.3.2.1 and §5.4.1: private_key_jwt, and its algorithms.
+        methods = confidential = ["private_key_jwt"]
+        algs = dpop_algs = list(FAPI2_ALGS)
     document: dict[str, Any] = {
         "issuer": issuer,
         "authorization_endpoint": issuer + "/oauth2/authorize",
@@ -300,23 +307,25 @@ def discovery_document(settings: Settings) -> dict[str, Any]:
         ],
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],
-        "grant_types_supported": list(GRANT_TYPES),
+        "grant_types_supported": [
+            grant for grant in GRANT_TYPES if not (settings.fapi2 and grant == "password")
+        ],
         "code_challenge_methods_supported": ["S256"],
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": ["RS256"],
-        "token_endpoint_auth_methods_supported": list(USER_AUTH_METHODS),
-        "revocation_endpoint_auth_methods_supported": list(USER_AUTH_METHODS),
+        "token_endpoint_auth_methods_supported": methods,
+        "revocation_endpoint_auth_methods_supported": methods,
         # RFC 7662 §2.1: introspection needs a confidential client.
-        "introspection_endpoint_auth_methods_supported": list(CONFIDENTIAL_AUTH_METHODS),
+        "introspection_endpoint_auth_methods_supported": confidential,
         # RFC 8414 §2: the algorithms of private_key_jwt and client_secret_jwt assertions.
-        "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
-        "revocation_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
-        "introspection_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
+        "token_endpoint_auth_signing_alg_values_supported": algs,
+        "revocation_endpoint_auth_signing_alg_values_supported": algs,
+        "introspection_endpoint_auth_signing_alg_values_supported": algs,
         "prompt_values_supported": ["none", "login", "consent"],
         "authorization_response_iss_parameter_supported": True,  # RFC 9207
         "request_parameter_supported": False,
         "claims_parameter_supported": False,
-        "dpop_signing_alg_values_supported": list(DPOP_ALGS),  # RFC 9449 §5.1
+        "dpop_signing_alg_values_supported": dpop_algs,  # RFC 9449 §5.1
         # RFC 9126 §5: pushed authorization requests, and whether every client must use them.
         "pushed_authorization_request_endpoint": issuer + "/oauth2/par",
         "require_pushed_authorization_requests": settings.require_par or settings.fapi2,

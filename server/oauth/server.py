@@ -113,7 +113,16 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
             # token, revocation and introspection endpoints alike.
             error.description = CLIENT_AUTH_FAILED
             raise
-        if endpoint == "token" and client.dpop_bound and getattr(request, "dpop", None) is None:
+        method = client.token_endpoint_auth_method
+        if self.settings.fapi2 and method != "private_key_jwt":
+            # FAPI 2.0 Security Profile §5.3.2.1: confidential clients only, authenticated
+            # with private_key_jwt (this server has no mutual TLS).
+            raise InvalidClientError(
+                status_code=401,
+                description="This server accepts only private_key_jwt client authentication.",
+            )
+        bound = client.dpop_bound or self.settings.fapi2  # FAPI 2.0: sender-constrained only
+        if endpoint == "token" and bound and getattr(request, "dpop", None) is None:
             # RFC 9449 §5 (dpop_bound_access_tokens): checked once the client has
             # authenticated and before the grant looks at its code or token, so nothing is spent.
             raise InvalidDpopProofError("This client's tokens must be DPoP-bound: send a proof.")

@@ -62,6 +62,9 @@ class Grant:
     def check_client(self) -> None:
         """The client authenticates (RFC 6749 §2.3) and is registered for this grant."""
         client: Client = self.authenticate_token_endpoint_client()  # type: ignore[attr-defined]
+        if self.GRANT_TYPE == "password" and self.server.settings.fapi2:
+            # FAPI 2.0 Security Profile §5.3.2.1: the password grant is refused.
+            raise UnauthorizedClientError("The password grant is not allowed on this server.")
         if not client.check_grant_type(self.GRANT_TYPE):
             raise UnauthorizedClientError(
                 f"The client is not allowed the grant_type {self.GRANT_TYPE}."
