@@ -123,6 +123,11 @@ async def push(request: Request) -> Response:
     except OAuth2Error as error:
         audit("par.refused", client_id=None, error=error.error)
         return _error(error)
+    # Each push is a row: an authenticated client counts against its own limit too (a
+    # public client's id is enough to push for it, so the per-address limit comes first).
+    verdict = await limiter.hit([(limiter.token_client, "par-client", client.client_id)])
+    if not verdict.allowed:
+        return _too_many(verdict, "par")
     params = {k: v for k, v in form.items() if k not in CLIENT_AUTH_PARAMS}
     if params.get("client_id", client.client_id) != client.client_id:
         # §2.1: the client_id of the request is the authenticated client's.
@@ -242,7 +247,7 @@ async def open_pushed(
             if claimed.rowcount != 1:  # type: ignore[attr-defined]
                 return _refused("The request has expired or was already used.")
         elif not hmac.compare_digest(row.browser_hash, browser):
-            audit("par.refused_at_authorize", client_id=client_id)
+            audit("par.refused_at_authorize", client_id=client_id[:100])
             return _refused("The request has expired or was already used.")
         pushed = json.loads(row.params)
     return Opened(request_uri_hash=key, params=pushed, new_cookie=new_cookie)

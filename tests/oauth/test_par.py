@@ -529,3 +529,37 @@ async def test_a_malformed_dpop_jkt_goes_back_to_the_client(
         )
         assert page.status_code == 302, page.text
         assert query_of(page)["error"] == "invalid_request"
+
+
+async def test_pushes_are_limited_per_address_and_per_client(
+    settings: Settings, shared_apps: SharedApps
+) -> None:
+    limited = make_settings(
+        settings.database_url,
+        settings.keys_dir,
+        rate_limit_token_client="2/minute",
+        rate_limit_token_ip="3/minute",
+    )
+    app = await shared_apps.get(limited)
+    await reset_app(app)
+    state: AppState = app.state.auth
+    async with state.db.sessions() as db:
+        for client_id in ("spa", "spa2"):
+            await manage.create_client(
+                db,
+                client_id=client_id,
+                public=True,
+                grants=["authorization_code"],
+                redirect_uris=[CALLBACK],
+                scope="openid profile email",
+            )
+        await db.commit()
+    _, challenge = pkce()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=ISSUER) as http:
+        statuses = [(await push(http, authorize_params(challenge))).status_code for _ in range(3)]
+        assert statuses == [201, 201, 429]  # the client's limit
+        other = await push(http, authorize_params(challenge, client_id="spa2"))
+        assert other.status_code == 429  # the address's limit (3 pushes)
+        assert "retry-after" in other.headers and other.json()["error"] == "rate_limited"
+    assert await rows(state) == 2
