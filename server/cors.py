@@ -2,7 +2,7 @@
 
 A single-page app on ``https://app.example`` signs people in with the authorization code flow
 and PKCE, then calls the token, revocation and userinfo endpoints, the JWKS and discovery, and
-the account API, all from its own origin: those answer CORS (Fetch standard §3.2) for the
+the account API (and /oauth2/par, to push its requests), all from its own origin: those answer CORS (Fetch standard §3.2) for the
 exact origins in ``AUTH_CORS_ORIGINS``, and nothing else does. Never with credentials: these
 endpoints take a bearer token or a client id, never a cookie, so a browser sends no cookie
 cross-origin and a page on another origin cannot ride the hosted pages' session. The pages,
@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 #: Path prefixes a browser app may call cross-origin.
 CORS_PATHS = (
     "/oauth2/token",
+    "/oauth2/par",  # RFC 9126: a public client in the browser pushes its request
     "/oauth2/revoke",
     "/userinfo",
     "/.well-known/",
@@ -38,10 +39,12 @@ class Cors:
             app,
             allow_origins=origins,
             allow_methods=["GET", "POST", "PATCH", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            # ``DPoP``: RFC 9449 proofs, sent by browser apps that hold their key in WebCrypto.
+            allow_headers=["Authorization", "Content-Type", "DPoP", "X-Request-ID"],
             allow_credentials=False,
-            # Readable by the app: the request id for support, and RFC 6750's challenge.
-            expose_headers=["X-Request-ID", "WWW-Authenticate", "Retry-After"],
+            # Readable by the app: the request id for support, RFC 6750's and RFC 9449's
+            # challenges, and the nonce its next DPoP proof must carry (RFC 9449 §8).
+            expose_headers=["X-Request-ID", "WWW-Authenticate", "Retry-After", "DPoP-Nonce"],
             max_age=600,
         )
 

@@ -42,6 +42,7 @@ def preflight(origin: str, method: str = "POST", headers: str = "") -> dict[str,
 #: What a single-page app calls: (method, path, what a bare request answers).
 BROWSER_ENDPOINTS = [
     ("POST", "/oauth2/token", 400),
+    ("POST", "/oauth2/par", 400),
     ("POST", "/oauth2/revoke", 400),
     ("GET", "/userinfo", 401),
     ("GET", "/.well-known/jwks.json", 200),
@@ -62,7 +63,9 @@ async def test_a_configured_origin_may_call_what_a_browser_app_calls(
         assert "access-control-allow-credentials" not in response.headers
         exposed = response.headers["access-control-expose-headers"].lower()
         assert "x-request-id" in exposed and "www-authenticate" in exposed
-    allowed = await http.options(path, headers=preflight(APP, method, "authorization,content-type"))
+        assert "dpop-nonce" in exposed  # RFC 9449 §8: the app reads its next nonce
+    asked = "authorization,content-type,dpop"
+    allowed = await http.options(path, headers=preflight(APP, method, asked))
     assert allowed.status_code == 200
     assert allowed.headers["access-control-allow-origin"] == APP
     assert method in allowed.headers["access-control-allow-methods"]
