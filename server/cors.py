@@ -1,9 +1,10 @@
 """CORS for the endpoints a browser app calls across origins, and only for configured origins.
 
 A single-page app on ``https://app.example`` signs people in with the authorization code flow
-and PKCE, then calls the token, revocation and userinfo endpoints, the JWKS and discovery, and
-the account API (and /oauth2/par, to push its requests), all from its own origin: those answer CORS (Fetch standard §3.2) for the
-exact origins in ``AUTH_CORS_ORIGINS``, and nothing else does. Never with credentials: these
+and PKCE (pushing its request to /oauth2/par first, if it likes), then calls the token,
+revocation and userinfo endpoints, the JWKS and discovery, and the account API, all from its
+own origin: those answer CORS (Fetch standard §3.2) for the exact origins in
+``AUTH_CORS_ORIGINS``, and nothing else does. Never with credentials: these
 endpoints take a bearer token or a client id, never a cookie, so a browser sends no cookie
 cross-origin and a page on another origin cannot ride the hosted pages' session. The pages,
 introspection (resource servers call it, not browsers), the admin API (client_credentials,
