@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import re
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import httpx
 import jwt
 import pytest
+from joserfc.jwk import ECKey
 from playwright.sync_api import (
     Browser,
     ConsoleMessage,
@@ -39,6 +42,8 @@ from playwright.sync_api import (
     expect,
     sync_playwright,
 )
+
+from tests.test_dpop import serialize
 
 from .conftest import RunningServer
 
@@ -476,3 +481,188 @@ SCREENSHOTS = (
     "08-logout",
     "09-error",
 )
+
+
+def dpop_proof(key: ECKey, method: str, url: str, access_token: str | None = None) -> str:
+    """A DPoP proof (RFC 9449 §4.2) for one request, signed with ``key`` (ES256), now."""
+    claims: dict[str, Any] = {
+        "jti": secrets.token_urlsafe(16),
+        "htm": method,
+        "htu": url,
+        "iat": int(time.time()),
+    }
+    if access_token is not None:
+        digest = hashlib.sha256(access_token.encode("ascii")).digest()
+        claims["ath"] = base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+    header = {"typ": "dpop+jwt", "alg": "ES256", "jwk": key.as_dict(private=False)}
+    return serialize(header, json.dumps(claims).encode(), key)
+
+
+def jwk_thumbprint(key: ECKey) -> str:
+    """RFC 7638 SHA-256 thumbprint of an EC key, computed here (not by the library)."""
+    public = key.as_dict(private=False)
+    members = {name: public[name] for name in ("crv", "kty", "x", "y")}
+    canonical = json.dumps(members, separators=(",", ":"), sort_keys=True).encode("ascii")
+    return base64.urlsafe_b64encode(hashlib.sha256(canonical).digest()).rstrip(b"=").decode()
+
+
+@pytest.mark.feature("par", "dpop-code-binding", "hosted-pages")
+@pytest.mark.usefixtures("chromium")  # first: no server is started when the browser is missing
+def test_pushed_request_with_dpop_through_the_browser(
+    server: RunningServer, browser: Browser, tmp_path: Path
+) -> None:
+    """PAR + DPoP: the client pushes its request with a proof, a person signs in and allows
+    in Chromium, and the code is redeemed only with a proof of the pushed key."""
+    issuer = server.url
+    scope = "openid profile"
+    client_id = server.new_client(
+        "par-app",
+        public=True,
+        grants=["authorization_code"],
+        scope=scope,
+        redirect_uris=[REDIRECT_URI],
+        name=CLIENT_NAME,
+    ).client_id
+    user = server.new_user("par-user")
+    key, other_key = ECKey.generate_key("P-256"), ECKey.generate_key("P-256")
+    jkt = jwk_thumbprint(key)
+    verifier, challenge = pkce_pair()
+    state, nonce = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+
+    with httpx.Client(base_url=issuer, timeout=10) as http:
+        # -- the client pushes its request, with a proof of its key (RFC 9449 §10.1) --
+        pushed = http.post(
+            "/oauth2/par",
+            data={
+                "response_type": "code",
+                "client_id": client_id,
+                "redirect_uri": REDIRECT_URI,
+                "scope": scope,
+                "state": state,
+                "nonce": nonce,
+                "code_challenge": challenge,
+                "code_challenge_method": "S256",
+            },
+            headers={"DPoP": dpop_proof(key, "POST", issuer + "/oauth2/par")},
+        )
+        assert pushed.status_code == 201, f"{pushed.text}\n{server.log()}"
+        assert pushed.headers["cache-control"] == "no-store"
+        answer_push = pushed.json()
+        assert answer_push["expires_in"] == 60
+        request_uri = answer_push["request_uri"]
+        assert request_uri.startswith("urn:ietf:params:oauth:request_uri:")
+
+        shots = Screenshots(screenshot_dir(server.env, tmp_path))
+        watch = Watch(issuer)
+        context = browser.new_context(viewport=DESKTOP, base_url=issuer)
+        context.set_default_timeout(15_000)
+        page = context.new_page()
+        watch.attach(page)
+        arrivals: list[str] = []
+
+        def client_callback(route: Route) -> None:
+            arrivals.append(route.request.url)
+            route.fulfill(
+                status=200,
+                content_type="text/html; charset=utf-8",
+                body="<!doctype html><html lang='en'><title>Photo App</title><p>Hi</p></html>",
+            )
+
+        page.route("https://app.example/**", client_callback)
+
+        # -- the browser opens the pushed request: only client_id and request_uri --
+        authorize_url = "/oauth2/authorize?" + urlencode(
+            {"client_id": client_id, "request_uri": request_uri}
+        )
+        page.goto(authorize_url)
+        assert urlsplit(page.url).path == "/login"
+        expect(page.get_by_text(f"to continue to {CLIENT_NAME}")).to_be_visible()
+        watch.check(page)
+        page.get_by_label("Username").fill(user.username)
+        page.get_by_label("Password").fill(user.password)
+        page.get_by_role("button", name="Sign in").click()
+
+        # -- consent, for the pushed scope --
+        page.wait_for_url(re.compile(r".*/oauth2/authorize\?"))
+        assert query_of(page.url)["request_uri"] == request_uri
+        expect(
+            page.get_by_role("heading", level=1, name=f"{CLIENT_NAME} wants to access your account")
+        ).to_be_visible()
+        expect(page.locator(".subtitle")).to_contain_text(f"Signed in as {user.username}")
+        expect(page.locator(".scopes .scope-name")).to_have_text(["openid", "profile"])
+        assert_accessible(page)
+        shots.take(page, "10-consent-par")
+        watch.check(page)
+        page.get_by_role("button", name="Allow").click()
+
+        # -- back at the client: code, state and iss --
+        page.wait_for_url(REDIRECT_URI + "?*")
+        assert len(arrivals) == 1, arrivals
+        answer = query_of(arrivals[0])
+        assert answer["state"] == state
+        assert answer["iss"] == issuer
+        assert "error" not in answer
+        code = answer["code"]
+        watch.check(page)
+
+        # -- the same pushed request again, after its code was issued: the error page --
+        again = page.goto(authorize_url)
+        assert again is not None and again.status == 400
+        assert urlsplit(page.url).path == "/oauth2/authorize"
+        expect(page.get_by_role("heading", level=1)).to_have_text(
+            "This sign-in request is not valid"
+        )
+        expect(page.get_by_text("invalid_request_uri")).to_be_visible()
+        assert len(arrivals) == 1, "a used pushed request must not reach the client again"
+        assert_accessible(page)
+        watch.check(page)
+        context.close()
+
+        token_url = issuer + "/oauth2/token"
+        exchange = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT_URI,
+            "client_id": client_id,
+            "code_verifier": verifier,
+        }
+        # -- a proof of another key is refused, and does not spend the code --
+        stolen = http.post(
+            "/oauth2/token",
+            data=exchange,
+            headers={"DPoP": dpop_proof(other_key, "POST", token_url)},
+        )
+        assert stolen.status_code == 400, stolen.text
+        assert stolen.json()["error"] == "invalid_grant"
+
+        # -- the proof of the pushed key redeems it --
+        exchanged = http.post(
+            "/oauth2/token", data=exchange, headers={"DPoP": dpop_proof(key, "POST", token_url)}
+        )
+        assert exchanged.status_code == 200, f"{exchanged.text}\n{server.log()}"
+        tokens: dict[str, Any] = exchanged.json()
+        assert tokens["token_type"] == "DPoP"
+        assert set(tokens["scope"].split()) == set(scope.split())
+        access_token = tokens["access_token"]
+        jwks = jwt.PyJWKClient(issuer + "/.well-known/jwks.json")
+        access_claims = jwt.decode(
+            access_token,
+            jwks.get_signing_key_from_jwt(access_token).key,
+            algorithms=["RS256"],
+            audience=issuer,
+            issuer=issuer,
+        )
+        assert access_claims["cnf"] == {"jkt": jkt}
+        assert access_claims["sub"] == user.id
+
+        # -- /userinfo with the token and a proof of its key --
+        userinfo_url = issuer + "/userinfo"
+        info = http.get(
+            "/userinfo",
+            headers={
+                "Authorization": f"DPoP {access_token}",
+                "DPoP": dpop_proof(key, "GET", userinfo_url, access_token),
+            },
+        )
+        assert info.status_code == 200, info.text
+        assert info.json()["sub"] == user.id
