@@ -4,7 +4,9 @@ Sign up → authorize → consent → back at the client with a code → token e
 id_token checked against the JWKS with PyJWT) → /account lists the session → sign out of it →
 its refresh token is dead. Along the way: a forged CSRF token is refused, the sign-out
 confirmation and the error page render, every page has labelled controls and no console
-errors or CSP violations, and nothing overflows a phone-sized screen.
+errors or CSP violations, and nothing overflows a phone-sized screen. A second flow pushes its
+request to /oauth2/par with a DPoP proof (RFC 9126, RFC 9449 §10): the browser carries only the
+request_uri, and the code is redeemed only with a proof of the pushed key.
 
 Screenshots go to ``AUTH_SCREENSHOT_DIR`` (``make report`` sets artifacts/screenshots) from the
 SQLite run only, otherwise to the test's tmp_path. Without Chromium the test skips, unless
