@@ -27,11 +27,15 @@ the token's ``cnf.jkt``). A bound token sent as ``Bearer``, and an unbound one s
 (§7.2 lets a server refuse it), are ``invalid_token``; a bad proof is 401 with
 ``WWW-Authenticate: DPoP error="invalid_dpop_proof", algs="…"`` (§7.1), a missing nonce
 ``use_dpop_nonce`` with ``DPoP-Nonce``. A request without credentials is challenged with both
-schemes.
+schemes; one with a token, in the scheme it was sent with: so are the refusals an endpoint
+makes itself once ``token_claims`` passed (403 ``insufficient_scope``, 401 for a token the
+database finds dead), as ``WWW-Authenticate: DPoP algs="…", error="insufficient_scope"`` for a
+DPoP-bound token (RFC 9449 §7.1; RFC 6750 §3.1's error codes in the DPoP scheme).
 """
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -53,6 +57,12 @@ DPOP = "DPoP"
 DPOP_ALGS_PARAM = " ".join(DPOP_ALGS)
 BOUND_AS_BEARER = "This access token is DPoP-bound: send it with the DPoP scheme and a proof."
 NOT_BOUND = "This access token is not DPoP-bound: send it with the Bearer scheme."
+
+#: The scheme of the credential ``token_claims`` read for the request being served (each
+#: request runs in a context of its own; ``token_claims`` sets it on every call). The
+#: refusals an endpoint makes after it (``Realm.insufficient_scope``, ``Realm.invalid_token``
+#: without a scheme) challenge in that scheme without being told.
+_request_scheme: ContextVar[str] = ContextVar("bearer_request_scheme", default=BEARER)
 
 
 @dataclass(frozen=True)
@@ -119,8 +129,17 @@ class Realm:
         # RFC 6750 §3.1: a request without credentials gets the challenge and no error code.
         return Refusal(self, 401, None, self.missing)
 
-    def invalid_token(self, scheme: str = BEARER, description: str = "") -> Refusal:
-        return Refusal(self, 401, "invalid_token", description or self.invalid, scheme=scheme)
+    def scheme(self, scheme: str | None = None) -> str:
+        """The scheme to challenge in: ``scheme`` if given, else the one the request's token
+        was sent with (``token_claims``); always Bearer for a realm without DPoP."""
+        if scheme is not None:
+            return scheme
+        return _request_scheme.get() if self.dpop else BEARER
+
+    def invalid_token(self, scheme: str | None = None, description: str = "") -> Refusal:
+        """RFC 6750 §3.1 ``invalid_token`` (RFC 9449 §7.1 in the DPoP scheme)."""
+        description = description or self.invalid
+        return Refusal(self, 401, "invalid_token", description, scheme=self.scheme(scheme))
 
     def dpop_refused(self, error: DpopError) -> Refusal:
         """RFC 9449 §7.1: a proof refused (``invalid_dpop_proof``) or without the nonce it
@@ -128,8 +147,15 @@ class Realm:
         nonce = error.nonce if isinstance(error, DpopNonceError) else None
         return Refusal(self, 401, error.error, error.description, scheme=DPOP, nonce=nonce)
 
-    def insufficient_scope(self, description: str, scope: str = "") -> Refusal:
-        return Refusal(self, 403, "insufficient_scope", description, scope)
+    def insufficient_scope(
+        self, description: str, scope: str = "", scheme: str | None = None
+    ) -> Refusal:
+        """RFC 6750 §3.1 403 ``insufficient_scope`` naming ``scope``; for a token sent with
+        the DPoP scheme, RFC 9449 §7.1's challenge (``DPoP``, with ``algs``). The token was
+        sent, in one scheme: that one alone is challenged, as for ``invalid_token``."""
+        return Refusal(
+            self, 403, "insufficient_scope", description, scope, scheme=self.scheme(scheme)
+        )
 
 
 class Refusal(Exception):
@@ -202,7 +228,9 @@ async def token_claims(request: Request, state: AppState, realm: Realm) -> dict[
     database; else the realm's 401 (never raises anything else, whatever was sent)."""
     credential = presented(request)
     if credential is None or (credential.scheme == DPOP and not realm.dpop):
+        _request_scheme.set(BEARER)
         raise realm.missing_token()
+    _request_scheme.set(credential.scheme)
     claims = decode_access_token(
         state.keys.keyset(),
         credential.token,

@@ -21,10 +21,12 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 from fastapi import FastAPI
+from joserfc.jwk import ECKey
 
-from server import check
+from server import check, manage
 from server.config import Settings
-from tests.conftest import MakeClient, MakeUser
+from server.deps import AppState
+from tests.conftest import MakeClient, MakeUser, SharedApps, reset_app
 
 pytestmark = pytest.mark.feature("check-command")
 
@@ -39,10 +41,14 @@ NO_CREDENTIALS = {
     "invalid-client",
     "introspection-auth",
     "no-store-headers",
+    "dpop-discovery",
 }
 CLIENT_ONLY = {
     "client-credentials",
     "access-token-claims",
+    "dpop-bound-token",
+    "dpop-proof-replay",
+    "dpop-proof-wrong-htu",
     "introspection-active",
     "introspection-hostile-tokens",
     "revocation",
@@ -229,6 +235,9 @@ async def test_a_public_client_skips_what_needs_a_secret(
     assert outcome.failures == 0, outcome.lines
     needs_secret = {
         "client-credentials",
+        "dpop-bound-token",
+        "dpop-proof-replay",
+        "dpop-proof-wrong-htu",
         "introspection-active",
         "introspection-hostile-tokens",
         "revoked-family-inactive",
@@ -254,6 +263,8 @@ async def test_grants_the_client_lacks_are_skipped(
     assert outcome.reason("client-credentials") == (
         "the client is not allowed the grant (client_credentials grant)"
     )
+    for name in ("dpop-bound-token", "dpop-proof-replay", "dpop-proof-wrong-htu"):
+        assert outcome.reason(name) == outcome.reason("client-credentials")
     no_refresh = "no refresh_token issued (client not allowed refresh_token)"
     for name in ("refresh-rotation", "refresh-reuse-detection", "refresh-token-revocation"):
         assert outcome.reason(name) == no_refresh
@@ -1316,7 +1327,464 @@ async def test_issue_19_metadata_faults_fail_discovery(
     for name, value in metadata.items():
         fake.metadata[name] = REMOVED if value is None else value
     outcome = await without_credentials(app, fake)
-    assert outcome.named("FAIL") == {"discovery", "registration-refuses-empty"}, outcome.lines
+    assert outcome.named("FAIL") == {"discovery", "registration-refuses-empty", "dpop-discovery"}
     assert reason in outcome.reason("discovery")
     assert outcome.reason("registration-refuses-empty") == "needs discovery, which failed"
+    assert outcome.reason("dpop-discovery") == "needs discovery, which failed"
     assert fake.seen == []  # a URL the documents got wrong is never sent anything
+
+
+# -- DPoP (RFC 9449) at the token endpoint ---------------------------------------------------
+
+DPOP_ALGS_NAME = "dpop_signing_alg_values_supported"
+DPOP_TOKEN_CHECKS = ("dpop-bound-token", "dpop-proof-replay", "dpop-proof-wrong-htu")
+DPOP_CHECKS = ("dpop-discovery", *DPOP_TOKEN_CHECKS)
+
+
+@dataclass
+class Sent:
+    """One token request that carried a DPoP proof, and what the server answered."""
+
+    proof: str
+    status: int
+    error: str | None
+    body: dict[str, Any] | None
+
+    def part(self, index: int) -> dict[str, Any]:
+        segment = self.proof.split(".")[index]
+        value: dict[str, Any] = json.loads(base64.urlsafe_b64decode(segment + "=" * 4))
+        return value
+
+
+def proofs_seen(log: list[Sent], edit: Edit | None = None) -> Edit:
+    """Record every DPoP request at the token endpoint and its answer (after ``edit``)."""
+
+    def record(
+        request: httpx.Request, response: httpx.Response, body: dict[str, Any] | None
+    ) -> httpx.Response:
+        if edit is not None:
+            response = edit(request, response, body)
+        proof = request.headers.get("dpop")
+        if request.url.path == TOKEN and proof is not None:
+            seen = json.loads(response.content) if response.content else None
+            seen = seen if isinstance(seen, dict) else None
+            error = seen.get("error") if seen else None
+            log.append(Sent(proof, response.status_code, error, seen))
+        return response
+
+    return record
+
+
+class Before(Tamper):
+    """``Tamper`` whose app first sees each request through ``change`` (which may drop or
+    alter its headers): a server that reads requests differently."""
+
+    def __init__(
+        self, app: FastAPI, change: Callable[[httpx.Request], None], edit: Edit | None = None
+    ) -> None:
+        super().__init__(app, edit)
+        self.change = change
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.change(request)
+        return await super().handle_async_request(request)
+
+
+def claims_of(proof: str) -> dict[str, Any]:
+    return Sent(proof, 0, None, None).part(1)
+
+
+def ignore_proofs(when: Callable[[str, set[str]], bool]) -> Callable[[httpx.Request], None]:
+    """Drop the DPoP header (the app then never sees a proof) when ``when(proof, seen)``."""
+    seen: set[str] = set()
+
+    def change(request: httpx.Request) -> None:
+        proof = request.headers.get("dpop")
+        if request.url.path != TOKEN or proof is None:
+            return
+        if when(proof, seen):
+            del request.headers["dpop"]
+        seen.add(proof)
+
+    return change
+
+
+def advertise(**metadata: Any) -> Edit:
+    """Both discovery documents with ``metadata`` (``REMOVED``: the member left out)."""
+
+    def apply(body: dict[str, Any], form: dict[str, str]) -> dict[str, Any]:
+        merged = {**body, **metadata}
+        return {name: value for name, value in merged.items() if value is not REMOVED}
+
+    return rewrite(BOTH_DOCUMENTS, apply)
+
+
+@pytest.mark.feature("dpop-tokens")
+async def test_the_dpop_checks_bind_a_token_and_see_bad_proofs_refused(
+    app: FastAPI, setup: Setup
+) -> None:
+    log: list[Sent] = []
+    transport = Tamper(app, proofs_seen(log))
+    outcome = await setup.run(transport, user=False)
+    assert outcome.failures == 0, outcome.lines
+    for name in DPOP_CHECKS:
+        assert outcome.results[name] == ("PASS", ""), outcome.lines
+    bound, replay, wrong_htu = log
+    # A fresh ES256 proof with a public P-256 key, for a POST to the token endpoint.
+    header, claims = bound.part(0), bound.part(1)
+    assert header["typ"] == "dpop+jwt" and header["alg"] == "ES256"
+    assert set(header["jwk"]) == {"kty", "crv", "x", "y"} and header["jwk"]["crv"] == "P-256"
+    assert claims["htm"] == "POST"
+    assert claims["htu"] == setup.settings.issuer + TOKEN
+    assert "nonce" not in claims  # the server asked for none
+    assert (bound.status, bound.body and bound.body["token_type"]) == (200, "DPoP")
+    # The server did bind the token to that key (what the check compared too).
+    assert bound.body is not None
+    token_claims = claims_of(bound.body["access_token"])
+    assert token_claims["cnf"] == {"jkt": ECKey.import_key(header["jwk"]).thumbprint()}
+    # The replay is the very same proof; the wrong htu one is fresh, for another endpoint.
+    assert replay.proof == bound.proof
+    assert (replay.status, replay.error) == (400, "invalid_dpop_proof")
+    assert wrong_htu.part(1)["htu"] == setup.settings.issuer + INTROSPECT
+    assert wrong_htu.part(1)["jti"] != claims["jti"]
+    assert wrong_htu.part(0)["jwk"] == header["jwk"]
+    assert (wrong_htu.status, wrong_htu.error) == (400, "invalid_dpop_proof")
+    text = "\n".join(outcome.lines)
+    assert bound.body["access_token"] not in text
+
+
+@pytest.mark.feature("dpop-tokens")
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_without_dpop_in_discovery_the_dpop_checks_skip(app: FastAPI, setup: Setup) -> None:
+    log: list[Sent] = []
+    transport = Tamper(app, proofs_seen(log, advertise(**{DPOP_ALGS_NAME: REMOVED})))
+    outcome = await setup.run(transport)
+    assert outcome.failures == 0, outcome.lines
+    reason = (
+        "the server does not advertise DPoP (no dpop_signing_alg_values_supported in discovery)"
+    )
+    for name in DPOP_CHECKS:
+        assert outcome.results[name] == ("SKIP", reason), outcome.lines
+    assert outcome.named("PASS") == set(ALL) - set(DPOP_CHECKS)
+    assert log == []  # not one proof sent
+
+
+@pytest.mark.feature("dpop-tokens")
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_without_es256_the_token_checks_skip(app: FastAPI, setup: Setup) -> None:
+    log: list[Sent] = []
+    edit = advertise(**{DPOP_ALGS_NAME: ["RS256", "PS256", "EdDSA"]})
+    outcome = await setup.run(Tamper(app, proofs_seen(log, edit)), user=False)
+    assert outcome.results["dpop-discovery"] == ("PASS", "")
+    for name in DPOP_TOKEN_CHECKS:
+        assert outcome.reason(name) == (
+            "ES256 (what check signs proofs with) is not in dpop_signing_alg_values_supported"
+        )
+    assert outcome.failures == 0
+    assert log == []
+
+
+@pytest.mark.feature("dpop-tokens")
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (
+            advertise(**{DPOP_ALGS_NAME: ["ES256", "none"]}),
+            "dpop_signing_alg_values_supported lists none",
+        ),
+        (
+            advertise(**{DPOP_ALGS_NAME: ["ES256", "NONE"]}),
+            "dpop_signing_alg_values_supported lists none",
+        ),
+        (
+            advertise(**{DPOP_ALGS_NAME: ["ES256", "HS256"]}),
+            "dpop_signing_alg_values_supported lists the symmetric 'HS256'",
+        ),
+        (advertise(**{DPOP_ALGS_NAME: "ES256"}), "is not a list of algorithm names"),
+        (advertise(**{DPOP_ALGS_NAME: []}), "is not a list of algorithm names"),
+        (advertise(**{DPOP_ALGS_NAME: ["ES256", 7]}), "is not a list of algorithm names"),
+        (
+            rewrite(
+                "/.well-known/openid-configuration",
+                lambda body, form: {k: v for k, v in body.items() if k != DPOP_ALGS_NAME},
+            ),
+            "/.well-known/openid-configuration: no dpop_signing_alg_values_supported, though "
+            "the other document lists it",
+        ),
+    ],
+    ids=["none", "none-upper-case", "mac", "not-a-list", "empty", "not-strings", "one-document"],
+)
+async def test_dpop_metadata_faults_fail_dpop_discovery(
+    app: FastAPI, setup: Setup, edit: Edit, reason: str
+) -> None:
+    log: list[Sent] = []
+    outcome = await setup.run(Tamper(app, proofs_seen(log, edit)), user=False)
+    assert outcome.named("FAIL") == set(DPOP_CHECKS), outcome.lines
+    assert reason in outcome.reason("dpop-discovery")
+    for name in ("dpop-bound-token", "dpop-proof-wrong-htu"):
+        assert outcome.reason(name) == "needs dpop-discovery, which failed"
+    assert outcome.reason("dpop-proof-replay") == "needs dpop-bound-token, which failed"
+    assert outcome.failures == len(DPOP_CHECKS)
+    assert log == []
+
+
+def forged_binding(cnf: Any) -> Edit:
+    """Token responses to DPoP requests say DPoP, with ``cnf`` (``REMOVED``: none) in the
+    access token's payload (its signature is then wrong: access-token-claims never sees
+    these tokens, the bound-token check reads the binding only)."""
+
+    def edit(
+        request: httpx.Request, response: httpx.Response, body: dict[str, Any] | None
+    ) -> httpx.Response:
+        if request.url.path != TOKEN or "dpop" not in request.headers or body is None:
+            return response
+        if "access_token" not in body:
+            return response
+        head, _, signature = body["access_token"].split(".")
+        claims = {k: v for k, v in claims_of(body["access_token"]).items() if k != "cnf"}
+        if cnf is not REMOVED:
+            claims["cnf"] = cnf
+        token = f"{head}.{b64json(claims)}.{signature}"
+        return replace_json(response, {**body, "access_token": token, "token_type": "DPoP"})
+
+    return edit
+
+
+def refuse_replays_with(error: str) -> Edit:
+    """A server that answers a proof it saw before with 400 ``error``."""
+    seen: set[str] = set()
+
+    def edit(
+        request: httpx.Request, response: httpx.Response, body: dict[str, Any] | None
+    ) -> httpx.Response:
+        proof = request.headers.get("dpop")
+        if request.url.path != TOKEN or proof is None:
+            return response
+        if proof in seen:
+            return httpx.Response(400, headers={"Cache-Control": "no-store"}, json={"error": error})
+        seen.add(proof)
+        return response
+
+    return edit
+
+
+def other_htu(proof: str, seen: set[str]) -> bool:
+    return not str(claims_of(proof)["htu"]).endswith(TOKEN)
+
+
+@pytest.mark.feature("dpop-tokens")
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(
+    ("change", "edit", "failing"),
+    [
+        pytest.param(
+            ignore_proofs(lambda proof, seen: True),
+            None,
+            {
+                "dpop-bound-token": "client_credentials grant with a DPoP proof: token_type is "
+                "'Bearer', expected DPoP",
+                "dpop-proof-replay": "needs dpop-bound-token, which failed",
+                "dpop-proof-wrong-htu": "a DPoP proof with htu /oauth2/introspect: accepted "
+                "(HTTP 200, a token was issued)",
+            },
+            id="proofs-ignored",
+        ),
+        pytest.param(
+            None,
+            forged_binding(REMOVED),
+            {
+                "dpop-bound-token": "the access token has no cnf.jkt (it is not bound)",
+                "dpop-proof-replay": "needs dpop-bound-token, which failed",
+            },
+            id="says-dpop-binds-nothing",
+        ),
+        pytest.param(
+            None,
+            forged_binding({"jkt": "c29tZW9uZSBlbHNlJ3Mga2V5"}),
+            {
+                "dpop-bound-token": "cnf.jkt is 'c29tZW9uZSBlbHNlJ3Mga2V5', not the RFC 7638 "
+                "thumbprint of the proof key",
+                "dpop-proof-replay": "needs dpop-bound-token, which failed",
+            },
+            id="bound-to-another-key",
+        ),
+        pytest.param(
+            ignore_proofs(lambda proof, seen: proof in seen),
+            None,
+            {
+                "dpop-proof-replay": "a replayed DPoP proof (same jti): accepted (HTTP 200, a "
+                "token was issued)"
+            },
+            id="replay-accepted",
+        ),
+        pytest.param(
+            None,
+            refuse_replays_with("invalid_request"),
+            {
+                "dpop-proof-replay": "a replayed DPoP proof (same jti): expected HTTP 400 "
+                "invalid_dpop_proof, got HTTP 400 invalid_request"
+            },
+            id="replay-wrong-error",
+        ),
+        pytest.param(
+            ignore_proofs(other_htu),
+            None,
+            {
+                "dpop-proof-wrong-htu": "a DPoP proof with htu /oauth2/introspect: accepted "
+                "(HTTP 200, a token was issued)"
+            },
+            id="htu-not-compared",
+        ),
+    ],
+)
+async def test_a_dpop_fault_fails_exactly_its_checks(
+    app: FastAPI,
+    setup: Setup,
+    change: Callable[[httpx.Request], None] | None,
+    edit: Edit | None,
+    failing: dict[str, str],
+) -> None:
+    transport = Before(app, change or (lambda request: None), edit)
+    outcome = await setup.run(transport, user=False)
+    assert outcome.named("FAIL") == set(failing), outcome.lines
+    for name, fragment in failing.items():
+        assert fragment in outcome.reason(name), outcome.lines
+    assert outcome.failures == len(failing)
+    text = "\n".join(outcome.lines)
+    for value in [setup.client_secret, *transport.tokens]:
+        assert value and value not in text
+
+
+# -- DPoP nonces (RFC 9449 §8): one retry with the server's nonce -----------------------------
+
+
+async def nonce_setup(settings: Settings, shared_apps: SharedApps) -> tuple[FastAPI, Setup]:
+    """The app with ``AUTH_DPOP_REQUIRE_NONCE`` on, and a client of its own."""
+    nonce_settings = settings.model_copy(update={"dpop_require_nonce": True})
+    application: FastAPI = await shared_apps.get(nonce_settings)
+    await reset_app(application)
+    state: AppState = application.state.auth
+    async with state.db.sessions() as db:
+        created = await manage.create_client(
+            db, client_id="check-app", grants=["client_credentials"], scope="api"
+        )
+        await db.commit()
+    return application, Setup(nonce_settings, "check-app", created.secret, "", "")
+
+
+@pytest.mark.feature("dpop-tokens")
+async def test_a_server_that_wants_a_nonce_gets_it_on_the_retry(
+    settings: Settings, shared_apps: SharedApps
+) -> None:
+    application, nonce_setup_ = await nonce_setup(settings, shared_apps)
+    log: list[Sent] = []
+    outcome = await nonce_setup_.run(Tamper(application, proofs_seen(log)), user=False)
+    assert outcome.failures == 0, outcome.lines
+    for name in DPOP_CHECKS:
+        assert outcome.results[name] == ("PASS", ""), outcome.lines
+    asked, bound, replay, wrong_htu = log
+    assert (asked.status, asked.error) == (400, "use_dpop_nonce")
+    assert "nonce" not in asked.part(1)
+    # The retry: a new proof (new jti) carrying the nonce the server sent.
+    nonce = application.state.oauth.dpop.current_nonce()
+    assert bound.part(1)["nonce"] == nonce
+    assert bound.part(1)["jti"] != asked.part(1)["jti"]
+    assert bound.status == 200
+    assert replay.proof == bound.proof
+    assert (replay.status, replay.error) == (400, "invalid_dpop_proof")
+    # Later proofs carry the newest nonce at once (§8.2: the token response sent it).
+    assert wrong_htu.part(1)["nonce"] == nonce
+    assert (wrong_htu.status, wrong_htu.error) == (400, "invalid_dpop_proof")
+
+
+def demand_nonce(
+    when: Callable[[str, int], bool], nonce: Callable[[int], str] | None
+) -> tuple[Edit, list[str]]:
+    """Answer the ``count``-th DPoP request where ``when(proof, count)`` with 400
+    use_dpop_nonce and, unless ``nonce`` is None, ``DPoP-Nonce: nonce(count)``; the nonces
+    handed out are listed."""
+    handed: list[str] = []
+    counter = [0]
+
+    def edit(
+        request: httpx.Request, response: httpx.Response, body: dict[str, Any] | None
+    ) -> httpx.Response:
+        proof = request.headers.get("dpop")
+        if request.url.path != TOKEN or proof is None:
+            return response
+        counter[0] += 1
+        if not when(proof, counter[0]):
+            return response
+        headers = {"Cache-Control": "no-store"}
+        if nonce is not None:
+            handed.append(nonce(counter[0]))
+            headers["DPoP-Nonce"] = handed[-1]
+        return httpx.Response(400, headers=headers, json={"error": "use_dpop_nonce"})
+
+    return edit, handed
+
+
+@pytest.mark.feature("dpop-tokens")
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_nonce_demanded_again_after_the_retry_fails(app: FastAPI, setup: Setup) -> None:
+    edit, handed = demand_nonce(lambda proof, count: True, lambda count: f"nonce-{count}")
+    log: list[Sent] = []
+    outcome = await setup.run(Tamper(app, proofs_seen(log, edit)), user=False)
+    assert outcome.reason("dpop-bound-token") == (
+        "client_credentials grant with a DPoP proof: HTTP 400 use_dpop_nonce again, with the "
+        "nonce it sent"
+    )
+    assert outcome.reason("dpop-proof-wrong-htu") == (
+        "a DPoP proof with htu /oauth2/introspect: HTTP 400 use_dpop_nonce again, with the "
+        "nonce it sent"
+    )
+    # One retry each, carrying the nonce just handed out; never a third request.
+    assert [sent.part(1).get("nonce") for sent in log] == [
+        None,
+        handed[0],
+        handed[1],  # the next check starts with the newest nonce it was sent
+        handed[2],
+    ]
+    assert outcome.named("FAIL") == set(DPOP_TOKEN_CHECKS)
+
+
+@pytest.mark.feature("dpop-tokens")
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_use_dpop_nonce_without_a_nonce_fails(app: FastAPI, setup: Setup) -> None:
+    edit, _ = demand_nonce(lambda proof, count: count == 1, None)
+    outcome = await setup.run(Tamper(app, edit), user=False)
+    assert outcome.reason("dpop-bound-token") == (
+        "client_credentials grant with a DPoP proof: HTTP 400 use_dpop_nonce without a "
+        "usable DPoP-Nonce header"
+    )
+    assert outcome.named("FAIL") == {"dpop-bound-token", "dpop-proof-replay"}
+
+
+@pytest.mark.feature("dpop-tokens")
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_replay_asked_for_a_nonce_is_resent_with_the_same_jti(
+    app: FastAPI, setup: Setup
+) -> None:
+    """The server wants a newer nonce before it looks at the replay: the same jti goes again,
+    under the nonce (a real one of the app's), and must still be refused as a replay."""
+    nonce = app.state.oauth.dpop.current_nonce()
+    seen: set[str] = set()
+
+    def replay_first(proof: str, count: int) -> bool:
+        if proof in seen:
+            return True
+        seen.add(proof)
+        return False
+
+    edit, _ = demand_nonce(replay_first, lambda count: nonce)
+
+    log: list[Sent] = []
+    outcome = await setup.run(Tamper(app, proofs_seen(log, edit)), user=False)
+    assert outcome.failures == 0, outcome.lines
+    bound, replay, resent, _ = log
+    assert replay.proof == bound.proof and replay.error == "use_dpop_nonce"
+    assert resent.part(1)["jti"] == bound.part(1)["jti"]
+    assert resent.part(1)["nonce"] == nonce
+    assert (resent.status, resent.error) == (400, "invalid_dpop_proof")
+    assert outcome.results["dpop-proof-replay"] == ("PASS", "")

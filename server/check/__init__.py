@@ -11,8 +11,9 @@ Output is one line per check, ``PASS name`` / ``FAIL name: why`` / ``SKIP name: 
 ``summary: P passed, F failed, S skipped``. Reasons carry status codes and OAuth error codes,
 never a body, a secret, a password or a token (``Context.redact`` is the last safety net).
 
-The checks live in groups (``metadata``, ``grants``, ``refresh``, ``introspection``,
-``revocation``, ``last``) built on ``context`` (``Context``, ``@check``), ``parse``, ``outcome``.
+The checks live in groups (``metadata``, ``grants``, ``dpop``, ``refresh``,
+``introspection``, ``revocation``, ``last``) built on ``context`` (``Context``, ``@check``),
+``parse``, ``outcome``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import TextIO
 import httpx
 
 # Importing a group registers its checks: this order is the order they run in.
-from . import metadata, grants, refresh, introspection, revocation, last  # isort: skip  # noqa: F401
+from . import metadata, grants, dpop, refresh, introspection, revocation, last  # isort: skip  # noqa: F401
 from .context import CHECKS, Check, Context
 from .outcome import CheckFailed, CheckSkipped, Status
 from .parse import b64url_encode as b64url_encode

@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-from joserfc.jwk import RSAKey
+from joserfc.jwk import ECKey, RSAKey
 
 from .outcome import CheckFailed, CheckSkipped, Status
 from .parse import describe, error_code, json_object, printable, short
@@ -72,6 +72,15 @@ class Context:
     family: Family | None = None
     #: The ``registration_endpoint`` of a discovery document that passed ``discovery``.
     registration_endpoint: str | None = None
+    #: path -> the discovery documents that passed ``discovery``.
+    documents: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The DPoP key of this run (``dpop``): ephemeral, made on first use, never sent whole.
+    dpop_key: ECKey | None = None
+    #: The newest ``DPoP-Nonce`` the server sent (RFC 9449 §8), for the next proof.
+    dpop_nonce: str | None = None
+    #: The claims of the proof ``dpop-bound-token`` was granted for, and that proof.
+    dpop_claims: dict[str, Any] | None = None
+    dpop_proof: str | None = None
     #: (request, Cache-Control) of every response that must carry ``no-store``.
     cache_log: list[tuple[str, str]] = field(default_factory=list)
     #: Values that must never appear in the output.
@@ -127,19 +136,21 @@ class Context:
         data: Mapping[str, str | list[str]],
         *,
         auth: bool | tuple[str, str] = True,
+        headers: Mapping[str, str] | None = None,
     ) -> httpx.Response:
-        """POST a form; ``auth=True`` authenticates as the configured client (if any):
-        HTTP Basic for a confidential client, ``client_id`` in the form for a public one."""
+        """POST a form with ``headers``; ``auth=True`` authenticates as the configured client
+        (if any): HTTP Basic for a confidential client, ``client_id`` in the form for a
+        public one."""
         form: dict[str, str | list[str]] = dict(data)
-        headers: dict[str, str] = {}
+        sent: dict[str, str] = dict(headers or {})
         if isinstance(auth, tuple):
-            headers["Authorization"] = basic_auth(*auth)
+            sent["Authorization"] = basic_auth(*auth)
         elif auth and self.client_id is not None:
             if self.client_secret is not None:
-                headers["Authorization"] = basic_auth(self.client_id, self.client_secret)
+                sent["Authorization"] = basic_auth(self.client_id, self.client_secret)
             else:
                 form["client_id"] = self.client_id
-        response = await self.http.post(self.url(path), data=form, headers=headers)
+        response = await self.http.post(self.url(path), data=form, headers=sent)
         # SPEC.md: no-store on every token response, success or error, and on introspection.
         if path in (TOKEN_PATH, INTROSPECT_PATH):
             grant = form.get("grant_type")
@@ -153,7 +164,11 @@ class Context:
         response = await self.post(TOKEN_PATH, data)
         return self.token_body(response, what)
 
-    def token_body(self, response: httpx.Response, what: str) -> dict[str, Any]:
+    def token_body(
+        self, response: httpx.Response, what: str, scheme: str = "Bearer"
+    ) -> dict[str, Any]:
+        """The body of a successful token response whose ``token_type`` is ``scheme``
+        (compared case-insensitively, RFC 6749 §7.1), or ``CheckFailed``."""
         if response.status_code == 400 and error_code(response) == "unauthorized_client":
             raise CheckSkipped(f"the client is not allowed the grant ({what})")
         if response.status_code != 200:
@@ -166,9 +181,9 @@ class Context:
         refresh_token = body.get("refresh_token")
         if isinstance(refresh_token, str) and refresh_token:
             self.sensitive.add(refresh_token)
-        token_type = body.get("token_type")
-        if not isinstance(token_type, str) or token_type.lower() != "bearer":
-            raise CheckFailed(f"{what}: token_type is {short(token_type)}, expected Bearer")
+        seen = body.get("token_type")
+        if not isinstance(seen, str) or seen.lower() != scheme.lower():
+            raise CheckFailed(f"{what}: token_type is {short(seen)}, expected {scheme}")
         expires_in = body.get("expires_in")
         if type(expires_in) is not int or expires_in <= 0:
             raise CheckFailed(f"{what}: expires_in is {short(expires_in)}, expected seconds > 0")

@@ -90,6 +90,7 @@ async def check_discovery(ctx: Context) -> None:
         if not isinstance(supported, bool):
             # draft-ietf-oauth-client-id-metadata-document: a boolean.
             raise CheckFailed(f"{path}: client_id_metadata_document_supported is not a boolean")
+    ctx.documents = dict(zip(DISCOVERY_PATHS, documents, strict=True))
     registration = oauth.get("registration_endpoint", oidc.get("registration_endpoint"))
     # Under the issuer (the loop above): the only URL of a document ``check`` ever sends to.
     ctx.registration_endpoint = registration if isinstance(registration, str) else None

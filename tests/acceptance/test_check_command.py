@@ -60,6 +60,10 @@ def test_check_passes_against_a_real_server(server: RunningServer) -> None:
         "introspection-active",
         "introspection-hostile-tokens",
         "no-store-headers",
+        "dpop-discovery",
+        "dpop-bound-token",
+        "dpop-proof-replay",
+        "dpop-proof-wrong-htu",
     }
     assert summary == f"summary: {len(checks)} passed, 0 failed, 0 skipped"
     assert secret not in result.stdout + result.stderr
