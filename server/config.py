@@ -333,6 +333,12 @@ class Settings(BaseSettings):
             )
         return reasons
 
+    @property
+    def signing_alg(self) -> str:
+        """The algorithm of access and ID tokens: RS256, or PS256 (same RSA keys) under
+        ``AUTH_FAPI2`` (FAPI 2.0 Security Profile §5.4.1 allows PS256, ES256, EdDSA)."""
+        return "PS256" if self.fapi2 else "RS256"
+
     def profile_problems(self) -> list[str]:
         """Why ``AUTH_FAPI2`` cannot hold with the other settings, each with its fix."""
         if not self.fapi2:

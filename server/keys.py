@@ -75,10 +75,13 @@ class KeySet:
     public: dict[str, RSAKey]
     jwks_bytes: bytes
     etag: str
+    #: The one algorithm tokens are signed (and checked) with: RS256, or PS256 under
+    #: ``AUTH_FAPI2`` (FAPI 2.0 Security Profile §5.4.1), with the same RSA keys.
+    alg: str = "RS256"
 
     def sign(self, claims: dict[str, Any], typ: str) -> str:
-        header = {"alg": "RS256", "typ": typ, "kid": self.kid}
-        return jwt.encode(header, claims, self.current, algorithms=["RS256"])
+        header = {"alg": self.alg, "typ": typ, "kid": self.kid}
+        return jwt.encode(header, claims, self.current, algorithms=[self.alg])
 
 
 @dataclass(frozen=True)
@@ -108,8 +111,9 @@ class PruneResult:
 
 
 class KeyStore:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, alg: str = "RS256") -> None:
         self.directory = directory
+        self.alg = alg
         self._loaded_version: bytes | None = None
         self._keyset: KeySet | None = None
         self._parsed: dict[str, _Parsed] = {}
@@ -225,7 +229,7 @@ class KeyStore:
         public = {kid: entry.public for kid, entry in parsed.items()}
         jwks = {
             "keys": [
-                {**public[info.kid].as_dict(), "kid": info.kid, "use": "sig", "alg": "RS256"}
+                {**public[info.kid].as_dict(), "kid": info.kid, "use": "sig", "alg": self.alg}
                 for info in sorted(infos, key=_publish_order)
             ]
         }
@@ -236,6 +240,7 @@ class KeyStore:
             public=public,
             jwks_bytes=body,
             etag='"' + hashlib.sha256(body).hexdigest()[:32] + '"',
+            alg=self.alg,
         )
         return keyset, parsed
 

@@ -116,7 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = create_engine(settings)
         try:
             await assert_schema_compatible(engine)
-            keys = KeyStore(settings.keys_dir)
+            keys = KeyStore(settings.keys_dir, settings.signing_alg)
             if settings.env is not Env.production:
                 keys.ensure()
             keys.reload()

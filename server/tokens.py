@@ -27,9 +27,9 @@ ID_TOKEN_TYPES = frozenset({"jwt"})
 #: Header members that would let the token choose its own key or demand unknown processing
 #: (RFC 8725 §3.10, RFC 7515 §4.1.11). We publish our keys; a token never brings one.
 FORBIDDEN_HEADERS = frozenset({"jku", "jwk", "x5u", "x5c", "crit"})
-#: The only algorithm we sign with. An exact match rejects "none", "None", "HS256" keyed with
-#: our public key, and every other algorithm-confusion trick (RFC 8725 §2.1, §3.1).
-ALGORITHM = "RS256"
+#: The only algorithm we sign with (``KeySet.alg``: RS256, or PS256 under ``AUTH_FAPI2``). An
+#: exact match rejects "none", "None", "HS256" keyed with our public key, and every other
+#: algorithm-confusion trick (RFC 8725 §2.1, §3.1).
 
 
 def _b64_json(segment: str) -> Any:
@@ -50,7 +50,7 @@ def unverified_header(token: str) -> dict[str, Any] | None:
 def _verified_claims(keyset: KeySet, token: str, *, types: frozenset[str]) -> dict[str, Any] | None:
     """Header rules, then the signature; the claims as a dict, or ``None``."""
     header = unverified_header(token)
-    if header is None or header.get("alg") != ALGORITHM:
+    if header is None or header.get("alg") != keyset.alg:
         return None
     typ = header.get("typ")
     if not isinstance(typ, str) or typ.lower() not in types:
@@ -62,7 +62,7 @@ def _verified_claims(keyset: KeySet, token: str, *, types: frozenset[str]) -> di
     if key is None:
         return None  # unknown, retired-and-pruned or hostile kid: only an exact lookup
     try:
-        signed = jws.deserialize_compact(token, key, algorithms=[ALGORITHM])
+        signed = jws.deserialize_compact(token, key, algorithms=[keyset.alg])
         claims = json.loads(signed.payload)
     except (JoseError, ValueError, TypeError, UnicodeError):
         return None

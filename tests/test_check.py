@@ -22,10 +22,12 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from joserfc.jwk import ECKey
+from sqlalchemy import func, select
 
 from server import check, manage
 from server.config import Settings
 from server.deps import AppState
+from server.models import PushedRequest
 from tests.conftest import MakeClient, MakeUser, SharedApps, reset_app
 
 pytestmark = pytest.mark.feature("check-command")
@@ -42,6 +44,7 @@ NO_CREDENTIALS = {
     "introspection-auth",
     "no-store-headers",
     "dpop-discovery",
+    "par-refuses-unauthenticated",
 }
 CLIENT_ONLY = {
     "client-credentials",
@@ -1327,10 +1330,16 @@ async def test_issue_19_metadata_faults_fail_discovery(
     for name, value in metadata.items():
         fake.metadata[name] = REMOVED if value is None else value
     outcome = await without_credentials(app, fake)
-    assert outcome.named("FAIL") == {"discovery", "registration-refuses-empty", "dpop-discovery"}
+    assert outcome.named("FAIL") == {
+        "discovery",
+        "registration-refuses-empty",
+        "dpop-discovery",
+        "par-refuses-unauthenticated",
+    }
     assert reason in outcome.reason("discovery")
     assert outcome.reason("registration-refuses-empty") == "needs discovery, which failed"
     assert outcome.reason("dpop-discovery") == "needs discovery, which failed"
+    assert outcome.reason("par-refuses-unauthenticated") == "needs discovery, which failed"
     assert fake.seen == []  # a URL the documents got wrong is never sent anything
 
 
@@ -1788,3 +1797,97 @@ async def test_a_replay_asked_for_a_nonce_is_resent_with_the_same_jti(
     assert resent.part(1)["nonce"] == nonce
     assert (resent.status, resent.error) == (400, "invalid_dpop_proof")
     assert outcome.results["dpop-proof-replay"] == ("PASS", "")
+
+
+# -- a FAPI 2.0 server (AUTH_FAPI2) ----------------------------------------------------------
+
+FAPI2_SHAPE = {
+    "require_pushed_authorization_requests": True,
+    "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+    "revocation_endpoint_auth_methods_supported": ["private_key_jwt"],
+    "introspection_endpoint_auth_methods_supported": ["private_key_jwt"],
+    "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
+}
+
+
+@pytest.mark.feature("fapi2")
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(
+    ("metadata", "reason"),
+    [
+        (
+            {"grant_types_supported": ["authorization_code", "password", "client_credentials"]},
+            "grant_types_supported lacks one of refresh_token, client_credentials",
+        ),
+        (
+            {"grant_types_supported": ["password", "refresh_token", "client_credentials"]},
+            "a FAPI 2.0 server lists the password grant",
+        ),
+        (
+            {"revocation_endpoint_auth_methods_supported": ["client_secret_basic"]},
+            "revocation_endpoint_auth_methods_supported lacks private_key_jwt",
+        ),
+        (
+            # Not FAPI-shaped any more (PAR not required): the baseline applies again.
+            {"require_pushed_authorization_requests": False},
+            "grant_types_supported lacks one of password",
+        ),
+    ],
+    ids=["fapi-without-refresh", "fapi-with-password", "fapi-secret-revocation", "not-fapi"],
+)
+async def test_a_fapi2_server_is_held_to_the_profile_not_the_baseline(
+    app: FastAPI, metadata: dict[str, Any], reason: str
+) -> None:
+    shaped = await without_credentials(app, advertise(**FAPI2_SHAPE))
+    assert "discovery" in shaped.named("PASS"), shaped.lines
+    outcome = await without_credentials(app, advertise(**{**FAPI2_SHAPE, **metadata}))
+    assert "discovery" in outcome.named("FAIL"), outcome.lines
+    assert reason in outcome.reason("discovery")
+
+
+# -- PAR (RFC 9126) ----------------------------------------------------------------------------
+
+PAR_ENDPOINT = "pushed_authorization_request_endpoint"
+
+
+def answer_par(status: int, body: dict[str, Any]) -> Edit:
+    """The pushed-request endpoint answering ``status`` and ``body``, whatever was sent."""
+
+    def edit(
+        request: httpx.Request, response: httpx.Response, form: dict[str, Any] | None
+    ) -> httpx.Response:
+        if request.url.path == "/oauth2/par":
+            return httpx.Response(status, json=body, request=request)
+        return response
+
+    return edit
+
+
+@pytest.mark.feature("par")
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_par_check_passes_skips_and_fails(app: FastAPI) -> None:
+    outcome = await without_credentials(app, advertise())
+    assert outcome.results["par-refuses-unauthenticated"] == ("PASS", "")
+    assert await rows_of_pushed_requests(app) == 0
+    skipped = await without_credentials(app, advertise(**{PAR_ENDPOINT: REMOVED}))
+    assert skipped.results["par-refuses-unauthenticated"] == (
+        "SKIP",
+        f"the server does not advertise PAR (no {PAR_ENDPOINT} in discovery)",
+    )
+    stored = await without_credentials(
+        app, answer_par(201, {"request_uri": "urn:ietf:params:oauth:request_uri:x"})
+    )
+    assert stored.results["par-refuses-unauthenticated"][0] == "FAIL"
+    reason = stored.reason("par-refuses-unauthenticated")
+    assert "stored for a client nobody authenticated" in reason
+    wrong = await without_credentials(app, answer_par(400, {"error": "invalid_request"}))
+    assert wrong.reason("par-refuses-unauthenticated") == (
+        f"POST {PAR_ENDPOINT} for an unknown client: HTTP 400 invalid_request, "
+        "expected 401 invalid_client"
+    )
+
+
+async def rows_of_pushed_requests(app: FastAPI) -> int:
+    state: AppState = app.state.auth
+    async with state.db.sessions() as db:
+        return int(await db.scalar(select(func.count()).select_from(PushedRequest)) or 0)

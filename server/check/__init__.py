@@ -31,7 +31,7 @@ from typing import TextIO
 import httpx
 
 # Importing a group registers its checks: this order is the order they run in.
-from . import metadata, grants, dpop, refresh, introspection, revocation, last  # isort: skip  # noqa: F401
+from . import metadata, grants, dpop, par, refresh, introspection, revocation, last  # isort: skip  # noqa: F401
 from .context import CHECKS, Check, Context
 from .outcome import CheckFailed, CheckSkipped, Status
 from .parse import b64url_encode as b64url_encode

@@ -86,6 +86,15 @@ class Context:
     #: Values that must never appear in the output.
     sensitive: set[str] = field(default_factory=set)
 
+    @property
+    def signing_alg(self) -> str:
+        """The algorithm tokens must be signed with: RS256 (SPEC.md), or PS256 where discovery
+        says so (a server with ``AUTH_FAPI2``: the FAPI 2.0 Security Profile §5.4.1)."""
+        for document in self.documents.values():
+            if document.get("id_token_signing_alg_values_supported") == ["PS256"]:
+                return "PS256"
+        return "RS256"
+
     # -- prerequisites ------------------------------------------------------------
 
     def need(self, name: str) -> None:

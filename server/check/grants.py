@@ -80,7 +80,8 @@ async def check_password_grant(ctx: Context) -> None:
 
 @check("access-token-claims")
 async def check_access_token_claims(ctx: Context) -> None:
-    """RFC 9068 access tokens: RS256, typ at+jwt, a published kid, valid signature and claims."""
+    """RFC 9068 access tokens: RS256 (PS256 where discovery says so), typ at+jwt, a published
+    kid, valid signature and claims."""
     ctx.need("jwks-hygiene")
     ctx.need_any("client-credentials", "password-grant")
     if ctx.client_token is not None:
@@ -91,8 +92,9 @@ async def check_access_token_claims(ctx: Context) -> None:
 
 def verify_access_token(ctx: Context, token: str, what: str, *, user: bool) -> dict[str, Any]:
     header = unverified_part(token, 0, what)
-    if header.get("alg") != "RS256":
-        raise CheckFailed(f"{what}: alg is {short(header.get('alg'))}, expected RS256")
+    alg = ctx.signing_alg
+    if header.get("alg") != alg:
+        raise CheckFailed(f"{what}: alg is {short(header.get('alg'))}, expected {alg}")
     typ = header.get("typ")
     # RFC 9068 §2.1 (RFC 7515 §4.1.9: compared case-insensitively, "application/" optional).
     if not isinstance(typ, str) or typ.lower() not in ("at+jwt", "application/at+jwt"):
@@ -102,7 +104,7 @@ def verify_access_token(ctx: Context, token: str, what: str, *, user: bool) -> d
     if key is None:
         raise CheckFailed(f"{what}: kid {short(kid)} is not in the JWKS")
     try:
-        claims = jwt.decode(token, key, algorithms=["RS256"]).claims
+        claims = jwt.decode(token, key, algorithms=[alg]).claims
     except JoseError as exc:
         raise CheckFailed(f"{what}: the signature does not verify") from exc
     if claims.get("iss") != ctx.base_url:

@@ -53,6 +53,14 @@ async def check_health(ctx: Context) -> None:
             raise CheckFailed(f"GET {path}: HTTP {response.status_code}")
 
 
+def is_fapi2(document: dict[str, Any]) -> bool:
+    """A server that says it is one of the FAPI 2.0 Security Profile: every request pushed,
+    and private_key_jwt the only client authentication."""
+    return document.get("require_pushed_authorization_requests") is True and document.get(
+        "token_endpoint_auth_methods_supported"
+    ) == ["private_key_jwt"]
+
+
 @check("discovery")
 async def check_discovery(ctx: Context) -> None:
     """Both metadata documents (RFC 8414, OIDC Discovery) agree and point at this server."""
@@ -78,13 +86,20 @@ async def check_discovery(ctx: Context) -> None:
             under = isinstance(value, str) and value.startswith(ctx.base_url + "/")
             if name.endswith("_endpoint") and not under:
                 raise CheckFailed(f"{path}: {name} is not under the issuer")
+        # A FAPI 2.0 server (AUTH_FAPI2) refuses the password grant and every client
+        # authentication but private_key_jwt: that is what it must say, and nothing more.
+        fapi2 = is_fapi2(doc)
         grants = doc.get("grant_types_supported")
-        if not isinstance(grants, list) or not set(GRANTS) <= set(grants):
-            raise CheckFailed(f"{path}: grant_types_supported lacks one of {', '.join(GRANTS)}")
+        required = [grant for grant in GRANTS if not (fapi2 and grant == "password")]
+        if not isinstance(grants, list) or not set(required) <= set(grants):
+            raise CheckFailed(f"{path}: grant_types_supported lacks one of {', '.join(required)}")
+        if fapi2 and "password" in grants:
+            raise CheckFailed(f"{path}: a FAPI 2.0 server lists the password grant")
+        method = "private_key_jwt" if fapi2 else "client_secret_basic"
         for name in AUTH_METHOD_LISTS:
             methods = doc.get(name)
-            if not isinstance(methods, list) or "client_secret_basic" not in methods:
-                raise CheckFailed(f"{path}: {name} lacks client_secret_basic")
+            if not isinstance(methods, list) or method not in methods:
+                raise CheckFailed(f"{path}: {name} lacks {method}")
             check_signing_algs(path, doc, name.removesuffix("methods_supported"))
         supported = doc.get("client_id_metadata_document_supported", False)
         if not isinstance(supported, bool):
@@ -159,7 +174,8 @@ async def undo(ctx: Context, response: httpx.Response) -> str:
 
 @check("jwks-hygiene")
 async def check_jwks_hygiene(ctx: Context) -> None:
-    """The JWKS holds public RS256 signing keys only: kid, use sig, >= 2048 bits, unique kids."""
+    """The JWKS holds public RSA signing keys only (alg RS256, or PS256 where discovery says
+    tokens are PS256): kid, use sig, >= 2048 bits, unique kids."""
     response = await ctx.get(JWKS_PATH)
     if response.status_code != 200:
         raise CheckFailed(f"GET {JWKS_PATH}: HTTP {response.status_code}")
@@ -179,7 +195,7 @@ async def check_jwks_hygiene(ctx: Context) -> None:
             raise CheckFailed(f"{label} has no kid")
         if kid in found:
             raise CheckFailed(f"{label} appears twice")
-        for name, expected in (("kty", "RSA"), ("use", "sig"), ("alg", "RS256")):
+        for name, expected in (("kty", "RSA"), ("use", "sig"), ("alg", ctx.signing_alg)):
             if key.get(name) != expected:
                 raise CheckFailed(f"{label}: {name} is {short(key.get(name))}, expected {expected}")
         try:

@@ -312,7 +312,7 @@ def discovery_document(settings: Settings) -> dict[str, Any]:
         ],
         "code_challenge_methods_supported": ["S256"],
         "subject_types_supported": ["public"],
-        "id_token_signing_alg_values_supported": ["RS256"],
+        "id_token_signing_alg_values_supported": [settings.signing_alg],
         "token_endpoint_auth_methods_supported": methods,
         "revocation_endpoint_auth_methods_supported": methods,
         # RFC 7662 §2.1: introspection needs a confidential client.

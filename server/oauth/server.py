@@ -339,7 +339,7 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
             "iat": issued_at,
             "auth_time": family.auth_time if family is not None else issued_at,
             # §3.1.3.6: left half of SHA-256 of the access token, base64url.
-            "at_hash": create_half_hash(access_token, "RS256").decode("ascii"),
+            "at_hash": create_half_hash(access_token, settings.signing_alg).decode("ascii"),
         }
         if nonce:
             claims["nonce"] = nonce

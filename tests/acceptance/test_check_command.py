@@ -64,6 +64,7 @@ def test_check_passes_against_a_real_server(server: RunningServer) -> None:
         "dpop-bound-token",
         "dpop-proof-replay",
         "dpop-proof-wrong-htu",
+        "par-refuses-unauthenticated",
     }
     assert summary == f"summary: {len(checks)} passed, 0 failed, 0 skipped"
     assert secret not in result.stdout + result.stderr

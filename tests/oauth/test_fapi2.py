@@ -7,6 +7,8 @@ redeems the code with a new assertion and a proof of the same key.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import secrets
 import time
@@ -16,7 +18,9 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from joserfc.jwk import ECKey, Key, RSAKey
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, Key, KeySet, RSAKey
 
 from server import manage
 from server.config import InsecureSettingsError, Settings
@@ -26,6 +30,7 @@ from tests.conftest import SharedApps, UserCreds, csrf_of, make_settings, reset_
 from tests.oauth.test_authorize import CALLBACK, ISSUER, _hidden_fields, pkce, query_of
 from tests.oauth.test_client_assertion import EC, claims_for, public_jwks, sign
 from tests.oauth.test_dpop_tokens import payload
+from tests.test_check import run as run_check
 from tests.test_dpop import serialize
 
 pytestmark = pytest.mark.feature("fapi2")
@@ -35,12 +40,15 @@ DPOP_KEY = ECKey.generate_key("P-256")
 RSA_DPOP_KEY = RSAKey.generate_key(2048)
 
 
-def proof(path: str, key: Key = DPOP_KEY, alg: str = "ES256") -> str:
+def proof(
+    path: str, key: Key = DPOP_KEY, alg: str = "ES256", method: str = "POST", **claims: str
+) -> str:
     body = {
         "jti": secrets.token_urlsafe(16),
-        "htm": "POST",
+        "htm": method,
         "htu": ISSUER + path,
         "iat": int(time.time()),
+        **claims,
     }
     header = {"typ": "dpop+jwt", "alg": alg, "jwk": key.as_dict(private=False)}
     return serialize(header, json.dumps(body).encode(), key)
@@ -147,6 +155,23 @@ async def test_the_fapi2_flow_runs_end_to_end(fapi: Fapi) -> None:
         body = token.json()
         assert body["token_type"] == "DPoP"
         assert payload(body["access_token"])["cnf"] == {"jkt": DPOP_KEY.thumbprint()}
+        # FAPI 2.0 §5.4.1: PS256 with the same RSA keys, published as PS256 keys.
+        jwks = KeySet.import_key_set((await http.get("/.well-known/jwks.json")).json())
+        assert {key.alg for key in jwks.keys} == {"PS256"}
+        for name in ("access_token", "id_token"):
+            decoded = jwt.decode(body[name], jwks, algorithms=["PS256"])
+            assert decoded.header["alg"] == "PS256" and decoded.claims["iss"] == ISSUER
+        with pytest.raises(JoseError):
+            jwt.decode(body["access_token"], jwks, algorithms=["RS256"])
+        ath = base64.urlsafe_b64encode(hashlib.sha256(body["access_token"].encode()).digest())
+        me = await http.get(
+            "/userinfo",
+            headers={
+                "Authorization": "DPoP " + body["access_token"],
+                "DPoP": proof("/userinfo", method="GET", ath=ath.rstrip(b"=").decode()),
+            },
+        )
+        assert me.status_code == 200 and me.json()["sub"] == fapi.user.id
         # client_credentials too, sender-constrained.
         service = await http.post(
             "/oauth2/token",
@@ -241,6 +266,15 @@ async def test_discovery_says_what_fapi2_allows(fapi: Fapi) -> None:
     assert "password" not in document["grant_types_supported"]
     assert document["code_challenge_methods_supported"] == ["S256"]
     assert document["authorization_response_iss_parameter_supported"] is True
+    assert document["id_token_signing_alg_values_supported"] == ["PS256"]
+
+
+async def test_check_expects_ps256_from_a_fapi2_server(fapi: Fapi) -> None:
+    async with fapi.http() as http:
+        outcome = await run_check(http, ISSUER)
+    # Without credentials: what check can see of a FAPI 2.0 server passes, PS256 keys too.
+    assert outcome.failures == 0, outcome.lines
+    assert {"discovery", "jwks-hygiene", "dpop-discovery"} <= outcome.named("PASS")
 
 
 @pytest.mark.parametrize(
