@@ -427,6 +427,7 @@ def password_as(username: str, password: str = SQLI) -> Run:
 # -- the table ----------------------------------------------------------------------------
 
 T, R, I = "/oauth2/token", "/oauth2/revoke", "/oauth2/introspect"  # noqa: E741
+P, PUSH = "/oauth2/par", "response_type=code&scope=api"
 CC = "grant_type=client_credentials"
 SQLI_Q = quote(SQLI)
 
@@ -570,6 +571,21 @@ CASES: list[Case] = [
         400,
         "invalid_request",
     ),
+    # pushed authorization requests (RFC 9126): refused as JSON, never a redirect
+    Case("par-duplicate-parameter", raw_case(P, PUSH + "&scope=api"), 400, "invalid_request"),
+    Case("par-nul-in-value", raw_case(P, PUSH + "%00admin"), 400, "invalid_request"),
+    Case("par-invalid-utf8", raw_case(P, PUSH.encode() + b"\xc3\x28"), 400, "invalid_request"),
+    Case("par-oversized-body", raw_case(P, PUSH + "&pad=" + "a" * 20_000), 413, "invalid_request"),
+    Case("par-basic-not-base64", header_auth_case(P, PUSH, "Basic %%%"), 401, "invalid_client"),
+    Case("par-basic-plus-secret-in-body", mixed_auth_case(P, PUSH), 400, "invalid_request"),
+    Case(
+        "par-client-id-sql-injection",
+        raw_case(P, f"{PUSH}&client_id={SQLI_Q}", auth=False),
+        401,
+        "invalid_client",
+    ),
+    # A client without the authorization_code grant (nor redirect URIs) pushes nothing.
+    Case("par-client-without-the-code-grant", raw_case(P, PUSH), 400, "invalid_request"),
     # RFC 7009 §2.2: an unknown token is 200, an injection string is just unknown.
     Case("revoke-sql-injection-token", revoke_sqli, 200, None),
     # introspection

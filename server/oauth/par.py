@@ -63,7 +63,7 @@ def _error(error: OAuth2Error, headers: list[tuple[str, str]] | None = None) -> 
     # §2.3: errors as at the token endpoint (RFC 6749 §5.2), never a redirect: the client
     # called us, not a browser.
     body = {"error": error.error, "error_description": error.description}
-    status = error.status_code if error.status_code in (400, 401) else 400
+    status = error.status_code or 400  # 401 invalid_client, 413 for an oversized body
     extra = list(headers or [])
     if status == 401:
         extra.append(("WWW-Authenticate", 'Basic realm="token"'))
