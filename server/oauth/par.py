@@ -8,7 +8,8 @@ which only the hash is stored, good for ``PUSHED_REQUEST_TTL`` (60 s) to be open
 
 ``/oauth2/authorize?client_id=…&request_uri=…`` then uses the pushed parameters only (§4). A
 browser sign-in takes longer than a minute, and its pages come back to the endpoint (after the
-sign-in, after consent), so "single use" is kept this way: the first browser to open the
+sign-in, after consent), so "single use" (§4: SHOULD be one-time, MAY allow a reload) is kept
+this way: the first browser to open the
 request holds it (the hash of its ``par`` cookie is stored) for ``SIGN_IN_TTL``; no other
 browser can open it, and it ends with the first answer sent to the client (a code or an
 error), in the transaction that writes the code.
