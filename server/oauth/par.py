@@ -4,15 +4,15 @@
 ``private_key_jwt`` included, through the same prelude), its parameters are checked as
 /oauth2/authorize would check them (``authorize.check_request``) and refused there and then
 (§2.3, as a token endpoint error), and it gets a ``request_uri`` (§2.2): 256 random bits, of
-which only the hash is stored, good for ``PUSHED_REQUEST_TTL`` (60 s) to be opened.
+which only the hash is stored, good for ``PUSHED_REQUEST_TTL`` (60 s) to be opened. The checks
+are ``authorization_request.check_request``, shared with /oauth2/authorize.
 
 ``/oauth2/authorize?client_id=…&request_uri=…`` then uses the pushed parameters only (§4). A
 browser sign-in takes longer than a minute, and its pages come back to the endpoint (after the
 sign-in, after consent), so "single use" (§4: SHOULD be one-time, MAY allow a reload) is kept
-this way: the first browser to open the
-request holds it (the hash of its ``par`` cookie is stored) for ``SIGN_IN_TTL``; no other
-browser can open it, and it ends with the first answer sent to the client (a code or an
-error), in the transaction that writes the code.
+this way: the first browser to open the request holds it (the hash of its ``par`` cookie is
+stored) for ``SIGN_IN_TTL``; no other browser can open it, and it ends with the first answer
+sent to the client (a code or an error), in the transaction that writes the code.
 """
 
 from __future__ import annotations
