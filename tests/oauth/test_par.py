@@ -82,6 +82,17 @@ async def allow(browser: httpx.AsyncClient, page: httpx.Response) -> httpx.Respo
     )
 
 
+async def public_client(make_client: MakeClient, client_id: str) -> None:
+    """Another public client with the SPA's redirect URI and scope."""
+    await make_client(
+        client_id,
+        public=True,
+        grants=["authorization_code"],
+        redirect_uris=[CALLBACK],
+        scope="openid profile email",
+    )
+
+
 async def code_of(browser: httpx.AsyncClient, page: httpx.Response) -> str:
     """The code, through the consent page unless consent was given before."""
     if page.status_code == 302:
@@ -197,13 +208,7 @@ async def test_an_expired_unknown_or_foreign_request_uri_is_refused(
     state: AppState, browser: httpx.AsyncClient, make_client: MakeClient, alice: UserCreds
 ) -> None:
     await spa(make_client)
-    await make_client(
-        "other",
-        public=True,
-        grants=["authorization_code"],
-        redirect_uris=[CALLBACK],
-        scope="openid profile email",
-    )
+    await public_client(make_client, "other")
     await sign_in(browser, alice)
     _, challenge = pkce()
     request_uri = await pushed_uri(browser, challenge)
@@ -332,13 +337,7 @@ async def test_plain_requests_are_refused_when_par_is_required(
     shared_apps: SharedApps,
 ) -> None:
     await spa(make_client, require_par=True)
-    await make_client(
-        "free",
-        public=True,
-        grants=["authorization_code"],
-        redirect_uris=[CALLBACK],
-        scope="openid profile email",
-    )
+    await public_client(make_client, "free")
     await sign_in(browser, alice)
     _, challenge = pkce()
     plain = await browser.get("/oauth2/authorize", params=authorize_params(challenge))
