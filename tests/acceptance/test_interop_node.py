@@ -1,6 +1,9 @@
-"""oauth4webapi (Node), a spec-strict client library independent of ours, registers clients
-(RFC 7591) and authenticates them with private_key_jwt and client_secret_jwt (RFC 7523 §2.2)
-against a real server; PyJWT verifies what it obtained.
+"""oauth4webapi (Node), a spec-strict client library independent of ours, against a real server:
+it registers clients (RFC 7591) and authenticates them with private_key_jwt and
+client_secret_jwt (RFC 7523 §2.2); it pushes authorization requests (RFC 9126) with DPoP
+(RFC 9449), signs in and consents through the pages, and redeems, uses and refreshes the
+DPoP-bound tokens, with and without server-demanded DPoP nonces. PyJWT verifies what it
+obtained.
 
 Needs Node.js and the packages of tests/interop_node (``make install`` runs ``npm ci`` there).
 Without them the test is skipped, unless ``AUTH_TEST_REQUIRE_NODE=1`` (CI), where it fails.
@@ -12,15 +15,24 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
+from joserfc.jwk import ECKey
 
-from .conftest import RunningServer, cli
+from tests.conftest import BACKENDS
 
-pytestmark = pytest.mark.feature("client-auth-private-key-jwt", "client-registration")
+from .conftest import (
+    FAST_ARGON2_ENV,
+    UNLIMITED_ENV,
+    RunningServer,
+    cli,
+    fresh_database,
+    start_server,
+)
 
 PACKAGE = Path(__file__).resolve().parent.parent / "interop_node"
 
@@ -44,6 +56,7 @@ def verify(server: RunningServer, metadata: dict[str, Any], token: str) -> dict[
     return claims
 
 
+@pytest.mark.feature("client-auth-private-key-jwt", "client-registration")
 def test_oauth4webapi_registers_and_authenticates_with_keys(server: RunningServer) -> None:
     executable = node()
     issued = cli(server.env, "clients", "registration-token", "--json")
@@ -76,3 +89,173 @@ def test_oauth4webapi_registers_and_authenticates_with_keys(server: RunningServe
     # The same assertion twice: its jti is accepted once.
     assert seen["replay"]["status"] == 401
     assert seen["replay"]["body"]["error"] == "invalid_client"
+
+
+# -- PAR and DPoP (tests/interop_node/par_dpop.mjs) -----------------------------------------
+
+REDIRECT_URI = "https://interop.example/callback"
+SCOPE = "openid profile"
+URN_PREFIX = "urn:ietf:params:oauth:request_uri:"
+
+
+@pytest.fixture
+def node_executable() -> str:
+    """``node``, found before any server of the test starts (see ``node``)."""
+    return node()
+
+
+@pytest.fixture(params=BACKENDS)
+def nonce_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RunningServer]:
+    """A server of this test's own that demands DPoP nonces (``AUTH_DPOP_REQUIRE_NONCE``)."""
+    with fresh_database(request.param, tmp_path) as database_url:
+        running = start_server(
+            database_url,
+            tmp_path / "keys",
+            tmp_path / "server.log",
+            **FAST_ARGON2_ENV,
+            **UNLIMITED_ENV,
+            AUTH_DPOP_REQUIRE_NONCE="true",
+        )
+        try:
+            yield running
+        finally:
+            running.stop()
+
+
+def run_par_dpop(executable: str, server: RunningServer) -> dict[str, Any]:
+    """Make a private_key_jwt client, a public client and a user on ``server``; run
+    par_dpop.mjs with them; what it printed."""
+    key = ECKey.generate_key(
+        "P-256", parameters={"kid": "interop-par", "alg": "ES256", "use": "sig"}, private=True
+    )
+    common: dict[str, Any] = {
+        "grants": ["authorization_code", "refresh_token"],
+        "scope": SCOPE,
+        "redirect_uris": [REDIRECT_URI],
+        "name": "oauth4webapi interop",
+    }
+    by_key = server.new_client(
+        "interop-pkj",
+        auth_method="private_key_jwt",
+        jwks={"keys": [key.as_dict(private=False)]},
+        **common,
+    )
+    public = server.new_client("interop-public", public=True, **common)
+    user = server.new_user("interop")
+    run = subprocess.run(
+        [executable, str(PACKAGE / "par_dpop.mjs")],
+        env={
+            **os.environ,
+            "ISSUER": server.url,
+            "REDIRECT_URI": REDIRECT_URI,
+            "USER_NAME": user.username,
+            "USER_PASSWORD": user.password,
+            "KEY_CLIENT_ID": by_key.client_id,
+            "KEY_CLIENT_JWK": json.dumps(key.as_dict(private=True)),
+            "PUBLIC_CLIENT_ID": public.client_id,
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr + "\n" + server.log()[-4000:]
+    seen: dict[str, Any] = json.loads(run.stdout)
+    seen["user_id"] = user.id
+    seen["client_ids"] = {"private_key_jwt": by_key.client_id, "public": public.client_id}
+    return seen
+
+
+def check_par_dpop(server: RunningServer, seen: dict[str, Any]) -> None:
+    """What both runs must show, with or without nonces."""
+    metadata = seen["metadata"]
+    assert metadata["issuer"] == server.url
+    assert metadata["pushed_authorization_request_endpoint"] == server.url + "/oauth2/par"
+    assert "ES256" in metadata["dpop_signing_alg_values_supported"]
+    for name in ("private_key_jwt", "public"):
+        result = seen[name]
+        assert result["client_id"] == seen["client_ids"][name]
+        # The thumbprint oauth4webapi computed is RFC 7638's (joserfc agrees).
+        jkt = result["jkt"]
+        assert ECKey.import_key(result["public_jwk"]).thumbprint() == jkt
+        assert result["par"]["request_uri"].startswith(URN_PREFIX)
+        assert result["par"]["expires_in"] == 60
+        # authorize -> /login 302, sign-in page 200, POST /login 303, consent page 200,
+        # POST /consent 303 to the client.
+        assert result["browser"]["steps"] == [302, 200, 303, 200, 303]
+        assert result["browser"]["callback"].startswith(REDIRECT_URI + "?")
+        # The consent form carries only what the browser sent: the pushed request's handle.
+        assert set(result["browser"]["consent_fields"]) >= {"csrf_token", "request_uri"}
+        assert "code_challenge" not in result["browser"]["consent_fields"]
+        callback = result["callback"]
+        assert callback["iss"] == server.url
+        assert callback["code"]
+        # RFC 9449 §10: the code is bound to the key of the proof sent to /oauth2/par.
+        assert result["code_with_other_key"] == {
+            "refused": True,
+            "status": 400,
+            "error": "invalid_grant",
+        }
+        token = result["token"]
+        assert token["token_type"] == "dpop"  # oauth4webapi lower-cases it
+        assert token["has_refresh_token"] is True
+        assert set(token["scope"].split()) == set(SCOPE.split())
+        assert token["id_token_sub"] == seen["user_id"]
+        for access_token in (token["access_token"], result["refresh"]["access_token"]):
+            claims = verify(server, metadata, access_token)
+            assert claims["cnf"] == {"jkt": jkt}
+            assert claims["client_id"] == result["client_id"]
+            assert claims["sub"] == seen["user_id"]
+        assert result["refresh"]["token_type"] == "dpop"
+        assert result["userinfo"]["sub"] == seen["user_id"]
+        assert result["refreshed_userinfo"]["sub"] == seen["user_id"]
+        # The bound token sent as a Bearer token is refused (RFC 9449 §7.2) with an
+        # invalid_token challenge (in the Bearer scheme it was sent with).
+        bearer = result["bound_token_as_bearer"]
+        assert bearer["refused"] is True
+        assert bearer["status"] == 401
+        assert [(c["scheme"], c["parameters"]["error"]) for c in bearer["challenges"]] == [
+            ("bearer", "invalid_token")
+        ]
+    # A public client's refresh token is bound to the key; a confidential one's is not (and
+    # is not tried with another key).
+    assert seen["public"]["refresh_with_other_key"] == {
+        "refused": True,
+        "status": 400,
+        "error": "invalid_grant",
+    }
+    assert seen["private_key_jwt"]["refresh_with_other_key"] is None
+
+
+@pytest.mark.feature("par", "dpop-tokens", "dpop-code-binding")
+def test_oauth4webapi_pushes_signs_in_and_uses_dpop_bound_tokens(
+    node_executable: str, server: RunningServer
+) -> None:
+    seen = run_par_dpop(node_executable, server)
+    check_par_dpop(server, seen)
+    # No nonce demanded: no retry anywhere.
+    for name in ("private_key_jwt", "public"):
+        assert seen[name]["retries"] == {}
+        assert seen[name]["other_key_retries"] == {}
+
+
+@pytest.mark.feature("par", "dpop-tokens", "dpop-code-binding")
+def test_oauth4webapi_retries_with_the_dpop_nonces_the_server_demands(
+    node_executable: str, nonce_server: RunningServer
+) -> None:
+    seen = run_par_dpop(node_executable, nonce_server)
+    check_par_dpop(nonce_server, seen)
+    # The public client's run takes a new DPoP handle (no nonce cached) at every step: each
+    # endpoint answers use_dpop_nonce once, and the retry with its DPoP-Nonce succeeds.
+    assert seen["public"]["retries"] == {
+        "par": 1,
+        "token": 1,
+        "userinfo": 1,
+        "refresh": 1,
+        "userinfo_after_refresh": 1,
+    }
+    assert seen["public"]["other_key_retries"] == {"token": 1, "refresh": 1}
+    # The private_key_jwt client's run keeps one handle: the nonce learnt at /oauth2/par is
+    # good at the token endpoint and /userinfo too (one origin), so only PAR retries.
+    assert seen["private_key_jwt"]["retries"] == {"par": 1}
+    assert seen["private_key_jwt"]["other_key_retries"] == {"token": 1}
