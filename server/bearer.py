@@ -24,7 +24,8 @@ DPoP (RFC 9449 §7): ``presented`` also reads ``Authorization: DPoP <token>``, a
 ``token_claims`` then checks the request's ``DPoP`` proof (``dpop.DpopVerifier``: ``htm`` the
 request's method, ``htu`` the issuer and the request's path, ``ath`` the token's hash, the key
 the token's ``cnf.jkt``). A bound token sent as ``Bearer``, and an unbound one sent as ``DPoP``
-(§7.2 lets a server refuse it), are ``invalid_token``; a bad proof is 401 with
+(§7.2 lets a server refuse it), are ``invalid_token``, challenged in the scheme the token
+needs; a bad proof is 401 with
 ``WWW-Authenticate: DPoP error="invalid_dpop_proof", algs="…"`` (§7.1), a missing nonce
 ``use_dpop_nonce`` with ``DPoP-Nonce``. A request without credentials is challenged with both
 schemes; one with a token, in the scheme it was sent with: so are the refusals an endpoint
@@ -243,11 +244,12 @@ async def token_claims(request: Request, state: AppState, realm: Realm) -> dict[
     jkt = bound_key(claims)
     if credential.scheme == BEARER:
         if jkt is not None:
-            # RFC 9449 §7.1: a bound token is worth nothing without its proof.
-            raise realm.invalid_token(BEARER, BOUND_AS_BEARER)
+            # RFC 9449 §7.1: a bound token is worth nothing without its proof; the challenge
+            # names the scheme it needs (and the token sent as DPoP unbound, Bearer).
+            raise realm.invalid_token(DPOP, BOUND_AS_BEARER)
         return claims
     if jkt is None:
-        raise realm.invalid_token(DPOP, NOT_BOUND)
+        raise realm.invalid_token(BEARER, NOT_BOUND)
     verifier: DpopVerifier = request.app.state.oauth.dpop
     try:
         await verifier.verify(

@@ -210,12 +210,12 @@ def check_par_dpop(server: RunningServer, seen: dict[str, Any]) -> None:
         assert result["userinfo"]["sub"] == seen["user_id"]
         assert result["refreshed_userinfo"]["sub"] == seen["user_id"]
         # The bound token sent as a Bearer token is refused (RFC 9449 §7.2) with an
-        # invalid_token challenge (in the Bearer scheme it was sent with).
+        # invalid_token challenge in the DPoP scheme it needs (§7.1).
         bearer = result["bound_token_as_bearer"]
         assert bearer["refused"] is True
         assert bearer["status"] == 401
         assert [(c["scheme"], c["parameters"]["error"]) for c in bearer["challenges"]] == [
-            ("bearer", "invalid_token")
+            ("dpop", "invalid_token")
         ]
     # A public client's refresh token is bound to the key; a confidential one's is not (and
     # is not tried with another key).

@@ -489,8 +489,9 @@ async def test_userinfo_refuses_a_bound_token_without_its_proof(
         "wrong-path": "invalid_dpop_proof",
     }[case]
     assert response.json()["error"] == expected
-    scheme = "Bearer" if case == "as-bearer" else "DPoP"
-    assert response.headers["www-authenticate"].startswith(scheme + " ")
+    # Every refusal names the scheme this token needs (RFC 9449 §7.1), with its algorithms.
+    challenge = response.headers["www-authenticate"]
+    assert challenge.startswith("DPoP ") and 'algs="' in challenge
 
 
 async def test_an_unbound_token_sent_as_dpop_is_refused(
@@ -505,6 +506,8 @@ async def test_an_unbound_token_sent_as_dpop_is_refused(
     )
     assert response.status_code == 401
     assert response.json()["error"] == "invalid_token"
+    # Challenged in the scheme this token needs.
+    assert response.headers["www-authenticate"].startswith("Bearer ")
     # As Bearer it is what it always was.
     ok = await client.get("/userinfo", headers={"Authorization": f"Bearer {token}"})
     assert ok.status_code == 200, ok.text
