@@ -15,9 +15,11 @@ live in its transaction, and hands that session to the handler (``caller.db``, `
 which reads and writes in the same transaction and commits. Handlers that run argon2 end the
 transaction first (``Unit.release``), as the token endpoint does.
 
-Refusals are the ``API`` realm's: 401 with ``WWW-Authenticate: Bearer realm="api"`` (no error
-code when no token was sent, ``error="invalid_token"`` otherwise) and 403
-``insufficient_scope``; the body is SPEC's ``{"detail", "error_code"}``, as every ``ApiError``.
+Refusals are the ``API`` realm's (``bearer.py``): 401 with ``WWW-Authenticate: Bearer
+realm="api"`` and ``DPoP realm="api", algs="…"`` when no token was sent, and
+``error="invalid_token"`` or 403 ``insufficient_scope`` in the scheme of the token that was
+(RFC 6750 §3, RFC 9449 §7.1); the body is SPEC's ``{"detail", "error_code"}``, as every
+``ApiError``.
 """
 
 from __future__ import annotations
