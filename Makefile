@@ -11,10 +11,12 @@ PYTEST_WORKERS ?= -n 2
 
 .PHONY: install run test lint format report bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml resource_server/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# The resource servers' kit: a package of its own (README, "For resource servers").
+	$(PY) -m pip install --quiet -e './resource_server[fastapi]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -39,13 +41,13 @@ test: install $(NODE_DEPS)
 	$(PY) -m pytest $(PYTEST_WORKERS) $(PYTEST_COV)
 
 lint: install
-	$(VENV)/bin/ruff check server tests migrations bench
-	$(VENV)/bin/ruff format --check server tests migrations bench
+	$(VENV)/bin/ruff check server resource_server examples tests migrations bench
+	$(VENV)/bin/ruff format --check server resource_server examples tests migrations bench
 	$(VENV)/bin/mypy
 
 format: install
-	$(VENV)/bin/ruff check --fix server tests migrations bench
-	$(VENV)/bin/ruff format server tests migrations bench
+	$(VENV)/bin/ruff check --fix server resource_server examples tests migrations bench
+	$(VENV)/bin/ruff format server resource_server examples tests migrations bench
 
 ## Run the suite and write artifacts/auth-test/ (features.json, test-results.md); the browser
 ## test refreshes artifacts/screenshots/*.png.
