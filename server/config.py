@@ -8,13 +8,21 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
 from limits import parse_many
-from pydantic import Field, field_validator
+from pydantic import (
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    computed_field,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEV_SECRET_KEY = "dev-insecure-secret-key-change-me-before-production"  # noqa: S105
@@ -61,6 +69,11 @@ class Settings(BaseSettings):
     default_audience: str = ""
     #: RFC 8707 resource indicators clients may ask for (``resource=…``), each becoming the
     #: ``aud`` of the token; comma-separated absolute URIs. The default audience always may be.
+    #: Or a JSON array whose entries are URIs or objects that also give the resource's name
+    #: (shown on the consent page) and its RFC 9728 metadata URL (``resource_entries``):
+    #: ``[{"resource": "https://api.example.com", "name": "Orders API", "metadata":
+    #: "https://api.example.com/.well-known/oauth-protected-resource"}, "urn:example:x"]``.
+    #: Read as ``resources`` (the URIs), ``resource_names`` and ``resource_metadata``.
     resources: Annotated[list[str], NoDecode] = []
     #: How often operators are expected to run ``keys rotate``; bounds the JWKS max-age.
     key_rotation_interval: int = Field(default=30 * 86_400, ge=60)
@@ -184,7 +197,11 @@ class Settings(BaseSettings):
     #: separated. Empty (the default): no CORS at all.
     cors_origins: Annotated[list[str], NoDecode] = []
 
-    @field_validator("trusted_proxies", "cors_origins", "resources", mode="before")
+    # What AUTH_RESOURCES says of its resources besides their URIs (``_resource_details``).
+    _resource_names: dict[str, str] = PrivateAttr(default_factory=dict)
+    _resource_metadata: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @field_validator("trusted_proxies", "cors_origins", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str) and value.strip().startswith("["):
@@ -246,23 +263,43 @@ class Settings(BaseSettings):
             origins.append(entry.lower())
         return list(dict.fromkeys(origins))
 
-    @field_validator("resources")
+    @field_validator("resources", mode="before")
     @classmethod
-    def _absolute_uris(cls, value: list[str]) -> list[str]:
-        """RFC 8707 §2: a resource is an absolute URI (RFC 3986 §4.3: a scheme, so URNs too)
-        without a fragment. Compared as exact strings, as ``aud`` is (RFC 7519 §4.1.3)."""
-        for entry in value:
-            if not urlsplit(entry).scheme or "#" in entry or any(c.isspace() for c in entry):
-                raise ValueError(
-                    f"AUTH_RESOURCES: {entry!r} is not an absolute URI such as "
-                    "https://api.example.com (RFC 8707 §2: no fragment)"
-                )
-        return list(dict.fromkeys(value))
+    def _resource_uris(cls, value: object) -> list[str]:
+        return [entry.resource for entry in resource_entries(value)]
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _resource_details(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        """The names and metadata URLs of ``AUTH_RESOURCES``, kept beside ``resources`` (a
+        list of URIs, as everything else reads it). The field's validator has refused a bad
+        value (naming the field) before they are read here."""
+        settings = handler(data)
+        raw = data.get("resources") if isinstance(data, dict) else None
+        if raw is not None:
+            entries = resource_entries(raw)
+            settings._resource_names = {e.resource: e.name for e in entries if e.name}
+            settings._resource_metadata = {e.resource: e.metadata for e in entries if e.metadata}
+        return settings
 
     @field_validator("issuer")
     @classmethod
     def _strip_issuer(cls, value: str) -> str:
         return value.rstrip("/")
+
+    # Computed fields: part of ``model_dump``, so two settings that name a resource differently
+    # are different settings (the test suite keys its apps by the dump).
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def resource_names(self) -> dict[str, str]:
+        """AUTH_RESOURCES' names, by resource URI: those the operator gave."""
+        return dict(self._resource_names)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def resource_metadata(self) -> dict[str, str]:
+        """AUTH_RESOURCES' RFC 9728 metadata URLs, by resource URI."""
+        return dict(self._resource_metadata)
 
     @property
     def docs_enabled(self) -> bool:
@@ -321,6 +358,12 @@ class Settings(BaseSettings):
                 f"AUTH_CORS_ORIGINS has http origins ({', '.join(plain)}): a network attacker "
                 "could serve a page there; list https origins only"
             )
+        plain = [url for url in self._resource_metadata.values() if url.startswith("http://")]
+        if plain:
+            reasons.append(
+                f"AUTH_RESOURCES has http metadata URLs ({', '.join(plain)}): a network attacker "
+                "could change the names shown on the consent page; use https URLs only"
+            )
         if self.client_fetch_allow_loopback:
             reasons.append(
                 "AUTH_CLIENT_FETCH_ALLOW_LOOPBACK is on: client metadata documents and jwks_uri "
@@ -376,6 +419,133 @@ class Settings(BaseSettings):
                 raise InsecureSettingsError(
                     "refusing to start in production:\n  - " + "\n  - ".join(reasons)
                 )
+
+
+#: The longest name of a resource (AUTH_RESOURCES, or an RFC 9728 ``resource_name``).
+MAX_RESOURCE_NAME = 100
+MAX_METADATA_URL = 2048
+RESOURCE_MEMBERS = ("resource", "name", "metadata")
+RESOURCES_FORM = (
+    "comma-separated URIs, or a JSON array of URIs and objects with the members "
+    "resource, name and metadata"
+)
+
+
+@dataclass(frozen=True)
+class ResourceEntry:
+    """One entry of ``AUTH_RESOURCES``."""
+
+    resource: str
+    #: What the consent page calls it; None: its metadata's ``resource_name``, else its URI.
+    name: str | None = None
+    #: RFC 9728: the URL of its protected-resource metadata document.
+    metadata: str | None = None
+
+
+def resource_entries(value: object) -> list[ResourceEntry]:
+    """``AUTH_RESOURCES``, in order: comma-separated URIs, or a JSON array of URIs and objects
+    (``{"resource": …, "name": …, "metadata": …}``); a list of the same, given directly.
+    A URI listed twice counts once; listed twice when one of them is an object (which of
+    its details would hold?), it is refused. Raises ``ValueError`` naming the setting."""
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError(f"AUTH_RESOURCES: not valid JSON; give {RESOURCES_FORM}") from None
+    elif isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"AUTH_RESOURCES: give {RESOURCES_FORM}")
+    entries: dict[str, ResourceEntry] = {}
+    detailed: set[str] = set()
+    for item in value:
+        if isinstance(item, str):
+            entry = ResourceEntry(_resource_uri(item))
+        elif isinstance(item, dict):
+            entry = _resource_object(item)
+        else:
+            raise ValueError(
+                f"AUTH_RESOURCES: an entry is not a URI or an object; give {RESOURCES_FORM}"
+            )
+        if entry.resource in entries:
+            if isinstance(item, dict) or entry.resource in detailed:
+                raise ValueError(f"AUTH_RESOURCES: {entry.resource!r} is listed more than once")
+            continue
+        if isinstance(item, dict):
+            detailed.add(entry.resource)
+        entries[entry.resource] = entry
+    return list(entries.values())
+
+
+def _resource_uri(entry: str) -> str:
+    """RFC 8707 §2: a resource is an absolute URI (RFC 3986 §4.3: a scheme, so URNs too)
+    without a fragment. Compared as exact strings, as ``aud`` is (RFC 7519 §4.1.3)."""
+    if not urlsplit(entry).scheme or "#" in entry or any(c.isspace() for c in entry):
+        raise ValueError(
+            f"AUTH_RESOURCES: {entry!r} is not an absolute URI such as "
+            "https://api.example.com (RFC 8707 §2: no fragment)"
+        )
+    return entry
+
+
+def _resource_object(item: dict[Any, Any]) -> ResourceEntry:
+    unknown = sorted(str(key) for key in item if key not in RESOURCE_MEMBERS)
+    if unknown:
+        raise ValueError(
+            f"AUTH_RESOURCES: unknown member {unknown[0]!r}; an object has only "
+            + ", ".join(RESOURCE_MEMBERS)
+        )
+    resource = item.get("resource")
+    if not isinstance(resource, str):
+        raise ValueError("AUTH_RESOURCES: each object needs a 'resource', its URI as a string")
+    resource = _resource_uri(resource)
+    name, metadata = item.get("name"), item.get("metadata")
+    if name is not None:
+        name = resource_name(name)
+        if name is None:
+            raise ValueError(
+                f"AUTH_RESOURCES: the name of {resource!r} must be text of 1 to "
+                f"{MAX_RESOURCE_NAME} printable characters"
+            )
+    if metadata is not None and not _metadata_url(metadata):
+        raise ValueError(
+            f"AUTH_RESOURCES: the metadata of {resource!r} must be an absolute https URL "
+            "without a fragment, such as "
+            "https://api.example.com/.well-known/oauth-protected-resource"
+        )
+    return ResourceEntry(resource, name, metadata)
+
+
+def resource_name(value: object) -> str | None:
+    """``value`` as a name to show for a resource (spaces at either end dropped), or None
+    when it is not one: text of 1 to ``MAX_RESOURCE_NAME`` printable characters (no
+    control, format or unassigned characters, no lone surrogates, no line breaks)."""
+    if not isinstance(value, str):
+        return None
+    name = value.strip()
+    if not 0 < len(name) <= MAX_RESOURCE_NAME or not name.isprintable():
+        return None
+    return name
+
+
+def _metadata_url(url: object) -> bool:
+    """An absolute http(s) URL with a host and no fragment or user information (plain http
+    is refused in production by ``insecure_reasons``, as the fetcher refuses it there)."""
+    if not isinstance(url, str) or len(url) > MAX_METADATA_URL or not url.isprintable():
+        return False
+    if any(c.isspace() for c in url):
+        return False
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError on a port out of range)
+    except ValueError:
+        return False
+    return (
+        parts.scheme in ("https", "http")
+        and bool(parts.hostname)
+        and "@" not in parts.netloc
+        and "#" not in url
+    )
 
 
 # A random secret of 32+ characters from a 64-symbol alphabet (token_urlsafe) has far more than

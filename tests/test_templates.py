@@ -188,7 +188,10 @@ CONTEXTS: dict[str, dict[str, Any]] = {
             {"name": "openid", "description": "Confirm who you are"},
             {"name": "email", "description": "See your email address"},
         ],
-        "resources": ["https://photos.example/api", "https://print.example.com/v2"],
+        "resources": [
+            {"uri": "https://photos.example/api", "name": None},
+            {"uri": "https://print.example.com/v2", "name": "Print API"},
+        ],
         "provenance": "This application registered itself: its name has not been checked.",
         "params": [
             ("response_type", "code"),
@@ -555,7 +558,11 @@ def test_consent_names_the_resources_asked_for(env: Environment) -> None:
     (section,) = [h for h in page.all("h2") if "services" in h.text]
     assert section.text.strip() == "Acme Photos can use this access at these services:"
     listed = [e.text for e in page.elements if "resource" in (e.attrs.get("class") or "").split()]
-    assert listed == CONTEXTS["consent.html"]["resources"]
+    assert listed == [r["uri"] for r in CONTEXTS["consent.html"]["resources"]]
+    # A named resource (issue 21): its name, with the URI beside it in the same item.
+    (name,) = [e for e in page.elements if "resource-name" in (e.attrs.get("class") or "")]
+    assert name.text == "Print API"
+    assert page.html.index(listed[0]) < page.html.index("Print API") < page.html.index(listed[1])
     # After the scopes, before the form: read in the order the decision needs them.
     assert page.html.index("Confirm who you are") < page.html.index(listed[0])
     assert page.html.index(listed[-1]) < page.html.index("<form")

@@ -34,7 +34,7 @@ from ..models import Client, Consent
 from ..observability import audit
 from ..ratelimit import Verdict
 from ..web.browser import Csrf, SignedIn, current_session, error_page, posted_form, render
-from . import par
+from . import par, resource_names
 from .authorization_request import check_request
 from .grants import CodeGrant
 from .requests import FormRequest
@@ -285,6 +285,10 @@ async def _handle(
                 again["prompt"] = " ".join(prompts)
         target = "/oauth2/authorize?" + urlencode(repeated(again))
         return RedirectResponse("/login?" + urlencode({"next": target}), status_code=status)
+    # RFC 8707: the services (APIs) the access is for, by name where one is known
+    # (``resource_names``: AUTH_RESOURCES or the resource's RFC 9728 metadata), always with
+    # the URI as asked for; none: ours.
+    resources = await resource_names.named(state, outcome.consent["resources"])
     csrf = Csrf.of(request, settings)
     return render(
         "consent.html",
@@ -297,8 +301,7 @@ async def _handle(
             {"name": s, "description": SCOPE_DESCRIPTIONS.get(s, f"Use “{s}”")}
             for s in outcome.consent["scope"]
         ],
-        # RFC 8707: the services (APIs) the access is for, named as asked for; none: ours.
-        resources=outcome.consent["resources"],
+        resources=resources,
         provenance=outcome.consent["provenance"],
         # A plain request's prompt was answered by showing this page; a pushed request's
         # URL prompt only narrows the pushed one (``par.effective``), so it stays.

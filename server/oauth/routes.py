@@ -335,6 +335,10 @@ def discovery_document(settings: Settings) -> dict[str, Any]:
     if settings.client_metadata_documents:
         # draft-ietf-oauth-client-id-metadata-document: an https client_id is its document.
         document["client_id_metadata_document_supported"] = True
+    if settings.resources:
+        # RFC 9728 §4: the protected resources this server issues tokens for (AUTH_RESOURCES;
+        # the default audience is this server's own, not a listed resource).
+        document["protected_resources"] = list(settings.resources)
     return document
 
 
