@@ -8,7 +8,18 @@ naming its RFC 9728 metadata (``challenges.py``, ``metadata.py``), and plugs int
 any ASGI app.
 """
 
+from .asgi import TokenMiddleware
 from .config import Introspection, ResourceServerConfig
 from .errors import TokenError
+from .metadata import protected_resource_metadata
+from .verifier import TokenVerifier, VerifiedToken
 
-__all__ = ["Introspection", "ResourceServerConfig", "TokenError"]
+__all__ = [
+    "Introspection",
+    "ResourceServerConfig",
+    "TokenError",
+    "TokenMiddleware",
+    "TokenVerifier",
+    "VerifiedToken",
+    "protected_resource_metadata",
+]
