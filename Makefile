@@ -67,6 +67,7 @@ bench: install
 		npm ci --prefix bench/node --no-audit --no-fund --loglevel=error \
 			|| echo "npm ci failed: node-oidc-provider will not be measured"; \
 	else echo "npm not found: node-oidc-provider will not be measured"; fi
+	$(PY) -m bench.kit
 	$(PY) -m bench.run
 	$(PY) -m bench.outage
 
