@@ -401,12 +401,13 @@ async def test_cached_keys_outlive_the_server_and_a_verifier_without_keys_answer
     own_server: TokenServer,
 ) -> None:
     token = access_token(own_server)
-    max_age = httpx.get(own_server.url + "/.well-known/jwks.json", timeout=10).headers[
+    cache_control = httpx.get(own_server.url + "/.well-known/jwks.json", timeout=10).headers[
         "cache-control"
     ]
-    seconds = int(max_age.split("max-age=")[1].split(",")[0])
+    seconds = int(cache_control.split("max-age=")[1].split(",")[0])
     clock = FakeClock()
-    async with kit(own_server, clock, jwks_max_stale=2 * seconds + 600) as warm:
+    max_stale = seconds + 600.0
+    async with kit(own_server, clock, jwks_max_stale=max_stale) as warm:
         assert (await warm.verify(f"Bearer {token}", [], "GET", REQUEST_URL)).client_id == "svc"
         own_server.running.stop()
         # Past the JWK Set's max-age: the kit tries the server, cannot reach it, and keeps the
@@ -415,8 +416,8 @@ async def test_cached_keys_outlive_the_server_and_a_verifier_without_keys_answer
         verified = await warm.verify(f"Bearer {token}", [], "GET", REQUEST_URL)
         assert verified.client_id == "svc"
         assert warm.keys.fetches == 2  # the revalidation was attempted, and failed
-        # Past jwks_max_stale without a good fetch: nothing is trusted any more.
-        clock.advance(seconds + 600)
+        # jwks_max_stale after the last good fetch: nothing is trusted any more.
+        clock.advance(max_stale - (seconds + 1))
         error = await refused(warm, f"Bearer {token}")
         assert (error.error, error.status) == ("temporarily_unavailable", 503), error
     async with kit(own_server) as cold:
