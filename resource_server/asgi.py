@@ -12,7 +12,7 @@ from typing import Any
 from .errors import TokenError
 from .metadata import metadata_path, protected_resource_metadata
 from .responses import refusal
-from .verifier import TokenVerifier
+from .verifier import TokenVerifier, request_path
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -68,7 +68,7 @@ class TokenMiddleware:
                 authorizations[0] if authorizations else None,
                 dpop,
                 scope["method"],
-                verifier.url_for(path),
+                verifier.url_for(request_path(scope)),
             )
             verifier.require(token, *self.scopes)
         except TokenError as error:

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from .errors import TokenError
 from .metadata import metadata_path, protected_resource_metadata
 from .responses import refusal
-from .verifier import TokenVerifier, VerifiedToken
+from .verifier import TokenVerifier, VerifiedToken, request_path
 
 
 class RequireToken:
@@ -39,7 +39,7 @@ class RequireToken:
             request.headers.get("authorization"),
             request.headers.getlist("dpop"),
             request.method,
-            verifier.url_for(request.url.path),
+            verifier.url_for(request_path(request.scope)),
         )
         verifier.require(token, *self.scopes)
         return token
