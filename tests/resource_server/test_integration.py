@@ -605,3 +605,71 @@ async def test_asgi_lifespan_is_passed_through(verifier: TokenVerifier) -> None:
     middleware = TokenMiddleware(inner, verifier)
     await middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
     assert seen == ["lifespan"]
+
+
+# -- WebSockets through TokenMiddleware (bare ASGI) -------------------------------------------
+
+
+async def websocket(
+    verifier: TokenVerifier, headers: dict[str, str], extensions: dict[str, Any] | None = None
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Run a WebSocket handshake through the middleware: what it sent, what the app saw."""
+    scope: dict[str, Any] = {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "scheme": "wss",
+        "path": "/orders",
+        "raw_path": b"/orders",
+        "query_string": b"",
+        "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+        "server": ("api.example", 443),
+        "subprotocols": [],
+        "extensions": extensions or {},
+    }
+    sent: list[dict[str, Any]] = []
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope["state"]["token"])
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    await TokenMiddleware(app, verifier, scopes=["orders:read"])(scope, receive, send)
+    return sent, seen
+
+
+async def test_asgi_a_websocket_without_a_token_is_closed(verifier: TokenVerifier) -> None:
+    sent, seen = await websocket(verifier, {})
+    assert seen == []
+    assert sent == [{"type": "websocket.close", "code": 1008}]
+
+
+@challenges
+async def test_asgi_a_websocket_refusal_as_http(verifier: TokenVerifier) -> None:
+    extension: dict[str, Any] = {"websocket.http.response": {}}
+    sent, seen = await websocket(verifier, bearer(make_token(scope="profile")), extension)
+    assert seen == []
+    start, body = sent
+    assert (start["type"], start["status"]) == ("websocket.http.response.start", 403)
+    headers = {k.decode(): v.decode() for k, v in start["headers"]}
+    assert headers["www-authenticate"].startswith("Bearer ")
+    assert 'error="insufficient_scope"' in headers["www-authenticate"]
+    assert body["type"] == "websocket.http.response.body"
+    assert b"insufficient_scope" in body["body"]
+
+
+async def test_asgi_a_websocket_with_a_token(verifier: TokenVerifier) -> None:
+    sent, seen = await websocket(verifier, bearer(make_token()))
+    assert [token.subject for token in seen] == ["alice"]
+    assert sent == [{"type": "websocket.accept"}]
+
+
+async def test_asgi_a_websocket_with_dpop(verifier: TokenVerifier) -> None:
+    _, seen = await websocket(verifier, dpop_request(make_token(jkt=JKT)))
+    assert [token.scheme for token in seen] == [DPOP]
