@@ -571,10 +571,10 @@ async def test_asgi_exempt_paths_need_no_token(asgi: httpx.AsyncClient) -> None:
 
 
 @challenges
-async def test_asgi_two_authorization_headers_are_400(asgi: httpx.AsyncClient) -> None:
+async def test_http_two_authorization_headers_are_400(client: httpx.AsyncClient) -> None:
     token = make_token()
     headers = [("authorization", f"Bearer {token}"), ("authorization", f"Bearer {token}")]
-    response = await asgi.get("/orders", headers=headers)
+    response = await client.get("/orders", headers=headers)
     describe(response, 400, "invalid_request", {BEARER, DPOP})
 
 
