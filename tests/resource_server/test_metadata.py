@@ -10,7 +10,7 @@ import pytest
 from resource_server.config import DPOP_ALGORITHMS
 from resource_server.metadata import metadata_path, metadata_url, protected_resource_metadata
 from resource_server.verifier import TokenVerifier
-from tests.resource_server.kit_helpers import ISSUER, config
+from tests.resource_server.kit_helpers import ISSUER, FakeTokenServer, config
 
 pytestmark = pytest.mark.feature("rs-kit-metadata")
 
@@ -47,10 +47,11 @@ def test_a_configured_metadata_url_is_used_as_is() -> None:
     assert metadata_path(settings) == "/meta/orders.json"
 
 
-def test_the_verifier_names_the_same_url() -> None:
+async def test_the_verifier_names_the_same_url() -> None:
     settings = config(resource="https://api.example/orders")
-    verifier = TokenVerifier(settings)
-    assert verifier.metadata_url == f"https://api.example{WELL_KNOWN}/orders"
+    async with FakeTokenServer().client() as http:
+        verifier = TokenVerifier(settings, http)
+        assert verifier.metadata_url == f"https://api.example{WELL_KNOWN}/orders"
 
 
 def test_the_minimal_document() -> None:
