@@ -1,6 +1,6 @@
-"""A plain ASGI middleware for any framework: every request but the exempt paths needs a
-token with ``scopes``; the handler finds it in ``scope["state"]["token"]`` (Starlette's
-``request.state.token``). It also serves the RFC 9728 metadata document (§3.1).
+"""A plain ASGI middleware for any framework: every request (WebSockets included) but the
+exempt paths needs a token with ``scopes``; the handler finds it in ``scope["state"]["token"]``
+(Starlette's ``request.state.token``). It also serves the RFC 9728 metadata document (§3.1).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 from .errors import TokenError
 from .metadata import metadata_path, protected_resource_metadata
 from .responses import refusal
-from .verifier import TokenVerifier
+from .verifier import TokenVerifier, request_path
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -37,11 +37,15 @@ class TokenMiddleware:
         self.exempt = frozenset(exempt)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        # A WebSocket is an HTTP request too (its handshake is a GET, RFC 6455 §4.1): it needs
+        # the token like any other, or a middleware-protected app would take it without one.
+        websocket = scope["type"] == "websocket"
+        method: str = "GET" if websocket else scope["method"]
         path: str = scope["path"]
-        if path == self.metadata_path and scope["method"] in ("GET", "HEAD"):
+        if not websocket and path == self.metadata_path and method in ("GET", "HEAD"):
             body = json.dumps(protected_resource_metadata(self.verifier.config)).encode()
             headers = [
                 ("content-type", "application/json"),
@@ -67,20 +71,46 @@ class TokenMiddleware:
             token = await verifier.verify(
                 authorizations[0] if authorizations else None,
                 dpop,
-                scope["method"],
-                verifier.url_for(path),
+                method,
+                verifier.url_for(request_path(scope)),
             )
             verifier.require(token, *self.scopes)
         except TokenError as error:
             status, body, headers = refusal(self.verifier, error)
-            await _send(send, status, body, [("content-type", "application/json"), *headers])
+            headers = [("content-type", "application/json"), *headers]
+            if websocket:
+                await _refuse_websocket(scope, receive, send, status, body, headers)
+            else:
+                await _send(send, status, body, headers)
             return
         scope.setdefault("state", {})["token"] = token
         await self.app(scope, receive, send)
 
 
-async def _send(send: Send, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
+async def _send(
+    send: Send, status: int, body: bytes, headers: list[tuple[str, str]], kind: str = "http"
+) -> None:
     encoded = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
     encoded.append((b"content-length", str(len(body)).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": encoded})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": f"{kind}.response.start", "status": status, "headers": encoded})
+    await send({"type": f"{kind}.response.body", "body": body})
+
+
+async def _refuse_websocket(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    body: bytes,
+    headers: list[tuple[str, str]],
+) -> None:
+    """Refuse a WebSocket before accepting it: the same HTTP answer where the server offers
+    the ASGI ``websocket.http.response`` extension, else a close, which the server turns into
+    a 403 (ASGI spec, ``websocket.close`` before ``websocket.accept``)."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return  # the client went away
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        await _send(send, status, body, headers, kind="websocket.http")
+    else:
+        await send({"type": "websocket.close", "code": 1008})

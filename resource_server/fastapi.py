@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from .errors import TokenError
 from .metadata import metadata_path, protected_resource_metadata
 from .responses import refusal
-from .verifier import TokenVerifier, VerifiedToken
+from .verifier import TokenVerifier, VerifiedToken, request_path
 
 
 class RequireToken:
@@ -35,11 +35,16 @@ class RequireToken:
 
     async def __call__(self, request: Request) -> VerifiedToken:
         verifier = self.verifier
+        authorizations = request.headers.getlist("authorization")
+        if len(authorizations) > 1:
+            # RFC 6750 §3.1 invalid_request (as TokenMiddleware answers): which one counts
+            # would otherwise depend on the layer reading it.
+            raise TokenError("invalid_request", "Send one Authorization header.", 400, None)
         token = await verifier.verify(
-            request.headers.get("authorization"),
+            authorizations[0] if authorizations else None,
             request.headers.getlist("dpop"),
             request.method,
-            verifier.url_for(request.url.path),
+            verifier.url_for(request_path(request.scope)),
         )
         verifier.require(token, *self.scopes)
         return token

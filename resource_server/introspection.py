@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -58,7 +59,12 @@ class Introspector:
             response = await self.http.post(
                 self.endpoint,
                 data={"token": token, "token_type_hint": "access_token"},
-                auth=(self.settings.client_id, self.settings.client_secret),
+                # RFC 6749 §2.3.1: the id and secret are form-encoded before Basic encoding
+                # (the token server percent-decodes them); a no-op for unreserved ones.
+                auth=(
+                    quote(self.settings.client_id, safe=""),
+                    quote(self.settings.client_secret, safe=""),
+                ),
                 headers={"accept": "application/json"},
                 timeout=self.config.http_timeout,
             )

@@ -10,10 +10,10 @@ at once. Each refusal challenges in the scheme the token needs.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -150,6 +150,17 @@ class TokenVerifier:
             raise unavailable("The token server cannot be asked about this token now.") from None
         if answer is None:
             raise errors.invalid_token("The access token was revoked.", scheme=scheme)
+
+
+def request_path(scope: Mapping[str, Any]) -> str:
+    """The path of an ASGI request as the client sent it, percent-escapes kept: RFC 9449 §4.3
+    check 9 compares ``htu`` with the request's URI, and the decoded ``path`` (``/caf\u00e9``,
+    ``/a b``, ``/a/b`` for ``/a%2Fb``) is not that URI. ``raw_path`` when the server gives it
+    (without the query), else ``path`` re-escaped."""
+    raw = scope.get("raw_path")
+    if isinstance(raw, bytes) and raw:
+        return raw.decode("latin-1").partition("?")[0]
+    return quote(scope["path"], safe="/!$&'()*+,;=:@")
 
 
 def _bound_key(claims: dict[str, Any]) -> str | None:
