@@ -51,7 +51,7 @@ class TokenMiddleware:
                 ("content-type", "application/json"),
                 ("cache-control", "public, max-age=3600"),
             ]
-            await _send(send, 200, body, headers)
+            await _send(send, 200, body, headers, head=method == "HEAD")
             return
         if path in self.exempt:
             await self.app(scope, receive, send)
@@ -88,12 +88,19 @@ class TokenMiddleware:
 
 
 async def _send(
-    send: Send, status: int, body: bytes, headers: list[tuple[str, str]], kind: str = "http"
+    send: Send,
+    status: int,
+    body: bytes,
+    headers: list[tuple[str, str]],
+    kind: str = "http",
+    *,
+    head: bool = False,
 ) -> None:
+    """One whole answer; to a HEAD, its headers only (RFC 9110 §9.3.2)."""
     encoded = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
     encoded.append((b"content-length", str(len(body)).encode()))
     await send({"type": f"{kind}.response.start", "status": status, "headers": encoded})
-    await send({"type": f"{kind}.response.body", "body": body})
+    await send({"type": f"{kind}.response.body", "body": b"" if head else body})
 
 
 async def _refuse_websocket(

@@ -67,7 +67,7 @@ def protect(app: FastAPI, verifier: TokenVerifier) -> None:
             headers={"cache-control": "public, max-age=3600"},
         )
 
-    app.add_api_route(metadata_path(verifier.config), metadata, methods=["GET"])
+    app.add_api_route(metadata_path(verifier.config), metadata, methods=["GET", "HEAD"])
 
 
 def _merge(headers: list[tuple[str, str]]) -> list[tuple[str, Any]]:

@@ -108,6 +108,10 @@ class TokenVerifier:
             )
         if scheme == DPOP:
             if jkt is None:
+                if config.dpop_required:
+                    raise errors.invalid_token(
+                        "This API accepts DPoP-bound tokens only.", scheme=DPOP
+                    )
                 raise errors.invalid_token(
                     "This access token is not DPoP-bound: send it with the Bearer scheme.",
                     scheme=BEARER,

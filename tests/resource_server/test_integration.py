@@ -166,6 +166,15 @@ async def test_dpop_required_refuses_bearer(http: httpx.AsyncClient) -> None:
     assert verified.scheme == DPOP
 
 
+async def test_dpop_required_refuses_an_unbound_token_in_dpop(http: httpx.AsyncClient) -> None:
+    # The advice is the DPoP scheme's, not "send it as Bearer", which this API refuses.
+    verifier = make_verifier(http, config(dpop_required=True))
+    token = make_token()
+    error = await refused(verifier, f"DPoP {token}", [make_proof(token=token)])
+    assert (error.error, error.scheme) == ("invalid_token", DPOP)
+    assert "Bearer" not in error.description
+
+
 async def test_without_dpop_the_dpop_scheme_is_no_credential(http: httpx.AsyncClient) -> None:
     verifier = make_verifier(http, config(dpop=False))
     token = make_token(jkt=JKT)
@@ -589,8 +598,15 @@ async def test_asgi_the_content_length_is_the_bodys(asgi: httpx.AsyncClient) -> 
 @pytest.mark.feature("rs-kit-metadata")
 async def test_asgi_the_metadata_document_is_for_get_only(asgi: httpx.AsyncClient) -> None:
     path = "/.well-known/oauth-protected-resource"
-    assert (await asgi.head(path)).status_code == 200
+    head = await asgi.head(path)
+    assert (head.status_code, head.content) == (200, b"")  # RFC 9110 §9.3.2: no body
+    assert int(head.headers["content-length"]) == len((await asgi.get(path)).content)
     assert (await asgi.post(path)).status_code == 401
+
+
+@pytest.mark.feature("rs-kit-metadata")
+async def test_fastapi_the_metadata_document_answers_head(api: httpx.AsyncClient) -> None:
+    assert (await api.head("/.well-known/oauth-protected-resource")).status_code == 200
 
 
 async def test_asgi_lifespan_is_passed_through(verifier: TokenVerifier) -> None:
