@@ -17,6 +17,8 @@ from functools import cache
 from typing import Any
 
 import httpx
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
 from joserfc import jws
 from joserfc.jwk import RSAKey
 from joserfc.jws import JWSRegistry
@@ -208,6 +210,20 @@ def sign(
         payload = claims()
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     return jws.serialize_compact(protected, body, key, registry=_SIGNER)
+
+
+def sign_raw(key: RSAKey, header: dict[str, Any], payload: dict[str, Any] | bytes) -> str:
+    """RS256/PS256 by hand (cryptography): for headers joserfc would not write (a non-string
+    ``typ``, ``crit``, an alg its key does not declare)."""
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(body)}".encode()
+    private: Any = key.get_op_key("sign")
+    if header.get("alg") == "PS256":
+        pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+        signature = private.sign(signing_input, pss, hashes.SHA256())
+    else:
+        signature = private.sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
+    return f"{signing_input.decode()}.{b64(signature)}"
 
 
 def unsigned(header: dict[str, Any], payload: dict[str, Any], signature: bytes = b"") -> str:
