@@ -20,9 +20,11 @@ from tests.resource_server.fake_issuer import (
     DISCOVERY,
     ISSUER,
     JWKS_URI,
+    NOW,
     OIDC_DISCOVERY,
     FakeClock,
     FakeIssuer,
+    claims,
     config,
     public_jwk,
     realtime_claims,
@@ -388,16 +390,20 @@ def break_server(fake: FakeIssuer, how: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("how", [h for _, h in FAILURES], ids=[i for i, _ in FAILURES])
 async def test_last_known_good_until_max_stale(how: dict[str, Any]) -> None:
-    fake, clock = issuer_with("k1"), FakeClock()
-    cache = fake.cache(clock)
+    fake, clock, cfg = issuer_with("k1"), FakeClock(), config()
+    cache = fake.cache(clock, cfg)
+    token = sign(rsa_key("k1"), claims())
     good = await cache.key("k1")
     break_server(fake, how)
     clock.advance(300)  # stale: a revalidation is tried, fails, the keys stay
-    assert (await cache.key("k1")) is good
+    assert (await verify_access_token(token, cfg, cache, now=NOW))["sub"] == "user-1"
     assert len(fake.jwks_requests) == 2
     clock.advance(MAX_STALE - 300 - 0.5)
     assert (await cache.key("k1")) is good
+    assert await verify_access_token(token, cfg, cache, now=NOW)
     clock.advance(0.5)
+    with pytest.raises(KeysUnavailable):
+        await verify_access_token(token, cfg, cache, now=NOW)
     with pytest.raises(KeysUnavailable):
         await cache.key("k1")
 
