@@ -178,7 +178,9 @@ class KeyCache:
                         raise _FetchFailed(f"{url}: larger than {MAX_DOCUMENT_BYTES} bytes")
                     chunks.append(chunk)
                 return response, b"".join(chunks)
-        except httpx.HTTPError as error:
+        except (httpx.HTTPError, httpx.InvalidURL) as error:
+            # InvalidURL is not an HTTPError: a discovery document's unparseable jwks_uri
+            # (RFC 8414 §2) must be a failed fetch (last known good, 503), not an exception.
             raise _FetchFailed(f"{url}: {type(error).__name__}") from None
 
 

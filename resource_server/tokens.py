@@ -128,8 +128,11 @@ def check_claims(claims: dict[str, Any], config: ResourceServerConfig, now: floa
 
 
 def _time(value: Any) -> bool:
-    """A NumericDate (RFC 7519 §2): a finite number; ``true`` is not one."""
-    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    """A NumericDate (RFC 7519 §2): a finite number; ``true`` is not one. An int is always
+    finite (``math.isfinite`` would raise OverflowError past a float's range, e.g. 10**400)."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
 
 
 def scopes_of(claims: dict[str, Any]) -> frozenset[str]:
