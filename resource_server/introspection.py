@@ -20,6 +20,7 @@ from urllib.parse import quote
 import httpx
 
 from .config import Introspection, ResourceServerConfig
+from .tokens import is_numeric_date
 
 
 class IntrospectionUnavailable(Exception):
@@ -83,8 +84,8 @@ class Introspector:
         result = answer if answer["active"] and self._for_us(answer) else None
         ttl = self.settings.cache_ttl
         exp = answer.get("exp")
-        if result is not None and isinstance(exp, int | float) and not isinstance(exp, bool):
-            ttl = min(ttl, exp - time.time())
+        if result is not None and is_numeric_date(exp) and exp < time.time() + ttl:
+            ttl = exp - time.time()  # compared first: exp may be an int past float's range
         self._remember(digest, now + ttl, result)
         return result
 

@@ -21,7 +21,7 @@ import json
 import math
 import re
 import time
-from typing import Any
+from typing import Any, TypeGuard
 
 from joserfc import jws
 from joserfc.errors import JoseError
@@ -112,12 +112,12 @@ def check_claims(claims: dict[str, Any], config: ResourceServerConfig, now: floa
     if not isinstance(audiences, list) or config.resource not in audiences:
         raise errors.invalid_token("The access token is meant for another audience.")
     leeway = config.leeway
-    if not _time(claims["exp"]) or claims["exp"] + leeway <= now:
+    if not is_numeric_date(claims["exp"]) or claims["exp"] + leeway <= now:
         raise errors.invalid_token("The access token has expired.")
     nbf = claims.get("nbf")
-    if nbf is not None and (not _time(nbf) or nbf - leeway > now):
+    if nbf is not None and (not is_numeric_date(nbf) or nbf - leeway > now):
         raise errors.invalid_token("The access token is not valid yet (nbf).")
-    if not _time(claims["iat"]) or claims["iat"] - leeway > now:
+    if not is_numeric_date(claims["iat"]) or claims["iat"] - leeway > now:
         raise errors.invalid_token("The access token was issued in the future (iat).")
     for name in ("sub", "client_id", "jti"):
         if not isinstance(claims[name], str):
@@ -127,7 +127,7 @@ def check_claims(claims: dict[str, Any], config: ResourceServerConfig, now: floa
         raise errors.invalid_token("The access token's scope is not a string.")
 
 
-def _time(value: Any) -> bool:
+def is_numeric_date(value: Any) -> TypeGuard[int | float]:
     """A NumericDate (RFC 7519 §2): a finite number; ``true`` is not one. An int is always
     finite (``math.isfinite`` would raise OverflowError past a float's range, e.g. 10**400)."""
     if isinstance(value, bool):

@@ -374,6 +374,12 @@ def test_a_proof_from_the_future_is_refused() -> None:
     refused([proof(iat=now + 6)], "in the future", now=now)
 
 
+@pytest.mark.parametrize("iat", [10**400, -(10**400)], ids=["huge", "huge-negative"])
+def test_an_iat_past_a_floats_range_is_refused_not_a_crash(iat: int) -> None:
+    # math.isfinite(10**400) raises OverflowError: it was a 500 for any holder of a bound token.
+    refused([proof(claims={"iat": iat})], "iat")
+
+
 def test_the_leeways_are_configurable() -> None:
     now = 2_000_000_000.0
     settings = config(dpop_iat_leeway=10, dpop_iat_future_leeway=0)

@@ -179,6 +179,17 @@ async def test_an_answer_past_its_exp_is_not_cached(
     assert server.introspections == 2
 
 
+async def test_an_exp_past_a_floats_range_is_kept_for_the_ttl(
+    server: FakeTokenServer, http: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    checker = introspector(http, clock)
+    server.introspection = answer_with(json={"active": True, "exp": 10**400})
+    token = make_token()
+    assert await checker.active(token) is not None  # no OverflowError
+    await checker.active(token)
+    assert server.introspections == 1
+
+
 @pytest.mark.parametrize("aud", [RESOURCE, [RESOURCE], ["https://other.example", RESOURCE], None])
 async def test_an_answer_whose_aud_names_this_api_is_active(
     server: FakeTokenServer, http: httpx.AsyncClient, clock: FakeClock, aud: Any
