@@ -10,13 +10,15 @@
   tokens cannot make the API hammer the token server. Concurrent requests share one fetch.
 - **Last known good**: when the token server cannot be reached, or answers nonsense, the keys
   it last published stay in use for ``jwks_max_stale`` seconds after the last good fetch; a
-  failed fetch is retried no more than once per ``RETRY_INTERVAL``. Without any good set,
+  failed fetch is retried no more than once per ``RETRY_INTERVAL``, and a request waits at
+  most ``STALE_WAIT`` for the revalidation of a stale set. Without any good set,
   ``KeysUnavailable`` (the API answers 503, not 401: the token may well be good).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import re
@@ -35,6 +37,9 @@ DEFAULT_TTL = 300.0
 MAX_TTL = 86_400.0
 #: A failed fetch is not retried sooner than this (seconds).
 RETRY_INTERVAL = 2.0
+#: How long a request waits for the revalidation of a stale set before it goes on with the
+#: last good keys (seconds).
+STALE_WAIT = 0.25
 #: Bodies larger than this are refused (a JWK Set of a dozen RSA keys is about 6 KiB).
 MAX_DOCUMENT_BYTES = 256 * 1024
 PUBLIC_KEY_TYPES = frozenset({"RSA", "EC", "OKP"})
@@ -71,12 +76,13 @@ class KeyCache:
         self._last_failure = -math.inf
         self._generation = 0  # bumped by each attempt: waiters need not fetch again
         self._lock = asyncio.Lock()
+        self._background: asyncio.Task[None] | None = None
 
     async def key(self, kid: str) -> Key | None:
         """The published key named ``kid``; ``None`` when the token server does not publish
         it (after at most one refetch per interval). ``KeysUnavailable`` without good keys."""
         if self.clock() >= self._fresh_until:
-            await self._refresh(stale=True)
+            await self._revalidate()
         key = self._keys.get(kid)
         if key is None and self.clock() - self._last_attempt >= self.config.jwks_refetch_interval:
             await self._refresh(stale=False)
@@ -95,6 +101,29 @@ class KeyCache:
                     except _FetchFailed as error:
                         raise KeysUnavailable(str(error)) from None
         return self._metadata
+
+    async def _revalidate(self) -> None:
+        """A stale set is fetched again; with good keys in hand a request waits at most
+        ``STALE_WAIT`` for it and then goes on with them (stale-while-revalidate, RFC 5861
+        §3), so a token server that hangs does not hold every request for ``http_timeout``."""
+        if self.clock() >= self._good_until:
+            await self._refresh(stale=True)  # nothing to serve meanwhile
+            return
+        task = self._background
+        if task is None or task.done():
+            task = self._background = asyncio.create_task(self._refresh(stale=True))
+            task.add_done_callback(_retrieve)
+        # On timeout the fetch goes on; its outcome serves the next requests.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), STALE_WAIT)
+
+    async def aclose(self) -> None:
+        """Stop a revalidation still running (before the HTTP client is closed)."""
+        task, self._background = self._background, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _refresh(self, *, stale: bool) -> None:
         generation = self._generation
@@ -182,6 +211,13 @@ class KeyCache:
             # InvalidURL is not an HTTPError: a discovery document's unparseable jwks_uri
             # (RFC 8414 §2) must be a failed fetch (last known good, 503), not an exception.
             raise _FetchFailed(f"{url}: {type(error).__name__}") from None
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """A revalidation nobody awaited any more: its error (a bug; fetch failures are caught)
+    is retrieved, so asyncio does not report it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _max_age(cache_control: str | None) -> float:

@@ -74,6 +74,7 @@ class TokenVerifier:
         self.origin = f"{split.scheme}://{split.netloc}"
 
     async def aclose(self) -> None:
+        await self.keys.aclose()
         if self._own_http:
             await self.http.aclose()
 

@@ -80,7 +80,8 @@ Handler = Callable[[httpx.Request], httpx.Response]
 @dataclass
 class FakeIssuer:
     """The token server as the kit sees it. ``fail`` makes every request fail:
-    ``"connect"`` (httpx.ConnectError), ``"timeout"``, ``"500"``, ``"garbage"`` (not JSON)."""
+    ``"connect"`` (httpx.ConnectError), ``"timeout"``, ``"hang"`` (5 s, then a timeout),
+    ``"500"``, ``"garbage"`` (not JSON)."""
 
     issuer: str = ISSUER
     jwks: list[Any] = field(default_factory=list)
@@ -127,6 +128,9 @@ class FakeIssuer:
         # Yield to the loop: concurrent verifications really interleave with the fetch.
         for _ in range(3):
             await asyncio.sleep(0)
+        if self.fail == "hang":  # answers nothing for 5 s, then times out
+            await asyncio.sleep(5)
+            raise httpx.ReadTimeout("timed out", request=request)
         if self.fail == "connect":
             raise httpx.ConnectError("connection refused", request=request)
         if self.fail == "timeout":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 from typing import Any
 
 import httpx
@@ -425,6 +426,35 @@ async def test_a_failed_fetch_is_retried_at_most_once_per_retry_interval() -> No
     # Forged kids during the outage: no more than the same cadence.
     await asyncio.gather(*(cache.key(secrets.token_hex(4)) for _ in range(50)))
     assert len(fake.jwks_requests) == 3
+
+
+async def test_a_hanging_server_does_not_hold_requests_that_have_good_keys() -> None:
+    # A stale set is revalidated, but requests wait at most STALE_WAIT for it (not the 5 s the
+    # hanging server takes): they go on with the last good keys, sharing one fetch.
+    fake = issuer_with("k1")
+    clock = FakeClock()
+    cache = fake.cache(clock)
+    assert await cache.key("k1") is not None
+    clock.advance(301)  # past max-age=300
+    fake.fail = "hang"
+    started = time.monotonic()
+    found = await asyncio.gather(*(cache.key("k1") for _ in range(20)))
+    elapsed = time.monotonic() - started
+    assert all(key is not None for key in found)
+    assert keys_module.STALE_WAIT <= elapsed < 1.5
+    assert cache.fetches == 2
+    await cache.aclose()  # cancels the revalidation still waiting on the server
+
+
+async def test_a_revalidation_that_finishes_in_time_is_used_at_once() -> None:
+    fake = issuer_with("k1")
+    clock = FakeClock()
+    cache = fake.cache(clock)
+    await cache.key("k1")
+    fake.publish(rsa_key("k2"))
+    clock.advance(301)
+    assert await cache.key("k1") is None  # the new set came within STALE_WAIT: k1 is gone
+    assert cache.fetches == 2
 
 
 async def test_recovery_after_an_outage_renews_last_known_good() -> None:
