@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
 STAMP := $(VENV)/.installed-stamp
-PYTEST_COV := --cov=server --cov-branch --cov-report=term-missing:skip-covered --cov-fail-under=95
+PYTEST_COV := --cov=server --cov=resource_server --cov-branch --cov-report=term-missing:skip-covered --cov-fail-under=95
 # Two workers: this machine has two cores (pytest-xdist; each worker has its own databases).
 PYTEST_WORKERS ?= -n 2
 
