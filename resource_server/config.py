@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 #: RFC 9068 §4 / RFC 8725 §3.1: the algorithms an access token may be signed with. The token
 #: server signs RS256 (PS256 under its FAPI 2.0 mode); never ``none``, never HMAC.
@@ -11,6 +12,9 @@ DEFAULT_ALGORITHMS = ("RS256", "PS256")
 DPOP_ALGORITHMS = (
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
 )  # fmt: skip
+#: Every algorithm either list may hold: asymmetric signatures (RFC 8725 §3.1, §3.2). ``none``
+#: and the HMACs are never accepted, whatever an operator writes.
+ASYMMETRIC_ALGORITHMS = frozenset({*DPOP_ALGORITHMS, "Ed25519", "Ed448"})
 
 
 @dataclass(frozen=True)
@@ -58,3 +62,29 @@ class ResourceServerConfig:
     #: ``realm`` of the challenges.
     realm: str = "api"
     extra_claims_required: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        """A careless configuration is refused when the API starts, not met at the first
+        token (``ValueError`` naming the field)."""
+        issuer = urlsplit(self.issuer)
+        if issuer.scheme not in ("http", "https") or not issuer.netloc:
+            raise ValueError(f"issuer must be the token server's http(s) URL: {self.issuer!r}")
+        if not urlsplit(self.resource).scheme:  # RFC 8707 §2: an absolute URI
+            raise ValueError(f"resource must be an absolute URI: {self.resource!r}")
+        for name in ("algorithms", "dpop_algorithms"):
+            values = getattr(self, name)
+            if isinstance(values, str) or not values:
+                raise ValueError(f"{name} must be a non-empty tuple of algorithm names")
+            unsafe = sorted(set(values) - ASYMMETRIC_ALGORITHMS)
+            if unsafe:
+                raise ValueError(f"{name}: not asymmetric signature algorithms: {unsafe}")
+        for name in ("leeway", "jwks_max_stale", "dpop_iat_leeway", "dpop_iat_future_leeway"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        for name in ("jwks_refetch_interval", "http_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+        if self.dpop_required and not self.dpop:
+            raise ValueError("dpop_required needs dpop")
+        if self.introspection is not None and self.introspection.cache_ttl < 0:
+            raise ValueError("introspection.cache_ttl must not be negative")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import re
 import time
@@ -44,6 +45,7 @@ STALE_WAIT = 0.25
 MAX_DOCUMENT_BYTES = 256 * 1024
 PUBLIC_KEY_TYPES = frozenset({"RSA", "EC", "OKP"})
 PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+logger = logging.getLogger("resource_server")
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?\s*(?:,|$)", re.IGNORECASE)
 
 
@@ -141,7 +143,11 @@ class KeyCache:
             self._last_attempt = now
             try:
                 await self._fetch()
-            except _FetchFailed:
+            except _FetchFailed as error:
+                # What an operator needs to see (at most once per RETRY_INTERVAL): a wrong
+                # issuer, an unreachable server. Never a token.
+                state = "keeping the last good keys" if self._keys else "no keys yet"
+                logger.warning("token server keys: %s (%s)", error, state)
                 self._last_failure = self.clock()
                 # Keep the last good keys; look again after RETRY_INTERVAL, not at every request.
                 self._fresh_until = self._last_failure + RETRY_INTERVAL

@@ -9,6 +9,7 @@ at once. Each refusal challenges in the scheme the token needs.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from .keys import KeyCache, KeysUnavailable
 from .metadata import metadata_url
 from .tokens import scopes_of, verify_access_token
 
+logger = logging.getLogger("resource_server")
 #: How long a client is asked to wait when the token server cannot be reached (seconds).
 RETRY_AFTER = 5
 
@@ -151,7 +153,8 @@ class TokenVerifier:
                     raise unavailable("The token server offers no introspection.")
                 self._introspector = Introspector(self.config, self.http, endpoint, self._clock)
             answer = await self._introspector.active(token)
-        except (KeysUnavailable, IntrospectionUnavailable):
+        except (KeysUnavailable, IntrospectionUnavailable) as error:
+            logger.warning("introspection unavailable: %s", error)
             raise unavailable("The token server cannot be asked about this token now.") from None
         if answer is None:
             raise errors.invalid_token("The access token was revoked.", scheme=scheme)

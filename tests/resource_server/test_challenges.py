@@ -178,8 +178,9 @@ def test_dpop_disabled_only_bearer() -> None:
     assert all("algs" not in p for _, p in found)
 
 
-def test_dpop_required_is_moot_when_dpop_is_off() -> None:
-    assert [s for s, _ in challenges(errors.missing(), dpop=False, dpop_required=True)] == [BEARER]
+def test_dpop_required_without_dpop_is_refused_by_the_configuration() -> None:
+    with pytest.raises(ValueError, match="dpop_required"):
+        challenges(errors.missing(), dpop=False, dpop_required=True)
 
 
 def test_algs_follow_the_configuration_and_realm_too() -> None:
@@ -307,7 +308,7 @@ def test_challenges_stay_parseable_whatever_the_description(
         dpop_required: bool,
     ) -> None:
         error = TokenError(code, description, 401, scheme, scope)
-        cfg = config(dpop=dpop, dpop_required=dpop_required)
+        cfg = config(dpop=dpop, dpop_required=dpop and dpop_required)
         values = www_authenticate(error, cfg, METADATA)
         accepted = {DPOP} if dpop and dpop_required else {BEARER, DPOP} if dpop else {BEARER}
         assert len(values) == (1 if scheme in accepted else len(accepted))

@@ -181,7 +181,8 @@ def test_hs256_is_refused_whatever_the_key() -> None:
 
 def test_hs256_is_refused_even_if_configured_because_the_key_is_symmetric() -> None:
     header = {"typ": "dpop+jwt", "alg": "HS256", "jwk": {"kty": "oct", "k": b64(b"secret")}}
-    settings = config(dpop_algorithms=("HS256", "ES256"))
+    settings = config()  # the configuration refuses HS256 (test_config.py): forced here
+    object.__setattr__(settings, "dpop_algorithms", ("HS256", "ES256"))
     refused([forge(header, {"jti": "j"})], "public RSA, EC or OKP", settings=settings)
 
 

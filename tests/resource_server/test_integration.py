@@ -222,12 +222,17 @@ async def test_introspection_revoked_is_401(
     assert (error.error, error.status, error.scheme) == ("invalid_token", 401, DPOP)
 
 
-async def test_introspection_down_is_503(server: FakeTokenServer, http: httpx.AsyncClient) -> None:
+async def test_introspection_down_is_503(
+    server: FakeTokenServer, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
     verifier = make_verifier(http, with_introspection())
     await verifier.verify(f"Bearer {make_token()}", [], "GET", ORDERS)  # keys fetched
     server.introspection = lambda request: httpx.Response(500)
-    error = await refused(verifier, f"Bearer {make_token()}")
+    token = make_token()
+    with caplog.at_level("WARNING", "resource_server"):
+        error = await refused(verifier, f"Bearer {token}")
     assert (error.status, error.error, error.scheme) == (503, "temporarily_unavailable", None)
+    assert [r.getMessage() for r in caplog.records] == ["introspection unavailable: HTTP 500"]
 
 
 async def test_no_introspection_endpoint_is_503(

@@ -59,11 +59,17 @@ async def test_discovery_then_the_jwks_it_names() -> None:
     assert cache.fetches == 1 and len(fake.requests) == 2
 
 
-async def test_discovery_naming_another_issuer_is_refused() -> None:
+async def test_discovery_naming_another_issuer_is_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     fake = issuer_with(claimed_issuer="https://evil.example")
     cache = fake.cache(FakeClock())
-    with pytest.raises(KeysUnavailable):
+    with pytest.raises(KeysUnavailable), caplog.at_level("WARNING", "resource_server"):
         await cache.key("k1")
+    # The operator learns why every request is a 503.
+    assert [r.getMessage() for r in caplog.records] == [
+        "token server keys: discovery: the document names another issuer (no keys yet)"
+    ]
     assert fake.jwks_requests == []  # RFC 8414 §3.3: its jwks_uri is not believed
     with pytest.raises(KeysUnavailable):
         await cache.metadata()

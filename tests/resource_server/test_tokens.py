@@ -199,8 +199,10 @@ async def test_hs256_keyed_with_the_public_key_is_refused(kid: str, cache: KeyCa
 
 
 async def test_hs256_confusion_fails_even_if_hs256_were_allowed(cache: KeyCache) -> None:
-    # A misconfigured API (HS256 on its list): the key published is RSA, so still no.
-    cfg = config(algorithms=("RS256", "HS256"))
+    # The configuration refuses HS256 (test_config.py); were it let through anyway, the
+    # key published is RSA, so still no.
+    cfg = config()
+    object.__setattr__(cfg, "algorithms", ("RS256", "HS256"))
     await refused(
         _hs256_with_public_key(_public_pem("noalg", None), "noalg"),
         cache,
