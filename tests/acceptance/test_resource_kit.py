@@ -31,6 +31,7 @@ from joserfc.jwk import ECKey, RSAKey
 from joserfc.jws import JWSRegistry
 
 from resource_server import Introspection, ResourceServerConfig, TokenError, TokenVerifier
+from tests.resource_server.fake_issuer import FakeClock
 
 from .conftest import (
     FAST_ARGON2_ENV,
@@ -54,19 +55,6 @@ REQUEST_URL = "https://orders.example.com/api/orders"
 RELOAD_INTERVAL = "0.2"  # AUTH_KEY_RELOAD_INTERVAL: the server sees a rotation quickly
 #: Headers joserfc would refuse to write (``typ`` at+jwt or dpop+jwt, a ``jwk``) are ours to set.
 REGISTRY = JWSRegistry(strict_check_header=False)
-
-
-class FakeClock:
-    """The kit's monotonic clock, moved by the test (``TokenVerifier(clock=...)``)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @dataclass(frozen=True)

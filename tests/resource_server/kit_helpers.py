@@ -161,17 +161,6 @@ def make_proof(
     return sign(protected, body, key)
 
 
-class FakeClock:
-    def __init__(self, start: float = 1_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 Handler = Callable[[httpx.Request], httpx.Response]
 
 

@@ -15,13 +15,13 @@ from joserfc.jws import JWSRegistry
 from resource_server.config import ResourceServerConfig
 from resource_server.dpop import ReplayCache, normalised_uri, verify_proof
 from resource_server.errors import DPOP, TokenError
+from tests.resource_server.fake_issuer import FakeClock
 from tests.resource_server.kit_helpers import (
     OTHER_PROOF_KEY,
     PROOF_KEY,
     RESOURCE,
     RSA_1024_JWK,
     RSA_PROOF_KEY,
-    FakeClock,
     b64,
     config,
     forge,

@@ -23,11 +23,11 @@ from resource_server.errors import BEARER, DPOP, TokenError
 from resource_server.fastapi import RequireToken, protect
 from resource_server.metadata import protected_resource_metadata
 from resource_server.verifier import request_path
+from tests.resource_server.fake_issuer import FakeClock
 from tests.resource_server.kit_helpers import (
     OTHER_PROOF_KEY,
     PROOF_KEY,
     RESOURCE,
-    FakeClock,
     FakeTokenServer,
     challenges_of,
     claims_of,

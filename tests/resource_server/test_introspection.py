@@ -12,10 +12,10 @@ import pytest
 
 from resource_server.config import Introspection, ResourceServerConfig
 from resource_server.introspection import IntrospectionUnavailable, Introspector
+from tests.resource_server.fake_issuer import FakeClock
 from tests.resource_server.kit_helpers import (
     INTROSPECTION_URL,
     RESOURCE,
-    FakeClock,
     FakeTokenServer,
     claims_of,
     config,
