@@ -36,7 +36,9 @@ from .db import (
     schema_state,
     session_factory,
 )
-from .keys import KeyStore, KeysUnavailableError, RotationTooSoonError
+from .keycrypt import EncryptionKey, KeyEncryptionError, parse_encryption_key
+from .keys import KeyInfo, KeyStore, KeysUnavailableError, PruneResult, RotationTooSoonError
+from .keys_db import DatabaseKeyStore, KeyStoreConflictError
 from .names import CLIENT_AUTH_METHODS
 from .observability import audit, configure_logging
 from .passwords import Passwords
@@ -156,7 +158,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             "and their timing) in front and name it in AUTH_TRUSTED_PROXIES, or serve on "
             "127.0.0.1 behind a proxy on the same host"
         )
-    if settings.env is not Env.production:
+    if settings.env is not Env.production and settings.key_store == "files":
         KeyStore(settings.keys_dir).ensure()
     _preflight(settings)
     # The workers share the cores: unless told otherwise, each hashes on its share of them.
@@ -187,7 +189,16 @@ def _preflight(settings: Settings) -> None:
 
     with _opening_database(settings):
         asyncio.run(check())
-    KeyStore(settings.keys_dir).load()
+    if settings.key_store == "database":
+
+        async def load(store: DatabaseKeyStore) -> None:
+            if settings.env is not Env.production:
+                await store.ensure()
+            await store.areload()  # the current key opens with this encryption key
+
+        _run_keys(settings, load)
+    else:
+        KeyStore(settings.keys_dir).load()
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
@@ -244,15 +255,77 @@ def cmd_copy_from(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_keys(settings: Settings, action: Callable[[DatabaseKeyStore], Awaitable[T]]) -> T:
+    """``action`` on the database key store (``AUTH_KEY_STORE=database``)."""
+    encryption = parse_encryption_key(settings.key_encryption_key)
+
+    async def runner() -> T:
+        with _opening_database(settings):
+            engine = create_engine(settings)
+        try:
+            with _opening_database(settings):
+                await assert_schema_compatible(engine)
+            return await action(DatabaseKeyStore(engine, encryption, settings.signing_alg))
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(runner())
+
+
+def _read_old_key(path: str) -> EncryptionKey:
+    """The encryption key being replaced, given once: from a file, or ``-`` for stdin."""
+    try:
+        value = sys.stdin.read(1024) if path == "-" else Path(path).read_text()[:1024]
+    except OSError as exc:
+        raise CommandError(f"cannot read --old-key-file: {exc.strerror or exc}") from None
+    return parse_encryption_key(value, setting="--old-key-file")
+
+
 def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
-    store = KeyStore(settings.keys_dir)
+    database = settings.key_store == "database"
+    if args.keys_command in ("import", "rewrap") and not database:
+        raise CommandError(
+            f"`keys {args.keys_command}` works on the database store: set "
+            "AUTH_KEY_STORE=database and AUTH_KEY_ENCRYPTION_KEY"
+        )
+    if args.keys_command == "import":
+        files = KeyStore(settings.keys_dir)
+        imported, present = _run_keys(settings, lambda db: db.import_files(files))
+        for kid in imported:
+            print(f"imported {kid}")
+        for kid in present:
+            print(f"already there: {kid}")
+        audit("key.imported", kids=imported, source=str(settings.keys_dir))
+        print(f"the files in {settings.keys_dir} are no longer used: delete them when you wish")
+        return 0
+    if args.keys_command == "rewrap":
+        old = _read_old_key(args.old_key_file)
+        done, left = _run_keys(settings, lambda db: db.rewrap(old))
+        for kid in done:
+            print(f"rewrapped {kid}")
+        new_id = parse_encryption_key(settings.key_encryption_key).id
+        audit("key.rewrapped", kids=done, old_key_id=old.id, encryption_key_id=new_id)
+        print(f"{len(done)} keys sealed anew, {len(left)} were already under the new key")
+        return 0
+    files = KeyStore(settings.keys_dir)
+
+    def rotate(min_age: int) -> list[KeyInfo]:
+        if database:
+            return _run_keys(settings, lambda db: db.arotate(min_next_age=min_age))
+        return files.rotate(min_next_age=min_age)
+
+    def prune(ttl: int) -> PruneResult:
+        if database:
+            return _run_keys(settings, lambda db: db.aprune(max_token_lifetime=ttl))
+        return files.prune(max_token_lifetime=ttl)
+
     if args.keys_command == "rotate":
-        infos = store.rotate(min_next_age=0 if args.force else settings.jwks_max_age)
+        infos = rotate(0 if args.force else settings.jwks_max_age)
         current = next(info.kid for info in infos if info.state == "current")
         audit("key.rotated", kid=current)
         print(f"rotated: {current} now signs")
     elif args.keys_command == "prune":
-        pruned = store.prune(max_token_lifetime=settings.access_token_ttl)
+        pruned = prune(settings.access_token_ttl)
         for kid in pruned.removed:
             print(f"removed {kid}")
         for reason in pruned.kept:
@@ -262,9 +335,10 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
         if not pruned.removed and not pruned.kept:
             print("no retired keys")
         return 0
-    infos = store.read_manifest()
+    infos = _run_keys(settings, lambda db: db.alist()) if database else files.read_manifest()
     if not infos:
-        print(f"no keys in {settings.keys_dir}: run `python -m server keys rotate`")
+        where = "the database" if database else settings.keys_dir
+        print(f"no keys in {where}: run `python -m server keys rotate`")
         return 0
     print(f"{'KID':<45} {'STATE':<8} {'CREATED':<21} {'ACTIVATED':<21} RETIRED")
     for info in infos:
@@ -495,6 +569,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="promote the next key even if it is younger than the JWKS max-age",
     )
     keys.add_parser("prune", help="remove retired keys whose tokens have all expired")
+    keys.add_parser(
+        "import", help="copy the keys of AUTH_KEYS_DIR into the database store (idempotent)"
+    )
+    rewrap = keys.add_parser(
+        "rewrap",
+        help="seal every private key of the database store under AUTH_KEY_ENCRYPTION_KEY",
+    )
+    rewrap.add_argument(
+        "--old-key-file",
+        required=True,
+        help="a file holding the encryption key the keys are sealed under now (- for stdin)",
+    )
 
     tokens = commands.add_parser("tokens", help="stored token state").add_subparsers(
         dest="tokens_command", required=True
@@ -644,6 +730,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         KeysUnavailableError,
         RotationTooSoonError,
         InsecureSettingsError,
+        KeyEncryptionError,
+        KeyStoreConflictError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
     return 1

@@ -160,11 +160,20 @@ class Listener:
     with backoff; the cache is trusted only while it is connected."""
 
     def __init__(
-        self, engine: AsyncEngine, cache: ClientCache, *, retry: float = 1.0, timeout: float = 5.0
+        self,
+        engine: AsyncEngine,
+        cache: ClientCache | None,
+        *,
+        retry: float = 1.0,
+        timeout: float = 5.0,
+        channels: dict[str, Callable[[str], None]] | None = None,
     ) -> None:
+        """``cache``: the client cache, invalidated by ``CHANNEL``; ``channels``: other
+        channels and what a notification on each calls (``keys_db.CHANNEL``: reload now)."""
         self.engine = engine
         self.timeout = timeout
         self.cache = cache
+        self.channels = dict(channels or {})
         self.retry = retry
         self.connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -178,8 +187,11 @@ class Listener:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def _notified(self, _connection: Any, _pid: int, _channel: str, payload: str) -> None:
-        self.cache.invalidate(payload)
+    def _notified(self, _connection: Any, _pid: int, channel: str, payload: str) -> None:
+        if channel == CHANNEL and self.cache is not None:
+            self.cache.invalidate(payload)
+        elif channel in self.channels:
+            self.channels[channel](payload)
 
     def _lost(self, _connection: Any) -> None:
         self.lost.set()
@@ -193,10 +205,16 @@ class Listener:
             connection: Any = None
             try:
                 connection = await asyncpg.connect(*args, **kwargs, timeout=self.timeout)
-                await connection.add_listener(CHANNEL, self._notified)
+                if self.cache is not None:
+                    await connection.add_listener(CHANNEL, self._notified)
+                for channel in self.channels:
+                    await connection.add_listener(channel, self._notified)
                 connection.add_termination_listener(self._lost)
                 # Entries read before LISTEN took effect may predate a change: drop them.
-                self.cache.trust(True)
+                if self.cache is not None:
+                    self.cache.trust(True)
+                for notify in self.channels.values():
+                    notify("")  # a change made while not listening is looked for now
                 self.connected.set()
                 failures = 0
                 await self.lost.wait()
@@ -208,7 +226,8 @@ class Listener:
                     log.warning("clients.listen_failed", error=type(exc).__name__)
             finally:
                 self.connected.clear()
-                self.cache.trust(False)
+                if self.cache is not None:
+                    self.cache.trust(False)
                 if connection is not None:
                     connection.terminate()
             await asyncio.sleep(min(self.retry * 2 ** min(failures, 5), 30.0))

@@ -25,6 +25,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .keycrypt import KeyEncryptionError, parse_encryption_key
+
 DEV_SECRET_KEY = "dev-insecure-secret-key-change-me-before-production"  # noqa: S105
 
 
@@ -79,6 +81,14 @@ class Settings(BaseSettings):
     key_rotation_interval: int = Field(default=30 * 86_400, ge=60)
     #: How often a running server looks at ``keys_dir`` for a rotation (seconds).
     key_reload_interval: float = Field(default=2.0, gt=0)
+    #: Where signing keys live: PEM files in ``keys_dir`` (the default), or the database
+    #: (``signing_keys``), private keys sealed under ``key_encryption_key``.
+    key_store: Literal["files", "database"] = "files"
+    #: 32 random bytes, base64url: seals the private keys of the database store.
+    key_encryption_key: str | None = Field(default=None, repr=False)
+    #: The servers rotate every ``key_rotation_interval`` and prune retired keys themselves
+    #: (database store; one replica at a time).
+    key_auto_rotate: bool = False
 
     #: Dynamic client registration (RFC 7591) at ``POST /oauth2/register``: ``off``; ``token``
     #: (an initial access token from ``clients registration-token`` is required, RFC 7591 §3);
@@ -347,7 +357,11 @@ class Settings(BaseSettings):
                 "set it to a random value, e.g. the output of "
                 '`python -c "import secrets; print(secrets.token_urlsafe(48))"`'
             )
-        if not any(self.keys_dir.glob("*.pem")):
+        if self.key_store == "database":
+            problem = self.key_encryption_problem()
+            if problem:
+                reasons.append(problem)
+        elif not any(self.keys_dir.glob("*.pem")):
             reasons.append(
                 f"no signing keys in AUTH_KEYS_DIR={str(self.keys_dir)!r}: "
                 "run `python -m server keys rotate` to create them"
@@ -375,6 +389,14 @@ class Settings(BaseSettings):
                 "(19456 KiB, 2): remove them to use the defaults"
             )
         return reasons
+
+    def key_encryption_problem(self) -> str | None:
+        """Why the database key store cannot seal or open keys with these settings."""
+        try:
+            parse_encryption_key(self.key_encryption_key)
+        except KeyEncryptionError as exc:
+            return f"AUTH_KEY_STORE=database: {exc}"
+        return None
 
     @property
     def signing_alg(self) -> str:

@@ -11,7 +11,7 @@ from .clients import ClientCache
 from .config import Settings
 from .db import Database
 from .fetch import Fetcher
-from .keys import KeyStore
+from .keys import KeySource
 from .passwords import Passwords
 from .ratelimit import Limiter
 
@@ -20,7 +20,7 @@ from .ratelimit import Limiter
 class AppState:
     settings: Settings
     db: Database
-    keys: KeyStore
+    keys: KeySource
     passwords: Passwords
     limiter: Limiter
     clients: ClientCache

@@ -20,6 +20,7 @@ StrictModes does for ``~/.ssh``. Being readable by others is allowed: a secret m
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
@@ -32,7 +33,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -110,6 +111,19 @@ class PruneResult:
     orphans: list[str]  # files keys.json does not list (left by an interrupted rotation)
 
 
+class KeySource(Protocol):
+    """What a running server needs of a key store: ``KeyStore`` (files) or
+    ``keys_db.DatabaseKeyStore``."""
+
+    failure: ReloadFailure | None
+
+    def keyset(self) -> KeySet: ...
+    async def areload(self) -> bool: ...
+    async def alist(self) -> list[KeyInfo]: ...
+    async def arotate(self, *, min_next_age: int = 0) -> list[KeyInfo]: ...
+    async def aprune(self, *, max_token_lifetime: int) -> PruneResult: ...
+
+
 class KeyStore:
     def __init__(self, directory: Path, alg: str = "RS256") -> None:
         self.directory = directory
@@ -172,6 +186,10 @@ class KeyStore:
             self._check_private(path, os.fstat(handle.fileno()))
             return handle.read()
 
+    def private_pem(self, kid: str) -> bytes:
+        """The PEM file of ``kid`` (``keys import``), checked like every file here."""
+        return self._read_private(self._pem_path(kid))
+
     def _check_private(self, path: Path, info: os.stat_result) -> None:
         mode = stat.S_IMODE(info.st_mode)
         owners = {os.geteuid(), 0}
@@ -227,22 +245,7 @@ class KeyStore:
         signing = parsed[current[0].kid].private
         assert signing is not None
         public = {kid: entry.public for kid, entry in parsed.items()}
-        jwks = {
-            "keys": [
-                {**public[info.kid].as_dict(), "kid": info.kid, "use": "sig", "alg": self.alg}
-                for info in sorted(infos, key=_publish_order)
-            ]
-        }
-        body = json.dumps(jwks, separators=(",", ":")).encode()
-        keyset = KeySet(
-            current=signing,
-            kid=current[0].kid,
-            public=public,
-            jwks_bytes=body,
-            etag='"' + hashlib.sha256(body).hexdigest()[:32] + '"',
-            alg=self.alg,
-        )
-        return keyset, parsed
+        return make_keyset(infos, public, current[0].kid, signing, self.alg), parsed
 
     def keyset(self) -> KeySet:
         if self._keyset is None:
@@ -298,6 +301,20 @@ class KeyStore:
         infos = [] if raw is None else self._parse_manifest(raw)
         self._keyset, self._parsed = self._build(infos, self._parsed)
 
+    # -- the interface both stores share (``KeySource``), for the event loop ----------
+
+    async def areload(self) -> bool:
+        return await asyncio.to_thread(self.reload)
+
+    async def alist(self) -> list[KeyInfo]:
+        return await asyncio.to_thread(self.read_manifest)
+
+    async def arotate(self, *, min_next_age: int = 0) -> list[KeyInfo]:
+        return await asyncio.to_thread(lambda: self.rotate(min_next_age=min_next_age))
+
+    async def aprune(self, *, max_token_lifetime: int) -> PruneResult:
+        return await asyncio.to_thread(lambda: self.prune(max_token_lifetime=max_token_lifetime))
+
     # -- writing (operator commands) --------------------------------------------
 
     def ensure(self) -> bool:
@@ -322,14 +339,9 @@ class KeyStore:
             else:
                 stamp = int(time.time())
                 for info in infos:
-                    age = stamp - info.created_at
-                    if info.state == "next" and age < min_next_age:
-                        raise RotationTooSoonError(
-                            f"the next key {info.kid} was published {age} s ago, but a JWKS "
-                            f"may be cached for {min_next_age} s, so verifiers might not know "
-                            f"it yet: rotate in {min_next_age - age} s, or pass --force if no "
-                            "verifier caches the JWKS (or all refetch it on an unknown kid)"
-                        )
+                    too_soon = rotation_too_soon(info, stamp, min_next_age)
+                    if too_soon is not None:
+                        raise too_soon
                 for info in infos:
                     if info.state == "current":
                         info.state, info.retired_at = "retired", stamp
@@ -470,6 +482,41 @@ def _private_key(pem: bytes, path: Path) -> RSAKey:
             "restore it from a backup"
         ) from None
     return key
+
+
+def make_keyset(
+    infos: list[KeyInfo], public: dict[str, RSAKey], kid: str, signing: RSAKey, alg: str
+) -> KeySet:
+    """The KeySet of either store: the JWKS lists current, next, then retired keys."""
+    jwks = {
+        "keys": [
+            {**public[info.kid].as_dict(), "kid": info.kid, "use": "sig", "alg": alg}
+            for info in sorted(infos, key=_publish_order)
+        ]
+    }
+    body = json.dumps(jwks, separators=(",", ":")).encode()
+    return KeySet(
+        current=signing,
+        kid=kid,
+        public=public,
+        jwks_bytes=body,
+        etag='"' + hashlib.sha256(body).hexdigest()[:32] + '"',
+        alg=alg,
+    )
+
+
+def rotation_too_soon(info: KeyInfo, stamp: int, min_next_age: int) -> RotationTooSoonError | None:
+    """RFC-free rule of both stores: a next key published less than ``min_next_age`` (the JWKS
+    max-age) ago may not sign yet, since a verifier's cached JWKS might not hold it."""
+    age = stamp - info.created_at
+    if info.state != "next" or age >= min_next_age:
+        return None
+    return RotationTooSoonError(
+        f"the next key {info.kid} was published {age} s ago, but a JWKS "
+        f"may be cached for {min_next_age} s, so verifiers might not know "
+        f"it yet: rotate in {min_next_age - age} s, or pass --force if no "
+        "verifier caches the JWKS (or all refetch it on an unknown kid)"
+    )
 
 
 def _publish_order(info: KeyInfo) -> int:

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -38,7 +39,10 @@ from .documents import load_document_client
 from .fetch import Fetcher
 from .jwks import PATH as JWKS_PATH
 from .jwks import JwksMiddleware
-from .keys import KeyStore
+from .keycrypt import parse_encryption_key
+from .keys import KeySource, KeyStore
+from .keys_db import CHANNEL as KEYS_CHANNEL
+from .keys_db import DatabaseKeyStore
 from .metrics import KEYS_RELOAD_FAILING, KEYS_RELOAD_FAILURES, MetricsMiddleware
 from .metrics import router as metrics_router
 from .models import Client
@@ -65,18 +69,23 @@ def error_body(detail: Any, error_code: str) -> dict[str, Any]:
     return {"detail": detail, "error_code": error_code}
 
 
-async def _reload_keys(keys: KeyStore, interval: float) -> None:
-    """Pick up ``keys rotate`` run by an operator (or on another replica) without a restart.
+async def _reload_keys(keys: KeySource, interval: float, wake: asyncio.Event | None = None) -> None:
+    """Pick up ``keys rotate`` run by an operator (or on another replica) without a restart:
+    every ``interval``, or at once when ``wake`` is set (PostgreSQL ``NOTIFY`` of the
+    database store).
 
-    The reload runs in a worker thread: reading and parsing keys must not hold up requests.
+    Reading and parsing keys must not hold up requests: the stores parse in a worker thread.
     A failure keeps the keys loaded before; it is logged once per reason, counted, and shown
     by ``/readyz`` and ``keys_reload_failing`` until a reload succeeds.
     """
     failure: str | None = None  # the last reason logged: once, not at every attempt
+    wake = wake or asyncio.Event()
     while True:
-        await asyncio.sleep(interval)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), interval)
+        wake.clear()
         try:
-            if await asyncio.to_thread(keys.reload):
+            if await keys.areload():
                 log.info("keys.reloaded", kid=keys.keyset().kid)
             failure = None
             KEYS_RELOAD_FAILING.set(0)
@@ -86,6 +95,25 @@ async def _reload_keys(keys: KeyStore, interval: float) -> None:
             if str(exc) != failure:
                 failure = str(exc)
                 log.error("keys.reload_failed", error=failure)
+
+
+async def _open_keys(settings: Settings, engine: AsyncEngine) -> KeySource:
+    """The configured key store, loaded; outside production an empty one gets a first pair."""
+    keys: KeySource
+    if settings.key_store == "database":
+        store = DatabaseKeyStore(
+            engine, parse_encryption_key(settings.key_encryption_key), settings.signing_alg
+        )
+        if settings.env is not Env.production:
+            await store.ensure()
+        keys = store
+    else:
+        files = KeyStore(settings.keys_dir, settings.signing_alg)
+        if settings.env is not Env.production:
+            files.ensure()
+        keys = files
+    await keys.areload()
+    return keys
 
 
 class App(FastAPI):
@@ -116,10 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = create_engine(settings)
         try:
             await assert_schema_compatible(engine)
-            keys = KeyStore(settings.keys_dir, settings.signing_alg)
-            if settings.env is not Env.production:
-                keys.ensure()
-            keys.reload()
+            keys = await _open_keys(settings, engine)
             database = Database(settings, engine)
             postgresql = engine.dialect.name == "postgresql"
 
@@ -146,15 +171,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             # The OAuth core, built once: its grants and endpoints keep nothing of a request.
             app.state.oauth = TokenServer(state, clients)
+            wake = asyncio.Event()
+            channels = {}
+            if isinstance(keys, DatabaseKeyStore):
+                channels[KEYS_CHANNEL] = lambda _payload: wake.set()
             listener = (
-                Listener(engine, clients, timeout=settings.db_connect_timeout)
-                if postgresql and clients.ttl > 0
+                Listener(
+                    engine,
+                    clients if clients.ttl > 0 else None,
+                    timeout=settings.db_connect_timeout,
+                    channels=channels,
+                )
+                if postgresql and (clients.ttl > 0 or channels)
                 else None
             )
             app.state.clients_listener = listener
             if listener is not None:
                 listener.start()
-            reloader = asyncio.create_task(_reload_keys(keys, settings.key_reload_interval))
+            reloader = asyncio.create_task(_reload_keys(keys, settings.key_reload_interval, wake))
             try:
                 yield
             finally:

@@ -20,6 +20,7 @@ from sqlalchemy import (
     ColumnElement,
     ForeignKey,
     Integer,
+    LargeBinary,
     Select,
     String,
     Text,
@@ -398,3 +399,23 @@ class PushedRequest(Base):
     browser_hash: Mapped[str | None] = mapped_column(String(64), default=None)
     #: Set once, atomically, when the request ends at the client (a code or an error).
     used_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
+
+
+class SigningKey(Base):
+    """A signing key of ``AUTH_KEY_STORE=database``: its state (next → current → retired, as
+    in ``keys.json``), its public JWK, and its private key (PEM) sealed with AES-256-GCM under
+    the encryption key whose id is ``encryption_key_id`` (``server/keycrypt.py``)."""
+
+    __tablename__ = "signing_keys"
+
+    #: The key's RFC 7638 thumbprint (checked against ``public_jwk`` at every load).
+    kid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    #: The key type's family: ``RS256`` keys are RSA (also used for PS256).
+    alg: Mapped[str] = mapped_column(String(16), default="RS256")
+    public_jwk: Mapped[str] = mapped_column(Text)
+    private_key: Mapped[bytes] = mapped_column(LargeBinary)
+    encryption_key_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    activated_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    retired_at: Mapped[int | None] = mapped_column(BigInteger, default=None)

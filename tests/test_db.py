@@ -58,6 +58,7 @@ TABLES = {
     "browser_sessions",
     "authorization_codes",
     "pushed_requests",
+    "signing_keys",
     "consents",
 }
 

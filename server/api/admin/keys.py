@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from anyio import to_thread
 from fastapi import APIRouter
 
 from ...deps import StateDep
@@ -25,8 +24,8 @@ def _keys_out(infos: list[KeyInfo]) -> Keys:
 async def list_keys(admin: AdminDep, state: StateDep) -> Keys:
     """The signing keys' manifest (never a private key): the JWKS publishes next, current and
     retired keys; ``current`` signs."""
-    await admin.release()  # the keys are files: no transaction is held while they are read
-    infos = await to_thread.run_sync(state.keys.read_manifest)
+    await admin.release()  # no transaction of the request is held while the keys are read
+    infos = await state.keys.alist()
     audit("admin.keys_listed", actor_client_id=admin.client_id)
     return _keys_out(infos)
 
@@ -40,17 +39,17 @@ async def rotate_keys(
 ) -> Keys:
     """next → current, current → retired, and a new next key, as ``keys rotate`` does. Every
     replica sharing the keys directory picks the change up within AUTH_KEY_RELOAD_INTERVAL."""
-    await admin.release()  # the keys are files: no transaction is held while they change
+    await admin.release()  # no transaction of the request is held while the keys change
     min_age = 0 if rotation is not None and rotation.force else state.settings.jwks_max_age
     try:
-        infos = await to_thread.run_sync(lambda: state.keys.rotate(min_next_age=min_age))
+        infos = await state.keys.arotate(min_next_age=min_age)
     except RotationTooSoonError:
         detail = (
             f"The next key was published less than the JWKS max-age ({min_age} s) ago, so "
             'cached JWKS may not hold it yet: retry later, or send {"force": true}.'
         )
         raise ApiError(409, "rotation_too_soon", detail) from None
-    await to_thread.run_sync(state.keys.reload)  # this replica signs with it at once
+    await state.keys.areload()  # this replica signs with it at once
     current = next(info.kid for info in infos if info.state == "current")
     audit("key.rotated", kid=current, actor_client_id=admin.client_id, via="admin_api")
     return _keys_out(infos)
@@ -59,10 +58,10 @@ async def rotate_keys(
 @router.post("/keys/prune")
 async def prune_keys(admin: AdminDep, state: StateDep) -> KeysPruned:
     """Remove retired keys whose every token has expired, as ``keys prune`` does."""
-    await admin.release()  # the keys are files: no transaction is held while they change
+    await admin.release()  # no transaction of the request is held while the keys change
     ttl = state.settings.access_token_ttl
-    pruned = await to_thread.run_sync(lambda: state.keys.prune(max_token_lifetime=ttl))
-    await to_thread.run_sync(state.keys.reload)
+    pruned = await state.keys.aprune(max_token_lifetime=ttl)
+    await state.keys.areload()
     audit(
         "key.pruned",
         removed=pruned.removed,

@@ -1,0 +1,414 @@
+"""Signing keys in the database (``AUTH_KEY_STORE=database``): the ``signing_keys`` table.
+
+The same lifecycle as the files store (``keys.py``: next → current → retired → pruned) where
+the replicas already agree: every replica reads the table, none needs a shared directory.
+Private keys are sealed with AES-256-GCM under ``AUTH_KEY_ENCRYPTION_KEY``
+(``keycrypt.py``); only the current key's is ever opened, once per rotation, and no private
+key leaves the process (not in logs, the JWKS, the admin API, nor on disk).
+
+- **Reading** (``areload``): one ``SELECT`` of a few rows, compared by digest with what was
+  loaded; only a change is parsed (in a worker thread: the signing key's import is slow).
+  A failure (no current key, a key sealed under another encryption key, a row whose public
+  key is not its kid) keeps the keys loaded before and is recorded in ``failure``, which
+  ``/readyz`` reports.
+- **Writing** (rotate, prune, import, rewrap): one transaction each, so a crash leaves the
+  table as it was before or after, never between. On PostgreSQL each takes the same advisory
+  lock (``pg_advisory_xact_lock``: two replicas or an operator never interleave) and sends
+  ``NOTIFY token_server_keys`` on commit, so every replica reloads at once (the reload
+  interval is the backstop). SQLite's ``BEGIN IMMEDIATE`` serialises writers already.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from joserfc.jwk import RSAKey
+from sqlalchemy import Table, delete, insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from .keycrypt import EncryptionKey, KeyDecryptError
+from .keys import (
+    RSA_BITS,
+    KeyInfo,
+    KeySet,
+    KeyStore,
+    KeysUnavailableError,
+    PruneResult,
+    ReloadFailure,
+    make_keyset,
+    rotation_too_soon,
+)
+from .models import SigningKey
+
+#: PostgreSQL ``NOTIFY`` channel of key changes, and the advisory lock of key writes.
+CHANNEL = "token_server_keys"
+LOCK_ID = 0x6B657973  # "keys"
+TABLE = cast(Table, SigningKey.__table__)
+
+
+class KeyStoreConflictError(RuntimeError):
+    """The operation would leave the store inconsistent; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class _Row:
+    kid: str
+    state: str
+    alg: str
+    public_jwk: str
+    private_key: bytes
+    encryption_key_id: str
+    created_at: int
+    activated_at: int | None
+    retired_at: int | None
+
+    @property
+    def info(self) -> KeyInfo:
+        return KeyInfo(self.kid, self.state, self.created_at, self.activated_at, self.retired_at)
+
+
+class DatabaseKeyStore:
+    """One per process. ``clock`` (seconds since the epoch) is injectable for tests."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        encryption: EncryptionKey,
+        alg: str = "RS256",
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.engine = engine
+        self.encryption = encryption
+        self.alg = alg
+        self.clock = clock
+        self.failure: ReloadFailure | None = None
+        self._keyset: KeySet | None = None
+        self._version: bytes | None = None
+        self._public: dict[str, tuple[str, RSAKey]] = {}  # kid → (its JWK text, the key)
+        self._signing: tuple[str, bytes, RSAKey] | None = None  # (kid, sealed, key)
+        self._reloading = asyncio.Lock()
+        #: Tests make a write fail between its steps (a crash mid-rotation).
+        self.between_steps: Callable[[str], None] = lambda step: None
+
+    @property
+    def postgresql(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    # -- reading -------------------------------------------------------------------------
+
+    def keyset(self) -> KeySet:
+        if self._keyset is None:
+            raise KeysUnavailableError(
+                "no signing keys loaded from the database: run `python -m server keys rotate`"
+            )
+        return self._keyset
+
+    async def areload(self) -> bool:
+        """Load the table again if it changed; True when something new was loaded. On
+        failure: raises, keeps the keys loaded before, records ``failure``."""
+        async with self._reloading:
+            try:
+                async with self.engine.connect() as connection:
+                    rows = await _rows(connection)
+                version = _version(rows)
+                if self._keyset is not None and version == self._version:
+                    changed = False
+                else:
+                    self._keyset = await asyncio.to_thread(self._build, rows)
+                    self._version = version
+                    changed = True
+            except Exception as exc:
+                previous = self.failure
+                self.failure = ReloadFailure(
+                    reason=str(exc),
+                    since=previous.since if previous else time.time(),
+                    attempts=previous.attempts + 1 if previous else 1,
+                )
+                raise
+            self.failure = None
+            return changed
+
+    def _build(self, rows: list[_Row]) -> KeySet:
+        current = [row for row in rows if row.state == "current"]
+        if not current:
+            raise KeysUnavailableError(
+                "no current signing key in the database: run `python -m server keys rotate` "
+                "(or `keys import` to bring the keys of AUTH_KEYS_DIR)"
+            )
+        signing_row = max(current, key=lambda row: (row.activated_at or 0, row.kid))
+        public: dict[str, RSAKey] = {}
+        for row in rows:
+            cached = self._public.get(row.kid)
+            if cached is None or cached[0] != row.public_jwk:
+                cached = (row.public_jwk, _public_key(row))
+            public[row.kid] = cached[1]
+        self._public = {row.kid: (row.public_jwk, public[row.kid]) for row in rows}
+        signing = self._signing
+        if signing is None or signing[:2] != (signing_row.kid, signing_row.private_key):
+            signing = (signing_row.kid, signing_row.private_key, self._open(signing_row))
+            self._signing = signing
+        infos = [row.info for row in rows]
+        return make_keyset(infos, public, signing_row.kid, signing[2], self.alg)
+
+    def _open(self, row: _Row) -> RSAKey:
+        if row.encryption_key_id != self.encryption.id:
+            raise KeysUnavailableError(
+                f"the current signing key {row.kid} is sealed under the encryption key "
+                f"{row.encryption_key_id}, but AUTH_KEY_ENCRYPTION_KEY is {self.encryption.id}: "
+                "set AUTH_KEY_ENCRYPTION_KEY to the key it was sealed with, or move every key "
+                "to this one with `python -m server keys rewrap`"
+            )
+        try:
+            pem = self.encryption.open(row.private_key, kid=row.kid)
+            key = RSAKey.import_key(pem)
+        except KeyDecryptError as exc:
+            raise KeysUnavailableError(f"{exc}: restore the row from a backup") from None
+        except Exception:  # joserfc/cryptography raise several types for a bad key
+            raise KeysUnavailableError(
+                f"the private key of {row.kid} opens but is not an RSA private key"
+            ) from None
+        if key.thumbprint() != row.kid or not key.as_dict(private=True).get("d"):
+            raise KeysUnavailableError(
+                f"the private key sealed in row {row.kid} is another key: restore the row"
+            )
+        return key
+
+    async def alist(self) -> list[KeyInfo]:
+        async with self.engine.connect() as connection:
+            return [row.info for row in await _rows(connection)]
+
+    # -- writing -------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[AsyncConnection]:
+        """One transaction, serialised with every other key write of every replica, whose
+        commit tells the other replicas (PostgreSQL)."""
+        async with self.engine.begin() as connection:
+            if self.postgresql:
+                await connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": LOCK_ID})
+            yield connection
+            if self.postgresql:
+                await connection.execute(text("SELECT pg_notify(:c, '')"), {"c": CHANNEL})
+
+    @contextlib.asynccontextmanager
+    async def try_writing(self) -> AsyncIterator[AsyncConnection | None]:
+        """As ``_writing``, but ``None`` at once when another replica holds the lock (the
+        automatic rotation: exactly one replica acts, the others skip their turn)."""
+        async with self.engine.begin() as connection:
+            if self.postgresql:
+                taken = await connection.scalar(
+                    text("SELECT pg_try_advisory_xact_lock(:id)"), {"id": LOCK_ID}
+                )
+                if not taken:
+                    yield None
+                    return
+            yield connection
+            if self.postgresql:
+                await connection.execute(text("SELECT pg_notify(:c, '')"), {"c": CHANNEL})
+
+    async def ensure(self) -> bool:
+        """A current and a next key when the table has none; True if created."""
+        fresh = await asyncio.to_thread(lambda: [_generate(), _generate()])
+        async with self._writing() as connection:
+            if await _rows(connection):
+                return False
+            await self._insert_pair(connection, fresh)
+            return True
+
+    async def arotate(self, *, min_next_age: int = 0) -> list[KeyInfo]:
+        """next → current, current → retired, and a new next, in one transaction."""
+        fresh = await asyncio.to_thread(_generate)
+        async with self._writing() as connection:
+            return await self.rotate_in(connection, fresh, min_next_age=min_next_age)
+
+    async def rotate_in(
+        self, connection: AsyncConnection, fresh: RSAKey, *, min_next_age: int
+    ) -> list[KeyInfo]:
+        rows = await _rows(connection)
+        stamp = int(self.clock())
+        if not any(row.state == "current" for row in rows):
+            await self._insert_pair(connection, [await asyncio.to_thread(_generate), fresh])
+            return [row.info for row in await _rows(connection)]
+        for row in rows:
+            too_soon = rotation_too_soon(row.info, stamp, min_next_age)
+            if too_soon is not None:
+                raise too_soon
+        await connection.execute(
+            update(TABLE)
+            .where(TABLE.c.state == "current")
+            .values(state="retired", retired_at=stamp)
+        )
+        self.between_steps("retired")
+        promoted = await connection.execute(
+            update(TABLE).where(TABLE.c.state == "next").values(state="current", activated_at=stamp)
+        )
+        self.between_steps("promoted")
+        if not promoted.rowcount:
+            await self._insert(connection, await asyncio.to_thread(_generate), "current", stamp)
+        await self._insert(connection, fresh, "next", stamp)
+        return [row.info for row in await _rows(connection)]
+
+    async def aprune(self, *, max_token_lifetime: int) -> PruneResult:
+        async with self._writing() as connection:
+            return await self.prune_in(connection, max_token_lifetime=max_token_lifetime)
+
+    async def prune_in(
+        self, connection: AsyncConnection, *, max_token_lifetime: int
+    ) -> PruneResult:
+        stamp = int(self.clock())
+        removed: list[str] = []
+        kept: list[str] = []
+        for row in await _rows(connection):
+            if row.state != "retired":
+                continue
+            safe_at = (row.retired_at or stamp) + max_token_lifetime
+            if safe_at <= stamp:
+                removed.append(row.kid)
+            else:
+                kept.append(
+                    f"{row.kid}: tokens it signed may be valid for {safe_at - stamp} s more"
+                )
+        if removed:
+            await connection.execute(delete(TABLE).where(TABLE.c.kid.in_(removed)))
+        return PruneResult(removed, kept, [])
+
+    async def import_files(self, files: KeyStore) -> tuple[list[str], list[str]]:
+        """Copy the keys of a files store (``keys.json`` and its PEM files) into the table:
+        (imported, already there). Idempotent; refused when the table holds other keys (two
+        current keys could not both sign)."""
+        infos = files.read_manifest()
+        if not infos:
+            raise KeyStoreConflictError(f"no keys in {files.directory} to import")
+        pems = {info.kid: files.private_pem(info.kid) for info in infos}
+        keys = await asyncio.to_thread(
+            lambda: {kid: RSAKey.import_key(pem) for kid, pem in pems.items()}
+        )
+        for kid, key in keys.items():
+            if key.thumbprint() != kid:
+                raise KeyStoreConflictError(f"{files.directory}/{kid}.pem holds another key")
+        async with self._writing() as connection:
+            present = {row.kid: row for row in await _rows(connection)}
+            strangers = sorted(set(present) - set(pems))
+            if strangers:
+                raise KeyStoreConflictError(
+                    f"the database already holds other keys ({', '.join(strangers)}): import "
+                    "into an empty store only (or delete those rows first)"
+                )
+            imported: list[str] = []
+            for info in infos:
+                if info.kid in present:
+                    continue
+                await connection.execute(
+                    insert(TABLE).values(
+                        **self._sealed(keys[info.kid]),
+                        state=info.state,
+                        created_at=info.created_at,
+                        activated_at=info.activated_at,
+                        retired_at=info.retired_at,
+                    )
+                )
+                imported.append(info.kid)
+            return imported, sorted(set(present) & set(pems))
+
+    async def rewrap(self, old: EncryptionKey) -> tuple[list[str], list[str]]:
+        """Seal every private key under this store's encryption key: those sealed under
+        ``old`` are opened and sealed again (rewrapped), those already under the new one are
+        left (so a rerun after a crash finishes the job). Refused, with nothing changed, when a
+        row is sealed under neither."""
+        async with self._writing() as connection:
+            rows = await _rows(connection)
+            unknown = [
+                row.kid for row in rows if row.encryption_key_id not in (old.id, self.encryption.id)
+            ]
+            if unknown:
+                raise KeyStoreConflictError(
+                    f"keys sealed under neither the old nor the new encryption key: "
+                    f"{', '.join(unknown)}"
+                )
+            done: list[str] = []
+            for row in rows:
+                if row.encryption_key_id == self.encryption.id:
+                    continue
+                try:
+                    pem = old.open(row.private_key, kid=row.kid)
+                except KeyDecryptError as exc:
+                    raise KeyStoreConflictError(str(exc)) from None
+                await connection.execute(
+                    update(TABLE)
+                    .where(TABLE.c.kid == row.kid)
+                    .values(
+                        private_key=self.encryption.seal(pem, kid=row.kid),
+                        encryption_key_id=self.encryption.id,
+                    )
+                )
+                done.append(row.kid)
+            return done, [row.kid for row in rows if row.kid not in done]
+
+    async def _insert_pair(self, connection: AsyncConnection, keys: list[RSAKey]) -> None:
+        stamp = int(self.clock())
+        await self._insert(connection, keys[0], "current", stamp)
+        await self._insert(connection, keys[1], "next", stamp)
+
+    async def _insert(
+        self, connection: AsyncConnection, key: RSAKey, state: str, stamp: int
+    ) -> None:
+        await connection.execute(
+            insert(TABLE).values(
+                **self._sealed(key),
+                state=state,
+                created_at=stamp,
+                activated_at=stamp if state == "current" else None,
+            )
+        )
+
+    def _sealed(self, key: RSAKey) -> dict[str, Any]:
+        kid = key.thumbprint()
+        return {
+            "kid": kid,
+            "alg": "RS256",
+            "public_jwk": json.dumps(dict(key.as_dict(private=False)), sort_keys=True),
+            "private_key": self.encryption.seal(key.as_pem(private=True), kid=kid),
+            "encryption_key_id": self.encryption.id,
+        }
+
+
+def _generate() -> RSAKey:
+    return RSAKey.generate_key(RSA_BITS, private=True)
+
+
+async def _rows(connection: AsyncConnection) -> list[_Row]:
+    result = await connection.execute(select(TABLE).order_by(TABLE.c.created_at, TABLE.c.kid))
+    return [_Row(**dict(row._mapping)) for row in result]
+
+
+def _version(rows: list[_Row]) -> bytes:
+    digest = hashlib.sha256()
+    for row in rows:
+        for value in (row.kid, row.state, row.activated_at, row.retired_at, row.encryption_key_id):
+            digest.update(repr(value).encode() + b"\x00")
+        digest.update(hashlib.sha256(row.private_key).digest())
+        digest.update(hashlib.sha256(row.public_jwk.encode()).digest())
+    return digest.digest()
+
+
+def _public_key(row: _Row) -> RSAKey:
+    try:
+        key = RSAKey.import_key(json.loads(row.public_jwk))
+    except Exception:  # a damaged row: joserfc and json raise several types
+        raise KeysUnavailableError(
+            f"signing_keys row {row.kid}: its public key is not readable"
+        ) from None
+    if key.thumbprint() != row.kid or key.is_private:
+        raise KeysUnavailableError(
+            f"signing_keys row {row.kid}: its public key is another key (a kid is its key's "
+            "RFC 7638 thumbprint): restore the row from a backup"
+        )
+    return key
