@@ -237,7 +237,9 @@ class DatabaseKeyStore:
         if not any(row.state == "current" for row in rows):
             await self._insert_pair(connection, [await asyncio.to_thread(_generate), fresh])
             return [row.info for row in await _rows(connection)]
-        for row in rows:
+        # No minimum age (--force) means none: a next key stamped by a replica whose clock
+        # runs ahead of this one's is not "published -1 s ago".
+        for row in rows if min_next_age > 0 else []:
             too_soon = rotation_too_soon(row.info, stamp, min_next_age)
             if too_soon is not None:
                 raise too_soon
@@ -282,8 +284,9 @@ class DatabaseKeyStore:
 
     async def import_files(self, files: KeyStore) -> tuple[list[str], list[str]]:
         """Copy the keys of a files store (``keys.json`` and its PEM files) into the table:
-        (imported, already there). Idempotent; refused when the table holds other keys (two
-        current keys could not both sign)."""
+        (imported, already there). Idempotent (a key already there takes the state the files
+        give it now); refused when the table holds other keys (two current keys could not
+        both sign)."""
         infos = files.read_manifest()
         if not infos:
             raise KeyStoreConflictError(f"no keys in {files.directory} to import")
@@ -305,6 +308,20 @@ class DatabaseKeyStore:
             imported: list[str] = []
             for info in infos:
                 if info.kid in present:
+                    # Imported before, and the files rotated since (the database holds no key
+                    # of its own, so it was not rotated): follow them, or there would be two
+                    # current keys.
+                    if present[info.kid].info != info:
+                        await connection.execute(
+                            update(TABLE)
+                            .where(TABLE.c.kid == info.kid)
+                            .values(
+                                state=info.state,
+                                created_at=info.created_at,
+                                activated_at=info.activated_at,
+                                retired_at=info.retired_at,
+                            )
+                        )
                     continue
                 await connection.execute(
                     insert(TABLE).values(
