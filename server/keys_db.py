@@ -233,6 +233,7 @@ class DatabaseKeyStore:
         self, connection: AsyncConnection, fresh: RSAKey, *, min_next_age: int
     ) -> list[KeyInfo]:
         rows = await _rows(connection)
+        self._check_sealed_here(rows)
         stamp = int(self.clock())
         if not any(row.state == "current" for row in rows):
             await self._insert_pair(connection, [await asyncio.to_thread(_generate), fresh])
@@ -299,6 +300,7 @@ class DatabaseKeyStore:
                 raise KeyStoreConflictError(f"{files.directory}/{kid}.pem holds another key")
         async with self._writing() as connection:
             present = {row.kid: row for row in await _rows(connection)}
+            self._check_sealed_here(list(present.values()))
             strangers = sorted(set(present) - set(pems))
             if strangers:
                 raise KeyStoreConflictError(
@@ -368,6 +370,20 @@ class DatabaseKeyStore:
                 )
                 done.append(row.kid)
             return done, [row.kid for row in rows if row.kid not in done]
+
+    def _check_sealed_here(self, rows: list[_Row]) -> None:
+        """Refuse to add a key sealed under this store's encryption key beside keys sealed
+        under another: the servers (which have that other key) could not open it once it
+        signs, and a mistyped AUTH_KEY_ENCRYPTION_KEY would go unnoticed until then."""
+        others = sorted({row.encryption_key_id for row in rows} - {self.encryption.id})
+        if others:
+            raise KeyStoreConflictError(
+                f"the signing keys in the database are sealed under the encryption key "
+                f"{', '.join(others)}, but AUTH_KEY_ENCRYPTION_KEY is {self.encryption.id}: a "
+                "key sealed now would not open where the others do: set "
+                "AUTH_KEY_ENCRYPTION_KEY to the key they were sealed with, or move every key to "
+                "this one first with `python -m server keys rewrap`"
+            )
 
     async def _insert_pair(self, connection: AsyncConnection, keys: list[RSAKey]) -> None:
         stamp = int(self.clock())

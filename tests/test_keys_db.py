@@ -682,3 +682,25 @@ async def test_no_private_key_material_in_logs_or_errors(
             assert secret not in text and secret[:12] not in text
         for body in bodies:
             assert body not in text
+
+
+async def test_no_key_is_added_beside_keys_sealed_under_another_encryption_key(
+    store: DatabaseKeyStore, engine: AsyncEngine, encryption: EncryptionKey, files: KeyStore
+) -> None:
+    """A mistyped AUTH_KEY_ENCRYPTION_KEY on the CLI must not seal a new next key that the
+    servers could not open once it signs."""
+    await store.import_files(files)
+    before = await table(engine)
+    wrong = DatabaseKeyStore(engine, new_key())
+    with pytest.raises(KeyStoreConflictError) as refused:
+        await wrong.arotate()
+    assert str(refused.value).startswith(
+        f"the signing keys in the database are sealed under the encryption key "
+        f"{encryption.id}, but AUTH_KEY_ENCRYPTION_KEY is {wrong.encryption.id}: "
+    )
+    assert str(refused.value).endswith("`python -m server keys rewrap`")
+    with pytest.raises(KeyStoreConflictError, match="sealed under the encryption key"):
+        await wrong.import_files(files)
+    assert await table(engine) == before
+    # Pruning seals nothing: allowed.
+    assert (await wrong.aprune(max_token_lifetime=10**12)).removed == []
