@@ -291,10 +291,26 @@ class DatabaseKeyStore:
         infos = files.read_manifest()
         if not infos:
             raise KeyStoreConflictError(f"no keys in {files.directory} to import")
-        pems = {info.kid: files.private_pem(info.kid) for info in infos}
-        keys = await asyncio.to_thread(
-            lambda: {kid: RSAKey.import_key(pem) for kid, pem in pems.items()}
-        )
+        pems: dict[str, bytes] = {}
+        for info in infos:
+            try:
+                pems[info.kid] = files.private_pem(info.kid)
+            except OSError as exc:  # a missing or unreadable file: one error line, no trace
+                raise KeyStoreConflictError(
+                    f"{files.directory}/{info.kid}.pem, listed in keys.json, cannot be read "
+                    f"({exc.strerror or exc}): restore it, then import again"
+                ) from None
+
+        def parse(kid: str, pem: bytes) -> RSAKey:
+            try:
+                return RSAKey.import_key(pem)
+            except Exception:  # joserfc/cryptography raise several types for a bad file
+                raise KeyStoreConflictError(
+                    f"{files.directory}/{kid}.pem: not a readable RSA private key (truncated "
+                    "or damaged?): restore it from a backup, then import again"
+                ) from None
+
+        keys = await asyncio.to_thread(lambda: {kid: parse(kid, pem) for kid, pem in pems.items()})
         for kid, key in keys.items():
             if key.thumbprint() != kid:
                 raise KeyStoreConflictError(f"{files.directory}/{kid}.pem holds another key")

@@ -248,6 +248,32 @@ def test_import_refuses_a_database_with_other_keys(
     assert rows(db) == before
 
 
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_import_of_a_damaged_key_file_is_one_error_line(
+    cli: Cli, db: Settings, environment: pytest.MonkeyPatch, tmp_path: Path, damage: str
+) -> None:
+    directory = tmp_path / "keys"
+    files = KeyStore(directory)
+    files.ensure()
+    upcoming = next(info.kid for info in files.read_manifest() if info.state == "next")
+    pem = directory / f"{upcoming}.pem"
+    if damage == "missing":
+        pem.unlink()
+        expected = (
+            f"error: {pem}, listed in keys.json, cannot be read (No such file or directory): "
+            "restore it, then import again"
+        )
+    else:
+        pem.write_bytes(pem.read_bytes()[:200])
+        expected = (
+            f"error: {pem}: not a readable RSA private key (truncated or damaged?): restore it "
+            "from a backup, then import again"
+        )
+    environment.setenv("AUTH_KEYS_DIR", str(directory))
+    assert refused(cli("keys", "import")) == expected
+    assert rows(db) == []
+
+
 def test_import_with_the_files_store_is_refused(
     cli: Cli, db: Settings, environment: pytest.MonkeyPatch
 ) -> None:
