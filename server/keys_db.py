@@ -216,6 +216,8 @@ class DatabaseKeyStore:
 
     async def ensure(self) -> bool:
         """A current and a next key when the table has none; True if created."""
+        if await self.alist():
+            return False  # every start but the first: no keys made for nothing
         fresh = await asyncio.to_thread(lambda: [_generate(), _generate()])
         async with self._writing() as connection:
             if await _rows(connection):

@@ -365,6 +365,10 @@ def test_rewrap_refuses_a_bad_old_key(cli: Cli, db: Settings, content: str, expe
 def test_rewrap_refuses_an_unreadable_old_key_file(cli: Cli, db: Settings, tmp_path: Path) -> None:
     message = refused(cli("keys", "rewrap", "--old-key-file", str(tmp_path / "absent")))
     assert message == "error: cannot read --old-key-file: No such file or directory"
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe" + secrets.token_bytes(30))
+    message = refused(cli("keys", "rewrap", "--old-key-file", str(binary)))
+    assert message == "error: --old-key-file is not text: it holds the key in base64url"
 
 
 # -- the encryption key --------------------------------------------------------------------

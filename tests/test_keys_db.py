@@ -131,7 +131,10 @@ def no_private_members(document: Any) -> None:
 
 
 async def test_ensure_creates_a_pair_once(
-    store: DatabaseKeyStore, engine: AsyncEngine, encryption: EncryptionKey
+    store: DatabaseKeyStore,
+    engine: AsyncEngine,
+    encryption: EncryptionKey,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     assert await store.alist() == []
     assert await store.ensure() is True
@@ -144,6 +147,8 @@ async def test_ensure_creates_a_pair_once(
         assert RSAKey.import_key(json.loads(row["public_jwk"])).thumbprint() == row["kid"]
     current = next(row for row in rows if row["state"] == "current")
     assert current["activated_at"] == T0
+    # Every later start: nothing created, and no key made for nothing (RSA is slow).
+    monkeypatch.setattr("server.keys_db._generate", lambda: pytest.fail("a key was made"))
     assert await store.ensure() is False
     assert await table(engine) == rows
     # Another replica's ensure creates nothing either.
