@@ -709,3 +709,20 @@ async def test_no_key_is_added_beside_keys_sealed_under_another_encryption_key(
     assert await table(engine) == before
     # Pruning seals nothing: allowed.
     assert (await wrong.aprune(max_token_lifetime=10**12)).removed == []
+
+
+async def test_concurrent_rotations_serialise(
+    store: DatabaseKeyStore, engine: AsyncEngine, encryption: EncryptionKey, clock: Clock
+) -> None:
+    """Two replicas (or an operator and a replica) rotating at once: the writes do not
+    interleave (advisory lock on PostgreSQL, BEGIN IMMEDIATE on SQLite), so the second sees
+    the first's new next key, too young, and refuses; one current key, never two."""
+    await store.ensure()
+    clock.now += 3600
+    other = DatabaseKeyStore(engine, encryption, clock=clock)
+    results = await asyncio.gather(
+        store.arotate(min_next_age=600), other.arotate(min_next_age=600), return_exceptions=True
+    )
+    refusals = [r for r in results if isinstance(r, BaseException)]
+    assert len(refusals) == 1 and isinstance(refusals[0], RotationTooSoonError), results
+    assert sorted(states(await table(engine)).values()) == ["current", "next", "retired"]
