@@ -278,6 +278,8 @@ def _read_old_key(path: str) -> EncryptionKey:
         value = sys.stdin.read(1024) if path == "-" else Path(path).read_text()[:1024]
     except OSError as exc:
         raise CommandError(f"cannot read --old-key-file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise CommandError("--old-key-file is not text: it holds the key in base64url") from None
     return parse_encryption_key(value, setting="--old-key-file")
 
 

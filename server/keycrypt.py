@@ -18,6 +18,7 @@ import binascii
 import hashlib
 import hmac
 import os
+import re
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
@@ -26,9 +27,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 VERSION = b"v1"
 NONCE_BYTES = 12
 KEY_BYTES = 32
-#: 32 random bytes hold about 30 distinct values; fewer than this is not a random key (a
-#: repeated character, a short word padded out, a hex or decimal string decoded as base64).
+#: 32 random bytes hold about 30 distinct values (never fewer than 20 in practice); fewer
+#: than this is not a random key (a repeated character or a short word repeated).
 MIN_DISTINCT_BYTES = 16
+#: base64url (RFC 4648 §5) only: ``base64.b64decode`` with ``altchars`` would also take ``+``
+#: and ``/``, so two spellings would name one key.
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+={0,2}")
 _ID_LABEL = b"token-server/key-encryption-key-id/v1"
 _AAD_LABEL = b"token-server/signing-key/v1"
 HOW_TO_MAKE = (
@@ -81,6 +85,8 @@ def parse_encryption_key(
     if value is None or not value.strip():
         raise KeyEncryptionError(f"{setting} is not set: {HOW_TO_MAKE}")
     text = value.strip()
+    if not _BASE64URL.fullmatch(text):
+        raise KeyEncryptionError(f"{setting} is not base64url: {HOW_TO_MAKE}")
     try:
         raw = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
     except (binascii.Error, ValueError):

@@ -216,6 +216,8 @@ class DatabaseKeyStore:
 
     async def ensure(self) -> bool:
         """A current and a next key when the table has none; True if created."""
+        if await self.alist():
+            return False  # every start but the first: no keys made for nothing
         fresh = await asyncio.to_thread(lambda: [_generate(), _generate()])
         async with self._writing() as connection:
             if await _rows(connection):
@@ -233,11 +235,14 @@ class DatabaseKeyStore:
         self, connection: AsyncConnection, fresh: RSAKey, *, min_next_age: int
     ) -> list[KeyInfo]:
         rows = await _rows(connection)
+        self._check_sealed_here(rows)
         stamp = int(self.clock())
         if not any(row.state == "current" for row in rows):
             await self._insert_pair(connection, [await asyncio.to_thread(_generate), fresh])
             return [row.info for row in await _rows(connection)]
-        for row in rows:
+        # No minimum age (--force) means none: a next key stamped by a replica whose clock
+        # runs ahead of this one's is not "published -1 s ago".
+        for row in rows if min_next_age > 0 else []:
             too_soon = rotation_too_soon(row.info, stamp, min_next_age)
             if too_soon is not None:
                 raise too_soon
@@ -282,20 +287,38 @@ class DatabaseKeyStore:
 
     async def import_files(self, files: KeyStore) -> tuple[list[str], list[str]]:
         """Copy the keys of a files store (``keys.json`` and its PEM files) into the table:
-        (imported, already there). Idempotent; refused when the table holds other keys (two
-        current keys could not both sign)."""
+        (imported, already there). Idempotent (a key already there takes the state the files
+        give it now); refused when the table holds other keys (two current keys could not
+        both sign)."""
         infos = files.read_manifest()
         if not infos:
             raise KeyStoreConflictError(f"no keys in {files.directory} to import")
-        pems = {info.kid: files.private_pem(info.kid) for info in infos}
-        keys = await asyncio.to_thread(
-            lambda: {kid: RSAKey.import_key(pem) for kid, pem in pems.items()}
-        )
+        pems: dict[str, bytes] = {}
+        for info in infos:
+            try:
+                pems[info.kid] = files.private_pem(info.kid)
+            except OSError as exc:  # a missing or unreadable file: one error line, no trace
+                raise KeyStoreConflictError(
+                    f"{files.directory}/{info.kid}.pem, listed in keys.json, cannot be read "
+                    f"({exc.strerror or exc}): restore it, then import again"
+                ) from None
+
+        def parse(kid: str, pem: bytes) -> RSAKey:
+            try:
+                return RSAKey.import_key(pem)
+            except Exception:  # joserfc/cryptography raise several types for a bad file
+                raise KeyStoreConflictError(
+                    f"{files.directory}/{kid}.pem: not a readable RSA private key (truncated "
+                    "or damaged?): restore it from a backup, then import again"
+                ) from None
+
+        keys = await asyncio.to_thread(lambda: {kid: parse(kid, pem) for kid, pem in pems.items()})
         for kid, key in keys.items():
             if key.thumbprint() != kid:
                 raise KeyStoreConflictError(f"{files.directory}/{kid}.pem holds another key")
         async with self._writing() as connection:
             present = {row.kid: row for row in await _rows(connection)}
+            self._check_sealed_here(list(present.values()))
             strangers = sorted(set(present) - set(pems))
             if strangers:
                 raise KeyStoreConflictError(
@@ -305,6 +328,20 @@ class DatabaseKeyStore:
             imported: list[str] = []
             for info in infos:
                 if info.kid in present:
+                    # Imported before, and the files rotated since (the database holds no key
+                    # of its own, so it was not rotated): follow them, or there would be two
+                    # current keys.
+                    if present[info.kid].info != info:
+                        await connection.execute(
+                            update(TABLE)
+                            .where(TABLE.c.kid == info.kid)
+                            .values(
+                                state=info.state,
+                                created_at=info.created_at,
+                                activated_at=info.activated_at,
+                                retired_at=info.retired_at,
+                            )
+                        )
                     continue
                 await connection.execute(
                     insert(TABLE).values(
@@ -351,6 +388,20 @@ class DatabaseKeyStore:
                 )
                 done.append(row.kid)
             return done, [row.kid for row in rows if row.kid not in done]
+
+    def _check_sealed_here(self, rows: list[_Row]) -> None:
+        """Refuse to add a key sealed under this store's encryption key beside keys sealed
+        under another: the servers (which have that other key) could not open it once it
+        signs, and a mistyped AUTH_KEY_ENCRYPTION_KEY would go unnoticed until then."""
+        others = sorted({row.encryption_key_id for row in rows} - {self.encryption.id})
+        if others:
+            raise KeyStoreConflictError(
+                f"the signing keys in the database are sealed under the encryption key "
+                f"{', '.join(others)}, but AUTH_KEY_ENCRYPTION_KEY is {self.encryption.id}: a "
+                "key sealed now would not open where the others do: set "
+                "AUTH_KEY_ENCRYPTION_KEY to the key they were sealed with, or move every key to "
+                "this one first with `python -m server keys rewrap`"
+            )
 
     async def _insert_pair(self, connection: AsyncConnection, keys: list[RSAKey]) -> None:
         stamp = int(self.clock())
