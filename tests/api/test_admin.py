@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -15,8 +16,11 @@ from sqlalchemy import update
 
 from server import manage, models
 from server.bearer import DPOP_ALGS_PARAM
+from server.db import create_engine
 from server.deps import AppState
+from server.keycrypt import parse_encryption_key
 from server.keys import KeyStore
+from server.keys_db import DatabaseKeyStore
 from server.main import create_app
 from server.models import Client
 from server.tokens import decode_access_token
@@ -998,12 +1002,23 @@ async def test_sessions_are_listed_and_revoked_one_or_all(
 # -- keys ----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def own_keys(database_url: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    """An app with a keys directory of its own: rotating must not touch the shared one."""
+ENCRYPTION_KEY = secrets.token_urlsafe(32)
+
+
+@pytest.fixture(params=["files", "database"])
+async def own_keys(
+    database_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An app with keys of its own (a keys directory, or the database store): rotating must
+    not touch the shared ones."""
     keys = tmp_path / "keys"
-    KeyStore(keys).ensure()
-    app = create_app(make_settings(database_url, keys))
+    if request.param == "files":
+        KeyStore(keys).ensure()
+    app = create_app(
+        make_settings(
+            database_url, keys, key_store=request.param, key_encryption_key=ENCRYPTION_KEY
+        )
+    )
     async with app.router.lifespan_context(app):
         state: AppState = app.state.auth
         async with state.db.sessions() as db:
@@ -1048,6 +1063,43 @@ async def test_keys_are_listed_rotated_and_pruned(own_keys: httpx.AsyncClient) -
     for lax in ("maybe", "true", 1, 0):  # only a JSON boolean; 1 is not true (schemathesis)
         refused = await http.post("/admin/v1/keys/rotate", json={"force": lax})
         assert refused.status_code == 422, lax
+
+
+@pytest.mark.feature("key-store-database")
+async def test_a_rotation_under_another_encryption_key_is_409(
+    database_url: str, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        database_url, tmp_path / "keys", key_store="database", key_encryption_key=ENCRYPTION_KEY
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        state: AppState = app.state.auth
+        async with state.db.sessions() as db:
+            created = await manage.create_client(
+                db, client_id="key-ops", admin=True, grants=["client_credentials"]
+            )
+            await db.commit()
+        # Another operator moved the keys to a new encryption key this replica lacks.
+        engine = create_engine(settings)
+        try:
+            other = DatabaseKeyStore(engine, parse_encryption_key(secrets.token_urlsafe(32)))
+            await other.rewrap(parse_encryption_key(ENCRYPTION_KEY))
+        finally:
+            await engine.dispose()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            creds = ClientCreds("key-ops", created.secret)
+            token = (await client_token(http, creds, scope="admin")).json()["access_token"]
+            refused = await http.post(
+                "/admin/v1/keys/rotate", json={"force": True}, headers=bearer(token)
+            )
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["error_code"] == "key_store_conflict"
+        assert "rewrap" in refused.json()["detail"]
+        async with state.db.sessions() as db:
+            await db.execute(Client.__table__.delete())
+            await db.commit()
 
 
 async def test_simultaneous_creates_of_one_id_give_one_201_and_409s(

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 
 from ...deps import StateDep
 from ...keys import KeyInfo, RotationTooSoonError
+from ...keys_db import KeyStoreConflictError
 from ...observability import audit
 from ..auth import AdminDep, ApiError
 from .schemas import KeyOut, KeyRotation, Keys, KeysPruned
@@ -32,7 +33,13 @@ async def list_keys(admin: AdminDep, state: StateDep) -> Keys:
 
 @router.post(
     "/keys/rotate",
-    responses={409: {"description": "The next key is too new to sign (`rotation_too_soon`)"}},
+    responses={
+        409: {
+            "description": "The next key is too new to sign (`rotation_too_soon`), or the "
+            "database store's keys are sealed under another encryption key "
+            "(`key_store_conflict`)"
+        }
+    },
 )
 async def rotate_keys(
     admin: AdminDep, state: StateDep, rotation: KeyRotation | None = None
@@ -49,6 +56,10 @@ async def rotate_keys(
             'cached JWKS may not hold it yet: retry later, or send {"force": true}.'
         )
         raise ApiError(409, "rotation_too_soon", detail) from None
+    except KeyStoreConflictError as exc:
+        # The database store's keys are sealed under another encryption key than this
+        # replica's: a key sealed now would not open on the others (README, "rewrap").
+        raise ApiError(409, "key_store_conflict", str(exc)) from None
     await state.keys.areload()  # this replica signs with it at once
     current = next(info.kid for info in infos if info.state == "current")
     audit("key.rotated", kid=current, actor_client_id=admin.client_id, via="admin_api")
