@@ -13,6 +13,11 @@ holds it, that one acts and this one skips its turn):
 - **publish** a next key when the store has none (a store damaged or imported so), rather
   than let a rotation promote a key no verifier has seen.
 
+No key is made while a row is sealed under another encryption key than this replica's (a
+``keys rewrap`` under way, or replicas given different ``AUTH_KEY_ENCRYPTION_KEY``): the key
+it would seal could not be opened by the replicas holding the other one. The replicas whose
+key seals every row act; pruning goes on regardless.
+
 The decision is taken twice: on a plain read, to do nothing (and take no lock, send no
 ``NOTIFY``) when nothing is due, and again on the rows read under the lock, since another
 replica may have acted in between. A new RSA key is generated before the lock is taken (in a
@@ -95,8 +100,10 @@ def plan(
     interval: int,
     min_next_age: int,
     max_token_lifetime: int,
+    sealed_elsewhere: list[str] | None = None,
 ) -> Plan:
-    """The rules, on the keys' states and timestamps (epoch seconds)."""
+    """The rules, on the keys' states and timestamps (epoch seconds); ``sealed_elsewhere``:
+    the kids sealed under another encryption key than this replica's."""
     current = [info for info in infos if info.state == "current"]
     upcoming = [info for info in infos if info.state == "next"]
     prune = [
@@ -108,6 +115,16 @@ def plan(
         # Nothing signs: not this loop's business (the server did not start with such a store,
         # or an operator is at work); ``keys rotate`` creates a pair.
         return Plan(prune=prune)
+    if sealed_elsewhere:
+        return Plan(
+            prune=prune,
+            waiting=(
+                f"keys sealed under another encryption key than this replica's "
+                f"({', '.join(sealed_elsewhere)}): rotating only once every row is sealed "
+                "under its AUTH_KEY_ENCRYPTION_KEY (finish `keys rewrap`, and give every "
+                "replica the same key)"
+            ),
+        )
     signing = max(current, key=lambda info: (info.activated_at or info.created_at, info.kid))
     if not upcoming:
         return Plan(publish_next=True, prune=prune)
@@ -158,20 +175,27 @@ class AutoRotator:
             max_token_lifetime=signed_token_lifetime(settings),
         )
 
-    def _plan(self, infos: list[KeyInfo], now: int) -> Plan:
-        return plan(
+    async def _plan(self, connection: AsyncConnection) -> tuple[list[KeyInfo], Plan]:
+        infos = await _infos(connection)
+        foreign = await connection.scalars(
+            select(TABLE.c.kid)
+            .where(TABLE.c.encryption_key_id != self.store.encryption.id)
+            .order_by(TABLE.c.kid)
+        )
+        return infos, plan(
             infos,
-            now,
+            int(self.store.clock()),
             interval=self.interval,
             min_next_age=self.min_next_age,
             max_token_lifetime=self.max_token_lifetime,
+            sealed_elsewhere=list(foreign),
         )
 
     async def tick(self) -> Tick:
         """Rotate, prune or publish if due, as the one replica holding the lock."""
         store = self.store
-        infos = await store.alist()
-        first = self._plan(infos, int(store.clock()))
+        async with store.engine.connect() as reading:
+            infos, first = await self._plan(reading)
         if not first.writes:
             set_key_ages(infos, store.clock())
             return Tick(waiting=first.waiting)
@@ -181,8 +205,7 @@ class AutoRotator:
         async with store.try_writing() as connection:
             if connection is None:
                 return Tick(busy=True)
-            infos = await _infos(connection)
-            again = self._plan(infos, int(store.clock()))
+            infos, again = await self._plan(connection)
             if again.rotate and fresh is not None:
                 retired = _signing_kid(infos)
                 after = await store.rotate_in(connection, fresh, min_next_age=self.min_next_age)
@@ -204,7 +227,10 @@ class AutoRotator:
         if pruned:
             audit("key.pruned", kids=pruned, via="auto")
         if rotated or published or pruned:
-            await store.areload()
+            try:
+                await store.areload()
+            except Exception as exc:  # done and committed: the reloader reports, /readyz too
+                log.error("keys.reload_failed", error=str(exc), after="auto rotation")
         set_key_ages(await store.alist(), store.clock())
         return Tick(
             rotated=rotated,

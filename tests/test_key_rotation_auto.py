@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import secrets
 from collections.abc import AsyncIterator, Iterator
@@ -152,19 +153,19 @@ def info(kid: str, state: str, created: int, activated: int | None = None) -> Ke
 
 def test_plan_waits_for_the_next_key_and_never_forces() -> None:
     keys = [info("c", "current", 0, 0), info("n", "next", 0)]
-    rule = {"interval": 100, "min_next_age": 500, "max_token_lifetime": 50}
-    assert not plan(keys, 99, **rule).rotate
-    due_too_soon = plan(keys, 100, **rule)
+    rule = functools.partial(plan, interval=100, min_next_age=500, max_token_lifetime=50)
+    assert not rule(keys, 99).rotate
+    due_too_soon = rule(keys, 100)
     assert not due_too_soon.rotate and not due_too_soon.writes
     assert due_too_soon.waiting is not None and "rotating in 400 s" in due_too_soon.waiting
-    assert plan(keys, 500, **rule).rotate
-    nothing_signs = plan([info("n", "next", 0)], 10**6, **rule)
+    assert rule(keys, 500).rotate
+    nothing_signs = rule([info("n", "next", 0)], 10**6)
     assert not nothing_signs.writes, "the first pair is ensure()'s, not the loop's"
-    no_next = plan([info("c", "current", 0, 0)], 10**6, **rule)
+    no_next = rule([info("c", "current", 0, 0)], 10**6)
     assert no_next.publish_next and not no_next.rotate, "a key no verifier has seen never signs"
     retired = [*keys, info("r", "retired", 10)]
-    assert plan(retired, 59, **rule).prune == []
-    assert plan(retired, 60, **rule).prune == ["r"]
+    assert rule(retired, 59).prune == []
+    assert rule(retired, 60).prune == ["r"]
 
 
 # -- one replica, several intervals ------------------------------------------------------------
@@ -326,6 +327,32 @@ async def test_a_replica_skips_its_turn_while_another_holds_the_lock(
             await other.dispose()
         assert rotations(events) == []
         assert (await rotator.tick()).rotated is not None, "its turn comes at the next tick"
+
+
+async def test_a_replica_with_another_encryption_key_makes_no_key(
+    keys_db_url: str, tmp_path: Path, events: Events
+) -> None:
+    """During a ``keys rewrap`` (or a replica given the wrong key), the key a replica seals
+    must open on every replica: only one whose key seals every row rotates; all prune."""
+    clock = Clock()
+    settings = settings_for(keys_db_url, tmp_path)
+    other = parse_encryption_key(secrets.token_urlsafe(32))
+    async with (
+        replica(settings, clock) as (store, rotator),
+        replica(settings, clock, encryption=other) as (_, elsewhere),
+    ):
+        await store.ensure()
+        clock.now += INTERVAL
+        before = await table(store.engine)
+        tick = await elsewhere.tick()
+        assert tick.rotated is None and tick.waiting is not None
+        assert "sealed under another encryption key" in tick.waiting
+        assert "keys rewrap" in tick.waiting
+        assert await table(store.engine) == before
+        assert (await rotator.tick()).rotated is not None
+        clock.now += TTL
+        assert len((await elsewhere.tick()).pruned) == 1, "pruning needs no key"
+    assert len(rotations(events)) == 1
 
 
 # -- a crash in the middle of a rotation ----------------------------------------------------
