@@ -78,7 +78,8 @@ class Settings(BaseSettings):
     #: "https://api.example.com/.well-known/oauth-protected-resource"}, "urn:example:x"]``.
     #: Read as ``resources`` (the URIs), ``resource_names`` and ``resource_metadata``.
     resources: Annotated[list[str], NoDecode] = []
-    #: How often operators are expected to run ``keys rotate``; bounds the JWKS max-age.
+    #: How often operators are expected to run ``keys rotate`` (or the servers rotate, with
+    #: ``key_auto_rotate``); bounds the JWKS max-age.
     key_rotation_interval: int = Field(default=30 * 86_400, ge=60)
     #: How often a running server looks at ``keys_dir`` for a rotation (seconds).
     key_reload_interval: float = Field(default=2.0, gt=0)

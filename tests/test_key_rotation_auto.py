@@ -393,6 +393,46 @@ async def test_a_crash_between_the_steps_of_a_rotation_leaves_the_table_as_befor
         assert len(rotations(events)) == 1
 
 
+@pytest.mark.parametrize("keys_db_url", ["sqlite"], indirect=True)
+async def test_the_loop_ticks_until_cancelled_and_outlives_a_failed_tick(
+    keys_db_url: str, tmp_path: Path, events: Events
+) -> None:
+    clock = Clock()
+    settings = settings_for(keys_db_url, tmp_path)
+    async with replica(settings, clock) as (store, _):
+        rotator = AutoRotator(
+            store,
+            interval=INTERVAL,
+            min_next_age=360,
+            max_token_lifetime=TTL,
+            period=0.01,
+            jitter=lambda low, high: high,
+        )
+        await store.ensure()
+        clock.now += INTERVAL
+        failures = 0
+
+        def crash_once(step: str) -> None:
+            nonlocal failures
+            if failures == 0:
+                failures += 1
+                raise RuntimeError("killed")
+
+        store.between_steps = crash_once
+        task = asyncio.create_task(rotator.run())
+        try:
+            for _ in range(200):
+                if rotations(events):
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+            await asyncio.wait({task})
+        assert failures == 1 and len(rotations(events)) == 1
+        assert task.cancelled()
+        assert len(by_state(await store.alist())["current"]) == 1
+
+
 # -- metrics ------------------------------------------------------------------------------------
 
 
