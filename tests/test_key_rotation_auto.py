@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,13 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from server import key_rotation
+from server import main as server_main
 from server.cli import main
 from server.config import Settings
 from server.db import create_engine
 from server.key_rotation import AutoRotator, Tick, plan, signed_token_lifetime
 from server.keycrypt import EncryptionKey, parse_encryption_key
-from server.keys import KeyInfo, KeySet
+from server.keys import KeyInfo, KeySet, KeyStore
 from server.keys_db import LOCK_ID, TABLE, DatabaseKeyStore
 from server.main import create_app
 from server.metrics import REGISTRY
@@ -459,6 +461,32 @@ async def test_key_age_seconds_per_state(keys_db_url: str, tmp_path: Path) -> No
         clock.now = T0 + INTERVAL + TTL
         assert (await rotator.tick()).pruned
         assert (key_age("current"), key_age("next"), key_age("retired")) == (TTL, TTL, None)
+
+
+async def test_the_key_reloader_publishes_the_ages_of_either_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every replica, rotating or not, files store or database: at each reload."""
+    files = KeyStore(tmp_path / "keys")
+    files.ensure()
+    published: list[tuple[list[str], float]] = []
+
+    def record(infos: list[KeyInfo], now: float) -> None:
+        published.append((sorted(info.state for info in infos), now))
+
+    monkeypatch.setattr(server_main, "set_key_ages", record)
+    reloader = asyncio.create_task(server_main._reload_keys(files, 0.01))
+    try:
+        for _ in range(100):
+            if published:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        reloader.cancel()
+        await asyncio.wait({reloader})
+    states, now = published[0]
+    assert states == ["current", "next"]
+    assert abs(now - time.time()) < 5
 
 
 # -- start-up ---------------------------------------------------------------------------------
