@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     ModelWrapValidatorHandler,
     PrivateAttr,
+    ValidationInfo,
     computed_field,
     field_validator,
     model_validator,
@@ -77,7 +78,8 @@ class Settings(BaseSettings):
     #: "https://api.example.com/.well-known/oauth-protected-resource"}, "urn:example:x"]``.
     #: Read as ``resources`` (the URIs), ``resource_names`` and ``resource_metadata``.
     resources: Annotated[list[str], NoDecode] = []
-    #: How often operators are expected to run ``keys rotate``; bounds the JWKS max-age.
+    #: How often operators are expected to run ``keys rotate`` (or the servers rotate, with
+    #: ``key_auto_rotate``); bounds the JWKS max-age.
     key_rotation_interval: int = Field(default=30 * 86_400, ge=60)
     #: How often a running server looks at ``keys_dir`` for a rotation (seconds).
     key_reload_interval: float = Field(default=2.0, gt=0)
@@ -291,6 +293,21 @@ class Settings(BaseSettings):
             settings._resource_names = {e.resource: e.name for e in entries if e.name}
             settings._resource_metadata = {e.resource: e.metadata for e in entries if e.metadata}
         return settings
+
+    @field_validator("key_auto_rotate")
+    @classmethod
+    def _auto_rotate_needs_database(cls, value: bool, info: ValidationInfo) -> bool:
+        """The files store's servers cannot agree on who rotates (nor write a read-only mounted
+        directory): refused in every environment, at start-up and by every command."""
+        if value and info.data.get("key_store") == "files":
+            raise ValueError(
+                "AUTH_KEY_AUTO_ROTATE=true needs AUTH_KEY_STORE=database (one replica at a "
+                "time rotates the keys in the database): set AUTH_KEY_STORE=database and "
+                "AUTH_KEY_ENCRYPTION_KEY, and move the keys there with `python -m server keys "
+                "import`; or remove AUTH_KEY_AUTO_ROTATE and schedule `python -m server keys "
+                "rotate` and `keys prune` yourself"
+            )
+        return value
 
     @field_validator("issuer")
     @classmethod

@@ -31,7 +31,7 @@ import stat
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -79,6 +79,8 @@ class KeySet:
     #: The one algorithm tokens are signed (and checked) with: RS256, or PS256 under
     #: ``AUTH_FAPI2`` (FAPI 2.0 Security Profile §5.4.1), with the same RSA keys.
     alg: str = "RS256"
+    #: Every key's state and timestamps as loaded (the ``key_age_seconds`` metric).
+    infos: list[KeyInfo] = field(default_factory=list)
 
     def sign(self, claims: dict[str, Any], typ: str) -> str:
         header = {"alg": self.alg, "typ": typ, "kid": self.kid}
@@ -502,6 +504,7 @@ def make_keyset(
         jwks_bytes=body,
         etag='"' + hashlib.sha256(body).hexdigest()[:32] + '"',
         alg=alg,
+        infos=[replace(info) for info in infos],
     )
 
 

@@ -39,11 +39,12 @@ from .documents import load_document_client
 from .fetch import Fetcher
 from .jwks import PATH as JWKS_PATH
 from .jwks import JwksMiddleware
+from .key_rotation import AutoRotator
 from .keycrypt import parse_encryption_key
 from .keys import KeySource, KeyStore
 from .keys_db import CHANNEL as KEYS_CHANNEL
 from .keys_db import DatabaseKeyStore
-from .metrics import KEYS_RELOAD_FAILING, KEYS_RELOAD_FAILURES, MetricsMiddleware
+from .metrics import KEYS_RELOAD_FAILING, KEYS_RELOAD_FAILURES, MetricsMiddleware, set_key_ages
 from .metrics import router as metrics_router
 from .models import Client
 from .oauth.authorize import router as authorize_router
@@ -89,6 +90,7 @@ async def _reload_keys(keys: KeySource, interval: float, wake: asyncio.Event | N
                 log.info("keys.reloaded", kid=keys.keyset().kid)
             failure = None
             KEYS_RELOAD_FAILING.set(0)
+            set_key_ages(keys.keyset().infos, time.time())
         except Exception as exc:  # keep serving with the keys already loaded
             KEYS_RELOAD_FAILURES.inc()
             KEYS_RELOAD_FAILING.set(1)
@@ -188,11 +190,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.clients_listener = listener
             if listener is not None:
                 listener.start()
+            set_key_ages(keys.keyset().infos, time.time())
             reloader = asyncio.create_task(_reload_keys(keys, settings.key_reload_interval, wake))
+            # AUTH_KEY_AUTO_ROTATE: every replica ticks, the one holding the lock acts.
+            rotator = (
+                asyncio.create_task(AutoRotator.from_settings(keys, settings).run())
+                if isinstance(keys, DatabaseKeyStore) and settings.key_auto_rotate
+                else None
+            )
             try:
                 yield
             finally:
                 reloader.cancel()
+                if rotator is not None:
+                    rotator.cancel()
+                    # Its transaction, if any, rolls back before the engine is disposed.
+                    await asyncio.wait({rotator})
                 if listener is not None:
                     await listener.stop()
                 app.state.auth.limiter.close()

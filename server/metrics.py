@@ -11,7 +11,8 @@ library registers there leaks out, and tests can read exact values):
   revocations. Every label value is checked against a fixed list and anything else is counted
   as ``"other"``, so a hostile ``grant_type`` or ``error`` can never mint a new series.
 - ``database_breaker_state``, set through ``set_breaker_state``; ``keys_reload_failing`` and
-  ``keys_reload_failures``, set by the key reloader (``main._reload_keys``).
+  ``keys_reload_failures``, set by the key reloader (``main._reload_keys``); ``key_age_seconds``
+  (by state), set through ``set_key_ages`` by the reloader and the automatic rotation.
 
 Each process has its own counters: with several uvicorn workers, a scrape reaches one worker
 and sees only its share. Prometheus's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``) is future
@@ -20,7 +21,9 @@ work; until then run one worker per replica and let Prometheus sum the replicas.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from fastapi import APIRouter
@@ -36,6 +39,7 @@ from prometheus_client import (
 from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .keys import KeyInfo
 from .names import GRANT_TYPES
 from .observability import AUDIT_LISTENERS, log
 
@@ -151,6 +155,42 @@ KEYS_RELOAD_FAILURES = Counter(
     "Reloads of the signing keys that failed.",
     registry=REGISTRY,
 )
+
+KEY_AGE = Gauge(
+    "key_age_seconds",
+    "Age of the signing keys by state: current, since it began signing (alert when it "
+    "outlives AUTH_KEY_ROTATION_INTERVAL with AUTH_KEY_AUTO_ROTATE); next, since it was "
+    "published; retired, the oldest retired key since it was retired (pruned once every "
+    "token it signed has expired). No series for a state without a key.",
+    ["state"],
+    registry=REGISTRY,
+)
+KEY_STATES = ("current", "next", "retired")
+
+
+def set_key_ages(infos: Iterable[KeyInfo], now: float) -> None:
+    """Publish ``key_age_seconds`` from the keys' states and timestamps (epoch seconds)."""
+    ages: dict[str, float] = {}
+    for info in infos:
+        if info.state == "current":
+            since = info.activated_at or info.created_at
+        elif info.state == "next":
+            since = info.created_at
+        elif info.state == "retired":
+            since = info.retired_at or info.created_at
+        else:
+            continue
+        age = max(0.0, now - since)
+        # Of several keys in a state: the newest current key (the one that signs), the oldest
+        # retired (or next) key.
+        pick = min if info.state == "current" else max
+        ages[info.state] = pick(ages.get(info.state, age), age)
+    for state in KEY_STATES:
+        if state in ages:
+            KEY_AGE.labels(state).set(ages[state])
+        else:
+            with contextlib.suppress(KeyError):
+                KEY_AGE.remove(state)
 
 
 def set_breaker_state(state: str) -> None:
