@@ -95,6 +95,15 @@ class ReloadFailure:
     since: float  # time.time() of the first failed attempt in a row
     attempts: int
 
+    @staticmethod
+    def after(previous: ReloadFailure | None, exc: BaseException) -> ReloadFailure:
+        """The failure ``exc``, one more in the row ``previous`` began (if any)."""
+        return ReloadFailure(
+            reason=str(exc),
+            since=previous.since if previous else time.time(),
+            attempts=previous.attempts + 1 if previous else 1,
+        )
+
 
 @dataclass(frozen=True)
 class _Parsed:
@@ -289,12 +298,7 @@ class KeyStore:
                 self._loaded_version = version
                 changed = True
         except Exception as exc:
-            previous = self.failure
-            self.failure = ReloadFailure(
-                reason=str(exc),
-                since=previous.since if previous else time.time(),
-                attempts=previous.attempts + 1 if previous else 1,
-            )
+            self.failure = ReloadFailure.after(self.failure, exc)
             raise
         self.failure = None
         return changed

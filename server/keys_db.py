@@ -126,12 +126,7 @@ class DatabaseKeyStore:
                     self._version = version
                     changed = True
             except Exception as exc:
-                previous = self.failure
-                self.failure = ReloadFailure(
-                    reason=str(exc),
-                    since=previous.since if previous else time.time(),
-                    attempts=previous.attempts + 1 if previous else 1,
-                )
+                self.failure = ReloadFailure.after(self.failure, exc)
                 raise
             self.failure = None
             return changed
