@@ -257,7 +257,7 @@ def cmd_copy_from(settings: Settings, args: argparse.Namespace) -> int:
 
 def _run_keys(settings: Settings, action: Callable[[DatabaseKeyStore], Awaitable[T]]) -> T:
     """``action`` on the database key store (``AUTH_KEY_STORE=database``)."""
-    encryption = parse_encryption_key(settings.key_encryption_key)
+    encryption, previous = settings.key_encryption()
 
     async def runner() -> T:
         with _opening_database(settings):
@@ -265,7 +265,8 @@ def _run_keys(settings: Settings, action: Callable[[DatabaseKeyStore], Awaitable
         try:
             with _opening_database(settings):
                 await assert_schema_compatible(engine)
-            return await action(DatabaseKeyStore(engine, encryption, settings.signing_alg))
+            store = DatabaseKeyStore(engine, encryption, settings.signing_alg, previous=previous)
+            return await action(store)
         finally:
             await engine.dispose()
 

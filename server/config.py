@@ -26,7 +26,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .keycrypt import KeyEncryptionError, parse_encryption_key
+from .keycrypt import EncryptionKey, KeyEncryptionError, parse_encryption_key
 
 DEV_SECRET_KEY = "dev-insecure-secret-key-change-me-before-production"  # noqa: S105
 
@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     key_store: Literal["files", "database"] = "files"
     #: 32 random bytes, base64url: seals the private keys of the database store.
     key_encryption_key: str | None = Field(default=None, repr=False)
+    #: The encryption key being replaced, while ``keys rewrap`` moves the rows off it: opens
+    #: keys, never seals one (so replicas given the new key start before the rewrap).
+    key_encryption_key_previous: str | None = Field(default=None, repr=False)
     #: The servers rotate every ``key_rotation_interval`` and prune retired keys themselves
     #: (database store; one replica at a time).
     key_auto_rotate: bool = False
@@ -410,10 +413,21 @@ class Settings(BaseSettings):
     def key_encryption_problem(self) -> str | None:
         """Why the database key store cannot seal or open keys with these settings."""
         try:
-            parse_encryption_key(self.key_encryption_key)
+            self.key_encryption()
         except KeyEncryptionError as exc:
             return f"AUTH_KEY_STORE=database: {exc}"
         return None
+
+    def key_encryption(self) -> tuple[EncryptionKey, EncryptionKey | None]:
+        """``AUTH_KEY_ENCRYPTION_KEY`` and ``AUTH_KEY_ENCRYPTION_KEY_PREVIOUS`` (if set), or
+        ``KeyEncryptionError`` naming the setting and the fix."""
+        current = parse_encryption_key(self.key_encryption_key)
+        previous = None
+        if self.key_encryption_key_previous:
+            previous = parse_encryption_key(
+                self.key_encryption_key_previous, setting="AUTH_KEY_ENCRYPTION_KEY_PREVIOUS"
+            )
+        return current, previous
 
     @property
     def signing_alg(self) -> str:

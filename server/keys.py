@@ -528,3 +528,9 @@ def rotation_too_soon(info: KeyInfo, stamp: int, min_next_age: int) -> RotationT
 
 def _publish_order(info: KeyInfo) -> int:
     return {"current": 0, "next": 1}.get(info.state, 2)
+
+
+def public_half(kid: str, pem: bytes, path: Path) -> RSAKey:
+    """The public half of a PEM private key, which must be the key ``kid`` names (the
+    database store checks each row's sealed key with it)."""
+    return _public_key(kid, pem, path)

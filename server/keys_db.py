@@ -27,6 +27,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 from joserfc.jwk import RSAKey
@@ -43,12 +44,14 @@ from .keys import (
     PruneResult,
     ReloadFailure,
     make_keyset,
+    public_half,
     rotation_too_soon,
 )
 from .models import SigningKey
 
 #: PostgreSQL ``NOTIFY`` channel of key changes, and the advisory lock of key writes.
 CHANNEL = "token_server_keys"
+STATES = ("next", "current", "retired")
 LOCK_ID = 0x6B657973  # "keys"
 TABLE = cast(Table, SigningKey.__table__)
 
@@ -84,16 +87,22 @@ class DatabaseKeyStore:
         alg: str = "RS256",
         *,
         clock: Callable[[], float] = time.time,
+        previous: EncryptionKey | None = None,
     ) -> None:
+        """``previous`` (``AUTH_KEY_ENCRYPTION_KEY_PREVIOUS``) only opens keys, never seals:
+        replicas given the new key start before ``keys rewrap`` has moved the rows to it."""
         self.engine = engine
         self.encryption = encryption
+        self.previous = previous
         self.alg = alg
         self.clock = clock
         self.failure: ReloadFailure | None = None
         self._keyset: KeySet | None = None
         self._version: bytes | None = None
-        self._public: dict[str, tuple[str, RSAKey]] = {}  # kid → (its JWK text, the key)
-        self._signing: tuple[str, bytes, RSAKey] | None = None  # (kid, sealed, key)
+        #: Kids whose sealed private key was checked (a kid is its key's thumbprint: once
+        #: checked, never again).
+        self._public: dict[str, RSAKey] = {}
+        self._signing: tuple[str, RSAKey] | None = None  # the current key, opened once
         self._reloading = asyncio.Lock()
         #: Tests make a write fail between its steps (a crash mid-rotation).
         self.between_steps: Callable[[str], None] = lambda step: None
@@ -138,31 +147,64 @@ class DatabaseKeyStore:
                 "no current signing key in the database: run `python -m server keys rotate` "
                 "(or `keys import` to bring the keys of AUTH_KEYS_DIR)"
             )
-        signing_row = max(current, key=lambda row: (row.activated_at or 0, row.kid))
-        public: dict[str, RSAKey] = {}
         for row in rows:
-            cached = self._public.get(row.kid)
-            if cached is None or cached[0] != row.public_jwk:
-                cached = (row.public_jwk, _public_key(row))
-            public[row.kid] = cached[1]
-        self._public = {row.kid: (row.public_jwk, public[row.kid]) for row in rows}
+            if row.state not in STATES:
+                raise KeysUnavailableError(
+                    f"signing_keys row {row.kid} has the state {row.state!r}, not one of "
+                    f"{', '.join(STATES)}: restore the row from a backup"
+                )
+        signing_row = max(current, key=lambda row: (row.activated_at or 0, row.kid))
+        # Each key is checked against its sealed private half once: someone who can write the
+        # table but lacks the encryption key cannot slip a public key of theirs into the JWKS
+        # (and so into what this server accepts).
+        ordered = [signing_row, *(row for row in rows if row is not signing_row)]
+        public: dict[str, RSAKey] = {}
+        for row in ordered:
+            published = _public_key(row)  # the column is readable, and is the kid's key
+            if row.kid not in self._public:
+                self._check_sealed(row, published)
+            public[row.kid] = published
+        self._public = dict(public)
         signing = self._signing
-        if signing is None or signing[:2] != (signing_row.kid, signing_row.private_key):
-            signing = (signing_row.kid, signing_row.private_key, self._open(signing_row))
+        if signing is None or signing[0] != signing_row.kid:
+            # Only a new signing key is opened: a rewrap (new sealed bytes, same key) leaves
+            # the replicas that lack the new encryption key signing with the key they hold.
+            signing = (signing_row.kid, self._open(signing_row))
             self._signing = signing
         infos = [row.info for row in rows]
-        return make_keyset(infos, public, signing_row.kid, signing[2], self.alg)
+        return make_keyset(infos, public, signing_row.kid, signing[1], self.alg)
+
+    def _opener(self, row: _Row) -> EncryptionKey:
+        for key in (self.encryption, self.previous):
+            if key is not None and key.id == row.encryption_key_id:
+                return key
+        which = "the current signing key" if row.state == "current" else "the signing key"
+        raise KeysUnavailableError(
+            f"{which} {row.kid} is sealed under the encryption key "
+            f"{row.encryption_key_id}, but AUTH_KEY_ENCRYPTION_KEY is {self.encryption.id}: "
+            "set AUTH_KEY_ENCRYPTION_KEY (or AUTH_KEY_ENCRYPTION_KEY_PREVIOUS) to the key it "
+            "was sealed with, or move every key to this one with `python -m server keys rewrap`"
+        )
+
+    def _check_sealed(self, row: _Row, published: RSAKey) -> None:
+        """The private key sealed in ``row`` opens and is the key of its kid and of its
+        ``public_jwk``: the public key comes from whoever holds the encryption key."""
+        try:
+            pem = self._opener(row).open(row.private_key, kid=row.kid)
+        except KeyDecryptError as exc:
+            raise KeysUnavailableError(f"{exc}: restore the row from a backup") from None
+        try:
+            sealed = public_half(row.kid, pem, Path(f"signing_keys/{row.kid}"))
+        except KeysUnavailableError:
+            raise KeysUnavailableError(
+                f"the private key sealed in row {row.kid} is another key: restore the row"
+            ) from None
+        if sealed.as_dict() != published.as_dict():
+            raise KeysUnavailableError(f"signing_keys row {row.kid}: public_jwk is another key")
 
     def _open(self, row: _Row) -> RSAKey:
-        if row.encryption_key_id != self.encryption.id:
-            raise KeysUnavailableError(
-                f"the current signing key {row.kid} is sealed under the encryption key "
-                f"{row.encryption_key_id}, but AUTH_KEY_ENCRYPTION_KEY is {self.encryption.id}: "
-                "set AUTH_KEY_ENCRYPTION_KEY to the key it was sealed with, or move every key "
-                "to this one with `python -m server keys rewrap`"
-            )
         try:
-            pem = self.encryption.open(row.private_key, kid=row.kid)
+            pem = self._opener(row).open(row.private_key, kid=row.kid)
             key = RSAKey.import_key(pem)
         except KeyDecryptError as exc:
             raise KeysUnavailableError(f"{exc}: restore the row from a backup") from None
@@ -232,13 +274,16 @@ class DatabaseKeyStore:
         rows = await _rows(connection)
         self._check_sealed_here(rows)
         stamp = int(self.clock())
-        if not any(row.state == "current" for row in rows):
+        nexts = [row for row in rows if row.state == "next"]
+        if not nexts and not any(row.state == "current" for row in rows):
             await self._insert_pair(connection, [await asyncio.to_thread(_generate), fresh])
             return [row.info for row in await _rows(connection)]
-        # No minimum age (--force) means none: a next key stamped by a replica whose clock
-        # runs ahead of this one's is not "published -1 s ago".
-        for row in rows if min_next_age > 0 else []:
-            too_soon = rotation_too_soon(row.info, stamp, min_next_age)
+        # The oldest published next key signs (one only: a damaged table with two must not
+        # end with two current keys). No minimum age (--force) means none: a next key stamped
+        # by a replica whose clock runs ahead of this one's is not "published -1 s ago".
+        promote = min(nexts, key=lambda row: (row.created_at, row.kid)) if nexts else None
+        if promote is not None and min_next_age > 0:
+            too_soon = rotation_too_soon(promote.info, stamp, min_next_age)
             if too_soon is not None:
                 raise too_soon
         await connection.execute(
@@ -247,11 +292,14 @@ class DatabaseKeyStore:
             .values(state="retired", retired_at=stamp)
         )
         self.between_steps("retired")
-        promoted = await connection.execute(
-            update(TABLE).where(TABLE.c.state == "next").values(state="current", activated_at=stamp)
-        )
+        if promote is not None:
+            await connection.execute(
+                update(TABLE)
+                .where(TABLE.c.kid == promote.kid)
+                .values(state="current", activated_at=stamp)
+            )
         self.between_steps("promoted")
-        if not promoted.rowcount:
+        if promote is None:
             await self._insert(connection, await asyncio.to_thread(_generate), "current", stamp)
         await self._insert(connection, fresh, "next", stamp)
         return [row.info for row in await _rows(connection)]

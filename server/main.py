@@ -40,7 +40,6 @@ from .fetch import Fetcher
 from .jwks import PATH as JWKS_PATH
 from .jwks import JwksMiddleware
 from .key_rotation import AutoRotator
-from .keycrypt import parse_encryption_key
 from .keys import KeySource, KeyStore
 from .keys_db import CHANNEL as KEYS_CHANNEL
 from .keys_db import DatabaseKeyStore
@@ -103,9 +102,8 @@ async def _open_keys(settings: Settings, engine: AsyncEngine) -> KeySource:
     """The configured key store, loaded; outside production an empty one gets a first pair."""
     keys: KeySource
     if settings.key_store == "database":
-        store = DatabaseKeyStore(
-            engine, parse_encryption_key(settings.key_encryption_key), settings.signing_alg
-        )
+        encryption, previous = settings.key_encryption()
+        store = DatabaseKeyStore(engine, encryption, settings.signing_alg, previous=previous)
         if settings.env is not Env.production:
             await store.ensure()
         keys = store

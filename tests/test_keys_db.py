@@ -240,8 +240,8 @@ async def test_a_wrong_encryption_key_is_refused_naming_the_fix(
     assert message == (
         f"the current signing key {current} is sealed under the encryption key "
         f"{encryption.id}, but AUTH_KEY_ENCRYPTION_KEY is {wrong.id}: set "
-        "AUTH_KEY_ENCRYPTION_KEY to the key it was sealed with, or move every key to this one "
-        "with `python -m server keys rewrap`"
+        "AUTH_KEY_ENCRYPTION_KEY (or AUTH_KEY_ENCRYPTION_KEY_PREVIOUS) to the key it was sealed "
+        "with, or move every key to this one with `python -m server keys rewrap`"
     )
     assert replica.failure is not None
     assert replica.failure.reason == message and replica.failure.attempts == 1
@@ -262,14 +262,88 @@ async def test_a_running_replica_keeps_its_keys_when_they_are_rewrapped_away(
     before = store.keyset()
     newer = DatabaseKeyStore(engine, new_key())
     await newer.rewrap(encryption)
+    # The same keys, sealed anew: the replica keeps signing with the key it holds and stays
+    # ready (a rewrap must not take every running replica out of service at once).
+    assert await store.areload() is True
+    assert store.failure is None and store.keyset().kid == before.kid
+    # A new signing key it cannot open (a rotation under the new encryption key) is refused,
+    # keeping the keys loaded before and naming the fix.
+    await newer.arotate(min_next_age=0)
     with pytest.raises(KeysUnavailableError, match="keys rewrap"):
         await store.areload()
-    assert store.keyset() is before, "the keys loaded before are kept"
-    assert store.failure is not None
+    assert store.keyset().kid == before.kid and store.failure is not None
     # Given the new key, it loads again, and the failure is gone.
     store.encryption = newer.encryption
     assert await store.areload() is True
-    assert store.failure is None and store.keyset().kid == before.kid
+    assert store.failure is None and store.keyset().kid != before.kid
+
+
+async def test_the_previous_encryption_key_opens_but_never_seals(
+    engine: AsyncEngine, encryption: EncryptionKey, store: DatabaseKeyStore
+) -> None:
+    # A replica given the new key (and the old one as previous) starts before the rewrap.
+    await store.ensure()
+    newer = DatabaseKeyStore(engine, new_key(), previous=encryption)
+    assert await newer.areload() is True
+    assert newer.keyset().kid == (await store.areload(), store.keyset().kid)[1]
+    # It seals nothing beside keys sealed under the old key (the old replicas could not open
+    # it) until the rewrap is done; then it may.
+    with pytest.raises(KeyStoreConflictError, match="rewrap"):
+        await newer.arotate(min_next_age=0)
+    await newer.rewrap(encryption)
+    await newer.arotate(min_next_age=0)
+    assert {row["encryption_key_id"] for row in await table(engine)} == {newer.encryption.id}
+
+
+async def test_an_unknown_state_is_refused(store: DatabaseKeyStore, engine: AsyncEngine) -> None:
+    await store.ensure()
+    rows = await table(engine)
+    await set_row(engine, kid_in(rows, "next"), state="Retired")
+    with pytest.raises(KeysUnavailableError, match="state 'Retired'"):
+        await store.areload()
+
+
+async def test_a_public_key_slipped_into_the_table_is_refused(
+    store: DatabaseKeyStore, engine: AsyncEngine
+) -> None:
+    # Someone who can write the table but lacks the encryption key adds a key of theirs as
+    # "retired", to have tokens they sign accepted: its sealed half does not open.
+    await store.ensure()
+    await store.areload()
+    rows = await table(engine)
+    mallory = RSAKey.generate_key(2048, private=True)
+    template = next(row for row in rows if row["state"] == "next")
+    async with engine.begin() as connection:
+        await connection.execute(
+            TABLE.insert().values(
+                {
+                    **template,
+                    "kid": mallory.thumbprint(),
+                    "state": "retired",
+                    "public_jwk": json.dumps(dict(mallory.as_dict(private=False))),
+                    "retired_at": template["created_at"],
+                }
+            )
+        )
+    with pytest.raises(KeysUnavailableError):
+        await store.areload()
+    assert mallory.thumbprint() not in store.keyset().public
+
+
+async def test_a_rotation_without_a_current_key_promotes_the_published_next_one(
+    store: DatabaseKeyStore, engine: AsyncEngine
+) -> None:
+    await store.ensure()
+    rows = await table(engine)
+    published = kid_in(rows, "next")
+    async with engine.begin() as connection:
+        await connection.execute(TABLE.delete().where(TABLE.c.state == "current"))
+    infos = await store.arotate(min_next_age=0)
+    states = [info.state for info in infos]
+    assert next(info.kid for info in infos if info.state == "current") == published
+    assert states.count("current") == 1 and states.count("next") == 1
+    await store.arotate(min_next_age=0)
+    assert [r["state"] for r in await table(engine)].count("current") == 1
 
 
 async def test_a_row_whose_public_key_is_another_key_is_refused(

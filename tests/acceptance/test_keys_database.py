@@ -3,9 +3,10 @@ an AUTH_KEYS_DIR of its own, one database and one AUTH_KEY_ENCRYPTION_KEY.
 
 They agree on the JWKS without sharing a directory; a CLI `keys rotate` reaches all three
 through PostgreSQL NOTIFY long before their reload interval (30 s here); tokens signed before
-still verify; no key is ever written to disk. When the keys are rewrapped under a new
-encryption key, the replicas still holding the old one keep signing but fail /readyz, naming
-the fix; a replica started with the new key serves.
+still verify; no key is ever written to disk. A replica given the new encryption key (and the
+old one as AUTH_KEY_ENCRYPTION_KEY_PREVIOUS) starts before `keys rewrap`; the rewrap takes no
+replica out of service; once a key sealed under the new one signs, the replicas holding only
+the old one keep signing but fail /readyz, naming the fix.
 """
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ def key() -> str:
     return secrets.token_urlsafe(32)
 
 
-def launch(url: str, key: str, directory: Path, name: str) -> RunningServer:
+def launch(
+    url: str, key: str, directory: Path, name: str, previous: str | None = None
+) -> RunningServer:
+    extra = {"AUTH_KEY_ENCRYPTION_KEY_PREVIOUS": previous} if previous else {}
     return launch_server(
         url,
         directory / f"keys-{name}",
@@ -70,6 +74,7 @@ def launch(url: str, key: str, directory: Path, name: str) -> RunningServer:
         issuer=ISSUER,
         port=free_port(),
         **keys_env(key),
+        **extra,
     )
 
 
@@ -178,51 +183,65 @@ def test_three_replicas_share_keys_and_pick_up_a_rotation_and_a_rewrap(
         assert "PRIVATE KEY" not in log and key not in log and secret not in log
     assert "PRIVATE KEY" not in rotated.stdout + rotated.stderr
 
-    # -- the keys rewrapped under a new encryption key -------------------------------------
+    # -- the keys moved to a new encryption key, with every replica serving throughout -----
     new = secrets.token_urlsafe(32)
-    old_file = tmp_path / "old-key"
-    old_file.write_text(key)
-    rewrapped = cli(
-        {**env, "AUTH_KEY_ENCRYPTION_KEY": new}, "keys", "rewrap", "--old-key-file", str(old_file)
-    )
-    started = time.monotonic()
-    assert rewrapped.returncode == 0, rewrapped.stderr
-    assert rewrapped.stdout.endswith("3 keys sealed anew, 0 were already under the new key\n")
-    not_ready: dict[str, str] = {}
-    while len(not_ready) < len(replicas) and time.monotonic() < started + RELOAD_INTERVAL / 2:
-        for name, server in zip("abc", replicas, strict=True):
-            ready = httpx.get(server.url + "/readyz", timeout=10)
-            if ready.status_code == 503:
-                not_ready[name] = ready.json()["detail"]
-        time.sleep(0.05)
-    print(f"rewrap noticed after (s): {time.monotonic() - started:.2f}", file=sys.stderr)
-    assert set(not_ready) == set("abc"), not_ready
-    assert time.monotonic() - started < PICKUP_LIMIT
     old_id, new_id = parse_encryption_key(key).id, parse_encryption_key(new).id
-    for detail in not_ready.values():
-        assert detail.startswith("keys: reloading has failed for ")
-        assert f"still signing with {upcoming}: the current signing key {upcoming} is sealed " in (
-            detail
-        )
-        assert f"under the encryption key {new_id}, but AUTH_KEY_ENCRYPTION_KEY is {old_id}" in (
-            detail
-        )
-        assert detail.endswith("`python -m server keys rewrap`")
-    # They still sign, with the key they loaded before.
-    assert {kid_of(issue(server, secret)) for server in replicas} == {upcoming}
-
-    # A replica started with the old key refuses to start, naming the fix ...
-    stale = launch(database, key, tmp_path, "stale")
-    assert stale.process.wait(timeout=30) == 1
-    assert "keys rewrap" in stale.log() and "Traceback" not in stale.log()
-
-    # ... one with the new key serves, ready, the same JWKS.
-    fresh = launch(database, new, tmp_path, "fresh")
+    # Before the rewrap, a replica given the new key and the old one as previous starts.
+    fresh = launch(database, new, tmp_path, "fresh", previous=key)
     try:
         wait_until_up(fresh)
         assert httpx.get(fresh.url + "/readyz", timeout=10).status_code == 200
         assert jwks(fresh) == jwks(replicas[0])
         assert kid_of(issue(fresh, secret)) == upcoming
+        old_file = tmp_path / "old-key"
+        old_file.write_text(key)
+        rewrapped = cli(
+            {**env, "AUTH_KEY_ENCRYPTION_KEY": new},
+            "keys",
+            "rewrap",
+            "--old-key-file",
+            str(old_file),
+        )
+        assert rewrapped.returncode == 0, rewrapped.stderr
+        assert rewrapped.stdout.endswith("3 keys sealed anew, 0 were already under the new key\n")
+        # The rows changed (NOTIFY), the keys did not: every replica stays ready and signs
+        # with the key it holds, the old-key ones included.
+        time.sleep(1.0)
+        for server in [*replicas, fresh]:
+            assert httpx.get(server.url + "/readyz", timeout=10).status_code == 200
+            assert kid_of(issue(server, secret)) == upcoming
+
+        # A replica started with the old key alone now refuses to start, naming the fix ...
+        stale = launch(database, key, tmp_path, "stale")
+        assert stale.process.wait(timeout=30) == 1
+        assert "keys rewrap" in stale.log() and "Traceback" not in stale.log()
+
+        # ... and once a key sealed under the new one signs, the old-key replicas keep
+        # signing with what they hold but leave /readyz, naming the fix; the fresh one signs
+        # with the new key.
+        rotated = cli({**env, "AUTH_KEY_ENCRYPTION_KEY": new}, "keys", "rotate", "--force")
+        assert rotated.returncode == 0, rotated.stderr
+        started = time.monotonic()
+        not_ready: dict[str, str] = {}
+        while len(not_ready) < len(replicas) and time.monotonic() < started + PICKUP_LIMIT:
+            for name, server in zip("abc", replicas, strict=True):
+                ready = httpx.get(server.url + "/readyz", timeout=10)
+                if ready.status_code == 503:
+                    not_ready[name] = ready.json()["detail"]
+            time.sleep(0.05)
+        assert set(not_ready) == set("abc"), not_ready
+        for detail in not_ready.values():
+            assert detail.startswith("keys: reloading has failed for ")
+            assert f"still signing with {upcoming}: the " in detail
+            assert " signing key " in detail
+            assert (
+                f"under the encryption key {new_id}, but AUTH_KEY_ENCRYPTION_KEY is {old_id}"
+                in (detail)
+            )
+            assert detail.endswith("`python -m server keys rewrap`")
+        assert {kid_of(issue(server, secret)) for server in replicas} == {upcoming}
+        newest = kid_of(issue(fresh, secret))
+        assert newest != upcoming
         for token in before:
             verify(fresh, token)
         assert "PRIVATE KEY" not in fresh.log() and new not in fresh.log()
