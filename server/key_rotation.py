@@ -33,6 +33,7 @@ outside production; ``keys rotate`` or ``keys import`` in production).
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,11 @@ MAX_PERIOD = 60.0
 #: Each pause is the period times a random factor in this range, so that replicas started
 #: together do not all contend for the lock at the same instant.
 JITTER = (0.8, 1.2)
+
+
+#: Seconds a retired key outlives its last token's expiry before it is pruned (clock skew
+#: between replicas, a replica that has not reloaded yet); as ``manage.PRUNE_SKEW_MARGIN``.
+PRUNE_MARGIN = 300
 
 
 def signed_token_lifetime(settings: Settings) -> int:
@@ -172,7 +178,12 @@ class AutoRotator:
             store,
             interval=settings.key_rotation_interval,
             min_next_age=settings.jwks_max_age,
-            max_token_lifetime=signed_token_lifetime(settings),
+            # Kept past the last token's expiry by a margin: the clock of the replica that
+            # stamped retired_at may lag this one's, and a replica that has not reloaded yet
+            # (a lost NOTIFY, then AUTH_KEY_RELOAD_INTERVAL) still signs with the old key.
+            max_token_lifetime=signed_token_lifetime(settings)
+            + PRUNE_MARGIN
+            + math.ceil(settings.key_reload_interval),
         )
 
     async def _plan(self, connection: AsyncConnection) -> tuple[list[KeyInfo], Plan]:

@@ -29,7 +29,7 @@ from server import main as server_main
 from server.cli import main
 from server.config import Settings
 from server.db import create_engine
-from server.key_rotation import AutoRotator, Tick, plan, signed_token_lifetime
+from server.key_rotation import PRUNE_MARGIN, AutoRotator, Tick, plan, signed_token_lifetime
 from server.keycrypt import EncryptionKey, parse_encryption_key
 from server.keys import KeyInfo, KeySet, KeyStore
 from server.keys_db import LOCK_ID, TABLE, DatabaseKeyStore
@@ -99,7 +99,12 @@ async def replica(
             encryption or parse_encryption_key(settings.key_encryption_key),
             clock=clock,
         )
-        yield store, AutoRotator.from_settings(store, settings)
+        rotator = AutoRotator.from_settings(store, settings)
+        # The tests reason in token lifetimes; the production margin (from_settings, checked
+        # in test_a_server_runs_the_rotator_only_when_asked_and_stops_it) would only shift
+        # every prune by it.
+        rotator.max_token_lifetime = signed_token_lifetime(settings)
+        yield store, rotator
     finally:
         await engine.dispose()
 
@@ -548,5 +553,7 @@ async def test_a_server_runs_the_rotator_only_when_asked_and_stops_it(
             (rotator,) = seen
             assert rotator.store is app.state.auth.keys
             assert rotator.interval == INTERVAL and rotator.min_next_age == 360
-            assert rotator.max_token_lifetime == TTL and rotator.period == 60
+            # The token lifetime, a margin for skew, and one reload interval.
+            assert rotator.max_token_lifetime == TTL + PRUNE_MARGIN + 2
+            assert rotator.period == 60
     assert stopped.is_set() == auto, "cancelled at shutdown"
