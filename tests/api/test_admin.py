@@ -1035,6 +1035,7 @@ async def own_keys(
             yield http
         async with state.db.sessions() as db:
             await db.execute(Client.__table__.delete())
+            await db.execute(models.SigningKey.__table__.delete())  # the database store's
             await db.commit()
 
 
@@ -1063,6 +1064,45 @@ async def test_keys_are_listed_rotated_and_pruned(own_keys: httpx.AsyncClient) -
     for lax in ("maybe", "true", 1, 0):  # only a JSON boolean; 1 is not true (schemathesis)
         refused = await http.post("/admin/v1/keys/rotate", json={"force": lax})
         assert refused.status_code == 422, lax
+
+
+@pytest.mark.feature("key-store-database", "key-reload-health")
+async def test_a_committed_rotation_whose_reload_fails_is_not_a_500(
+    database_url: str, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        database_url, tmp_path / "keys", key_store="database", key_encryption_key=ENCRYPTION_KEY
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        state: AppState = app.state.auth
+        async with state.db.sessions() as db:
+            created = await manage.create_client(
+                db, client_id="key-ops", admin=True, grants=["client_credentials"]
+            )
+            # A damaged row (a state no release writes) that the next reload will refuse.
+            await db.execute(
+                update(models.SigningKey)
+                .values(state="Retired")
+                .where(models.SigningKey.state == "next")
+            )
+            await db.commit()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            creds = ClientCreds("key-ops", created.secret)
+            token = (await client_token(http, creds, scope="admin")).json()["access_token"]
+            rotated = await http.post(
+                "/admin/v1/keys/rotate", json={"force": True}, headers=bearer(token)
+            )
+            # Committed: the answer says so (a 500 would invite a second rotation), and
+            # readiness reports the reload that failed.
+            assert rotated.status_code == 200, rotated.text
+            ready = await http.get("/readyz")
+            assert ready.status_code == 503 and "state 'Retired'" in ready.json()["detail"]
+        async with state.db.sessions() as db:
+            await db.execute(Client.__table__.delete())
+            await db.execute(models.SigningKey.__table__.delete())  # keys of its own
+            await db.commit()
 
 
 @pytest.mark.feature("key-store-database")
@@ -1099,6 +1139,7 @@ async def test_a_rotation_under_another_encryption_key_is_409(
         assert "rewrap" in refused.json()["detail"]
         async with state.db.sessions() as db:
             await db.execute(Client.__table__.delete())
+            await db.execute(models.SigningKey.__table__.delete())  # keys of its own
             await db.commit()
 
 

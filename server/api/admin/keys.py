@@ -7,10 +7,10 @@ from dataclasses import asdict
 
 from fastapi import APIRouter
 
-from ...deps import StateDep
+from ...deps import AppState, StateDep
 from ...keys import KeyInfo, RotationTooSoonError
 from ...keys_db import KeyStoreConflictError
-from ...observability import audit
+from ...observability import audit, log
 from ..auth import AdminDep, ApiError
 from .schemas import KeyOut, KeyRotation, Keys, KeysPruned
 
@@ -60,10 +60,20 @@ async def rotate_keys(
         # The database store's keys are sealed under another encryption key than this
         # replica's: a key sealed now would not open on the others (README, "rewrap").
         raise ApiError(409, "key_store_conflict", str(exc)) from None
-    await state.keys.areload()  # this replica signs with it at once
     current = next(info.kid for info in infos if info.state == "current")
+    # Recorded first: the rotation is committed, whatever the reload below meets.
     audit("key.rotated", kid=current, actor_client_id=admin.client_id, via="admin_api")
+    await _reload(state)  # this replica signs with it at once
     return _keys_out(infos)
+
+
+async def _reload(state: AppState) -> None:
+    """Reload after a committed change; a failure is the reloader's to report (``/readyz``,
+    ``keys_reload_failing``), not a 500 that would invite the operator to change it again."""
+    try:
+        await state.keys.areload()
+    except Exception as exc:
+        log.error("keys.reload_failed", error=str(exc))
 
 
 @router.post("/keys/prune")
@@ -72,7 +82,6 @@ async def prune_keys(admin: AdminDep, state: StateDep) -> KeysPruned:
     await admin.release()  # no transaction of the request is held while the keys change
     ttl = state.settings.access_token_ttl
     pruned = await state.keys.aprune(max_token_lifetime=ttl)
-    await state.keys.areload()
     audit(
         "key.pruned",
         removed=pruned.removed,
@@ -80,4 +89,5 @@ async def prune_keys(admin: AdminDep, state: StateDep) -> KeysPruned:
         actor_client_id=admin.client_id,
         via="admin_api",
     )
+    await _reload(state)
     return KeysPruned(removed=pruned.removed, kept=pruned.kept, orphans=pruned.orphans)
