@@ -266,7 +266,17 @@ def _run_keys(settings: Settings, action: Callable[[DatabaseKeyStore], Awaitable
             with _opening_database(settings):
                 await assert_schema_compatible(engine)
             store = DatabaseKeyStore(engine, encryption, settings.signing_alg, previous=previous)
-            return await action(store)
+            try:
+                return await action(store)
+            except (DBAPIError, TimeoutError) as exc:
+                # Never the statement and its parameters (sealed keys): what failed, and why.
+                cause = exc.orig if isinstance(exc, DBAPIError) else exc
+                detail = str(cause).splitlines()[0] if str(cause) else "timed out"
+                raise CommandError(
+                    f"the database refused the key operation ({type(cause).__name__}: "
+                    f"{detail}); another key write may hold the keys' lock (a hung `keys` "
+                    "command or session): retry, or end that session"
+                ) from None
         finally:
             await engine.dispose()
 

@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 import uvicorn
 from joserfc.jwk import RSAKey
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from server.config import Settings
 from server.db import create_engine
 from server.keycrypt import parse_encryption_key
 from server.keys import KeyStore
-from server.keys_db import TABLE
+from server.keys_db import LOCK_ID, TABLE
 from tests.conftest import Cli, Run
 
 pytestmark = [
@@ -490,3 +490,30 @@ def test_serve_in_development_makes_the_first_keys_in_the_database(
     assert not (tmp_path / "no-keys-here").exists()
     assert len(served) == 1
     assert json.dumps(rows(db), default=str).count("PRIVATE KEY") == 0
+
+
+def test_a_key_write_blocked_by_a_held_lock_is_one_error_line(
+    cli: Cli, db: Settings, environment: pytest.MonkeyPatch, key: str
+) -> None:
+    if not db.database_url.startswith("postgresql"):
+        pytest.skip("the advisory lock is PostgreSQL's (SQLite's writers queue on its file lock)")
+    assert cli("keys", "rotate").code == 0
+    environment.setenv("AUTH_DB_STATEMENT_TIMEOUT", "0.5")
+
+    async def hold_lock_while(run: Any) -> Run:
+        engine = create_engine(db)
+        try:
+            async with engine.begin() as connection:
+                await connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": LOCK_ID})
+                result: Run = await asyncio.to_thread(run)
+                return result
+        finally:
+            await engine.dispose()
+
+    before = rows(db)
+    result = asyncio.run(hold_lock_while(lambda: cli("keys", "rotate", "--force")))
+    message = refused(result)
+    assert "another key write may hold the keys' lock" in message
+    assert "INSERT" not in message and "SELECT" not in message  # never the statement
+    no_secrets(result, key)
+    assert rows(db) == before
