@@ -492,11 +492,12 @@ def test_serve_in_development_makes_the_first_keys_in_the_database(
     assert json.dumps(rows(db), default=str).count("PRIVATE KEY") == 0
 
 
+# The advisory lock is PostgreSQL's (SQLite's writers queue on its file lock).
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_a_key_write_blocked_by_a_held_lock_is_one_error_line(
     cli: Cli, db: Settings, environment: pytest.MonkeyPatch, key: str
 ) -> None:
-    if not db.database_url.startswith("postgresql"):
-        pytest.skip("the advisory lock is PostgreSQL's (SQLite's writers queue on its file lock)")
+    assert db.database_url.startswith("postgresql")
     assert cli("keys", "rotate").code == 0
     environment.setenv("AUTH_DB_STATEMENT_TIMEOUT", "0.5")
 
