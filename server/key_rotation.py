@@ -115,7 +115,9 @@ def plan(
     prune = [
         info.kid
         for info in infos
-        if info.state == "retired" and (info.retired_at or now) + max_token_lifetime <= now
+        if info.state == "retired"
+        # A damaged row without retired_at is handed to prune_in, which dates it from now.
+        and (info.retired_at is None or info.retired_at + max_token_lifetime <= now)
     ]
     if not current:
         # Nothing signs: not this loop's business (the server did not start with such a store,

@@ -317,6 +317,12 @@ class DatabaseKeyStore:
         for row in await _rows(connection):
             if row.state != "retired":
                 continue
+            if row.retired_at is None:
+                # A damaged row (no release writes one): its retirement is counted from now,
+                # recorded, so that it is pruned one token lifetime later, not never.
+                await connection.execute(
+                    update(TABLE).where(TABLE.c.kid == row.kid).values(retired_at=stamp)
+                )
             safe_at = (row.retired_at or stamp) + max_token_lifetime
             if safe_at <= stamp:
                 removed.append(row.kid)
@@ -486,7 +492,8 @@ async def _rows(connection: AsyncConnection) -> list[_Row]:
 def _version(rows: list[_Row]) -> bytes:
     digest = hashlib.sha256()
     for row in rows:
-        for value in (row.kid, row.state, row.activated_at, row.retired_at, row.encryption_key_id):
+        fields = (row.kid, row.state, row.alg, row.created_at, row.activated_at, row.retired_at)
+        for value in (*fields, row.encryption_key_id):
             digest.update(repr(value).encode() + b"\x00")
         digest.update(hashlib.sha256(row.private_key).digest())
         digest.update(hashlib.sha256(row.public_jwk.encode()).digest())

@@ -173,6 +173,9 @@ def test_plan_waits_for_the_next_key_and_never_forces() -> None:
     retired = [*keys, info("r", "retired", 10)]
     assert rule(retired, 59).prune == []
     assert rule(retired, 60).prune == ["r"]
+    # A damaged retired row without retired_at goes to prune_in, which dates it from now.
+    undated = [*keys, KeyInfo("u", "retired", 10, None, None)]
+    assert rule(undated, 20).prune == ["u"]
 
 
 # -- one replica, several intervals ------------------------------------------------------------

@@ -800,3 +800,30 @@ async def test_concurrent_rotations_serialise(
     refusals = [r for r in results if isinstance(r, BaseException)]
     assert len(refusals) == 1 and isinstance(refusals[0], RotationTooSoonError), results
     assert sorted(states(await table(engine)).values()) == ["current", "next", "retired"]
+
+
+async def test_a_retired_key_without_retired_at_is_pruned_a_lifetime_later(
+    engine: AsyncEngine, encryption: EncryptionKey
+) -> None:
+    clock = [1_700_000_000.0]
+    store = DatabaseKeyStore(engine, encryption, clock=lambda: clock[0])
+    await store.ensure()
+    await store.arotate(min_next_age=0)
+    retired = kid_in(await table(engine), "retired")
+    await set_row(engine, retired, retired_at=None)  # damaged: no release writes this
+    kept = await store.aprune(max_token_lifetime=900)
+    assert kept.removed == [] and kept.kept[0].startswith(retired)
+    assert {row["kid"]: row["retired_at"] for row in await table(engine)}[retired] == clock[0]
+    clock[0] += 900
+    assert (await store.aprune(max_token_lifetime=900)).removed == [retired]
+
+
+async def test_a_change_of_creation_time_alone_is_reloaded(
+    store: DatabaseKeyStore, engine: AsyncEngine
+) -> None:
+    await store.ensure()
+    await store.areload()
+    upcoming = kid_in(await table(engine), "next")
+    await set_row(engine, upcoming, created_at=12345)
+    assert await store.areload() is True
+    assert {i.kid: i.created_at for i in store.keyset().infos}[upcoming] == 12345
