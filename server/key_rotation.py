@@ -38,13 +38,13 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from joserfc.jwk import RSAKey
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from . import keys_db
 from .config import Settings
-from .keys import RSA_BITS, KeyInfo
-from .keys_db import TABLE, DatabaseKeyStore
+from .keys import KeyInfo, signing_info
+from .keys_db import TABLE, DatabaseKeyStore, infos_in
 from .metrics import set_key_ages
 from .observability import audit, log
 
@@ -61,12 +61,9 @@ PRUNE_MARGIN = 300
 
 
 def signed_token_lifetime(settings: Settings) -> int:
-    """The longest a token signed by a key stays valid: access tokens and ID tokens (whose
-    ``exp`` is also ``iat + AUTH_ACCESS_TOKEN_TTL``, oauth/server.py ``id_token``). A
-    retired key is pruned this long after it stopped signing."""
-    access_token = settings.access_token_ttl
-    id_token = settings.access_token_ttl
-    return max(access_token, id_token)
+    """The longest a token signed by a key stays valid: access tokens, and ID tokens, whose
+    ``exp`` is also ``iat + AUTH_ACCESS_TOKEN_TTL`` (oauth/server.py ``id_token``)."""
+    return settings.access_token_ttl
 
 
 @dataclass(frozen=True)
@@ -133,19 +130,21 @@ def plan(
                 "replica the same key)"
             ),
         )
-    signing = max(current, key=lambda info: (info.activated_at or info.created_at, info.kid))
+    signing = signing_info(infos)
+    assert signing is not None
     if not upcoming:
         return Plan(publish_next=True, prune=prune)
     due = (signing.activated_at or signing.created_at) + interval <= now
     if not due:
         return Plan(prune=prune)
-    youngest = max(upcoming, key=lambda info: info.created_at)
-    age = now - youngest.created_at
+    # The key a rotation promotes: the oldest published one (DatabaseKeyStore.rotate_in).
+    promoted = min(upcoming, key=lambda info: (info.created_at, info.kid))
+    age = now - promoted.created_at
     if age < min_next_age:
         return Plan(
             prune=prune,
             waiting=(
-                f"rotation due but the next key {youngest.kid} was published {age} s ago, and "
+                f"rotation due but the next key {promoted.kid} was published {age} s ago, and "
                 f"a JWKS may be cached for {min_next_age} s: rotating in {min_next_age - age} s"
             ),
         )
@@ -189,7 +188,7 @@ class AutoRotator:
         )
 
     async def _plan(self, connection: AsyncConnection) -> tuple[list[KeyInfo], Plan]:
-        infos = await _infos(connection)
+        infos = await infos_in(connection)
         foreign = await connection.scalars(
             select(TABLE.c.kid)
             .where(TABLE.c.encryption_key_id != self.store.encryption.id)
@@ -212,7 +211,8 @@ class AutoRotator:
         if not first.writes:
             set_key_ages(infos, store.clock())
             return Tick(waiting=first.waiting)
-        fresh = await asyncio.to_thread(_generate) if first.rotate or first.publish_next else None
+        making = first.rotate or first.publish_next
+        fresh = await asyncio.to_thread(keys_db.generate_key) if making else None
         rotated = retired = published = None
         pruned: list[str] = []
         async with store.try_writing() as connection:
@@ -220,12 +220,11 @@ class AutoRotator:
                 return Tick(busy=True)
             infos, again = await self._plan(connection)
             if again.rotate and fresh is not None:
-                retired = _signing_kid(infos)
+                retired = _kid(signing_info(infos))
                 after = await store.rotate_in(connection, fresh, min_next_age=self.min_next_age)
-                rotated = _signing_kid(after)
+                rotated = _kid(signing_info(after))
             elif again.publish_next and fresh is not None:
-                # The store's own insert: sealed like every key it writes.
-                await store._insert(connection, fresh, "next", int(store.clock()))
+                await store.publish_next_in(connection, fresh)
                 published = fresh.thumbprint()
             if again.prune:
                 result = await store.prune_in(
@@ -271,20 +270,5 @@ class AutoRotator:
             await asyncio.sleep(self.period * self.jitter(*JITTER))
 
 
-def _generate() -> RSAKey:
-    return RSAKey.generate_key(RSA_BITS, private=True)
-
-
-def _signing_kid(infos: list[KeyInfo]) -> str | None:
-    current = [info for info in infos if info.state == "current"]
-    if not current:
-        return None
-    return max(current, key=lambda info: (info.activated_at or info.created_at, info.kid)).kid
-
-
-async def _infos(connection: AsyncConnection) -> list[KeyInfo]:
-    columns = (TABLE.c.kid, TABLE.c.state, TABLE.c.created_at, TABLE.c.activated_at)
-    result = await connection.execute(
-        select(*columns, TABLE.c.retired_at).order_by(TABLE.c.created_at, TABLE.c.kid)
-    )
-    return [KeyInfo(*row) for row in result]
+def _kid(info: KeyInfo | None) -> str | None:
+    return None if info is None else info.kid

@@ -44,6 +44,8 @@ MANIFEST = "keys.json"
 #: A key file's name: the key's RFC 7638 thumbprint (SHA-256, base64url, 43 characters).
 KID_FILE = re.compile(r"[A-Za-z0-9_-]{43}\.pem")
 RSA_BITS = 2048
+#: A key's states, in the order of its life (``keys.json`` and the ``signing_keys`` table).
+KEY_STATES = ("next", "current", "retired")
 
 
 class KeysUnavailableError(RuntimeError):
@@ -246,7 +248,7 @@ class KeyStore:
             digest = hashlib.sha256(pem).digest()
             entry = cache.get(info.kid)
             if entry is None or entry.digest != digest:
-                entry = _Parsed(digest, _public_key(info.kid, pem, pem_path), None)
+                entry = _Parsed(digest, public_half(info.kid, pem, pem_path), None)
             signs = info is current[0]
             if signs and entry.private is None:
                 entry = replace(entry, private=_private_key(pem, pem_path))
@@ -451,8 +453,9 @@ def _open_private(path: Path, flags: int) -> int:
     return fd
 
 
-def _public_key(kid: str, pem: bytes, path: Path) -> RSAKey:
-    """The public half of a PEM file, which must be the key its name says (RFC 7638 kid).
+def public_half(kid: str, pem: bytes, path: Path) -> RSAKey:
+    """The public half of a PEM file, which must be the key its name says (RFC 7638 kid);
+    the database store checks each row's sealed key with it too.
 
     Parsed without the RSA consistency check (tens of milliseconds a key): only the public
     numbers are used, and the thumbprint check proves they are the ones keys.json names.
@@ -513,7 +516,7 @@ def make_keyset(
 
 
 def rotation_too_soon(info: KeyInfo, stamp: int, min_next_age: int) -> RotationTooSoonError | None:
-    """RFC-free rule of both stores: a next key published less than ``min_next_age`` (the JWKS
+    """The rule of both stores: a next key published less than ``min_next_age`` (the JWKS
     max-age) ago may not sign yet, since a verifier's cached JWKS might not hold it."""
     age = stamp - info.created_at
     if info.state != "next" or age >= min_next_age:
@@ -526,11 +529,14 @@ def rotation_too_soon(info: KeyInfo, stamp: int, min_next_age: int) -> RotationT
     )
 
 
+def signing_info(infos: list[KeyInfo]) -> KeyInfo | None:
+    """The key that signs: the current one (of several in a damaged store, the one activated
+    last), or None."""
+    current = [info for info in infos if info.state == "current"]
+    if not current:
+        return None
+    return max(current, key=lambda info: (info.activated_at or info.created_at, info.kid))
+
+
 def _publish_order(info: KeyInfo) -> int:
     return {"current": 0, "next": 1}.get(info.state, 2)
-
-
-def public_half(kid: str, pem: bytes, path: Path) -> RSAKey:
-    """The public half of a PEM private key, which must be the key ``kid`` names (the
-    database store checks each row's sealed key with it)."""
-    return _public_key(kid, pem, path)

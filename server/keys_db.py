@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .keycrypt import EncryptionKey, KeyDecryptError
 from .keys import (
+    KEY_STATES,
     RSA_BITS,
     KeyInfo,
     KeySet,
@@ -46,12 +47,12 @@ from .keys import (
     make_keyset,
     public_half,
     rotation_too_soon,
+    signing_info,
 )
 from .models import SigningKey
 
 #: PostgreSQL ``NOTIFY`` channel of key changes, and the advisory lock of key writes.
 CHANNEL = "token_server_keys"
-STATES = ("next", "current", "retired")
 LOCK_ID = 0x6B657973  # "keys"
 TABLE = cast(Table, SigningKey.__table__)
 
@@ -148,12 +149,13 @@ class DatabaseKeyStore:
                 "(or `keys import` to bring the keys of AUTH_KEYS_DIR)"
             )
         for row in rows:
-            if row.state not in STATES:
+            if row.state not in KEY_STATES:
                 raise KeysUnavailableError(
                     f"signing_keys row {row.kid} has the state {row.state!r}, not one of "
-                    f"{', '.join(STATES)}: restore the row from a backup"
+                    f"{', '.join(KEY_STATES)}: restore the row from a backup"
                 )
-        signing_row = max(current, key=lambda row: (row.activated_at or 0, row.kid))
+        chosen = signing_info([row.info for row in current])
+        signing_row = next(row for row in current if chosen is not None and row.kid == chosen.kid)
         # Each key is checked against its sealed private half once: someone who can write the
         # table but lacks the encryption key cannot slip a public key of theirs into the JWKS
         # (and so into what this server accepts).
@@ -225,37 +227,34 @@ class DatabaseKeyStore:
     # -- writing -------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _writing(self) -> AsyncIterator[AsyncConnection]:
+    async def try_writing(self, *, wait: bool = False) -> AsyncIterator[AsyncConnection | None]:
         """One transaction, serialised with every other key write of every replica, whose
-        commit tells the other replicas (PostgreSQL)."""
+        commit tells the other replicas (PostgreSQL ``NOTIFY``). ``wait``: for the lock;
+        otherwise ``None`` at once when another replica holds it (the automatic rotation:
+        exactly one replica acts, the others skip their turn)."""
         async with self.engine.begin() as connection:
             if self.postgresql:
-                await connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": LOCK_ID})
-            yield connection
-            if self.postgresql:
-                await connection.execute(text("SELECT pg_notify(:c, '')"), {"c": CHANNEL})
-
-    @contextlib.asynccontextmanager
-    async def try_writing(self) -> AsyncIterator[AsyncConnection | None]:
-        """As ``_writing``, but ``None`` at once when another replica holds the lock (the
-        automatic rotation: exactly one replica acts, the others skip their turn)."""
-        async with self.engine.begin() as connection:
-            if self.postgresql:
-                taken = await connection.scalar(
-                    text("SELECT pg_try_advisory_xact_lock(:id)"), {"id": LOCK_ID}
-                )
-                if not taken:
+                lock = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
+                taken = await connection.scalar(text(f"SELECT {lock}(:id)"), {"id": LOCK_ID})
+                if taken is False:
                     yield None
                     return
             yield connection
             if self.postgresql:
                 await connection.execute(text("SELECT pg_notify(:c, '')"), {"c": CHANNEL})
 
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[AsyncConnection]:
+        """``try_writing`` that waits for the lock (operators' commands)."""
+        async with self.try_writing(wait=True) as connection:
+            assert connection is not None
+            yield connection
+
     async def ensure(self) -> bool:
         """A current and a next key when the table has none; True if created."""
         if await self.alist():
             return False  # every start but the first: no keys made for nothing
-        fresh = await asyncio.to_thread(lambda: [_generate(), _generate()])
+        fresh = await asyncio.to_thread(lambda: [generate_key(), generate_key()])
         async with self._writing() as connection:
             if await _rows(connection):
                 return False
@@ -264,7 +263,7 @@ class DatabaseKeyStore:
 
     async def arotate(self, *, min_next_age: int = 0) -> list[KeyInfo]:
         """next → current, current → retired, and a new next, in one transaction."""
-        fresh = await asyncio.to_thread(_generate)
+        fresh = await asyncio.to_thread(generate_key)
         async with self._writing() as connection:
             return await self.rotate_in(connection, fresh, min_next_age=min_next_age)
 
@@ -276,7 +275,7 @@ class DatabaseKeyStore:
         stamp = int(self.clock())
         nexts = [row for row in rows if row.state == "next"]
         if not nexts and not any(row.state == "current" for row in rows):
-            await self._insert_pair(connection, [await asyncio.to_thread(_generate), fresh])
+            await self._insert_pair(connection, [await asyncio.to_thread(generate_key), fresh])
             return [row.info for row in await _rows(connection)]
         # The oldest published next key signs (one only: a damaged table with two must not
         # end with two current keys). No minimum age (--force) means none: a next key stamped
@@ -300,7 +299,7 @@ class DatabaseKeyStore:
             )
         self.between_steps("promoted")
         if promote is None:
-            await self._insert(connection, await asyncio.to_thread(_generate), "current", stamp)
+            await self._insert(connection, await asyncio.to_thread(generate_key), "current", stamp)
         await self._insert(connection, fresh, "next", stamp)
         return [row.info for row in await _rows(connection)]
 
@@ -452,6 +451,10 @@ class DatabaseKeyStore:
                 "this one first with `python -m server keys rewrap`"
             )
 
+    async def publish_next_in(self, connection: AsyncConnection, key: RSAKey) -> None:
+        """Add ``key`` as the next key (a store left without one)."""
+        await self._insert(connection, key, "next", int(self.clock()))
+
     async def _insert_pair(self, connection: AsyncConnection, keys: list[RSAKey]) -> None:
         stamp = int(self.clock())
         await self._insert(connection, keys[0], "current", stamp)
@@ -480,8 +483,13 @@ class DatabaseKeyStore:
         }
 
 
-def _generate() -> RSAKey:
+def generate_key() -> RSAKey:
     return RSAKey.generate_key(RSA_BITS, private=True)
+
+
+async def infos_in(connection: AsyncConnection) -> list[KeyInfo]:
+    """Every key's state and timestamps, read on ``connection`` (in its transaction)."""
+    return [row.info for row in await _rows(connection)]
 
 
 async def _rows(connection: AsyncConnection) -> list[_Row]:

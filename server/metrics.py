@@ -39,7 +39,7 @@ from prometheus_client import (
 from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .keys import KeyInfo
+from .keys import KEY_STATES, KeyInfo
 from .names import GRANT_TYPES
 from .observability import AUDIT_LISTENERS, log
 
@@ -165,7 +165,6 @@ KEY_AGE = Gauge(
     ["state"],
     registry=REGISTRY,
 )
-KEY_STATES = ("current", "next", "retired")
 
 
 def set_key_ages(infos: Iterable[KeyInfo], now: float) -> None:

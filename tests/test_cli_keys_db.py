@@ -44,7 +44,7 @@ def fast_keys(rsa_pool: list[RSAKey], monkeypatch: pytest.MonkeyPatch) -> None:
     """The database store's new keys come from a pool made once (the table is emptied
     between tests): 2048-bit generation is the slow part."""
     pool = iter(rsa_pool)
-    monkeypatch.setattr("server.keys_db._generate", lambda: next(pool))
+    monkeypatch.setattr("server.keys_db.generate_key", lambda: next(pool))
 
 
 @pytest.fixture

@@ -516,7 +516,7 @@ def test_a_reload_parses_only_the_files_that_changed_and_imports_only_the_signin
         store.rotate()  # 7 keys
     parsed: list[str] = []
     imported: list[Path] = []
-    real_public, real_private = keys_module._public_key, keys_module._private_key
+    real_public, real_private = keys_module.public_half, keys_module._private_key
 
     def public_key(kid: str, pem: bytes, path: Path) -> Any:
         parsed.append(kid)
@@ -526,7 +526,7 @@ def test_a_reload_parses_only_the_files_that_changed_and_imports_only_the_signin
         imported.append(path)
         return real_private(pem, path)
 
-    monkeypatch.setattr(keys_module, "_public_key", public_key)
+    monkeypatch.setattr(keys_module, "public_half", public_key)
     monkeypatch.setattr(keys_module, "_private_key", private_key)
     server = KeyStore(tmp_path)
     assert server.reload() is True

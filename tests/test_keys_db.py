@@ -77,7 +77,7 @@ def rsa_pool() -> list[RSAKey]:
 def fast_keys(rsa_pool: list[RSAKey], monkeypatch: pytest.MonkeyPatch) -> None:
     """The store's new keys come from ``rsa_pool`` (2048-bit generation is the slow part)."""
     pool = iter(rsa_pool)
-    monkeypatch.setattr("server.keys_db._generate", lambda: next(pool))
+    monkeypatch.setattr("server.keys_db.generate_key", lambda: next(pool))
 
 
 @pytest.fixture
@@ -148,7 +148,7 @@ async def test_ensure_creates_a_pair_once(
     current = next(row for row in rows if row["state"] == "current")
     assert current["activated_at"] == T0
     # Every later start: nothing created, and no key made for nothing (RSA is slow).
-    monkeypatch.setattr("server.keys_db._generate", lambda: pytest.fail("a key was made"))
+    monkeypatch.setattr("server.keys_db.generate_key", lambda: pytest.fail("a key was made"))
     assert await store.ensure() is False
     assert await table(engine) == rows
     # Another replica's ensure creates nothing either.

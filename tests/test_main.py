@@ -466,14 +466,14 @@ async def test_health_is_served_while_a_reload_of_many_keys_runs(
     async with app.router.lifespan_context(app):
         state: AppState = app.state.auth
         parsing, release = threading.Event(), threading.Event()
-        real = keys_module._public_key
+        real = keys_module.public_half
 
         def held_public_key(kid: str, pem: bytes, path: Path) -> Any:
             parsing.set()
             release.wait(timeout=10)  # until /healthz has answered (or the test gave up)
             return real(kid, pem, path)
 
-        monkeypatch.setattr(keys_module, "_public_key", held_public_key)
+        monkeypatch.setattr(keys_module, "public_half", held_public_key)
         before = state.keys.keyset().kid
         KeyStore(keys).rotate()
         assert await asyncio.to_thread(parsing.wait, 10), "the reload never started"
