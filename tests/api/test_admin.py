@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import shutil
 import time
@@ -1005,20 +1006,19 @@ async def test_sessions_are_listed_and_revoked_one_or_all(
 ENCRYPTION_KEY = secrets.token_urlsafe(32)
 
 
-@pytest.fixture(params=["files", "database"])
-async def own_keys(
-    database_url: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> AsyncIterator[httpx.AsyncClient]:
-    """An app with keys of its own (a keys directory, or the database store): rotating must
-    not touch the shared ones."""
+@contextlib.asynccontextmanager
+async def key_ops(
+    database_url: str, tmp_path: Path, key_store: str
+) -> AsyncIterator[tuple[AppState, httpx.AsyncClient]]:
+    """An app with keys of its own (a keys directory, or the database store: rotating must
+    not touch the shared ones), and a client holding an admin token for it."""
     keys = tmp_path / "keys"
-    if request.param == "files":
+    if key_store == "files":
         KeyStore(keys).ensure()
-    app = create_app(
-        make_settings(
-            database_url, keys, key_store=request.param, key_encryption_key=ENCRYPTION_KEY
-        )
+    settings = make_settings(
+        database_url, keys, key_store=key_store, key_encryption_key=ENCRYPTION_KEY
     )
+    app = create_app(settings)
     async with app.router.lifespan_context(app):
         state: AppState = app.state.auth
         async with state.db.sessions() as db:
@@ -1027,16 +1027,26 @@ async def own_keys(
                 db, client_id="key-ops", admin=True, grants=["client_credentials"]
             )
             await db.commit()
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-            creds = ClientCreds("key-ops", created.secret)
-            token = (await client_token(http, creds, scope="admin")).json()["access_token"]
-            http.headers.update(bearer(token))
-            yield http
-        async with state.db.sessions() as db:
-            await db.execute(Client.__table__.delete())
-            await db.execute(models.SigningKey.__table__.delete())  # the database store's
-            await db.commit()
+        try:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+                creds = ClientCreds("key-ops", created.secret)
+                token = (await client_token(http, creds, scope="admin")).json()["access_token"]
+                http.headers.update(bearer(token))
+                yield state, http
+        finally:
+            async with state.db.sessions() as db:
+                await db.execute(Client.__table__.delete())
+                await db.execute(models.SigningKey.__table__.delete())  # the database store's
+                await db.commit()
+
+
+@pytest.fixture(params=["files", "database"])
+async def own_keys(
+    database_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with key_ops(database_url, tmp_path, request.param) as (_, http):
+        yield http
 
 
 async def test_keys_are_listed_rotated_and_pruned(own_keys: httpx.AsyncClient) -> None:
@@ -1070,16 +1080,8 @@ async def test_keys_are_listed_rotated_and_pruned(own_keys: httpx.AsyncClient) -
 async def test_a_committed_rotation_whose_reload_fails_is_not_a_500(
     database_url: str, tmp_path: Path
 ) -> None:
-    settings = make_settings(
-        database_url, tmp_path / "keys", key_store="database", key_encryption_key=ENCRYPTION_KEY
-    )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        state: AppState = app.state.auth
+    async with key_ops(database_url, tmp_path, "database") as (state, http):
         async with state.db.sessions() as db:
-            created = await manage.create_client(
-                db, client_id="key-ops", admin=True, grants=["client_credentials"]
-            )
             # A damaged row (a state no release writes) that the next reload will refuse.
             await db.execute(
                 update(models.SigningKey)
@@ -1087,60 +1089,30 @@ async def test_a_committed_rotation_whose_reload_fails_is_not_a_500(
                 .where(models.SigningKey.state == "next")
             )
             await db.commit()
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-            creds = ClientCreds("key-ops", created.secret)
-            token = (await client_token(http, creds, scope="admin")).json()["access_token"]
-            rotated = await http.post(
-                "/admin/v1/keys/rotate", json={"force": True}, headers=bearer(token)
-            )
-            # Committed: the answer says so (a 500 would invite a second rotation), and
-            # readiness reports the reload that failed.
-            assert rotated.status_code == 200, rotated.text
-            ready = await http.get("/readyz")
-            assert ready.status_code == 503 and "state 'Retired'" in ready.json()["detail"]
-        async with state.db.sessions() as db:
-            await db.execute(Client.__table__.delete())
-            await db.execute(models.SigningKey.__table__.delete())  # keys of its own
-            await db.commit()
+        rotated = await http.post("/admin/v1/keys/rotate", json={"force": True})
+        # Committed: the answer says so (a 500 would invite a second rotation), and
+        # readiness reports the reload that failed.
+        assert rotated.status_code == 200, rotated.text
+        ready = await http.get("/readyz")
+        assert ready.status_code == 503 and "state 'Retired'" in ready.json()["detail"]
 
 
 @pytest.mark.feature("key-store-database")
 async def test_a_rotation_under_another_encryption_key_is_409(
     database_url: str, tmp_path: Path
 ) -> None:
-    settings = make_settings(
-        database_url, tmp_path / "keys", key_store="database", key_encryption_key=ENCRYPTION_KEY
-    )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        state: AppState = app.state.auth
-        async with state.db.sessions() as db:
-            created = await manage.create_client(
-                db, client_id="key-ops", admin=True, grants=["client_credentials"]
-            )
-            await db.commit()
+    async with key_ops(database_url, tmp_path, "database") as (state, http):
         # Another operator moved the keys to a new encryption key this replica lacks.
-        engine = create_engine(settings)
+        engine = create_engine(state.settings)
         try:
             other = DatabaseKeyStore(engine, parse_encryption_key(secrets.token_urlsafe(32)))
             await other.rewrap(parse_encryption_key(ENCRYPTION_KEY))
         finally:
             await engine.dispose()
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
-            creds = ClientCreds("key-ops", created.secret)
-            token = (await client_token(http, creds, scope="admin")).json()["access_token"]
-            refused = await http.post(
-                "/admin/v1/keys/rotate", json={"force": True}, headers=bearer(token)
-            )
-        assert refused.status_code == 409, refused.text
-        assert refused.json()["error_code"] == "key_store_conflict"
-        assert "rewrap" in refused.json()["detail"]
-        async with state.db.sessions() as db:
-            await db.execute(Client.__table__.delete())
-            await db.execute(models.SigningKey.__table__.delete())  # keys of its own
-            await db.commit()
+        refused = await http.post("/admin/v1/keys/rotate", json={"force": True})
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error_code"] == "key_store_conflict"
+    assert "rewrap" in refused.json()["detail"]
 
 
 async def test_simultaneous_creates_of_one_id_give_one_201_and_409s(
