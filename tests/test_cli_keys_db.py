@@ -518,3 +518,26 @@ def test_a_key_write_blocked_by_a_held_lock_is_one_error_line(
     assert "INSERT" not in message and "SELECT" not in message  # never the statement
     no_secrets(result, key)
     assert rows(db) == before
+
+
+@pytest.mark.parametrize("previous", ["short", "A" * 43, "not base64url!"])
+def test_a_bad_previous_encryption_key_is_one_error_line(
+    cli: Cli, db: Settings, environment: pytest.MonkeyPatch, key: str, previous: str
+) -> None:
+    environment.setenv("AUTH_KEY_ENCRYPTION_KEY_PREVIOUS", previous)
+    message = refused(cli("keys", "list"))
+    assert message.startswith("error: AUTH_KEY_ENCRYPTION_KEY_PREVIOUS ")
+    assert previous not in message and key not in message
+
+
+def test_the_previous_encryption_key_opens_a_rewrap_in_progress(
+    cli: Cli, db: Settings, environment: pytest.MonkeyPatch, key: str
+) -> None:
+    # Keys sealed under the old key; the commands given the new one and the old as previous
+    # read them (list), and refuse to seal a new one beside them until the rewrap is done.
+    assert cli("keys", "rotate").code == 0
+    new = secrets.token_urlsafe(32)
+    environment.setenv("AUTH_KEY_ENCRYPTION_KEY", new)
+    environment.setenv("AUTH_KEY_ENCRYPTION_KEY_PREVIOUS", key)
+    assert cli("keys", "list").code == 0
+    assert "keys rewrap" in refused(cli("keys", "rotate", "--force"))
