@@ -91,11 +91,6 @@ def b64url_sha256(value: str) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
-def jwk_thumbprint(jwk: dict[str, Any]) -> str:
-    """RFC 7638 SHA-256 thumbprint of a public JWK."""
-    return JWKRegistry.import_key(jwk).thumbprint()
-
-
 def normalised_uri(value: str) -> str | None:
     """RFC 9449 §4.3 check 9 with RFC 3986 §6.2.2-§6.2.3: scheme and host lower-cased, the
     default port dropped, percent-escapes upper-cased (unreserved ones decoded), dot segments
