@@ -155,7 +155,8 @@ class DatabaseKeyStore:
                     f"{', '.join(KEY_STATES)}: restore the row from a backup"
                 )
         chosen = signing_info([row.info for row in current])
-        signing_row = next(row for row in current if chosen is not None and row.kid == chosen.kid)
+        assert chosen is not None  # current is not empty
+        signing_row = next(row for row in current if row.kid == chosen.kid)
         # Each key is checked against its sealed private half once: someone who can write the
         # table but lacks the encryption key cannot slip a public key of theirs into the JWKS
         # (and so into what this server accepts).

@@ -88,11 +88,9 @@ async def _reload_keys(keys: KeySource, interval: float, wake: asyncio.Event | N
             if await keys.areload():
                 log.info("keys.reloaded", kid=keys.keyset().kid)
             failure = None
-            KEYS_RELOAD_FAILING.set(0)
             set_key_ages(keys.keyset().infos, time.time())
         except Exception as exc:  # keep serving with the keys already loaded
             KEYS_RELOAD_FAILURES.inc()
-            KEYS_RELOAD_FAILING.set(1)
             if str(exc) != failure:
                 failure = str(exc)
                 log.error("keys.reload_failed", error=failure)
@@ -189,6 +187,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if listener is not None:
                 listener.start()
             set_key_ages(keys.keyset().infos, time.time())
+            # Read from the store's own failure at each scrape, as /readyz reads it: the two
+            # can never disagree (the gauge used to be set a moment after the store cleared).
+            KEYS_RELOAD_FAILING.set_function(lambda: float(keys.failure is not None))
             reloader = asyncio.create_task(_reload_keys(keys, settings.key_reload_interval, wake))
             # AUTH_KEY_AUTO_ROTATE: every replica ticks, the one holding the lock acts.
             rotator = (

@@ -10,8 +10,9 @@ library registers there leaks out, and tests can read exact values):
   counters: tokens issued and refused, refresh/code reuse, failed sign-ins, rate-limit hits and
   revocations. Every label value is checked against a fixed list and anything else is counted
   as ``"other"``, so a hostile ``grant_type`` or ``error`` can never mint a new series.
-- ``database_breaker_state``, set through ``set_breaker_state``; ``keys_reload_failing`` and
-  ``keys_reload_failures``, set by the key reloader (``main._reload_keys``); ``key_age_seconds``
+- ``database_breaker_state``, set through ``set_breaker_state``; ``keys_reload_failing``, read
+  from the key store's ``failure`` at each scrape, and ``keys_reload_failures``, counted by the
+  key reloader (``main._reload_keys``); ``key_age_seconds``
   (by state), set through ``set_key_ages`` by the reloader and the automatic rotation.
 
 Each process has its own counters: with several uvicorn workers, a scrape reaches one worker
