@@ -142,6 +142,11 @@ class Settings(BaseSettings):
     session_ttl: int = Field(default=86_400, ge=60)
     #: Whether /register lets people create their own accounts.
     registration_enabled: bool = True
+    #: Second factors on the hosted pages (README, "Passkeys and second factors"): ``off``
+    #: (passwords only; passkeys still sign in), ``optional`` (each person chooses), ``required``
+    #: (everyone needs a one-time code app or a passkey: sent to enrol after signing in; the
+    #: password grant is refused).
+    mfa: Literal["off", "optional", "required"] = "optional"
     #: Lifetime of an authorization code (RFC 6749 §4.1.2: short; SPEC.md: 60 s).
     authorization_code_ttl: int = Field(default=60, ge=10, le=600)
 

@@ -58,6 +58,9 @@ from .passwords import Passwords
 from .ratelimit import Limiter
 from .web.browser import STATIC_DIR, SecurityHeadersMiddleware, error_page
 from .web.pages import router as pages_router
+from .web.passkey_pages import router as passkey_router
+from .web.second_factor import router as second_factor_router
+from .web.totp_pages import router as totp_router
 
 #: Paths that answer people in a browser: their 503 is a page, not JSON.
 PAGE_PATHS = ("/login", "/register", "/logout", "/account", "/consent", "/oauth2/authorize")
@@ -237,6 +240,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(userinfo_router, include_in_schema=False)
     app.include_router(authorize_router, include_in_schema=False)
     app.include_router(pages_router, include_in_schema=False)
+    app.include_router(second_factor_router, include_in_schema=False)
+    app.include_router(totp_router, include_in_schema=False)
+    app.include_router(passkey_router, include_in_schema=False)
     app.include_router(metrics_router, include_in_schema=False)
     app.include_router(account_router)
     app.include_router(admin_router)

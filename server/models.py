@@ -229,6 +229,8 @@ class RefreshFamily(Base):
     #: audience only. A refresh may ask for any of them, never another.
     resources: Mapped[str] = mapped_column(Text, default="")
     auth_time: Mapped[int] = mapped_column(BigInteger)
+    #: RFC 8176 methods of the sign-in (space-separated, ``server/mfa.py``); ``acr`` follows.
+    amr: Mapped[str] = mapped_column(String(64), default="", server_default="")
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     last_used_at: Mapped[int] = mapped_column(BigInteger, default=now)
     #: Absolute cap: no token of the family lives past it.
@@ -312,6 +314,8 @@ class BrowserSession(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     auth_time: Mapped[int] = mapped_column(BigInteger)
+    #: RFC 8176 methods the person signed in with (space-separated, ``server/mfa.py``).
+    amr: Mapped[str] = mapped_column(String(64), default="", server_default="")
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     expires_at: Mapped[int] = mapped_column(BigInteger)
     ended_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
@@ -339,6 +343,8 @@ class AuthorizationCode(Base):
     code_challenge: Mapped[str | None] = mapped_column(String(128), default=None)
     code_challenge_method: Mapped[str | None] = mapped_column(String(10), default=None)
     auth_time: Mapped[int] = mapped_column(BigInteger)
+    #: The browser session's ``amr`` when the code was issued.
+    amr: Mapped[str] = mapped_column(String(64), default="", server_default="")
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     expires_at: Mapped[int] = mapped_column(BigInteger)
     #: Set once, atomically, by the exchange that wins; a second exchange is reuse.
@@ -419,3 +425,55 @@ class SigningKey(Base):
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     activated_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
     retired_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
+
+
+class WebAuthnCredential(Base):
+    """A passkey (WebAuthn Level 3 public key credential) a person registered on /account."""
+
+    __tablename__ = "webauthn_credentials"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    #: The credential id, base64url without padding (§5.1: at most 1023 bytes).
+    credential_id: Mapped[str] = mapped_column(String(1400), unique=True)
+    #: The COSE public key (§6.5.1.1) the registration gave.
+    public_key: Mapped[bytes] = mapped_column(LargeBinary)
+    #: §6.1.1: the last signature counter seen; 0 for authenticators that keep none.
+    sign_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: §6.1.3: BE never changes for a credential; BS (backed up) may.
+    backup_eligible: Mapped[bool] = mapped_column(Boolean, default=False)
+    backed_up: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: ``AuthenticatorTransport`` values, space-separated, as hints for ``allowCredentials``.
+    transports: Mapped[str] = mapped_column(String(200), default="")
+    aaguid: Mapped[str] = mapped_column(String(36), default="")
+    name: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    last_used_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
+
+
+class TotpFactor(Base):
+    """A one-time code app (RFC 6238), one per person; usable once ``confirmed_at`` is set."""
+
+    __tablename__ = "totp_factors"
+
+    user_id: Mapped[str] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    #: The shared secret, sealed with AES-256-GCM under ``AUTH_SECRET_KEY`` (``secretbox``).
+    secret_sealed: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    confirmed_at: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    #: The last time step (RFC 6238 §4) a code was accepted for: a code of that step or an
+    #: earlier one is refused (§5.2: one use per code), by one conditional UPDATE.
+    last_step: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class RecoveryCode(Base):
+    """One of the ten single-use codes shown once at TOTP enrolment; only a keyed hash kept."""
+
+    __tablename__ = "recovery_codes"
+
+    code_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    used_at: Mapped[int | None] = mapped_column(BigInteger, default=None)

@@ -60,6 +60,9 @@ TABLES = {
     "pushed_requests",
     "signing_keys",
     "consents",
+    "webauthn_credentials",
+    "totp_factors",
+    "recovery_codes",
 }
 
 

@@ -204,7 +204,7 @@ async def _cookies(backend: Backend, signed_in: bool, csrf: bool) -> tuple[str, 
         state: AppState = backend.app.state.auth
         async with state.db.sessions() as db:
             user = await manage.get_user_by_id(db, backend.user_id)
-            _, value = await start_session(db, settings, user, None)
+            _, value = await start_session(db, settings, user, None, amr="pwd")
             await db.commit()
         cookies.append(f"{cookie_name(settings, 'session')}={value}")
     if csrf:

@@ -52,6 +52,7 @@ class OAuthServer(Protocol):
         *,
         scope: str,
         auth_time: int,
+        amr: str = "",
         resources: str = "",
         browser_session_id: str | None = None,
     ) -> Family: ...

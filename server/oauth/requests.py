@@ -49,6 +49,8 @@ class FormRequest(OAuth2Request):  # type: ignore[misc]
         #: Authorization requests: the browser session and when its person signed in.
         self.browser_session_id: str | None = None
         self.auth_time: int | None = None
+        #: ... and the methods they signed in with (``server/mfa.py``).
+        self.amr = ""
         #: RFC 8707: the audiences of the token this request gets (empty: the default one).
         self.resources: list[str] = []
         #: The client this request says it is (Basic user, else ``client_id``), unverified.

@@ -227,6 +227,7 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
         *,
         scope: str,
         auth_time: int,
+        amr: str = "",
         resources: str = "",
         browser_session_id: str | None = None,
     ) -> store.Family:
@@ -251,6 +252,7 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
             scope=scope,
             resources=resources,
             auth_time=auth_time,
+            amr=amr,
             expires_at=request.issued_at + lifetime,
             browser_session_id=browser_session_id,
             # RFC 9449 §5: a public client's refresh tokens are bound to the proof's key (a

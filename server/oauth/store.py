@@ -82,6 +82,9 @@ class Family:
     browser_session_id: str | None = None
     #: RFC 9449 §5: a public client's refresh tokens are bound to this DPoP key thumbprint.
     dpop_jkt: str | None = None
+    #: RFC 8176 methods of the sign-in (``server/mfa.py``); empty for one from before 0011.
+    #: (Last, as in ``_FAMILY_COLUMNS``: rows become a ``Family`` by position.)
+    amr: str = ""
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ _FAMILY_COLUMNS = (
     families.c.expires_at,
     families.c.browser_session_id,
     families.c.dpop_jkt,
+    families.c.amr,
 )
 
 # -- refresh_token ----------------------------------------------------------------------------
@@ -298,6 +302,7 @@ _INSERT_FAMILY = insert(families).values(
         "expires_at": bindparam("p_expires_at"),
         "browser_session_id": bindparam("p_browser_session_id"),
         "dpop_jkt": bindparam("p_dpop_jkt"),
+        "amr": bindparam("p_amr"),
     }
 )
 
@@ -316,6 +321,7 @@ def insert_family(db: Db, family: Family, *, now: int) -> None:
             "p_expires_at": family.expires_at,
             "p_browser_session_id": family.browser_session_id,
             "p_dpop_jkt": family.dpop_jkt,
+            "p_amr": family.amr,
         },
     )
 

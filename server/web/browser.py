@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,9 @@ MAX_NEXT_LENGTH = 2048
 SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
     (
         b"content-security-policy",
-        b"default-src 'none'; style-src 'self'; img-src 'self' data:; "
+        # ``script-src 'self'``: the one script, static/passkeys.js (WebAuthn calls); no
+        # inline script anywhere, so an injected one would not run.
+        b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
         b"frame-ancestors 'none'; base-uri 'none'",
     ),
     (b"x-content-type-options", b"nosniff"),
@@ -64,6 +67,7 @@ templates = Environment(
     undefined=StrictUndefined,
     auto_reload=False,
 )
+templates.filters["when"] = lambda stamp: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(stamp))
 
 
 class SecurityHeadersMiddleware:
@@ -214,7 +218,12 @@ async def current_session(
 
 
 async def start_session(
-    db: AsyncSession, settings: Settings, user: User, previous: SignedIn | None
+    db: AsyncSession,
+    settings: Settings,
+    user: User,
+    previous: SignedIn | None,
+    *,
+    amr: str,
 ) -> tuple[BrowserSession, str]:
     """A new session for ``user`` (new cookie value, new row, new ``auth_time``), so that a
     value planted or seen before this sign-in is worthless after it (session fixation).
@@ -233,6 +242,7 @@ async def start_session(
         token_hash=sha256_hex(value),
         user_id=user.id,
         auth_time=stamp,
+        amr=amr,
         created_at=stamp,
         expires_at=stamp + settings.session_ttl,
     )

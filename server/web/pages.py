@@ -17,7 +17,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
-from .. import manage
+from .. import factors as factor_store
+from .. import manage, mfa
 from ..boundary import column_length, text_problem
 from ..deps import AppState, StateDep
 from ..models import Client, RefreshFamily, User, live_families, now, revoke_families
@@ -36,9 +37,8 @@ from .browser import (
     redirect,
     render,
     safe_next,
-    set_cookie,
-    start_session,
 )
+from .second_factor import finish_sign_in, to_second_step
 
 router = APIRouter()
 
@@ -49,6 +49,8 @@ FAMILY_ID_LENGTH = column_length(RefreshFamily.id)
 NOTICES = {
     "signed_out": "You have been signed out.",
     "revoked": "That session has been signed out.",
+    "mfa_expired": "That sign-in took too long or was interrupted. Sign in again.",
+    "reauth": "Sign in again to change how you sign in.",
 }
 
 
@@ -172,15 +174,14 @@ async def login(request: Request, state: StateDep) -> Response:
             return await refuse(user.id if user is not None else None)
         if result.needs_rehash:
             user.password_hash = await state.passwords.hash_async(password)
-        previous = await current_session(request, db, settings)
-        session, cookie = await start_session(db, settings, user, previous)
-        await db.commit()
-    audit("signin.succeeded", user_id=user.id, session_id=session.id)
-    response = redirect(next_url)
-    set_cookie(response, settings, "session", cookie, settings.session_ttl)
-    # A new CSRF secret with the new session: nothing from before sign-in carries over.
-    set_cookie(response, settings, "csrf", Csrf.new().cookie, None)
-    return response
+        have = await factor_store.load(db, user.id)
+        if mfa.second_step_needed(settings, have) and have.any:
+            await db.commit()
+            audit("signin.password_accepted", user_id=user.id)
+            return to_second_step(state, user, amr=mfa.amr_of(mfa.PWD), next_url=next_url)
+        return await finish_sign_in(
+            request, state, db, user, amr=mfa.amr_of(mfa.PWD), next_url=next_url
+        )
 
 
 # -- sign up ------------------------------------------------------------------------------
@@ -261,22 +262,22 @@ async def register(request: Request, state: StateDep) -> Response:
             )
             async with state.db.session() as db:
                 user = await manage.insert_user(db, record)
-                previous = await current_session(request, db, settings)
-                session, cookie = await start_session(db, settings, user, previous)
-                await db.commit()
+                return await finish_sign_in(
+                    request,
+                    state,
+                    db,
+                    user,
+                    amr=mfa.amr_of(mfa.PWD),
+                    next_url=next_url,
+                    registered=True,
+                )
         except manage.ManageError as error:
             errors.append(_sentence(str(error)))
         except IntegrityError:
             errors.append("That username is taken.")
-    if errors or user is None:
-        return _register_page(
-            state, csrf, next_url=next_url, values=values, errors=errors, http_status=400
-        )
-    audit("signin.succeeded", user_id=user.id, session_id=session.id, registered=True)
-    response = redirect(next_url)
-    set_cookie(response, settings, "session", cookie, settings.session_ttl)
-    set_cookie(response, settings, "csrf", Csrf.new().cookie, None)
-    return response
+    return _register_page(
+        state, csrf, next_url=next_url, values=values, errors=errors, http_status=400
+    )
 
 
 def _sentence(message: str) -> str:

@@ -125,6 +125,7 @@ class CodeGrant(Grant, grants.AuthorizationCodeGrant):  # type: ignore[misc]
                 code_challenge_method=data.get("code_challenge_method"),
                 dpop_jkt=data.get("dpop_jkt"),
                 auth_time=request.auth_time,
+                amr=request.amr,
                 created_at=issued,
                 expires_at=issued + self.server.settings.authorization_code_ttl,
                 used_at=None,
@@ -177,6 +178,7 @@ class CodeGrant(Grant, grants.AuthorizationCodeGrant):  # type: ignore[misc]
             scope=code.scope,
             resources=code.resources,
             auth_time=code.auth_time,
+            amr=code.amr,
             browser_session_id=session_id,
         )
         token = self.server.issue(request, scope=code.scope, nonce=code.nonce)

@@ -11,6 +11,7 @@ from typing import Any
 from authlib.oauth2.rfc6749 import grants
 from authlib.oauth2.rfc6749.errors import InvalidGrantError
 
+from ... import mfa
 from ...models import User
 from ...names import USER_AUTH_METHODS
 from .base import BAD_CREDENTIALS, Grant, resolve_scope
@@ -57,6 +58,7 @@ class PasswordGrant(Grant, grants.ResourceOwnerPasswordCredentialsGrant):  # typ
             scope=request.scope,
             resources=" ".join(request.resources),
             auth_time=request.issued_at,
+            amr=mfa.amr_of(mfa.PWD),
         )
         token = self.server.issue(request, scope=request.scope)
         self.server.save_token(token, request)

@@ -1,0 +1,127 @@
+"""A person's second factors in the database: what they have, and the changes every surface
+(the account page, the account API, the admin API) makes the same way.
+
+Each change ends the person's other browser sessions when it weakens the account (a factor
+removed, all of them reset): a session that might belong to whoever removed it must not
+outlive the change (NIST SP 800-63B §6.1.2.1). The caller keeps its own session, writes the
+audit event and commits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from . import manage
+from .mfa import Factors
+from .models import BrowserSession, RecoveryCode, TotpFactor, WebAuthnCredential
+
+
+async def load(db: AsyncSession, user_id: str) -> Factors:
+    totp = await db.scalar(
+        select(func.count())
+        .select_from(TotpFactor)
+        .where(TotpFactor.user_id == user_id, TotpFactor.confirmed_at.is_not(None))
+    )
+    passkeys = await db.scalar(
+        select(func.count())
+        .select_from(WebAuthnCredential)
+        .where(WebAuthnCredential.user_id == user_id)
+    )
+    bound = await db.scalar(
+        select(func.count())
+        .select_from(WebAuthnCredential)
+        .where(
+            WebAuthnCredential.user_id == user_id,
+            WebAuthnCredential.backup_eligible.is_(False),
+        )
+    )
+    codes = await db.scalar(
+        select(func.count())
+        .select_from(RecoveryCode)
+        .where(RecoveryCode.user_id == user_id, RecoveryCode.used_at.is_(None))
+    )
+    return Factors(
+        totp=bool(totp),
+        passkeys=int(passkeys or 0),
+        bound_passkeys=int(bound or 0),
+        recovery_codes=int(codes or 0),
+    )
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One factor as the account page and the APIs list it."""
+
+    id: str  # ``totp`` for the one-time code app, else the passkey's id
+    kind: str  # ``totp`` or ``passkey``
+    name: str
+    created_at: int
+    last_used_at: int | None = None
+    #: Passkeys: whether the key may be synced (backup eligible) and is (backed up).
+    synced: bool | None = None
+    backed_up: bool | None = None
+
+
+async def listed(db: AsyncSession, user_id: str) -> list[Factor]:
+    out: list[Factor] = []
+    totp = await db.get(TotpFactor, user_id)
+    if totp is not None and totp.confirmed_at is not None:
+        out.append(Factor("totp", "totp", "Authenticator app", totp.confirmed_at))
+    rows = await db.scalars(
+        select(WebAuthnCredential)
+        .where(WebAuthnCredential.user_id == user_id)
+        .order_by(WebAuthnCredential.created_at, WebAuthnCredential.id)
+    )
+    for row in rows:
+        out.append(
+            Factor(
+                row.id,
+                "passkey",
+                row.name,
+                row.created_at,
+                row.last_used_at,
+                synced=row.backup_eligible,
+                backed_up=row.backed_up,
+            )
+        )
+    return out
+
+
+async def remove(db: AsyncSession, user_id: str, factor_id: str) -> str | None:
+    """Remove one factor of ``user_id`` (``totp`` removes the app and the recovery codes with
+    it); returns its kind, or ``None`` when the person has no such factor."""
+    if factor_id == "totp":
+        result = await db.execute(delete(TotpFactor).where(TotpFactor.user_id == user_id))
+        if not result.rowcount:  # type: ignore[attr-defined]
+            return None
+        await db.execute(delete(RecoveryCode).where(RecoveryCode.user_id == user_id))
+        return "totp"
+    result = await db.execute(
+        delete(WebAuthnCredential).where(
+            WebAuthnCredential.id == factor_id, WebAuthnCredential.user_id == user_id
+        )
+    )
+    return "passkey" if result.rowcount else None  # type: ignore[attr-defined]
+
+
+async def reset(db: AsyncSession, user_id: str) -> int:
+    """Remove every factor and recovery code of ``user_id``; returns how many factors went."""
+    totp = await db.execute(delete(TotpFactor).where(TotpFactor.user_id == user_id))
+    await db.execute(delete(RecoveryCode).where(RecoveryCode.user_id == user_id))
+    keys = await db.execute(delete(WebAuthnCredential).where(WebAuthnCredential.user_id == user_id))
+    return int(totp.rowcount + keys.rowcount)  # type: ignore[attr-defined]
+
+
+async def end_other_sessions(db: AsyncSession, user_id: str, keep_session: str | None) -> int:
+    """End the person's browser sessions but ``keep_session`` (with the sign-ins they created:
+    whoever holds one of them is signed out of the apps too); returns the sessions ended."""
+    where = [BrowserSession.user_id == user_id]
+    if keep_session is not None:
+        where.append(BrowserSession.id != keep_session)
+    ended = await manage.end_browser_sessions(
+        db, *where, reason="factors_changed", end_families=True
+    )
+    return ended.sessions
