@@ -151,7 +151,7 @@ async def test_a_password_sign_in_is_amr_pwd_and_acr_1_everywhere(
     assert (info["amr"], info["acr"]) == (["pwd"], "1")
 
 
-@pytest.mark.feature("id-tokens", "userinfo", "refresh-rotation")
+@pytest.mark.feature("id-tokens", "userinfo", "grant-refresh")
 async def test_a_multi_factor_session_is_told_in_the_id_token_its_refreshes_and_userinfo(
     browser: httpx.AsyncClient, make_client: MakeClient, make_user: MakeUser, state: AppState
 ) -> None:
@@ -169,7 +169,7 @@ async def test_a_multi_factor_session_is_told_in_the_id_token_its_refreshes_and_
     assert (info["amr"], info["acr"]) == (["pwd", "otp", "mfa"], "2")
 
 
-@pytest.mark.feature("id-tokens", "userinfo", "password-grant")
+@pytest.mark.feature("id-tokens", "userinfo", "grant-password")
 async def test_a_sign_in_from_before_methods_were_kept_gets_no_amr_or_acr(
     client: httpx.AsyncClient, make_client: MakeClient, make_user: MakeUser, state: AppState
 ) -> None:
@@ -413,7 +413,7 @@ async def test_hostile_acr_values_get_an_answer_never_a_500(
 # -- the password grant ---------------------------------------------------------------------
 
 
-@pytest.mark.feature("mfa-policy", "password-grant")
+@pytest.mark.feature("mfa-policy", "grant-password")
 async def test_the_password_grant_refuses_a_person_with_a_one_time_code_app(
     client: httpx.AsyncClient,
     make_client: MakeClient,
@@ -450,7 +450,7 @@ async def test_the_password_grant_refuses_a_person_with_a_one_time_code_app(
     assert failures == ["alice"]
 
 
-@pytest.mark.feature("mfa-policy", "password-grant")
+@pytest.mark.feature("mfa-policy", "grant-password")
 async def test_the_password_grant_under_required_and_off(
     settings: Settings, make_client: MakeClient, make_user: MakeUser, state: AppState
 ) -> None:
