@@ -2,8 +2,13 @@
 
 ``GET|POST /oauth2/authorize`` validates the request with Authlib's ``AuthorizationCodeGrant``
 (client, exact redirect URI, response type, scope, PKCE), then decides:
-- not signed in, or ``prompt=login`` → the sign-in page, which comes back here;
-  ``prompt=none`` → ``login_required`` to the client instead;
+- not signed in, or ``prompt=login``, or a sign-in older than ``max_age`` → the sign-in page
+  (the full sign-in: password and, where the policy asks, the second step), which comes back
+  here; ``prompt=none`` → ``login_required`` to the client instead;
+- signed in, but weaker than ``acr_values`` asks and one of the person's factors can reach it,
+  or ``AUTH_MFA=required`` and the sign-in had one factor → the step-up (``/login/step-up``:
+  a second factor, or enrolment for someone without one), which comes back here;
+  ``prompt=none`` → ``login_required`` (``interaction_required`` when enrolment is needed);
 - consent needed (client not first-party and scope not yet allowed, or ``prompt=consent``)
   → the consent page; ``prompt=none`` → ``consent_required``;
 - otherwise a code, single use, ``AUTH_AUTHORIZATION_CODE_TTL`` (60 s), bound to client,
@@ -27,7 +32,9 @@ from fastapi import APIRouter, Request
 from sqlalchemy.orm import Session
 from starlette.responses import RedirectResponse, Response
 
-from .. import documents
+from .. import documents, mfa
+from .. import factors as factor_store
+from ..config import Settings
 from ..deps import AppState, StateDep
 from ..forms import FormError, parse_form, read_form, repeated
 from ..models import Client, Consent
@@ -75,6 +82,7 @@ class Outcome:
     location: str | None = None  # redirect to the client
     error: OAuth2Error | None = None  # show on the error page
     login: bool = False  # send to the sign-in page
+    step_up: bool = False  # send to the step-up (a stronger sign-in of the same person)
     consent: dict[str, Any] = field(default_factory=dict)  # show the consent page
     issued: bool = False  # the redirect carries a new code
 
@@ -109,6 +117,31 @@ def _redirect_error(error: OAuth2Error, issuer: str) -> Outcome:
     return Outcome(error=error)
 
 
+def needs_factors(settings: Settings, who: SignedIn | None, params: dict[str, str]) -> bool:
+    """Whether ``decide`` needs the person's factors (``step_up``): loaded only then."""
+    return who is not None and (settings.mfa == "required" or bool(params.get("acr_values")))
+
+
+def step_up(
+    settings: Settings, who: SignedIn, have: mfa.Factors | None, acr_values: str
+) -> str | None:
+    """Why the signed-in person must prove more before a code: ``"factor"`` (a second factor
+    they have), ``"enrol"`` (``AUTH_MFA=required`` and they have none), or ``None``.
+
+    OpenID Connect Core §3.1.2.1: ``acr_values`` is space-separated, in order of preference,
+    and voluntary (§5.5.1.1): asked only when one of their factors can reach a requested level
+    (``mfa.step_up_helps``), unknown values ignored; otherwise the code says (``acr``) what the
+    sign-in reached. Once the step-up is done (or cannot help) this is ``None``: no loop."""
+    amr = who.session.amr
+    if have is None:
+        return None
+    if settings.mfa == "required" and not mfa.is_multi_factor(amr):
+        return "factor" if have.any else "enrol"
+    if mfa.step_up_helps(amr, have, acr_values.split()):
+        return "factor"
+    return None
+
+
 def decide(
     server: TokenServer,
     request: FormRequest,
@@ -116,8 +149,10 @@ def decide(
     decision: str | None,
     *,
     pushed: bool = False,
+    factors: mfa.Factors | None = None,
 ) -> Outcome:
-    """``pushed``: the parameters came from /oauth2/par (RFC 9126 §4)."""
+    """``pushed``: the parameters came from /oauth2/par (RFC 9126 §4); ``factors``: the
+    signed-in person's (``needs_factors``), else ``None``."""
     issuer = server.settings.issuer
     prompts = set(request.form.get("prompt", "").split())
     user = who.user if who is not None else None
@@ -152,6 +187,24 @@ def decide(
         if "none" in prompts:
             return fail(OAuth2Error(error="login_required", description="Sign-in required."))
         return Outcome(login=True)
+    # Authentication before consent (OpenID Connect Core §3.1.2.3, then §3.1.2.4).
+    stronger = step_up(server.settings, who, factors, request.form.get("acr_values", ""))
+    if stronger is not None:
+        if "none" in prompts:
+            # OpenID Connect Core §3.1.2.6: a second factor is End-User authentication
+            # (login_required); enrolling one is interaction of another kind
+            # (interaction_required).
+            if stronger == "enrol":
+                return fail(
+                    OAuth2Error(
+                        error="interaction_required",
+                        description="A second sign-in method must be set up first.",
+                    )
+                )
+            return fail(
+                OAuth2Error(error="login_required", description="A stronger sign-in is required.")
+            )
+        return Outcome(step_up=True)
     client: Client = request.client
     scope: str = request.scope
     db = request.db
@@ -237,10 +290,15 @@ async def _handle(
         if not verdict.allowed:
             return _too_many_codes(verdict)
         server: TokenServer = request.app.state.oauth
+        have = None
+        if who is not None and needs_factors(settings, who, params):
+            have = await factor_store.load(db, who.user.id)
 
         def on(session: Session) -> Outcome:
             oauth_request.db = session
-            outcome = decide(server, oauth_request, who, decision, pushed=pushed is not None)
+            outcome = decide(
+                server, oauth_request, who, decision, pushed=pushed is not None, factors=have
+            )
             if (
                 pushed is not None
                 and outcome.location is not None
@@ -286,6 +344,15 @@ async def _handle(
                 again["prompt"] = " ".join(prompts)
         target = "/oauth2/authorize?" + urlencode(repeated(again))
         return RedirectResponse("/login?" + urlencode({"next": target}), status_code=status)
+    if outcome.step_up:
+        # The request comes back as it is: the step-up starts a new session (a new
+        # ``auth_time``), so ``max_age`` holds, and its ``amr`` now meets what was asked.
+        # A pushed request is named again by its ``request_uri`` (with the URL's narrowed
+        # ``prompt``, as the sign-in redirect leaves it).
+        keep = ("client_id", "request_uri", "prompt") if pushed is not None else tuple(sent)
+        again = {k: sent[k] for k in keep if k in sent}
+        target = "/oauth2/authorize?" + urlencode(repeated(again))
+        return RedirectResponse("/login/step-up?" + urlencode({"next": target}), status_code=status)
     # RFC 8707: the services (APIs) the access is for, by name where one is known
     # (``resource_names``: AUTH_RESOURCES or the resource's RFC 9728 metadata), always with
     # the URI as asked for; none: ours.

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from .. import documents
+from .. import documents, mfa
 from ..config import Settings
 from ..deps import AppState, StateDep
 from ..dpop import DpopError, DpopNonceError
@@ -32,7 +32,7 @@ from ..observability import audit
 from ..passwords import normalize_username
 from ..ratelimit import Verdict
 from . import store
-from .grants import BAD_CREDENTIALS
+from .grants import BAD_CREDENTIALS, SECOND_FACTOR_NEEDED
 from .requests import FormRequest, form_request
 from .server import Response as ServerResponse
 from .server import TokenServer
@@ -145,7 +145,12 @@ async def token(request: Request) -> Response:
         audit("token.issued", grant_type=grant_type, client_id=client_id, user_id=user_id)
     else:
         audit("token.refused", grant_type=grant_type, client_id=client_id, error=body.get("error"))
-        if account is not None and body.get("error") == "invalid_grant":
+        if (
+            account is not None
+            and body.get("error") == "invalid_grant"
+            # A right password refused for want of a second factor is no failed guess.
+            and body.get("error_description") != SECOND_FACTOR_NEEDED
+        ):
             await limiter.failed(account, ip)
     if status == 200 and oauth_request.dpop is not None and settings.dpop_require_nonce:
         # RFC 9449 §8.2: the nonce for the client's next proof (it rotates by itself).
@@ -303,6 +308,9 @@ def discovery_document(settings: Settings) -> dict[str, Any]:
             "nonce",
             "at_hash",
             "sid",
+            # RFC 8176 methods and the level (OpenID Connect Core §2) of the sign-in.
+            "amr",
+            "acr",
             *[claim for claims in SCOPE_CLAIMS.values() for claim in claims],
         ],
         "response_types_supported": ["code"],
@@ -322,6 +330,9 @@ def discovery_document(settings: Settings) -> dict[str, Any]:
         "revocation_endpoint_auth_signing_alg_values_supported": algs,
         "introspection_endpoint_auth_signing_alg_values_supported": algs,
         "prompt_values_supported": ["none", "login", "consent"],
+        # OpenID Connect Discovery 1.0 §3: the levels ``acr_values`` may ask for, weakest
+        # first ("1" password, "2" with a second factor, "phr"/"phrh" passkeys: server/mfa.py).
+        "acr_values_supported": list(mfa.ACR_VALUES),
         "authorization_response_iss_parameter_supported": True,  # RFC 9207
         "request_parameter_supported": False,
         "claims_parameter_supported": False,

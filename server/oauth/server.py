@@ -27,6 +27,7 @@ from authlib.oauth2.rfc6749.errors import (
 from authlib.oidc.core.util import create_half_hash
 from sqlalchemy.util import await_only
 
+from .. import mfa
 from ..bearer import DPOP
 from ..clients import ClientCache
 from ..deps import AppState
@@ -55,6 +56,17 @@ Response = tuple[int, dict[str, Any], list[tuple[str, str]]]
 REFRESH_TOKEN_BYTES = 32  # 256 bits from the OS CSPRNG
 
 __all__ = ["CLIENT_AUTH_FAILED", "Response", "TokenServer"]
+
+
+def sign_in_claims(amr: str) -> dict[str, Any]:
+    """``amr`` (RFC 8176 methods) and ``acr`` (OpenID Connect Core §2) of a sign-in by
+    ``amr``: what the ID token (and refreshes of it, §12.2: the family keeps them) and /userinfo
+    say. A sign-in from before methods were recorded (empty ``amr``) gets neither: no claim is
+    better than a wrong one (both are optional, §2)."""
+    acr = mfa.acr_of(amr)
+    if acr is None:
+        return {}
+    return {"amr": mfa.amr_list(amr), "acr": acr}
 
 
 class TokenServer(AuthorizationServer):  # type: ignore[misc]
@@ -347,4 +359,5 @@ class TokenServer(AuthorizationServer):  # type: ignore[misc]
             claims["nonce"] = nonce
         if family is not None:
             claims["sid"] = family.id
+            claims.update(sign_in_claims(family.amr))
         return self.state.keys.keyset().sign(claims, "JWT")

@@ -52,6 +52,7 @@ from ..models import (
     RefreshFamily,
     RefreshToken,
     RevokedAccessToken,
+    TotpFactor,
     User,
     new_id,
     revoke_families,
@@ -360,6 +361,18 @@ def find_user(db: Db, username_key: str) -> User | None:
 def get_user(db: Db, user_id: str) -> User | None:
     row = db.execute(_GET_USER, {"p_id": user_id}).first()
     return User(**row._mapping) if row is not None else None
+
+
+_TOTP_CONFIRMED = select(literal(1)).where(
+    cast(Table, TotpFactor.__table__).c.user_id == bindparam("p_user_id"),
+    cast(Table, TotpFactor.__table__).c.confirmed_at.is_not(None),
+)
+
+
+def totp_confirmed(db: Db, user_id: str) -> bool:
+    """Whether the person has a confirmed one-time code app: with ``AUTH_MFA=optional``
+    that is what turns the second step on (``mfa.second_step_needed``)."""
+    return db.execute(_TOTP_CONFIRMED, {"p_user_id": user_id}).first() is not None
 
 
 def rehash(db: Db, user_id: str, password_hash: str) -> None:

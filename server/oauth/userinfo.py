@@ -14,7 +14,9 @@ from fastapi.responses import Response
 
 from ..bearer import Realm, live_bearer, token_claims
 from ..deps import StateDep
+from ..models import RefreshFamily
 from .routes import json_response
+from .server import sign_in_claims
 
 router = APIRouter()
 
@@ -27,6 +29,10 @@ async def userinfo(request: Request, state: StateDep) -> Response:
     claims = await token_claims(request, state, USERINFO)
     async with state.db.session() as db:
         bearer = await live_bearer(db, claims)
+        # The sign-in the token belongs to (its family, ``sid``): what it proved. Read in the
+        # same transaction that found the token live.
+        sid = claims.get("sid")
+        family = await db.get(RefreshFamily, sid) if isinstance(sid, str) else None
     if bearer is None or bearer.user is None:
         # A client_credentials token has nobody behind it to describe.
         raise USERINFO.invalid_token()
@@ -35,6 +41,10 @@ async def userinfo(request: Request, state: StateDep) -> Response:
         # OpenID Connect Core §5.3: only a token with openid; RFC 6750 §3 names the scope.
         raise USERINFO.insufficient_scope("The token lacks the openid scope.", scope="openid")
     body: dict[str, Any] = {"sub": user.id}
+    if family is not None:
+        # OpenID Connect Core §5.3.2: any claim of the End-User; amr and acr (§2) of the
+        # sign-in, as its ID token said them (none for a sign-in from before they were kept).
+        body.update(sign_in_claims(family.amr))
     if "profile" in bearer.scopes:
         body["preferred_username"] = user.username
         if user.name:

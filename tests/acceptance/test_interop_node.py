@@ -23,6 +23,10 @@ import jwt
 import pytest
 from joserfc.jwk import ECKey
 
+from server.config import DEV_SECRET_KEY
+from server.db import create_engine, session_factory
+from server.models import TotpFactor, now
+from server.secretbox import seal
 from tests.conftest import BACKENDS
 
 from .conftest import (
@@ -31,6 +35,8 @@ from .conftest import (
     RunningServer,
     cli,
     fresh_database,
+    in_thread,
+    local_settings,
     start_server,
 )
 
@@ -259,3 +265,72 @@ def test_oauth4webapi_retries_with_the_dpop_nonces_the_server_demands(
     # good at the token endpoint and /userinfo too (one origin), so only PAR retries.
     assert seen["private_key_jwt"]["retries"] == {"par": 1}
     assert seen["private_key_jwt"]["other_key_retries"] == {"token": 1}
+
+
+# -- amr and acr after a second factor (tests/interop_node/mfa_claims.mjs) -----------------
+
+TOTP_SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"  # base32, 160 bits (RFC 4226 §4)
+
+
+def add_totp(server: RunningServer, user_id: str, secret: str) -> None:
+    """A confirmed one-time code app for ``user_id``, sealed as the server seals its own."""
+
+    async def run() -> None:
+        settings = local_settings(server.database_url)
+        secret_key = server.env.get("AUTH_SECRET_KEY", DEV_SECRET_KEY)
+        engine = create_engine(settings)
+        try:
+            async with session_factory(engine)() as db:
+                db.add(
+                    TotpFactor(
+                        user_id=user_id,
+                        secret_sealed=seal(secret_key, secret, context="totp:" + user_id),
+                        confirmed_at=now(),
+                    )
+                )
+                await db.commit()
+        finally:
+            await engine.dispose()
+
+    in_thread(run())
+
+
+@pytest.mark.feature("mfa-amr-acr", "mfa-totp", "id-tokens")
+def test_oauth4webapi_validates_amr_and_acr_of_a_two_factor_sign_in(
+    node_executable: str, server: RunningServer
+) -> None:
+    public = server.new_client(
+        "interop-mfa",
+        public=True,
+        grants=["authorization_code"],
+        scope=SCOPE,
+        redirect_uris=[REDIRECT_URI],
+        name="oauth4webapi interop",
+    )
+    user = server.new_user("interop-mfa")
+    add_totp(server, user.id, TOTP_SECRET)
+    run = subprocess.run(
+        [node_executable, str(PACKAGE / "mfa_claims.mjs")],
+        env={
+            **os.environ,
+            "ISSUER": server.url,
+            "REDIRECT_URI": REDIRECT_URI,
+            "CLIENT_ID": public.client_id,
+            "USER_NAME": user.username,
+            "USER_PASSWORD": user.password,
+            "TOTP_SECRET": TOTP_SECRET,
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr + "\n" + server.log()[-4000:]
+    seen = json.loads(run.stdout)
+    # authorize -> /login 302, sign-in page 200, POST /login 303 to the second step, its
+    # page 200, POST /login/verify/code 303, consent page 200, POST /consent 303.
+    assert seen["steps"] == [302, 200, 303, 200, 303, 200, 303]
+    claims = seen["claims"]  # as oauth4webapi validated them (signature, nonce, max_age)
+    assert claims["sub"] == user.id
+    assert claims["amr"] == ["pwd", "otp", "mfa"]
+    assert claims["acr"] == "2"

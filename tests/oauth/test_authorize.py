@@ -202,6 +202,8 @@ async def test_the_whole_flow(
         "name": "Alice Liddell",
         "email": "alice@example.com",
         "email_verified": False,
+        "amr": ["pwd"],
+        "acr": "1",
     }
     # The refresh token works (and rotates) like any other.
     refreshed = await browser.post(

@@ -27,9 +27,10 @@ async def token_for(
 @pytest.mark.parametrize(
     ("scope", "claims"),
     [
-        ("openid", {"sub"}),
-        ("openid profile", {"sub", "preferred_username"}),
-        ("openid email", {"sub", "email", "email_verified"}),
+        # amr and acr: the password grant's sign-in (tests/oauth/test_mfa_claims.py).
+        ("openid", {"sub", "amr", "acr"}),
+        ("openid profile", {"sub", "preferred_username", "amr", "acr"}),
+        ("openid email", {"sub", "email", "email_verified", "amr", "acr"}),
     ],
 )
 async def test_claims_follow_the_scopes(

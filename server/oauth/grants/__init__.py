@@ -5,6 +5,7 @@ from .base import (
     BAD_CODE,
     BAD_CREDENTIALS,
     BAD_REFRESH_TOKEN,
+    SECOND_FACTOR_NEEDED,
     InvalidDpopProofError,
     resolve_scope,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "BAD_CODE",
     "BAD_CREDENTIALS",
     "BAD_REFRESH_TOKEN",
+    "SECOND_FACTOR_NEEDED",
     "ClientCredentialsGrant",
     "CodeGrant",
     "InvalidDpopProofError",

@@ -30,6 +30,10 @@ from ..context import OAuthServer
 BAD_CREDENTIALS = "Invalid username or password."
 BAD_REFRESH_TOKEN = "The refresh token is invalid, expired or revoked."  # noqa: S105
 BAD_CODE = "The authorization code is invalid, expired or already used."
+#: The password grant's answer to a right password that is not enough (RFC 6749 §5.2).
+SECOND_FACTOR_NEEDED = (
+    "This account signs in with a second factor: use the authorization code flow in a browser."
+)
 
 
 class InvalidDpopProofError(OAuth2Error):  # type: ignore[misc]

@@ -2,6 +2,13 @@
 
 A bad username *or* password is ``invalid_grant`` (Authlib: ``invalid_request``), and an
 unknown user costs a dummy hash, so neither the answer nor its time tells which accounts exist.
+
+A password is one factor: a person who must give a second one (``AUTH_MFA=required``, or
+``optional`` with a one-time code app: ``mfa.second_step_needed``) cannot sign in here, since
+this grant has no second step. Their right password gets ``invalid_grant`` saying so (RFC 6749
+§5.2), not counted as a failed password; a wrong one gets the usual answer, so this tells nobody
+more than the browser's sign-in page does (which asks for the second factor after a right
+password).
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ from authlib.oauth2.rfc6749.errors import InvalidGrantError
 from ... import mfa
 from ...models import User
 from ...names import USER_AUTH_METHODS
-from .base import BAD_CREDENTIALS, Grant, resolve_scope
+from ...observability import audit
+from .. import store
+from .base import BAD_CREDENTIALS, SECOND_FACTOR_NEEDED, Grant, resolve_scope
 
 
 class PasswordGrant(Grant, grants.ResourceOwnerPasswordCredentialsGrant):  # type: ignore[misc]
@@ -47,6 +56,17 @@ class PasswordGrant(Grant, grants.ResourceOwnerPasswordCredentialsGrant):  # typ
         if user is None or not result.ok or user.disabled:
             # One error for unknown user, wrong password and disabled account.
             raise InvalidGrantError(BAD_CREDENTIALS)
+        settings = server.settings
+        if settings.mfa != "off":
+            have = mfa.Factors(totp=store.totp_confirmed(request.db, user.id))
+            if mfa.second_step_needed(settings, have):
+                audit(
+                    "token.second_factor_needed",
+                    client_id=request.client.client_id,
+                    user_id=user.id,
+                    policy=settings.mfa,
+                )
+                raise InvalidGrantError(SECOND_FACTOR_NEEDED)
         if result.needs_rehash:
             server.rehash(request, user, password)
         return user
