@@ -313,6 +313,7 @@ async def test_listing_needs_the_account_scope_and_removing_a_first_party_app(
     assert await factor_rows(state, user.id) == (0, 2, 0)
 
 
+@pytest.mark.one_backend  # refused by the schema before any query
 @pytest.mark.parametrize(
     "factor_id",
     [
