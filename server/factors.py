@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import manage
 from .mfa import Factors
-from .models import BrowserSession, RecoveryCode, TotpFactor, WebAuthnCredential
+from .models import BrowserSession, RecoveryCode, TotpFactor, User, WebAuthnCredential
 
 
 async def load(db: AsyncSession, user_id: str) -> Factors:
@@ -88,6 +88,15 @@ async def listed(db: AsyncSession, user_id: str) -> list[Factor]:
             )
         )
     return out
+
+
+async def lock(db: AsyncSession, user_id: str) -> None:
+    """Take the person's row lock (PostgreSQL ``SELECT … FOR UPDATE``) until the transaction
+    ends, so that two removals of the same person's factors run one after the other: each
+    then sees what the other left, and two simultaneous removals cannot together take away
+    the last factor without the password. SQLite needs none: its writers are serialised by
+    ``BEGIN IMMEDIATE`` (``server/db.py``), and SQLAlchemy leaves ``FOR UPDATE`` out there."""
+    await db.execute(select(User.id).where(User.id == user_id).with_for_update())
 
 
 async def remove(db: AsyncSession, user_id: str, factor_id: str) -> str | None:

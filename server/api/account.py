@@ -1,18 +1,21 @@
 """The account API for first-party apps: the signed-in person and their sign-ins (/api/v1).
 
-Each sign-in (a refresh-token family) is listed and can be ended, as on the /account page.
+Each sign-in (a refresh-token family) is listed and can be ended, as on the /account page;
+so can the second factors (passkeys, the one-time code app), as on /account/security.
 Every endpoint but registration needs a person's token with the ``account`` scope; the password
-change also a first-party client (``auth.PersonScope``).
+change and removing a factor also a first-party client (``auth.PersonScope``).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from .. import manage
+from .. import factors, manage
 from ..boundary import NO_NUL, PATH_ID
 from ..deps import StateDep
 from ..models import RefreshFamily, User, live_families, now
@@ -51,6 +54,62 @@ class ProfileChange(Body):
 class PasswordChange(Body):
     current_password: str = Field(min_length=1, max_length=4096, pattern=NO_NUL)
     new_password: str = Field(min_length=1, max_length=4096, pattern=NO_NUL)
+
+
+class FactorRemoval(Body):
+    """Only needed to remove the person's last factor (the account then rests on the
+    password alone)."""
+
+    current_password: str | None = Field(
+        default=None, min_length=1, max_length=4096, pattern=NO_NUL
+    )
+
+
+class FactorOut(BaseModel):
+    """A second factor: the one-time code app (id ``totp``) or a passkey."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: ``totp`` for the one-time code app (one per person), else the passkey's id.
+    id: str
+    kind: Literal["totp", "passkey"]
+    name: str
+    created_at: int
+    #: Passkeys: the last sign-in with it; ``null`` for the app and for an unused passkey.
+    last_used_at: int | None
+    #: Passkeys only (WebAuthn §6.1.3): may be synced to other devices (backup eligible)…
+    synced: bool | None
+    #: …and is (backed up); ``null`` for the app.
+    backed_up: bool | None
+
+    @classmethod
+    def of(cls, factor: factors.Factor) -> Self:
+        return cls(
+            id=factor.id,
+            kind="totp" if factor.kind == "totp" else "passkey",
+            name=factor.name,
+            created_at=factor.created_at,
+            last_used_at=factor.last_used_at,
+            synced=factor.synced,
+            backed_up=factor.backed_up,
+        )
+
+
+class FactorList(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    factors: list[FactorOut]
+    #: Unused recovery codes (they come with the one-time code app and go with it).
+    recovery_codes: int
+
+
+async def factor_list(db: AsyncSession, user_id: str) -> FactorList:
+    """The person's factors, as the account and admin APIs list them."""
+    listed = await factors.listed(db, user_id)
+    counts = await factors.load(db, user_id)
+    return FactorList(
+        factors=[FactorOut.of(f) for f in listed], recovery_codes=counts.recovery_codes
+    )
 
 
 class UserSession(BaseModel):
@@ -95,6 +154,16 @@ SessionId = Annotated[
     str, Path(min_length=1, max_length=64, pattern=PATH_ID, description="A sign-in's id")
 ]
 
+FactorId = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=64,
+        pattern=PATH_ID,
+        description="A factor's id: `totp` (the one-time code app) or a passkey's id",
+    ),
+]
+
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "No token, or an invalid, expired or revoked one (`invalid_token`)"},
     403: {
@@ -103,7 +172,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         " registered with it"
     },
 }
-#: The password change: also refused to a client that is not first-party.
+#: The password change and removing a factor: also refused to a client that is not first-party.
 PASSWORD_ERRORS: dict[int | str, dict[str, Any]] = {
     **ERRORS,
     403: {
@@ -228,4 +297,97 @@ async def end_session(session_id: SessionId, caller: CallerDep) -> Response:
     if not ended:
         raise ApiError(404, "not_found", "No such live sign-in of yours.")
     audit("session.revoked", family_id=session_id, user_id=caller.user.id, via="api")
+    return Response(status_code=204)
+
+
+@router.get("/me/factors", responses=ERRORS)
+async def my_factors(caller: CallerDep) -> FactorList:
+    """The person's second factors (passkeys, the one-time code app) and how many unused
+    recovery codes they have."""
+    return await factor_list(caller.db, caller.user.id)
+
+
+async def _removable(db: AsyncSession, user_id: str, factor_id: str) -> bool:
+    """Lock the person's factors (``factors.lock``, until the transaction ends) and say
+    whether ``factor_id`` is their last factor; 404 when they have no such factor."""
+    await factors.lock(db, user_id)
+    listed = await factors.listed(db, user_id)
+    if not any(f.id == factor_id for f in listed):
+        raise ApiError(404, "not_found", "No such sign-in method of yours.")
+    return len(listed) == 1
+
+
+@router.post(
+    "/me/factors/{factor_id}/remove",
+    status_code=204,
+    responses={
+        **PASSWORD_ERRORS,
+        400: {
+            "description": "`wrong_password`: the last factor needs the current password,"
+            " and it was missing, wrong, or too many were wrong lately"
+        },
+        404: {"description": "No such factor of yours (`not_found`)"},
+    },
+)
+async def remove_factor(
+    factor_id: FactorId,
+    request: Request,
+    caller: FirstPartyCallerDep,
+    state: StateDep,
+    removal: FactorRemoval | None = None,
+) -> Response:
+    """Remove one second factor (``totp``: the app with its recovery codes). Removing the
+    last one needs ``current_password``: the account then rests on the password alone, and a
+    token alone must not be enough to bring it there.
+
+    A first-party client only, as for the password change: removing a factor weakens the
+    account, which no third-party app the person granted ``account`` should be able to do.
+    POST to ``…/remove`` rather than DELETE with a body: content in a DELETE has no defined
+    meaning and some intermediaries refuse or drop it (RFC 9110 §9.3.5).
+
+    Every browser session of the person ends, with the sign-ins made through it (whoever
+    removed the factor might be someone else, signed in there: NIST SP 800-63B §6.1.2.1),
+    but the one the caller's sign-in was made through, as the password change keeps it."""
+    user = caller.user  # loaded with the token, in this unit of work
+    user_id, username, password_hash = user.id, user.username, user.password_hash
+    if await _removable(caller.db, user_id, factor_id):
+        # Two transactions, as for the password change: argon2 runs between them, holding no
+        # connection and no lock; the second one checks again under the lock.
+        await caller.release()
+        password = removal.current_password if removal is not None else None
+        if password is None:
+            audit("factor.remove_refused", user_id=user_id, factor=factor_id, via="api")
+            raise ApiError(
+                400, "wrong_password", "Removing your last sign-in method needs your password."
+            )
+        limiter = state.limiter
+        account = normalize_username(username)
+        ip = limiter.client_ip(request)
+        if await limiter.throttled(account, ip):
+            audit("factor.remove_refused", user_id=user_id, factor=factor_id, via="api")
+            raise ApiError(400, "wrong_password", "The current password is not correct.")
+        result = await state.passwords.verify_async(password_hash, password)
+        if not result.ok:
+            await limiter.failed(account, ip)
+            audit("factor.remove_refused", user_id=user_id, factor=factor_id, via="api")
+            raise ApiError(400, "wrong_password", "The current password is not correct.")
+        await _removable(caller.db, user_id, factor_id)  # gone meanwhile: 404
+    # Otherwise a password sent is not checked: this is no oracle for guessing it.
+    db = caller.db
+    kind = await factors.remove(db, user_id, factor_id)
+    keep = await db.scalar(
+        select(RefreshFamily.browser_session_id).where(
+            RefreshFamily.id == caller.family_id, RefreshFamily.user_id == user_id
+        )
+    )
+    ended = await factors.end_other_sessions(db, user_id, keep)
+    await caller.commit()
+    audit(
+        "factor.removed",
+        user_id=user_id,
+        kind=kind,
+        factor=factor_id,
+        sessions_ended=ended,
+        via="api",
+    )
     return Response(status_code=204)

@@ -1,5 +1,5 @@
 """The admin API's users: create, list and search, show, disable and enable, reset the
-password, and their sign-ins (list, end all, end one)."""
+password, their sign-ins (list, end all, end one) and their second factors (list, reset)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Response
 
-from ... import manage
+from ... import factors, manage
 from ...boundary import NO_NUL, PATH_ID
 from ...deps import StateDep
 from ...models import User, live_families, now
 from ...observability import audit
-from ..account import NewUser, SessionId, UserSession
+from ..account import FactorList, NewUser, SessionId, UserSession, factor_list
 from ..auth import AdminDep, ApiError, user_refusals
 from .pagination import CURSOR_ERRORS, Cursor, Limit, cursor_key, page
 from .schemas import PasswordReset, Revoked, UserOut, UserPage, UserSessions
@@ -182,5 +182,38 @@ async def revoke_session(
         via="admin_api",
         user_id=user_id,
         family_id=session_id,
+    )
+    return Response(status_code=204)
+
+
+@router.get("/users/{user_id}/factors", responses=USER_ERRORS)
+async def list_factors(user_id: UserId, admin: AdminDep) -> FactorList:
+    """The person's second factors (passkeys, the one-time code app) and how many unused
+    recovery codes they have; never a secret or a credential."""
+    with user_refusals():
+        user = await manage.get_user_by_id(admin.db, user_id)
+    listed = await factor_list(admin.db, user.id)
+    audit("admin.factors_listed", actor_client_id=admin.client_id, user_id=user_id)
+    return listed
+
+
+@router.delete("/users/{user_id}/factors", status_code=204, responses=USER_ERRORS)
+async def reset_factors(user_id: UserId, admin: AdminDep) -> Response:
+    """Remove every second factor and recovery code of the person (who lost them all): they
+    sign in with the password alone, and enrol again. Every browser session of theirs ends,
+    with the sign-ins made through it: those were signed in with factors that no longer
+    exist (NIST SP 800-63B §6.1.2.3: a lost authenticator's sessions are not kept)."""
+    with user_refusals():
+        user = await manage.get_user_by_id(admin.db, user_id)
+    removed = await factors.reset(admin.db, user.id)
+    ended = await factors.end_other_sessions(admin.db, user.id, None)
+    await admin.commit()
+    audit(
+        "factor.reset",
+        actor_client_id=admin.client_id,
+        via="admin_api",
+        user_id=user_id,
+        factors_removed=removed,
+        sessions_ended=ended,
     )
     return Response(status_code=204)
