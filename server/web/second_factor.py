@@ -271,6 +271,9 @@ async def remove_factor(factor_id: str, request: Request, state: StateDep) -> Re
         if who is None:
             return redirect("/login?next=/account/security")
         user, session_id = who.user, who.session.id
+        # Under the person's lock: two removals at once (two tabs) each see what the other
+        # left, so together they cannot take the last factor without the password.
+        await factor_store.lock(db, user.id)
         listed = await factor_store.listed(db, user.id)
         if not any(f.id == factor_id for f in listed):
             return error_page(
@@ -294,6 +297,8 @@ async def remove_factor(factor_id: str, request: Request, state: StateDep) -> Re
                     "Go back and enter it.",
                     security_url(),
                 )
+            # argon2 ran outside the transaction: lock again before removing.
+            await factor_store.lock(db, user.id)
         kind = await factor_store.remove(db, user.id, factor_id)
         ended = await factor_store.end_other_sessions(db, user.id, session_id)
         await db.commit()
