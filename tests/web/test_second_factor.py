@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import select
 
 from server import mfa, models
@@ -346,3 +348,36 @@ async def test_removing_needs_the_form_token(
     passkey = await add_passkey(state, user.id)
     response = await browser.post(f"/account/security/factors/{passkey}/remove", data={"a": "1"})
     assert response.status_code == 403
+
+
+@pytest.mark.feature("mfa-factor-management")
+async def test_two_tabs_cannot_remove_the_last_two_factors_without_the_password(
+    browser: httpx.AsyncClient, app: FastAPI, state: AppState, make_user: MakeUser
+) -> None:
+    user = await make_user()
+    first = await add_passkey(state, user.id)
+    second = await add_passkey(state, user.id, "Second")
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=str(browser.base_url)) as other:
+        forms = []
+        for http in (browser, other):
+            await sign_in(http, user)
+            forms.append(csrf_of(await http.get("/account/security")))
+
+        async def remove(http: httpx.AsyncClient, token: str, factor: str) -> str:
+            response = await http.post(
+                f"/account/security/factors/{factor}/remove", data={"csrf_token": token}
+            )
+            return response.headers.get("location") or str(response.status_code)
+
+        answers = await asyncio.gather(
+            remove(browser, forms[0], first), remove(other, forms[1], second)
+        )
+    # One went first. The other then found the last factor, which needs the password, or
+    # (when the first had already committed) found its browser signed out by that removal.
+    assert "/account/security?notice=removed" in answers
+    answers.remove("/account/security?notice=removed")
+    assert answers[0] in ("400", "/login?next=/account/security")
+    async with state.db.sessions() as db:
+        left = (await db.scalars(select(WebAuthnCredential.id))).all()
+    assert len(left) == 1
