@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.responses import Response
 
 from .. import factors as factor_store
-from .. import manage, mfa
+from .. import manage, mfa, passkeys
 from ..boundary import column_length, text_problem
 from ..deps import AppState, StateDep
 from ..models import Client, RefreshFamily, User, live_families, now, revoke_families
@@ -102,6 +102,12 @@ def _login_page(
         client_name=client_name,
         register_url=register_url,
         notice=notice,
+        # A sign-in without a username (passkey_pages): bound to this browser's CSRF cookie.
+        passkey_options=(
+            passkeys.assertion_options(state.settings, binding=csrf.cookie, credentials=None)
+            if mfa.rp_id(state.settings) is not None
+            else None
+        ),
     )
 
 
