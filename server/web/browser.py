@@ -43,7 +43,8 @@ TEMPLATES_DIR = ROOT / "templates"
 STATIC_DIR = ROOT / "static"
 SESSION_BYTES = 32
 CSRF_FIELD = "csrf_token"
-MAX_NEXT_LENGTH = 2048
+#: Room for an authorization request (``MAX_AUTHORIZE_QUERY``, 4096) as the sign-in's ``next``.
+MAX_NEXT_LENGTH = 8192
 
 #: Every response. No ``form-action``: browsers apply it to the redirect that follows a form
 #: post, which must reach the client's registered redirect URI.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from urllib.parse import parse_qs, urlsplit
 from http.cookies import SimpleCookie
 from typing import Any
 
@@ -473,3 +474,34 @@ async def test_posts_without_a_session_go_to_the_sign_in_page(
     token = csrf_of(await browser.get("/login"))  # sign-out cleared the CSRF cookie too
     revoke = await browser.post("/account/sessions/x/revoke", data={"csrf_token": token})
     assert (revoke.status_code, revoke.headers["location"]) == (303, "/login?next=/account")
+
+
+@pytest.mark.feature("authorization-code-pkce")
+async def test_a_long_authorization_request_survives_the_sign_in(
+    browser: httpx.AsyncClient, make_client: MakeClient, make_user: MakeUser
+) -> None:
+    """The authorization endpoint takes a query of up to 4096 characters: the sign-in page's
+    ``next`` must carry all of it back, not fall back to /account (it did at 2048)."""
+    await make_client(
+        "web",
+        grants=["authorization_code"],
+        redirect_uris=["https://app.example/cb"],
+        first_party=True,
+    )
+    user = await make_user()
+    query = {
+        "client_id": "web",
+        "response_type": "code",
+        "redirect_uri": "https://app.example/cb",
+        "state": "s" * 3500,
+        "code_challenge": "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM",
+        "code_challenge_method": "S256",
+    }
+    to_login = await browser.get("/oauth2/authorize", params=query)
+    assert to_login.status_code == 302
+    next_url = parse_qs(urlsplit(to_login.headers["location"]).query)["next"][0]
+    assert len(next_url) > 3500
+    signed = await sign_in(browser, user, next_url)
+    assert signed.headers["location"] == next_url
+    back = await browser.get(next_url)
+    assert back.headers["location"].startswith("https://app.example/cb?code=")
