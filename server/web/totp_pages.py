@@ -185,7 +185,8 @@ async def confirm_setup(request: Request, state: StateDep) -> Response:
             )
         step = totp.matching_step(secret, form.get("code", ""))
         if step is None or not await totp.confirm(db, user.id, sealed, step):
-            await db.rollback()
+            # Nothing was written (the UPDATE matched no row): no rollback, which would
+            # expire the loaded rows.
             await limiter.failed(account, ip)
             audit("factor.add_refused", user_id=user.id, kind="totp")
             return _setup_page(
@@ -225,6 +226,10 @@ async def renew_recovery_codes(request: Request, state: StateDep) -> Response:
         factor = await db.get(TotpFactor, who.user.id)
         if factor is None or factor.confirmed_at is None:
             return redirect(security_url(next_url or None))
+        if not mfa.is_multi_factor(who.session.amr):
+            # A password alone (``AUTH_MFA=off``, or a session from before the app) must not
+            # mint codes that pass for the second factor: prove one first.
+            return redirect("/login/step-up?" + urlencode({"next": security_url(next_url or None)}))
         codes = await totp.replace_recovery_codes(db, settings, who.user.id)
         await db.commit()
     audit("recovery_codes.renewed", user_id=who.user.id)
@@ -276,8 +281,7 @@ async def verify_code(request: Request, state: StateDep) -> Response:
                     used = "totp"
         elif await totp.use_recovery_code(db, settings, user.id, code):
             used = "recovery_code"
-        if not used:
-            await db.rollback()
+        if not used:  # nothing written: the UPDATEs matched no row
             await limiter.failed(account, ip)
             return await refuse()
         if used == "recovery_code":
