@@ -483,6 +483,29 @@ async def test_removing_the_app_removes_the_recovery_codes(
     assert renew.status_code == 303 and renew.headers["location"] == "/account/security"
 
 
+@pytest.mark.feature("mfa-step-up")
+async def test_a_step_up_with_a_code_replaces_the_session(
+    browser: httpx.AsyncClient,
+    enrolled: Enrolled,
+    clock: Clock,
+    state: AppState,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    optional = state.settings
+    monkeypatch.setattr(state, "settings", optional.model_copy(update={"mfa": "off"}))
+    await sign_in(browser, enrolled.user)
+    [weak] = await live_sessions(state, enrolled.user.id)
+    assert weak.amr == "pwd"
+    monkeypatch.setattr(state, "settings", optional)
+    step_up = await browser.get("/login/step-up", params={"next": "/account"})
+    assert step_up.headers["location"].startswith("/login/verify?")
+    csrf = csrf_of(await browser.get(step_up.headers["location"]))
+    done = await send_code(browser, csrf, code_at(enrolled.secret, clock.t))
+    assert done.status_code == 303 and done.headers["location"] == "/account"
+    [strong] = await live_sessions(state, enrolled.user.id)
+    assert strong.id != weak.id and strong.amr == "pwd otp mfa"
+
+
 # -- hostile input ------------------------------------------------------------------------------
 
 
