@@ -138,7 +138,10 @@ async def test_required_sends_a_person_without_a_factor_to_enrolment(
     assert parse_qs(target.query) == {"next": ["/account"], "notice": ["enrol"]}
     page = await browser.get(response.headers["location"])
     assert "asks for a second sign-in method" in page.text
-    assert 'href="/account"' in page.text  # the way on, once enrolled
+    assert ">Continue</a>" not in page.text  # no way on without a factor…
+    await add_passkey(state, user.id)
+    page = await browser.get(response.headers["location"])
+    assert '<a href="/account">Continue</a>' in page.text  # …and one once there is
 
 
 async def test_required_asks_a_passkey_holder_for_the_passkey_after_the_password(
