@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,7 @@ REGISTER, SIGNIN, SECOND_STEP = "register", "signin", "second-step"
 MAX_CREDENTIAL_CHARS = 16_384
 #: §5.1: a credential id is at most 1023 bytes; base64url of that is 1364 characters.
 MAX_CREDENTIAL_ID_CHARS = 1364
+_CREDENTIAL_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_CREDENTIAL_ID_CHARS}}}", re.ASCII)
 NAME_MAX = 64
 DEFAULT_NAME = "Passkey"
 TIMEOUT_MS = 300_000  # as long as the challenge lives (mfa.CHALLENGE_TTL)
@@ -181,7 +183,9 @@ def parse_posted(text: str) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("response"), dict):
         raise PasskeyError("malformed")
     credential_id = data.get("id")
-    if not isinstance(credential_id, str) or not 0 < len(credential_id) <= MAX_CREDENTIAL_ID_CHARS:
+    # §5.1: the id is base64url (what the lookup compares with the stored one): anything
+    # else (a NUL, a lone surrogate) is refused here, never sent to the database.
+    if not isinstance(credential_id, str) or not _CREDENTIAL_ID.fullmatch(credential_id):
         raise PasskeyError("malformed")
     return data
 
@@ -238,7 +242,11 @@ async def verify_registration(
     if len(credential_id) > MAX_CREDENTIAL_ID_CHARS:
         raise PasskeyError("malformed")
     transports = data["response"].get("transports")
-    listed = [t for t in transports if t in _TRANSPORTS] if isinstance(transports, list) else []
+    listed = (
+        [t for t in transports if isinstance(t, str) and t in _TRANSPORTS]
+        if isinstance(transports, list)
+        else []
+    )
     return Registered(
         credential_id=credential_id,
         public_key=verified.credential_public_key,

@@ -605,6 +605,11 @@ async def test_a_well_formed_answer_with_garbage_inside_is_a_400(
         {**valid, "response": {**valid["response"], "authenticatorData": "AA"}},
         {**valid, "response": {**valid["response"], "signature": 5}},
         {**valid, "response": {**valid["response"], "userHandle": ["x"]}},
+        # Ids no base64url id can be: refused before the lookup (a 500 on either database
+        # before: a lone surrogate cannot be encoded, PostgreSQL refuses a NUL).
+        {**valid, "id": "\ud800abc"},
+        {**valid, "id": "ab\x00cd"},
+        {**valid, "id": "ab+/="},
     ):
         page = await browser.get("/login")
         response = await browser.post(
@@ -772,3 +777,25 @@ async def test_an_ip_address_issuer_has_no_passkeys(ip_app: FastAPI) -> None:
             "/account/security/passkeys", data={"csrf_token": token, "credential": "{}"}
         )
         assert refused.status_code == 404
+
+
+@pytest.mark.one_backend
+@pytest.mark.feature("mfa-passkeys")
+@pytest.mark.parametrize("transports", [[{}], [[1]], [None, 5], "internal"])
+async def test_hostile_transports_are_dropped_not_a_crash(
+    browser: httpx.AsyncClient, make_user: MakeUser, state: AppState, transports: Any
+) -> None:
+    """``response.transports`` is whatever the poster sent: only known strings are kept (an
+    unhashable item was a 500 after the registration had been verified)."""
+    alice = await make_user()
+    await sign_in(browser, alice)
+    page = await browser.get("/account/security/passkeys/new")
+    answer = json.loads(Authenticator().create(options_of(page)))
+    answer["response"]["transports"] = transports
+    response = await browser.post(
+        "/account/security/passkeys",
+        data={"csrf_token": csrf_of(page), "name": "Key", "credential": json.dumps(answer)},
+    )
+    assert response.status_code == 303, response.text
+    (row,) = await passkey_rows(state, alice.id)
+    assert row.transports == ""
