@@ -133,6 +133,24 @@ def step_up_helps(amr: str, factors: Factors, requested: list[str]) -> bool:
     return not satisfies(amr, requested) and satisfies(factors.best_amr(), requested)
 
 
+def may_change_factors(amr: str, factors: Factors) -> bool:
+    """Whether a sign-in by ``amr`` may add or remove a factor of a person who has
+    ``factors``: a person without one may (their password is all the account has), one with
+    a factor only from a sign-in that used a second factor (NIST SP 800-63B §6.1.2.1: an
+    authenticator is bound, and unbound, at the level it is used at). Otherwise a password
+    alone would let whoever knows it add their own passkey, then claim the strongest level
+    and sign in with it for ever."""
+    return not factors.any or is_multi_factor(amr)
+
+
+def enrolled_amr(amr: str, factors: Factors, method: str) -> str:
+    """The session's methods after enrolling ``method``: a first factor upgrades the sign-in
+    to what it now proved (the person used the new factor, and the account had nothing more
+    to prove: that is how ``AUTH_MFA=required`` enrolment goes on); a further one changes
+    nothing (the session already proved a second factor to be allowed to add it)."""
+    return amr if factors.any else amr_of(*amr.split(), method)
+
+
 # -- passkeys: where they work ------------------------------------------------------------
 
 

@@ -15,13 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from .. import factors, manage
+from .. import factors, manage, mfa
 from ..boundary import NO_NUL, PATH_ID
 from ..deps import StateDep
 from ..models import RefreshFamily, User, live_families, now
 from ..observability import audit
 from ..passwords import normalize_username
-from .auth import ApiError, Body, CallerDep, FirstPartyCallerDep, no_store, user_refusals
+from .auth import ApiError, Body, Caller, CallerDep, FirstPartyCallerDep, no_store, user_refusals
 
 router = APIRouter(prefix="/api/v1", tags=["account"], dependencies=[Depends(no_store)])
 
@@ -317,6 +317,31 @@ async def _removable(db: AsyncSession, user_id: str, factor_id: str) -> bool:
     return len(listed) == 1
 
 
+#: RFC 9470 §3: the levels whose sign-ins may change factors (any multi-factor one).
+STEP_UP_ACR_VALUES = " ".join(mfa.ACR_VALUES[1:])
+
+
+async def _check_sign_in_level(caller: Caller) -> None:
+    """A person who has a factor changes their factors only through a sign-in that used one
+    (``mfa.may_change_factors``: else a password alone, through the password grant, would do
+    it). Refused as RFC 9470 §3 says: 401 ``insufficient_user_authentication`` with the
+    ``acr_values`` a new sign-in must reach."""
+    amr = await caller.db.scalar(
+        select(RefreshFamily.amr).where(RefreshFamily.id == caller.family_id)
+    )
+    if not mfa.may_change_factors(amr or "", await factors.load(caller.db, caller.user.id)):
+        detail = "Sign in with a second factor to change your sign-in methods."
+        raise ApiError(
+            401,
+            "insufficient_user_authentication",
+            detail,
+            {
+                "WWW-Authenticate": 'Bearer error="insufficient_user_authentication", '
+                f'error_description="{detail}", acr_values="{STEP_UP_ACR_VALUES}"'
+            },
+        )
+
+
 @router.post(
     "/me/factors/{factor_id}/remove",
     status_code=204,
@@ -325,6 +350,10 @@ async def _removable(db: AsyncSession, user_id: str, factor_id: str) -> bool:
         400: {
             "description": "`wrong_password`: the last factor needs the current password,"
             " and it was missing, wrong, or too many were wrong lately"
+        },
+        401: {
+            "description": "`insufficient_user_authentication` (RFC 9470): the token's sign-in"
+            " used no second factor, and the person has one"
         },
         404: {"description": "No such factor of yours (`not_found`)"},
     },
@@ -350,6 +379,7 @@ async def remove_factor(
     but the one the caller's sign-in was made through, as the password change keeps it."""
     user = caller.user  # loaded with the token, in this unit of work
     user_id, username, password_hash = user.id, user.username, user.password_hash
+    await _check_sign_in_level(caller)
     if await _removable(caller.db, user_id, factor_id):
         # Two transactions, as for the password change: argon2 runs between them, holding no
         # connection and no lock; the second one checks again under the lock.

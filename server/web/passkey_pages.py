@@ -38,10 +38,9 @@ from .second_factor import (
     _passkey_rows,
     expired_sign_in,
     finish_sign_in,
+    may_change_factors,
     pending_sign_in,
-    recent,
     security_url,
-    sign_in_again,
     throttle_keys,
     verify_page,
 )
@@ -111,8 +110,9 @@ async def new_passkey(request: Request, state: StateDep) -> Response:
             return redirect("/login?" + urlencode({"next": here}))
         if mfa.rp_id(settings) is None:
             return _unavailable()
-        if not recent(who):
-            return sign_in_again(here)
+        blocked, _ = await may_change_factors(db, who, here)
+        if blocked is not None:
+            return blocked
         rows = await _passkey_rows(db, who.user.id)
         return await _new_page(request, state, who, rows, next_url=next_url)
 
@@ -132,8 +132,9 @@ async def add_passkey(request: Request, state: StateDep) -> Response:
             return redirect("/login?" + urlencode({"next": here}))
         if mfa.rp_id(settings) is None:
             return _unavailable()
-        if not recent(who):
-            return sign_in_again(here)
+        blocked, had = await may_change_factors(db, who, here)
+        if blocked is not None:
+            return blocked
         user, user_id = who.user, who.user.id
         raw_name = form.get("name", "")
         name = passkeys.clean_name(raw_name) if raw_name.strip() else passkeys.DEFAULT_NAME
@@ -172,14 +173,14 @@ async def add_passkey(request: Request, state: StateDep) -> Response:
             )
         method = mfa.SWK if registered.backup_eligible else mfa.HWK
         audit("factor.added", user_id=user.id, kind="passkey", factor=factor_id)
-        # The person just used the passkey (with user verification): the session is upgraded
-        # to what it proved, as a new session (design: enrolment upgrades the sign-in).
+        # A first factor upgrades the session to what it proved (a new session, as at every
+        # sign-in); a further one changes nothing (``mfa.enrolled_amr``).
         return await finish_sign_in(
             request,
             state,
             db,
             user,
-            amr=mfa.amr_of(*who.session.amr.split(), method),
+            amr=mfa.enrolled_amr(who.session.amr, had, method),
             next_url=security_url(next_url or None, "passkey_added"),
             method="passkey_enrolment",
         )

@@ -229,6 +229,20 @@ def sign_in_again(next_url: str) -> Response:
     return redirect("/login?" + urlencode({"next": next_url, "notice": "reauth"}))
 
 
+async def may_change_factors(
+    db: AsyncSession, who: SignedIn, back: str
+) -> tuple[Response | None, mfa.Factors]:
+    """Whether this session may add or remove a factor now (``mfa.may_change_factors``, and a
+    recent sign-in); if not, where to send the browser (``back`` afterwards): a step-up with
+    one of the person's factors, or a fresh sign-in. Also what the person has."""
+    have = await factor_store.load(db, who.user.id)
+    if not mfa.may_change_factors(who.session.amr, have):
+        return redirect("/login/step-up?" + urlencode({"next": back})), have
+    if not recent(who):
+        return sign_in_again(back), have
+    return None, have
+
+
 @router.get("/account/security")
 async def security(request: Request, state: StateDep) -> Response:
     settings = state.settings
@@ -271,6 +285,9 @@ async def remove_factor(factor_id: str, request: Request, state: StateDep) -> Re
         if who is None:
             return redirect("/login?next=/account/security")
         user, session_id = who.user, who.session.id
+        refused, _ = await may_change_factors(db, who, security_url())
+        if refused is not None:
+            return refused
         # Under the person's lock: two removals at once (two tabs) each see what the other
         # left, so together they cannot take the last factor without the password.
         await factor_store.lock(db, user.id)

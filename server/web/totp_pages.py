@@ -24,6 +24,7 @@ from starlette.responses import Response
 
 from .. import mfa, totp
 from ..deps import AppState, StateDep
+from ..mfa import Factors
 from ..models import TotpFactor, now
 from ..observability import audit
 from .browser import (
@@ -40,10 +41,9 @@ from .browser import (
 from .second_factor import (
     expired_sign_in,
     finish_sign_in,
+    may_change_factors,
     pending_sign_in,
-    recent,
     security_url,
-    sign_in_again,
     throttle_keys,
     verify_page,
 )
@@ -70,14 +70,16 @@ def _next_param(value: str | None) -> str:
 
 async def _signed_in(
     request: Request, state: AppState, db: AsyncSession, back: str
-) -> SignedIn | Response:
-    """The person, signed in recently enough to add a factor; else where to send them."""
+) -> tuple[SignedIn, Factors] | Response:
+    """The person, signed in recently enough (and with a second factor, if they have one:
+    ``may_change_factors``) to add a factor, and what they have; else where to send them."""
     who = await current_session(request, db, state.settings)
     if who is None:
         return redirect("/login?" + urlencode({"next": back}))
-    if not recent(who):
-        return sign_in_again(back)
-    return who
+    refused, have = await may_change_factors(db, who, back)
+    if refused is not None:
+        return refused
+    return who, have
 
 
 def _setup_page(
@@ -128,9 +130,10 @@ async def setup(request: Request, state: StateDep) -> Response:
     settings = state.settings
     next_url = _next_param(request.query_params.get("next"))
     async with state.db.session() as db:
-        who = await _signed_in(request, state, db, _setup_url(next_url))
-        if isinstance(who, Response):
-            return who
+        signed = await _signed_in(request, state, db, _setup_url(next_url))
+        if isinstance(signed, Response):
+            return signed
+        who, _ = signed
         user_id = who.user.id
         secret = totp.new_secret()
         sealed = totp.seal(settings, user_id, secret)
@@ -165,9 +168,10 @@ async def confirm_setup(request: Request, state: StateDep) -> Response:
     form, _ = posted
     next_url = _next_param(form.get("next"))
     async with state.db.session() as db:
-        who = await _signed_in(request, state, db, _setup_url(next_url))
-        if isinstance(who, Response):
-            return who
+        signed = await _signed_in(request, state, db, _setup_url(next_url))
+        if isinstance(signed, Response):
+            return signed
+        who, had = signed
         user = who.user
         factor = await db.get(TotpFactor, user.id)
         if factor is not None and factor.confirmed_at is not None:
@@ -199,9 +203,10 @@ async def confirm_setup(request: Request, state: StateDep) -> Response:
                 http_status=400,
             )
         codes = await totp.replace_recovery_codes(db, settings, user.id)
-        # The person just proved the app: their session now has two factors (a new session,
-        # as at every sign-in, so that nothing seen before this counts after it).
-        amr = mfa.amr_of(*who.session.amr.split(), mfa.OTP)
+        # A first factor: the person just proved the app, and their session now has two
+        # factors; a further one changes nothing (``mfa.enrolled_amr``). A new session
+        # either way, as at every sign-in, so that nothing seen before this counts after it.
+        amr = mfa.enrolled_amr(who.session.amr, had, mfa.OTP)
         session, cookie = await start_session(db, settings, user, who, amr=amr)
         await db.commit()
     audit("factor.added", user_id=user.id, kind="totp", session_id=session.id, amr=amr)
@@ -220,16 +225,16 @@ async def renew_recovery_codes(request: Request, state: StateDep) -> Response:
     form, _ = posted
     next_url = _next_param(form.get("next"))
     async with state.db.session() as db:
-        who = await _signed_in(request, state, db, security_url(next_url or None))
-        if isinstance(who, Response):
-            return who
+        # A person with the app has a factor: ``_signed_in`` asks a password-only session
+        # (``AUTH_MFA=off``, or one from before the app) to prove one first, so that a
+        # password alone never mints codes that pass for the second factor.
+        signed = await _signed_in(request, state, db, security_url(next_url or None))
+        if isinstance(signed, Response):
+            return signed
+        who, _ = signed
         factor = await db.get(TotpFactor, who.user.id)
         if factor is None or factor.confirmed_at is None:
             return redirect(security_url(next_url or None))
-        if not mfa.is_multi_factor(who.session.amr):
-            # A password alone (``AUTH_MFA=off``, or a session from before the app) must not
-            # mint codes that pass for the second factor: prove one first.
-            return redirect("/login/step-up?" + urlencode({"next": security_url(next_url or None)}))
         codes = await totp.replace_recovery_codes(db, settings, who.user.id)
         await db.commit()
     audit("recovery_codes.renewed", user_id=who.user.id)

@@ -9,10 +9,13 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import jwt
 import pytest
+from sqlalchemy import update
 
 from server import manage
 from server.deps import AppState
+from server.models import RefreshFamily
 from server.passwords import normalize_username
 from tests.conftest import ClientCreds, Events, MakeClient, MakeUser, UserCreds, password_grant
 
@@ -42,10 +45,23 @@ async def app_client(make_client: MakeClient) -> ClientCreds:
     )
 
 
-async def token_of(client: httpx.AsyncClient, creds: ClientCreds, user: UserCreds) -> str:
+async def token_of(
+    client: httpx.AsyncClient,
+    creds: ClientCreds,
+    user: UserCreds,
+    state: AppState,
+    amr: str = "pwd otp mfa",
+) -> str:
+    """An access token of ``user``'s, from a sign-in by ``amr``: a password grant whose
+    family is then marked as a browser sign-in with a one-time code would mark it (changing
+    factors needs a sign-in that used one: ``test_a_password_only_sign_in_cannot_change``)."""
     response = await password_grant(client, creds, user)
     assert response.status_code == 200, response.text
     token: str = response.json()["access_token"]
+    sid = jwt.decode(token, options={"verify_signature": False})["sid"]
+    async with state.db.sessions() as db:
+        await db.execute(update(RefreshFamily).where(RefreshFamily.id == sid).values(amr=amr))
+        await db.commit()
     return token
 
 
@@ -63,7 +79,7 @@ async def test_the_factors_and_unused_recovery_codes_are_listed(
 ) -> None:
     user = await make_user()
     other = await make_user("bob")
-    token = await token_of(client, app_client, user)
+    token = await token_of(client, app_client, user, state)
     empty = await client.get("/api/v1/me/factors", headers=bearer(token))
     assert empty.status_code == 200
     assert empty.json() == {"factors": [], "recovery_codes": 0}
@@ -120,7 +136,7 @@ async def test_a_passkey_is_removed_and_the_persons_browsers_are_signed_out(
 ) -> None:
     user = await make_user()
     other = await make_user("bob")
-    token = await token_of(client, app_client, user)
+    token = await token_of(client, app_client, user, state)
     phone = await add_passkey(state, user.id, "Phone")
     key = await add_passkey(state, user.id, "Key")
     browsers = [await start_browser_session(state, user.id) for _ in range(2)]
@@ -151,7 +167,7 @@ async def test_the_app_goes_with_its_recovery_codes(
     client: httpx.AsyncClient, app_client: ClientCreds, make_user: MakeUser, state: AppState
 ) -> None:
     user = await make_user()
-    token = await token_of(client, app_client, user)
+    token = await token_of(client, app_client, user, state)
     await add_totp(state, user.id, codes=10)
     await add_passkey(state, user.id)
     assert (await remove(client, token, "totp")).status_code == 204
@@ -165,7 +181,7 @@ async def test_another_persons_factor_or_an_unknown_one_is_not_found(
 ) -> None:
     user = await make_user()
     other = await make_user("bob")
-    token = await token_of(client, app_client, user)
+    token = await token_of(client, app_client, user, state)
     await add_passkey(state, user.id)
     await add_passkey(state, user.id, "Second")
     bobs = await add_passkey(state, other.id)
@@ -186,7 +202,7 @@ async def test_the_last_factor_needs_the_current_password(
     events: Events,
 ) -> None:
     user = await make_user()
-    token = await token_of(client, app_client, user)
+    token = await token_of(client, app_client, user, state)
     key = await add_passkey(state, user.id)
     browser = await start_browser_session(state, user.id)
     url = f"/api/v1/me/factors/{key}/remove"
@@ -211,7 +227,7 @@ async def test_a_password_is_not_checked_when_it_is_not_needed(
     client: httpx.AsyncClient, app_client: ClientCreds, make_user: MakeUser, state: AppState
 ) -> None:
     user = await make_user()
-    token = await token_of(client, app_client, user)
+    token = await token_of(client, app_client, user, state)
     first = await add_passkey(state, user.id)
     await add_passkey(state, user.id, "Second")
     # Not the last one: a wrong password sent along is no refusal (and no guessing oracle).
@@ -222,7 +238,7 @@ async def test_the_password_check_is_throttled_like_the_password_change(
     client: httpx.AsyncClient, app_client: ClientCreds, make_user: MakeUser, state: AppState
 ) -> None:
     user = await make_user()
-    token = await token_of(client, app_client, user)
+    token = await token_of(client, app_client, user, state)
     key = await add_passkey(state, user.id)
     limiter = state.limiter
     account = normalize_username(user.username)
@@ -241,8 +257,8 @@ async def test_the_browser_the_callers_sign_in_came_through_stays(
     client: httpx.AsyncClient, app_client: ClientCreds, make_user: MakeUser, state: AppState
 ) -> None:
     user = await make_user()
-    token = await token_of(client, app_client, user)
-    other_token = await token_of(client, app_client, user)
+    token = await token_of(client, app_client, user, state)
+    other_token = await token_of(client, app_client, user, state)
     sessions = (await client.get("/api/v1/me/sessions", headers=bearer(token))).json()
     own = next(s["id"] for s in sessions["sessions"] if s["current"])
     other = next(s["id"] for s in sessions["sessions"] if not s["current"])
@@ -268,7 +284,7 @@ async def test_two_removals_at_once_cannot_remove_the_last_factor_without_the_pa
 ) -> None:
     user = await make_user()
     # Two sign-ins (two apps, say), so that neither request waits on the other's token.
-    one, two = [await token_of(client, app_client, user) for _ in range(2)]
+    one, two = [await token_of(client, app_client, user, state) for _ in range(2)]
     first = await add_passkey(state, user.id)
     second = await add_passkey(state, user.id, "Second")
     answers = await asyncio.gather(remove(client, one, first), remove(client, two, second))
@@ -285,8 +301,8 @@ async def test_listing_needs_the_account_scope_and_removing_a_first_party_app(
 ) -> None:
     user = await make_user()
     plain = await make_client("plain", grants=["password"], scope="profile", first_party=True)
-    third_token = await token_of(client, app_client, user)
-    plain_token = await token_of(client, plain, user)
+    third_token = await token_of(client, app_client, user, state)
+    plain_token = await token_of(client, plain, user, state)
     key = await add_passkey(state, user.id)
     await add_passkey(state, user.id, "Second")
     # The operator no longer treats the app as its own: its account scope still lists the
@@ -334,7 +350,7 @@ async def test_hostile_factor_ids_are_refused_not_a_server_error(
     factor_id: str,
 ) -> None:
     user = await make_user()
-    token = await token_of(client, app_client, user)
+    token = await token_of(client, app_client, user, state)
     await add_passkey(state, user.id)
     response = await client.post(
         f"/api/v1/me/factors/{factor_id}/remove",
@@ -369,7 +385,7 @@ async def test_bad_bodies_are_a_422(
     body: object,
 ) -> None:
     user = await make_user()
-    token = await token_of(client, app_client, user)
+    token = await token_of(client, app_client, user, state)
     key = await add_passkey(state, user.id)
     response = await client.post(
         f"/api/v1/me/factors/{key}/remove", json=body, headers=bearer(token)
@@ -377,3 +393,23 @@ async def test_bad_bodies_are_a_422(
     assert response.status_code == 422, response.text
     assert response.json()["error_code"] == "validation_error"
     assert await factor_rows(state, user.id) == (0, 1, 0)
+
+
+async def test_a_password_only_sign_in_cannot_change_the_factors_of_a_person_who_has_one(
+    client: httpx.AsyncClient, app_client: ClientCreds, make_user: MakeUser, state: AppState
+) -> None:
+    """A token from a sign-in by a password alone (the password grant, where the policy lets
+    it through) must not remove a factor: 401 as RFC 9470 §3 has it, naming the levels a new
+    sign-in must reach."""
+    user = await make_user()
+    key = await add_passkey(state, user.id)
+    token = await token_of(client, app_client, user, state, amr="pwd")
+    response = await remove(client, token, key, user.password)
+    assert response.status_code == 401
+    assert response.json()["error_code"] == "insufficient_user_authentication"
+    challenge = response.headers["www-authenticate"]
+    assert 'error="insufficient_user_authentication"' in challenge
+    assert 'acr_values="2 phr phrh"' in challenge
+    assert await factor_rows(state, user.id) == (0, 1, 0)
+    # Listing stays open to it.
+    assert (await client.get("/api/v1/me/factors", headers=bearer(token))).status_code == 200

@@ -799,3 +799,68 @@ async def test_hostile_transports_are_dropped_not_a_crash(
     assert response.status_code == 303, response.text
     (row,) = await passkey_rows(state, alice.id)
     assert row.transports == ""
+
+
+@pytest.mark.feature("mfa-factor-management")
+async def test_a_password_alone_cannot_add_a_passkey_for_a_person_who_has_one(
+    browser: httpx.AsyncClient, new_browser: Any, make_user: MakeUser, state: AppState
+) -> None:
+    """The attack a review found: knowing only the password of someone with a passkey
+    (``optional``: the password alone signs in), add one's own passkey, be upgraded to
+    ``phrh``, then sign in with it for ever. Adding needs a second factor first."""
+    alice = await make_user()
+    assert (await register(browser, alice, Authenticator())).status_code == 303
+    async with new_browser() as attacker:
+        await sign_in(attacker, alice)  # the password only
+        page = await attacker.get("/account/security/passkeys/new")
+        assert page.status_code == 303
+        assert page.headers["location"].startswith("/login/step-up?next=")
+        form = csrf_of(await attacker.get("/logout"))
+        theirs = Authenticator()
+        posted = await attacker.post(
+            "/account/security/passkeys",
+            data={"csrf_token": form, "name": "Mine", "credential": "{}"},
+        )
+        assert posted.headers["location"].startswith("/login/step-up?next=")
+        assert len(await passkey_rows(state, alice.id)) == 1
+        # The step-up asks for alice's passkey, which the attacker's authenticator is not.
+        stepped = await attacker.get(page.headers["location"])
+        assert stepped.headers["location"].startswith("/login/verify")
+        verify = await attacker.get(stepped.headers["location"])
+        answered = await attacker.post(
+            "/login/verify/passkey",
+            data={
+                "csrf_token": csrf_of(verify),
+                "next": "/account/security/passkeys/new",
+                "credential": theirs.get(options_of(verify)),
+            },
+        )
+        assert answered.status_code == 400
+
+
+@pytest.mark.feature("mfa-passkeys")
+async def test_a_second_passkey_leaves_the_session_as_it_was(
+    browser: httpx.AsyncClient, make_user: MakeUser, state: AppState
+) -> None:
+    """A first passkey upgrades the session (the account had nothing more to prove); a second
+    one, added from a session that already proved a factor, changes nothing."""
+    alice = await make_user()
+    assert (await register(browser, alice, Authenticator())).status_code == 303
+    async with state.db.sessions() as db:
+        first = await db.scalar(select(BrowserSession.amr).where(BrowserSession.ended_at.is_(None)))
+    assert first == "pwd hwk mfa"
+    page = await browser.get("/account/security/passkeys/new")
+    added = await browser.post(
+        "/account/security/passkeys",
+        data={
+            "csrf_token": csrf_of(page),
+            "name": "Synced",
+            "credential": Authenticator(backup_eligible=True).create(options_of(page)),
+        },
+    )
+    assert added.status_code == 303
+    async with state.db.sessions() as db:
+        live = (
+            await db.scalars(select(BrowserSession.amr).where(BrowserSession.ended_at.is_(None)))
+        ).all()
+    assert live == ["pwd hwk mfa"]  # not "pwd hwk swk mfa"

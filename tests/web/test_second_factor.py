@@ -18,6 +18,9 @@ from tests.conftest import Events, MakeUser, UserCreds, csrf_of, sign_in
 
 pytestmark = pytest.mark.feature("mfa-policy")
 
+#: A session that used a second factor: what changing a person's factors needs.
+TWO_FACTORS = "pwd otp mfa"
+
 
 async def add_totp(state: AppState, user_id: str) -> None:
     async with state.db.sessions() as db:
@@ -277,7 +280,7 @@ async def test_removing_a_factor_signs_out_the_other_browsers(
     user = await make_user()
     other = await signed_in_with(browser, state, user.id, "pwd")
     browser.cookies.clear()
-    await sign_in(browser, user)
+    await signed_in_with(browser, state, user.id, TWO_FACTORS)
     await add_totp(state, user.id)
     passkey = await add_passkey(state, user.id)
     page = await browser.get("/account/security")
@@ -298,7 +301,7 @@ async def test_removing_the_last_factor_needs_the_password(
     browser: httpx.AsyncClient, state: AppState, make_user: MakeUser
 ) -> None:
     user = await make_user()
-    await sign_in(browser, user)
+    await signed_in_with(browser, state, user.id, TWO_FACTORS)
     await add_totp(state, user.id)
     page = await browser.get("/account/security")
     assert 'name="password"' in page.text
@@ -364,7 +367,7 @@ async def test_two_tabs_cannot_remove_the_last_two_factors_without_the_password(
     async with httpx.AsyncClient(transport=transport, base_url=str(browser.base_url)) as other:
         forms = []
         for http in (browser, other):
-            await sign_in(http, user)
+            await signed_in_with(http, state, user.id, TWO_FACTORS)
             forms.append(csrf_of(await http.get("/account/security")))
 
         async def remove(http: httpx.AsyncClient, token: str, factor: str) -> str:
@@ -384,3 +387,34 @@ async def test_two_tabs_cannot_remove_the_last_two_factors_without_the_password(
     async with state.db.sessions() as db:
         left = (await db.scalars(select(WebAuthnCredential.id))).all()
     assert len(left) == 1
+
+
+@pytest.mark.feature("mfa-factor-management")
+async def test_a_password_alone_cannot_change_the_factors_of_a_person_who_has_one(
+    browser: httpx.AsyncClient, state: AppState, make_user: MakeUser
+) -> None:
+    """Whoever knows only the password of a person with a passkey (who signs in with the
+    password alone under ``optional``) must not add their own factor (then claim the strongest
+    level, and sign in with it for ever) nor remove the person's: a step-up first."""
+    user = await make_user()
+    passkey = await add_passkey(state, user.id)
+    await sign_in(browser, user)
+    form = csrf_of(await browser.get("/logout"))
+    attempts = [
+        await browser.get("/account/security/totp"),
+        await browser.post("/account/security/totp", data={"csrf_token": form, "code": "1"}),
+        # (Adding a passkey: tests/web/test_passkeys.py, on an issuer passkeys work with.)
+        await browser.post(
+            f"/account/security/factors/{passkey}/remove",
+            data={"csrf_token": form, "password": user.password},
+        ),
+    ]
+    for response in attempts:
+        assert response.status_code == 303
+        assert response.headers["location"].startswith("/login/step-up?next=%2Faccount%2Fsecurity")
+    async with state.db.sessions() as db:
+        assert await db.get(WebAuthnCredential, passkey) is not None
+        assert await db.get(TotpFactor, user.id) is None
+    # The step-up asks for the passkey the person has.
+    stepped = await browser.get(attempts[0].headers["location"])
+    assert stepped.headers["location"].startswith("/login/verify")
