@@ -167,6 +167,10 @@ class Settings(BaseSettings):
     #: and per account. Longer windows make the delay grow with persistence.
     throttle_account_ip: str = "5/minute;20/hour"
     throttle_account: str = "20/minute;100/hour"
+    #: Wrong second factors (one-time codes, recovery codes, passkeys at the second step)
+    #: tolerated per account, on top of the above: a six-digit code is guessed far sooner than
+    #: a password, so the cap is absolute (NIST SP 800-63B §5.2.2: at most 100 in a row).
+    throttle_second_factor: str = "10/hour;30/day"
     trusted_proxies: Annotated[list[str], NoDecode] = []
 
     #: argon2id parameters: OWASP's recommendation (m = 19 MiB, t = 2, p = 1).
@@ -239,6 +243,7 @@ class Settings(BaseSettings):
         "rate_limit_authorize",
         "throttle_account_ip",
         "throttle_account",
+        "throttle_second_factor",
         "rate_limit_registration_ip",
     )
     @classmethod

@@ -79,6 +79,7 @@ class Limiter:
         self.registration_ip = parse_many(settings.rate_limit_registration_ip)
         self.failures_account_ip = parse_many(settings.throttle_account_ip)
         self.failures_account = parse_many(settings.throttle_account)
+        self.failures_second_factor = parse_many(settings.throttle_second_factor)
         self.proxies: list[IpNetwork] = [
             ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies
         ]
@@ -126,28 +127,34 @@ class Limiter:
 
     # -- failed passwords ---------------------------------------------------------------
 
-    def _failure_checks(self, account: str, ip: str) -> list[tuple[list[RateLimitItem], str]]:
-        return [
-            (self.failures_account_ip, f"{account}\x00{ip}"),
-            (self.failures_account, account),
+    def _failure_checks(
+        self, account: str, ip: str, second_factor: bool
+    ) -> list[tuple[list[RateLimitItem], str, str]]:
+        checks = [
+            (self.failures_account_ip, "failures", f"{account}\x00{ip}"),
+            (self.failures_account, "failures", account),
         ]
+        if second_factor:
+            checks.append((self.failures_second_factor, "second-factor-failures", account))
+        return checks
 
-    async def throttled(self, account: str, ip: str) -> bool:
-        """Whether password attempts for ``account`` from ``ip`` must be refused unchecked."""
+    async def throttled(self, account: str, ip: str, *, second_factor: bool = False) -> bool:
+        """Whether password attempts (``second_factor``: second-factor attempts, which also
+        have their own cap) for ``account`` from ``ip`` must be refused unchecked."""
         if not self.enabled:
             return False
-        for items, key in self._failure_checks(account, ip):
+        for items, scope, key in self._failure_checks(account, ip, second_factor):
             for item in items:
-                if not await self.strategy.test(item, "failures", key):
+                if not await self.strategy.test(item, scope, key):
                     return True
         return False
 
-    async def failed(self, account: str, ip: str) -> None:
+    async def failed(self, account: str, ip: str, *, second_factor: bool = False) -> None:
         if not self.enabled:
             return
-        for items, key in self._failure_checks(account, ip):
+        for items, scope, key in self._failure_checks(account, ip, second_factor):
             for item in items:
-                await self.strategy.hit(item, "failures", key)
+                await self.strategy.hit(item, scope, key)
 
     # -- the client's address -------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from .second_factor import (
     may_change_factors,
     pending_sign_in,
     security_url,
+    spend_pending,
     throttle_keys,
     verify_page,
 )
@@ -300,7 +301,7 @@ async def verify_with_passkey(request: Request, state: StateDep) -> Response:
         user_id = user.id
         account, ip = throttle_keys(state, request, user)
         limiter = state.limiter
-        if await limiter.throttled(account, ip):
+        if await limiter.throttled(account, ip, second_factor=True):
             audit("signin.failed", user_id=user.id, passkey=True, throttled=True)
             return await verify_page(
                 request,
@@ -324,7 +325,7 @@ async def verify_with_passkey(request: Request, state: StateDep) -> Response:
             )
         except passkeys.PasskeyError as refused:
             await db.rollback()
-            await limiter.failed(account, ip)
+            await limiter.failed(account, ip, second_factor=True)
             audit("signin.failed", user_id=user_id, passkey=True, reason=refused.reason)
             found = await pending_sign_in(request, state, db)
             if found is None:
@@ -340,6 +341,8 @@ async def verify_with_passkey(request: Request, state: StateDep) -> Response:
                 error=refused.message,
                 http_status=400,
             )
+        if not await spend_pending(request, state):
+            return expired_sign_in()  # a copy of this pending sign-in was finished already
         return await finish_sign_in(
             request,
             state,

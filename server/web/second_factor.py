@@ -28,6 +28,7 @@ from ..deps import AppState, StateDep
 from ..models import User, WebAuthnCredential, now
 from ..observability import audit
 from ..passwords import normalize_username
+from ..replay import ReplayGuard
 from .browser import (
     Csrf,
     SignedIn,
@@ -132,6 +133,16 @@ async def pending_sign_in(
         if who is None or who.session.id != pending.session:
             return None
     return pending, user
+
+
+async def spend_pending(request: Request, state: AppState) -> bool:
+    """Mark this browser's pending sign-in finished (once, across replicas: ``ReplayGuard``),
+    so that a copy of its cookie cannot finish it again elsewhere within its five minutes;
+    False when it was finished already."""
+    settings = state.settings
+    value = request.cookies.get(cookie_name(settings, PENDING_COOKIE), "")
+    guard = ReplayGuard(state.limiter.storage)
+    return await guard.first_use("mfa-pending", value, mfa.PENDING_TTL)
 
 
 def throttle_keys(state: AppState, request: Request, user: User) -> tuple[str, str]:

@@ -44,6 +44,7 @@ from .second_factor import (
     may_change_factors,
     pending_sign_in,
     security_url,
+    spend_pending,
     throttle_keys,
     verify_page,
 )
@@ -274,7 +275,7 @@ async def verify_code(request: Request, state: StateDep) -> Response:
                 http_status=400,
             )
 
-        if await limiter.throttled(account, ip):
+        if await limiter.throttled(account, ip, second_factor=True):
             return await refuse(throttled=True)
         used = ""
         if totp.is_totp_code(code):
@@ -287,12 +288,14 @@ async def verify_code(request: Request, state: StateDep) -> Response:
         elif await totp.use_recovery_code(db, settings, user.id, code):
             used = "recovery_code"
         if not used:  # nothing written: the UPDATEs matched no row
-            await limiter.failed(account, ip)
+            await limiter.failed(account, ip, second_factor=True)
             return await refuse()
         if used == "recovery_code":
             audit("recovery_code.used", user_id=user.id)
         # RFC 8176 §2 "otp": a one-time code, from the app or the recovery list.
         amr = mfa.amr_of(*pending.amr.split(), mfa.OTP)
+        if not await spend_pending(request, state):
+            return expired_sign_in()  # a copy of this pending sign-in was finished already
         return await finish_sign_in(
             request, state, db, user, amr=amr, next_url=next_url, second_factor=used
         )

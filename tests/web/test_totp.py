@@ -579,3 +579,50 @@ def test_codes_and_steps() -> None:
     code = totp.new_recovery_code()
     assert re.fullmatch(r"[a-z2-9]{5}-[a-z2-9]{5}", code) and not set(code) & set("01ilo")
     assert totp.is_totp_code("123 456") and not totp.is_totp_code(code)
+
+
+async def test_wrong_codes_meet_an_absolute_cap_per_account(
+    browser: httpx.AsyncClient,
+    enrolled: Enrolled,
+    clock: Clock,
+    state: AppState,
+    monkeypatch: pytest.MonkeyPatch,
+    new_browser: Callable[[], httpx.AsyncClient],
+) -> None:
+    """``AUTH_THROTTLE_SECOND_FACTOR``: a six-digit code falls to a patient guesser far sooner
+    than a password, so second-step failures have a cap of their own, per account, from any
+    address (NIST SP 800-63B §5.2.2), on top of the password throttle."""
+    monkeypatch.setattr(state.limiter, "failures_second_factor", parse_many("2/day"))
+    right = code_at(enrolled.secret, clock.t)
+    wrong = str((int(right) + 1) % 1_000_000).zfill(6)
+    for _ in range(2):
+        async with new_browser() as guesser:  # a fresh browser, as from another address
+            csrf = await password_step(guesser, enrolled.user)
+            assert (await send_code(guesser, csrf, wrong)).status_code == 400
+    csrf = await password_step(browser, enrolled.user)  # the password still works…
+    refused = await send_code(browser, csrf, right)  # …but no code does, the right one neither
+    assert refused.status_code == 400 and BAD_CODE in refused.text
+    assert await live_sessions(state, enrolled.user.id) == []
+
+
+async def test_a_finished_second_step_cannot_be_finished_again_from_a_copy(
+    browser: httpx.AsyncClient,
+    enrolled: Enrolled,
+    clock: Clock,
+    state: AppState,
+    new_browser: Callable[[], httpx.AsyncClient],
+) -> None:
+    """The pending sign-in cookie is spent by the sign-in it finishes (across replicas): a
+    copy taken before (another device, a proxy's log) is worth nothing after."""
+    csrf = await password_step(browser, enrolled.user)
+    copied = browser.cookies.get("mfa")
+    assert copied
+    assert (await send_code(browser, csrf, code_at(enrolled.secret, clock.t))).status_code == 303
+    async with new_browser() as other:
+        other.cookies.set("mfa", copied)
+        page = await other.get("/login/verify")
+        assert page.status_code == 200  # still signed and live…
+        answer = await send_code(other, csrf_of(page), code_at(enrolled.secret, clock.t + 30))
+    assert answer.status_code == 303  # …but spent
+    assert answer.headers["location"] == "/login?notice=mfa_expired"
+    assert len(await live_sessions(state, enrolled.user.id)) == 1
