@@ -864,3 +864,20 @@ async def test_a_second_passkey_leaves_the_session_as_it_was(
             await db.scalars(select(BrowserSession.amr).where(BrowserSession.ended_at.is_(None)))
         ).all()
     assert live == ["pwd hwk mfa"]  # not "pwd hwk swk mfa"
+
+
+@pytest.mark.feature("mfa-passkeys")
+async def test_a_username_cannot_break_out_of_the_options_script(
+    browser: httpx.AsyncClient, make_user: MakeUser
+) -> None:
+    """The registration options carry the person's display name (their free-text name) inside
+    a ``<script type="application/json">``: a ``</script>`` in it must not end that element
+    (HTML would then parse the rest as markup)."""
+    hostile = 'Ev</script><b id="x">il & co'
+    user = await make_user(name=hostile)
+    await sign_in(browser, user)
+    page = await browser.get("/account/security/passkeys/new")
+    assert page.status_code == 200
+    assert '<b id="x">' not in page.text
+    assert page.text.count("</script>") == 2  # the options' own end, the script tag's
+    assert options_of(page)["user"]["displayName"] == hostile
