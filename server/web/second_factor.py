@@ -278,7 +278,6 @@ async def security(request: Request, state: StateDep) -> Response:
         mfa_policy=settings.mfa,
         next=next_url,
         notice=SECURITY_NOTICES.get(request.query_params.get("notice", "")),
-        error=None,
     )
 
 
