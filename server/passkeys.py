@@ -72,10 +72,15 @@ ALGORITHMS = [
 _TRANSPORTS = {t.value for t in AuthenticatorTransport}
 
 
+#: One message for an unknown credential, another person's, and an answer that does not
+#: verify: which credential ids are registered is nobody's business.
+NOT_USABLE = "That passkey could not be used here. It may have been removed from your account."
+
+
 class PasskeyError(Exception):
     """A refused ceremony: ``reason`` for the audit log, ``message`` for the person."""
 
-    def __init__(self, reason: str, message: str = "That passkey could not be used.") -> None:
+    def __init__(self, reason: str, message: str = NOT_USABLE) -> None:
         super().__init__(reason)
         self.reason = reason
         self.message = message
@@ -326,7 +331,7 @@ async def verify_assertion(
         select(WebAuthnCredential).where(WebAuthnCredential.credential_id == data["id"])
     )
     if row is None or (user_id is not None and row.user_id != user_id):
-        raise PasskeyError("unknown_credential", "That passkey is not registered here.")
+        raise PasskeyError("unknown_credential")
     handle = data["response"].get("userHandle")
     if handle is not None and _unb64url(handle) != user_handle(row.user_id):
         raise PasskeyError("user_handle")

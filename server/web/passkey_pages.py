@@ -204,6 +204,11 @@ async def rename_passkey(factor_id: str, request: Request, state: StateDep) -> R
         row = await db.get(WebAuthnCredential, factor_id)
         if row is None or row.user_id != who.user.id:
             return missing
+        # A name tells the person which passkey to remove: a password alone must not be able
+        # to relabel them ("DO NOT USE"), as it cannot add or remove one.
+        blocked, _ = await may_change_factors(db, who, security_url())
+        if blocked is not None:
+            return blocked
         name = passkeys.clean_name(form.get("name", ""))
         if name is None:
             return error_page(

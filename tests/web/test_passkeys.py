@@ -44,6 +44,7 @@ pytestmark = pytest.mark.feature("mfa-passkeys")
 ISSUER = "http://localhost:8000"
 RP_ID = "localhost"
 OPTIONS_RE = re.compile(r'<script type="application/json" class="passkey-options">(.*?)</script>')
+MESSAGE_RE = re.compile(r'role="alert">([^<]*)<')
 UP, UV, BE, BS, AT = 0x01, 0x04, 0x08, 0x10, 0x40
 
 
@@ -348,7 +349,7 @@ async def test_second_step_answered_with_a_passkey(
             data={"csrf_token": csrf_of(page), "credential": bobs.get(options), "next": "/account"},
         )
         assert refused.status_code == 400
-        assert "not registered here" in refused.text
+        assert "may have been removed" in refused.text
         page = await http.get(response.headers["location"])
         done = await http.post(
             "/login/verify/passkey",
@@ -664,7 +665,7 @@ async def test_rename_and_remove_own_passkeys_only(
     assert await passkey_rows(state, alice.id) == []
     async with new_browser() as http:
         response = await passkey_sign_in(http, auth)
-        assert response.status_code == 400 and "not registered here" in response.text
+        assert response.status_code == 400 and "may have been removed" in response.text
 
 
 @pytest.mark.feature("mfa-factor-management")
@@ -881,3 +882,41 @@ async def test_a_username_cannot_break_out_of_the_options_script(
     assert '<b id="x">' not in page.text
     assert page.text.count("</script>") == 2  # the options' own end, the script tag's
     assert options_of(page)["user"]["displayName"] == hostile
+
+
+@pytest.mark.feature("mfa-passkey-signin")
+async def test_sign_in_does_not_tell_which_credential_ids_are_registered(
+    browser: httpx.AsyncClient, new_browser: Any, make_user: MakeUser
+) -> None:
+    """A forged answer naming a registered credential (wrong key) and one naming an unknown
+    credential get the same answer: /login/passkey is no oracle for credential ids."""
+    alice = await make_user()
+    real = Authenticator()
+    assert (await register(browser, alice, real)).status_code == 303
+    answers = []
+    for forger in (Authenticator(credential_id=real.credential_id), Authenticator()):
+        async with new_browser() as http:
+            response = await passkey_sign_in(http, forger)
+            answers.append((response.status_code, MESSAGE_RE.search(response.text)))
+    assert answers[0][0] == answers[1][0] == 400
+    assert answers[0][1] is not None and answers[1][1] is not None
+    assert answers[0][1].group(1) == answers[1][1].group(1)
+
+
+@pytest.mark.feature("mfa-factor-management")
+async def test_a_password_alone_cannot_rename_a_persons_passkeys(
+    browser: httpx.AsyncClient, new_browser: Any, make_user: MakeUser, state: AppState
+) -> None:
+    alice = await make_user()
+    assert (await register(browser, alice, Authenticator(), name="Phone")).status_code == 303
+    (row,) = await passkey_rows(state, alice.id)
+    async with new_browser() as thief:
+        await sign_in(thief, alice)  # the password only
+        form = csrf_of(await thief.get("/logout"))
+        response = await thief.post(
+            f"/account/security/passkeys/{row.id}/rename",
+            data={"csrf_token": form, "name": "DO NOT USE"},
+        )
+    assert response.headers["location"].startswith("/login/step-up?next=")
+    (row,) = await passkey_rows(state, alice.id)
+    assert row.name == "Phone"
