@@ -53,6 +53,13 @@ def amr_of(*methods: str) -> str:
     return " ".join(found)
 
 
+def session_amr(amr: str) -> str:
+    """A live sign-in's methods: empty means one from before methods were recorded (a
+    session older than migration 0011, or made by a 0010 replica during a rolling upgrade),
+    which was a password: that is all those releases signed in with."""
+    return amr or PWD
+
+
 def amr_list(amr: str) -> list[str]:
     return amr.split()
 
@@ -148,7 +155,8 @@ def enrolled_amr(amr: str, factors: Factors, method: str) -> str:
     to what it now proved (the person used the new factor, and the account had nothing more
     to prove: that is how ``AUTH_MFA=required`` enrolment goes on); a further one changes
     nothing (the session already proved a second factor to be allowed to add it)."""
-    return amr if factors.any else amr_of(*amr.split(), method)
+    known = session_amr(amr)
+    return known if factors.any else amr_of(*known.split(), method)
 
 
 # -- passkeys: where they work ------------------------------------------------------------

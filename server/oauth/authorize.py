@@ -236,7 +236,7 @@ def decide(
         audit("consent.granted", user_id=who.user.id, client_id=client.client_id, scope=scope)
     request.browser_session_id = who.session.id
     request.auth_time = who.session.auth_time
-    request.amr = who.session.amr
+    request.amr = mfa.session_amr(who.session.amr)
     _, _, headers = grant.create_authorization_response(redirect_uri, who.user)
     audit("code.issued", client_id=client.client_id, user_id=who.user.id)
     return Outcome(location=_with_iss(dict(headers)["Location"], issuer), issued=True)

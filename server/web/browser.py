@@ -225,6 +225,7 @@ async def start_session(
     previous: SignedIn | None,
     *,
     amr: str,
+    auth_time: int | None = None,
 ) -> tuple[BrowserSession, str]:
     """A new session for ``user`` (new cookie value, new row, new ``auth_time``), so that a
     value planted or seen before this sign-in is worthless after it (session fixation).
@@ -242,7 +243,7 @@ async def start_session(
         id=new_id(),
         token_hash=sha256_hex(value),
         user_id=user.id,
-        auth_time=stamp,
+        auth_time=stamp if auth_time is None else auth_time,
         amr=amr,
         created_at=stamp,
         expires_at=stamp + settings.session_ttl,

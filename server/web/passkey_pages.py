@@ -182,6 +182,7 @@ async def add_passkey(request: Request, state: StateDep) -> Response:
             db,
             user,
             amr=mfa.enrolled_amr(who.session.amr, had, method),
+            keep_auth_time=had.any,
             next_url=security_url(next_url or None, "passkey_added"),
             method="passkey_enrolment",
         )

@@ -75,6 +75,7 @@ async def finish_sign_in(
     *,
     amr: str,
     next_url: str,
+    keep_auth_time: bool = False,
     **audited: object,
 ) -> Response:
     """Start the browser session of a complete sign-in by ``amr`` and go on to ``next_url``
@@ -82,7 +83,10 @@ async def finish_sign_in(
     person has none: ``mfa.second_step_needed`` sent the others through the second step)."""
     settings = state.settings
     previous = await current_session(request, db, settings)
-    session, cookie = await start_session(db, settings, user, previous, amr=amr)
+    # ``keep_auth_time``: a new session (a new cookie) that proves nothing new, after
+    # enrolling a further factor: ``auth_time`` (and ``max_age``, and "recent") stay true.
+    kept = previous.session.auth_time if keep_auth_time and previous is not None else None
+    session, cookie = await start_session(db, settings, user, previous, amr=amr, auth_time=kept)
     await db.commit()
     audit("signin.succeeded", user_id=user.id, session_id=session.id, amr=amr, **audited)
     target = next_url
@@ -223,7 +227,11 @@ async def step_up(request: Request, state: StateDep) -> Response:
     if not have.any:
         return redirect(security_url(next_url, "enrol"))
     return to_second_step(
-        state, who.user, amr=who.session.amr, next_url=next_url, session=who.session.id
+        state,
+        who.user,
+        amr=mfa.session_amr(who.session.amr),
+        next_url=next_url,
+        session=who.session.id,
     )
 
 

@@ -208,7 +208,9 @@ async def confirm_setup(request: Request, state: StateDep) -> Response:
         # factors; a further one changes nothing (``mfa.enrolled_amr``). A new session
         # either way, as at every sign-in, so that nothing seen before this counts after it.
         amr = mfa.enrolled_amr(who.session.amr, had, mfa.OTP)
-        session, cookie = await start_session(db, settings, user, who, amr=amr)
+        # A further factor proves nothing new: the sign-in's time stays (``finish_sign_in``).
+        kept = who.session.auth_time if had.any else None
+        session, cookie = await start_session(db, settings, user, who, amr=amr, auth_time=kept)
         await db.commit()
     audit("factor.added", user_id=user.id, kind="totp", session_id=session.id, amr=amr)
     response = _codes_page(state, who, codes, next_url=next_url, notice="totp_added")
