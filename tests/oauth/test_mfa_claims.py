@@ -169,6 +169,18 @@ async def test_a_multi_factor_session_is_told_in_the_id_token_its_refreshes_and_
     assert (info["amr"], info["acr"]) == (["pwd", "otp", "mfa"], "2")
 
 
+async def test_a_browser_session_from_before_methods_were_kept_signs_in_as_a_password(
+    browser: httpx.AsyncClient, make_client: MakeClient, make_user: MakeUser, state: AppState
+) -> None:
+    """A live browser session without ``amr`` (older than 0011, or made by a 0010 replica
+    during a rolling upgrade) was a password sign-in: its codes say so."""
+    await spa(make_client)
+    user = await make_user()
+    await session_for(state, browser, user.id, "")
+    id_token = claims_of((await tokens_via_code(browser))["id_token"])
+    assert (id_token["amr"], id_token["acr"]) == (["pwd"], "1")
+
+
 @pytest.mark.feature("id-tokens", "userinfo", "grant-password")
 async def test_a_sign_in_from_before_methods_were_kept_gets_no_amr_or_acr(
     client: httpx.AsyncClient, make_client: MakeClient, make_user: MakeUser, state: AppState
