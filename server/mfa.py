@@ -132,6 +132,19 @@ def second_step_needed(settings: Settings, factors: Factors) -> bool:
     return factors.totp
 
 
+def target_level(requested: list[str]) -> str:
+    """The level a step-up must reach to meet ``requested`` (``satisfies``: the weakest known
+    one); ``2`` when nothing known is asked (``AUTH_MFA=required``: a second factor)."""
+    known = [ACR_VALUES.index(v) for v in requested if v in ACR_VALUES]
+    return ACR_VALUES[max(min(known), ACR_VALUES.index("2"))] if known else "2"
+
+
+def reaches(method: str, level: str) -> bool:
+    """Whether a second step with ``method`` (``otp``, ``swk``, ``hwk``) after a password
+    reaches ``level``."""
+    return satisfies(amr_of(PWD, method), [level])
+
+
 def step_up_helps(amr: str, factors: Factors, requested: list[str]) -> bool:
     """Whether to ask a signed-in person for another factor: the requested level is not met
     by their sign-in (``amr``) and one of their factors can meet it. ``acr_values`` is a
@@ -219,11 +232,27 @@ class Pending:
     expires_at: int
     changed: int
     session: str | None = None
+    #: The ``acr`` a step-up must reach (``target_level``): only factors that reach it are
+    #: offered and accepted, so that a weaker one cannot send the browser round again.
+    level: str | None = None
+
+
+def accepts(pending: Pending, method: str) -> bool:
+    """Whether finishing ``pending`` with ``method`` reaches what it is for (any second
+    factor does for a sign-in; a step-up may ask for a passkey)."""
+    return pending.level is None or satisfies(amr_of(*pending.amr.split(), method), [pending.level])
 
 
 def seal_pending(settings: Settings, pending: Pending) -> str:
     body = json.dumps(
-        [pending.user_id, pending.amr, pending.expires_at, pending.changed, pending.session],
+        [
+            pending.user_id,
+            pending.amr,
+            pending.expires_at,
+            pending.changed,
+            pending.session,
+            pending.level,
+        ],
         separators=(",", ":"),
     ).encode()
     return _b64(body) + "." + _b64(_mac(settings, b"mfa-pending", body))
@@ -240,12 +269,12 @@ def open_pending(settings: Settings, value: str | None) -> Pending | None:
     if not hmac.compare_digest(mac, _mac(settings, b"mfa-pending", body)):
         return None
     try:
-        user_id, amr, expires_at, changed, session = json.loads(body)
-    except ValueError:
+        user_id, amr, expires_at, changed, session, level = json.loads(body)
+    except (ValueError, TypeError):
         return None
     if expires_at <= now():
         return None
-    return Pending(user_id, amr, expires_at, changed, session)
+    return Pending(user_id, amr, expires_at, changed, session, level)
 
 
 #: A challenge: version, expiry (8 bytes), 16 random bytes, then an HMAC of all that, the

@@ -145,3 +145,19 @@ def test_recovery_code_hashes_are_keyed_per_person_and_forgiving_of_typing() -> 
     other = SETTINGS.model_copy(update={"secret_key": "z" * 40})
     assert h != mfa.recovery_code_hash(other, "u1", "abcde-fghij")
     assert len(h) == 64
+
+
+@pytest.mark.feature("mfa-step-up")
+def test_a_step_up_targets_the_weakest_level_asked_and_accepts_only_what_reaches_it() -> None:
+    assert mfa.target_level([]) == "2"
+    assert mfa.target_level(["1"]) == "2"  # a step-up is for a second factor at least
+    assert mfa.target_level(["phrh", "phr"]) == "phr"
+    assert mfa.target_level(["urn:x", "phrh"]) == "phrh"
+    sign_in = mfa.Pending("u", "pwd", 0, 0)
+    assert all(mfa.accepts(sign_in, m) for m in (mfa.OTP, mfa.SWK, mfa.HWK))
+    phr = mfa.Pending("u", "pwd", 0, 0, "s", "phr")
+    assert not mfa.accepts(phr, mfa.OTP)
+    assert mfa.accepts(phr, mfa.SWK) and mfa.accepts(phr, mfa.HWK)
+    phrh = mfa.Pending("u", "pwd otp mfa", 0, 0, "s", "phrh")
+    assert not mfa.accepts(phrh, mfa.SWK)
+    assert mfa.accepts(phrh, mfa.HWK)

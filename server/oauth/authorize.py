@@ -83,6 +83,7 @@ class Outcome:
     error: OAuth2Error | None = None  # show on the error page
     login: bool = False  # send to the sign-in page
     step_up: bool = False  # send to the step-up (a stronger sign-in of the same person)
+    level: str = "2"  # ... to reach this acr (``mfa.target_level``)
     consent: dict[str, Any] = field(default_factory=dict)  # show the consent page
     issued: bool = False  # the redirect carries a new code
 
@@ -124,9 +125,10 @@ def needs_factors(settings: Settings, who: SignedIn | None, params: dict[str, st
 
 def step_up(
     settings: Settings, who: SignedIn, have: mfa.Factors | None, acr_values: str
-) -> str | None:
+) -> tuple[str, str] | None:
     """Why the signed-in person must prove more before a code: ``"factor"`` (a second factor
-    they have), ``"enrol"`` (``AUTH_MFA=required`` and they have none), or ``None``.
+    they have), ``"enrol"`` (``AUTH_MFA=required`` and they have none), or ``None``; with the
+    level the step-up must reach (the step-up then offers only factors that reach it).
 
     OpenID Connect Core §3.1.2.1: ``acr_values`` is space-separated, in order of preference,
     and voluntary (§5.5.1.1): asked only when one of their factors can reach a requested level
@@ -135,10 +137,13 @@ def step_up(
     amr = who.session.amr
     if have is None:
         return None
+    requested = acr_values.split()
+    helps = mfa.step_up_helps(amr, have, requested)
+    level = mfa.target_level(requested) if helps else "2"
     if settings.mfa == "required" and not mfa.is_multi_factor(amr):
-        return "factor" if have.any else "enrol"
-    if mfa.step_up_helps(amr, have, acr_values.split()):
-        return "factor"
+        return ("factor" if have.any else "enrol"), level
+    if helps:
+        return "factor", level
     return None
 
 
@@ -190,11 +195,12 @@ def decide(
     # Authentication before consent (OpenID Connect Core §3.1.2.3, then §3.1.2.4).
     stronger = step_up(server.settings, who, factors, request.form.get("acr_values", ""))
     if stronger is not None:
+        reason, level = stronger
         if "none" in prompts:
             # OpenID Connect Core §3.1.2.6: a second factor is End-User authentication
             # (login_required); enrolling one is interaction of another kind
             # (interaction_required).
-            if stronger == "enrol":
+            if reason == "enrol":
                 return fail(
                     OAuth2Error(
                         error="interaction_required",
@@ -204,7 +210,7 @@ def decide(
             return fail(
                 OAuth2Error(error="login_required", description="A stronger sign-in is required.")
             )
-        return Outcome(step_up=True)
+        return Outcome(step_up=True, level=level)
     client: Client = request.client
     scope: str = request.scope
     db = request.db
@@ -352,7 +358,10 @@ async def _handle(
         keep = ("client_id", "request_uri", "prompt") if pushed is not None else tuple(sent)
         again = {k: sent[k] for k in keep if k in sent}
         target = "/oauth2/authorize?" + urlencode(repeated(again))
-        return RedirectResponse("/login/step-up?" + urlencode({"next": target}), status_code=status)
+        return RedirectResponse(
+            "/login/step-up?" + urlencode({"next": target, "acr": outcome.level}),
+            status_code=status,
+        )
     # RFC 8707: the services (APIs) the access is for, by name where one is known
     # (``resource_names``: AUTH_RESOURCES or the resource's RFC 9728 metadata), always with
     # the URI as asked for; none: ours.

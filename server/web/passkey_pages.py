@@ -347,6 +347,26 @@ async def verify_with_passkey(request: Request, state: StateDep) -> Response:
                 error=refused.message,
                 http_status=400,
             )
+        if not mfa.accepts(pending, used.method):
+            # A step-up to ``phrh`` answered with a synced passkey (the page offered only the
+            # device-bound ones): it would not reach the level, and the browser would come
+            # round again.
+            await db.rollback()
+            audit("signin.failed", user_id=user_id, passkey=True, reason="level")
+            found = await pending_sign_in(request, state, db)  # read again after the rollback
+            if found is None:
+                return expired_sign_in()
+            pending, user = found
+            return await verify_page(
+                request,
+                state,
+                db,
+                pending,
+                user,
+                next_url=next_url,
+                error="This needs a passkey that stays on its device.",
+                http_status=400,
+            )
         if not await spend_pending(request, state):
             return expired_sign_in()  # a copy of this pending sign-in was finished already
         return await finish_sign_in(

@@ -101,9 +101,16 @@ async def finish_sign_in(
 
 
 def to_second_step(
-    state: AppState, user: User, *, amr: str, next_url: str, session: str | None = None
+    state: AppState,
+    user: User,
+    *,
+    amr: str,
+    next_url: str,
+    session: str | None = None,
+    level: str | None = None,
 ) -> Response:
-    """Hand the browser a pending sign-in and send it to the second-step page."""
+    """Hand the browser a pending sign-in and send it to the second-step page (``session``
+    and ``level``: a step-up of that session to that ``acr``)."""
     settings = state.settings
     pending = mfa.Pending(
         user_id=user.id,
@@ -111,6 +118,7 @@ def to_second_step(
         expires_at=now() + mfa.PENDING_TTL,
         changed=user.password_changed_at,
         session=session,
+        level=level,
     )
     response = redirect("/login/verify?" + urlencode({"next": next_url}))
     set_cookie(
@@ -179,10 +187,16 @@ async def verify_page(
     http_status: int = 200,
 ) -> Response:
     """The second-step page: whichever of a code field and a passkey button the person can
-    use. Rendered again (with ``error``) when a code is wrong."""
+    use, of those that reach the level a step-up is for (``mfa.accepts``). Rendered again
+    (with ``error``) when a code is wrong."""
     settings = state.settings
     have = await factor_store.load(db, user.id)
-    credentials = await _passkey_rows(db, user.id)
+    credentials = [
+        row
+        for row in await _passkey_rows(db, user.id)
+        if mfa.accepts(pending, mfa.SWK if row.backup_eligible else mfa.HWK)
+    ]
+    codes = mfa.accepts(pending, mfa.OTP)
     options = (
         passkeys.assertion_options(settings, binding=user.id, credentials=credentials)
         if credentials and mfa.rp_id(settings) is not None
@@ -196,8 +210,8 @@ async def verify_page(
         title="Confirm it is you",
         next=next_url,
         error=error,
-        totp=have.totp,
-        recovery_codes=have.recovery_codes,
+        totp=have.totp and codes,
+        recovery_codes=have.recovery_codes if codes else 0,
         passkey_options=options,
         step_up=pending.session is not None,
     )
@@ -217,8 +231,11 @@ async def verify_form(request: Request, state: StateDep) -> Response:
 @router.get("/login/step-up")
 async def step_up(request: Request, state: StateDep) -> Response:
     """A signed-in person whose sign-in is weaker than asked (``acr_values``, or
-    ``AUTH_MFA=required``): a second factor if they have one, else enrolment."""
+    ``AUTH_MFA=required``): a second factor if they have one, else enrolment. ``acr``: the
+    level to reach (``mfa.target_level``; ``2`` unless a stronger one is named)."""
     next_url = safe_next(request.query_params.get("next"))
+    asked = request.query_params.get("acr", "")
+    level = asked if asked in mfa.ACR_VALUES and asked not in ("1",) else "2"
     async with state.db.session() as db:
         who = await current_session(request, db, state.settings)
         if who is None:
@@ -226,12 +243,15 @@ async def step_up(request: Request, state: StateDep) -> Response:
         have = await factor_store.load(db, who.user.id)
     if not have.any:
         return redirect(security_url(next_url, "enrol"))
+    if not mfa.satisfies(have.best_amr(), [level]):
+        level = "2"  # nothing they have reaches it (a hand-made URL): any second factor
     return to_second_step(
         state,
         who.user,
         amr=mfa.session_amr(who.session.amr),
         next_url=next_url,
         session=who.session.id,
+        level=level,
     )
 
 

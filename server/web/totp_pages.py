@@ -277,6 +277,10 @@ async def verify_code(request: Request, state: StateDep) -> Response:
                 http_status=400,
             )
 
+        if not mfa.accepts(pending, mfa.OTP):
+            # A step-up for a passkey's level: a code would not reach it (the page offers no
+            # code field), and spending one would only send the browser round again.
+            return await refuse(level=True)
         if await limiter.throttled(account, ip, second_factor=True):
             return await refuse(throttled=True)
         used = ""

@@ -229,6 +229,7 @@ async def test_acr_values_beyond_the_session_send_a_person_with_a_factor_to_the_
     assert response.status_code == 302, response.text
     location = response.headers["location"]
     assert location.startswith("/login/step-up?next=")
+    assert parse_qs(urlsplit(location).query)["acr"] == ["2"]  # the level to reach
     target = next_of(response)
     assert parse_qs(urlsplit(target).query) == {k: [v] for k, v in params.items()}
     # The step-up asks for the second factor of this session (the pending sign-in cookie).

@@ -21,13 +21,13 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 import server.models
 from server import manage
 from server.config import Settings
 from server.deps import AppState
-from server.models import BrowserSession, User, WebAuthnCredential
+from server.models import BrowserSession, TotpFactor, User, WebAuthnCredential
 from tests.conftest import (
     Events,
     MakeUser,
@@ -920,3 +920,64 @@ async def test_a_password_alone_cannot_rename_a_persons_passkeys(
     assert response.headers["location"].startswith("/login/step-up?next=")
     (row,) = await passkey_rows(state, alice.id)
     assert row.name == "Phone"
+
+
+@pytest.mark.feature("mfa-step-up")
+async def test_a_step_up_for_a_passkey_level_offers_and_takes_only_passkeys_that_reach_it(
+    browser: httpx.AsyncClient, make_user: MakeUser, state: AppState
+) -> None:
+    """Asked for ``phrh`` (a device-bound passkey), the step-up page offers only such a
+    passkey and refuses a one-time code or a synced passkey: either would reach a weaker
+    level, and the authorization request would send the browser round again (a loop that
+    spent a code each time)."""
+    alice = await make_user()
+    bound, synced = Authenticator(), Authenticator(backup_eligible=True)
+    assert (await register(browser, alice, bound)).status_code == 303
+    page = await browser.get("/account/security/passkeys/new")
+    added = await browser.post(
+        "/account/security/passkeys",
+        data={
+            "csrf_token": csrf_of(page),
+            "name": "Synced",
+            "credential": synced.create(options_of(page)),
+        },
+    )
+    assert added.status_code == 303
+    async with state.db.sessions() as db:  # a confirmed app too (its code is never checked)
+        db.add(TotpFactor(user_id=alice.id, secret_sealed="x", confirmed_at=1, last_step=0))
+        await db.execute(update(BrowserSession).values(amr="pwd"))
+        await db.commit()
+    step_up = await browser.get("/login/step-up", params={"next": "/account", "acr": "phrh"})
+    page = await browser.get(step_up.headers["location"])
+    assert 'action="/login/verify/code"' not in page.text
+    allowed = [c["id"] for c in options_of(page)["allowCredentials"]]
+    assert allowed == [b64(bound.credential_id)]
+    code = await browser.post(
+        "/login/verify/code",
+        data={"csrf_token": csrf_of(page), "code": "123456", "next": "/account"},
+    )
+    assert code.status_code == 400
+    weaker = await browser.post(
+        "/login/verify/passkey",
+        data={
+            "csrf_token": csrf_of(page),
+            "credential": synced.get(options_of(page)),
+            "next": "/account",
+        },
+    )
+    assert weaker.status_code == 400 and "stays on its device" in weaker.text
+    page = await browser.get(step_up.headers["location"])
+    done = await browser.post(
+        "/login/verify/passkey",
+        data={
+            "csrf_token": csrf_of(page),
+            "credential": bound.get(options_of(page)),
+            "next": "/account",
+        },
+    )
+    assert done.headers["location"] == "/account"
+    async with state.db.sessions() as db:
+        live = (
+            await db.scalars(select(BrowserSession.amr).where(BrowserSession.ended_at.is_(None)))
+        ).all()
+    assert live == ["pwd hwk mfa"]
