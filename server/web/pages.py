@@ -374,6 +374,7 @@ async def logout(request: Request, state: StateDep) -> Response:
     response = redirect(target or "/login?notice=signed_out")
     clear_cookie(response, settings, "session")
     clear_cookie(response, settings, "csrf")
+    clear_cookie(response, settings, "mfa")  # a second step half done goes too
     return response
 
 

@@ -52,6 +52,7 @@ from .second_factor import (
 router = APIRouter()
 
 SETUP_URL = "/account/security/totp"
+START_URL = SETUP_URL + "/new"
 #: One message for every refused second step: a wrong code, a used one, throttling.
 BAD_CODE = "That code is not right, or was already used. Try the next code from your app."
 WRONG_SETUP_CODE = (
@@ -126,20 +127,26 @@ def _codes_page(
 # -- enrolment ------------------------------------------------------------------------------
 
 
-@router.get(SETUP_URL)
-async def setup(request: Request, state: StateDep) -> Response:
+@router.post(START_URL)
+async def start_setup(request: Request, state: StateDep) -> Response:
+    """A new secret (a POST with the form token: a cross-site link must not replace the
+    secret a person is scanning), then the setup page (303: reloading it shows the same
+    secret, it never makes another)."""
     settings = state.settings
-    next_url = _next_param(request.query_params.get("next"))
+    posted = await posted_form(request, settings)
+    if isinstance(posted, Response):
+        return posted
+    form, _ = posted
+    next_url = _next_param(form.get("next"))
     async with state.db.session() as db:
-        signed = await _signed_in(request, state, db, _setup_url(next_url))
+        signed = await _signed_in(request, state, db, security_url(next_url or None))
         if isinstance(signed, Response):
             return signed
         who, _ = signed
         user_id = who.user.id
-        secret = totp.new_secret()
-        sealed = totp.seal(settings, user_id, secret)
-        # A new secret each time the page is opened: replace an unconfirmed app, never a
-        # confirmed one (removing that is the security page's, with its own checks).
+        sealed = totp.seal(settings, user_id, totp.new_secret())
+        # Replace an unconfirmed app, never a confirmed one (removing that is the security
+        # page's, with its own checks).
         replaced = await db.execute(
             update(TotpFactor)
             .where(TotpFactor.user_id == user_id, TotpFactor.confirmed_at.is_(None))
@@ -155,8 +162,30 @@ async def setup(request: Request, state: StateDep) -> Response:
             except IntegrityError:
                 # Another request created it meanwhile: that one's page stands.
                 await db.rollback()
-                return redirect(security_url(next_url or None))
+                return redirect(_setup_url(next_url))
         await db.commit()
+    return redirect(_setup_url(next_url))
+
+
+@router.get(SETUP_URL)
+async def setup(request: Request, state: StateDep) -> Response:
+    """The setup under way (``start_setup`` began it): its QR code and key. Changes nothing."""
+    settings = state.settings
+    next_url = _next_param(request.query_params.get("next"))
+    async with state.db.session() as db:
+        signed = await _signed_in(request, state, db, _setup_url(next_url))
+        if isinstance(signed, Response):
+            return signed
+        who, _ = signed
+        factor = await db.get(TotpFactor, who.user.id)
+        secret = (
+            None
+            if factor is None or factor.confirmed_at is not None
+            else totp.unseal(settings, who.user.id, factor.secret_sealed)
+        )
+    if secret is None:
+        # Nothing under way (or already set up): the security page, to start one.
+        return redirect(security_url(next_url or None))
     return _setup_page(request, state, who, secret, next_url=next_url)
 
 

@@ -84,7 +84,7 @@ def set_up_app(
     page: Page, origin: str, watch: Watch, shots: Path | None
 ) -> tuple[pyotp.TOTP, list[str]]:
     """From the security page: scan (read the key), confirm with a code; the codes shown."""
-    page.get_by_role("link", name="Set up an authenticator app").click()
+    page.get_by_role("button", name="Set up an authenticator app").click()
     expect(page.get_by_role("heading", level=1, name="Set up an authenticator app")).to_be_visible()
     qr = page.locator("figure.qr svg")
     expect(qr).to_be_visible()

@@ -69,7 +69,14 @@ class Enrolled:
 
 
 async def open_setup(http: httpx.AsyncClient, next_url: str = "") -> tuple[httpx.Response, str]:
-    page = await http.get("/account/security/totp", params={"next": next_url} if next_url else {})
+    """Start a setup from the security page (a POST with its form token), then open it."""
+    security = await http.get("/account/security")
+    started = await http.post(
+        "/account/security/totp/new",
+        data={"csrf_token": csrf_of(security), "next": next_url},
+    )
+    assert started.status_code == 303, started.text
+    page = await http.get(started.headers["location"])
     assert page.status_code == 200, page.text
     match = SECRET_RE.search(page.text)
     assert match is not None, page.text
@@ -216,7 +223,8 @@ async def test_enrolment_keeps_next_and_required_policy_sends_there(
     next_url = parse_qs(urlsplit(target).query)["next"][0]
     assert next_url == "/account?from=app"
     security = await browser.get(target)
-    assert 'href="/account/security/totp?next=/account%3Ffrom%3Dapp"' in security.text
+    assert 'action="/account/security/totp/new"' in security.text
+    assert 'name="next" value="/account?from=app"' in security.text
     done, _, _ = await enrol(browser, user, clock, next_url)
     assert 'href="/account?from=app"' in done.text
     # An outside ``next`` is dropped, never followed.
@@ -686,3 +694,23 @@ async def test_a_further_factor_keeps_the_sign_in_time(
     assert after.id != first.id  # a new cookie…
     assert after.auth_time == first.auth_time  # …but not a new sign-in
     assert after.amr == first.amr
+
+
+async def test_a_setup_starts_only_with_the_form_token(
+    browser: httpx.AsyncClient, make_user: MakeUser, clock: Clock, state: AppState
+) -> None:
+    """A cross-site link (a top-level GET carries the SameSite=Lax cookie) must not start or
+    replace a setup: the secret someone is scanning stays. Opening the page changes nothing;
+    starting one is a POST with the form token."""
+    user = await make_user()
+    await sign_in(browser, user)
+    assert (await browser.get("/account/security/totp")).headers["location"] == (
+        "/account/security"
+    )
+    async with state.db.sessions() as db:
+        assert await db.get(TotpFactor, user.id) is None  # nothing made by a GET
+    refused = await browser.post("/account/security/totp/new", data={"next": ""})
+    assert refused.status_code == 403
+    _, secret = await open_setup(browser)
+    again = await browser.get("/account/security/totp")
+    assert SECRET_RE.search(again.text).group(1).replace(" ", "") == secret  # type: ignore[union-attr]
