@@ -387,6 +387,9 @@ async def test_sign_out_ends_the_session_and_returns_to_a_registered_uri_only(
     done = await browser.post("/logout", data={**params, "csrf_token": csrf_of(confirm)})
     assert done.status_code == 303
     assert done.headers["location"] == "https://app.example/bye?state=s1"
+    # Every cookie of ours goes, a second step half done (``mfa``) included.
+    assert {"session", "csrf", "mfa"} <= set(set_cookies(done))
+    assert set_cookies(done)["mfa"]["max-age"] == "0"
     assert (await browser.get("/account")).status_code == 303  # signed out
     async with state.db.sessions() as db:
         sessions = list(await db.scalars(select(BrowserSession)))
