@@ -175,6 +175,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 #: The password change and removing a factor: also refused to a client that is not first-party.
 PASSWORD_ERRORS: dict[int | str, dict[str, Any]] = {
     **ERRORS,
+    401: {
+        "description": "No token, or an invalid, expired or revoked one (`invalid_token`); or"
+        " `insufficient_user_authentication` (RFC 9470 §3): the token's sign-in used no second"
+        " factor, and the person has one"
+    },
     403: {
         "description": "`insufficient_scope`: as for the other endpoints (no person, no"
         " `account` scope), or a client that is not first-party"
@@ -250,8 +255,12 @@ async def change_password(
     change: PasswordChange, request: Request, caller: FirstPartyCallerDep, state: StateDep
 ) -> Response:
     """Needs the current password; ends every other sign-in of the person (SPEC: a password
-    change kills the families), keeping the one making the request."""
+    change kills the families), keeping the one making the request. A person with a second
+    factor changes it only through a sign-in that used one (``_check_sign_in_level``): else
+    whoever knows the password alone (the password grant lets a passkey-only person through
+    under ``optional``) could change it and sign everyone else out."""
     user = caller.user  # loaded with the token, in this unit of work
+    await _check_sign_in_level(caller)
     # Two transactions, not one: argon2 (verifying the current password here, hashing the new
     # one in manage.reset_password before its first query) runs between them, holding no
     # connection and no lock.
@@ -350,10 +359,6 @@ async def _check_sign_in_level(caller: Caller) -> None:
         400: {
             "description": "`wrong_password`: the last factor needs the current password,"
             " and it was missing, wrong, or too many were wrong lately"
-        },
-        401: {
-            "description": "`insufficient_user_authentication` (RFC 9470): the token's sign-in"
-            " used no second factor, and the person has one"
         },
         404: {"description": "No such factor of yours (`not_found`)"},
     },

@@ -413,3 +413,21 @@ async def test_a_password_only_sign_in_cannot_change_the_factors_of_a_person_who
     assert await factor_rows(state, user.id) == (0, 1, 0)
     # Listing stays open to it.
     assert (await client.get("/api/v1/me/factors", headers=bearer(token))).status_code == 200
+
+
+async def test_a_password_only_sign_in_cannot_change_the_password_of_a_person_with_a_factor(
+    client: httpx.AsyncClient, app_client: ClientCreds, make_user: MakeUser, state: AppState
+) -> None:
+    """The sibling of factor changes: under ``optional`` the password grant lets a person whose
+    one factor is a passkey through with the password alone; that token must not change the
+    password (and sign every other sign-in out). One from a sign-in that used the factor may."""
+    user = await make_user()
+    await add_passkey(state, user.id)
+    body = {"current_password": user.password, "new_password": "a brand new passphrase"}
+    weak = await token_of(client, app_client, user, state, amr="pwd")
+    refused = await client.post("/api/v1/me/password", json=body, headers=bearer(weak))
+    assert refused.status_code == 401
+    assert refused.json()["error_code"] == "insufficient_user_authentication"
+    strong = await token_of(client, app_client, user, state, amr="swk mfa")
+    changed = await client.post("/api/v1/me/password", json=body, headers=bearer(strong))
+    assert changed.status_code == 204
