@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from . import check, manage
+from . import check, factors, manage
 from .client_metadata import MAX_JWKS_BYTES
 from .config import Env, InsecureSettingsError, Settings
 from .db import (
@@ -492,6 +492,25 @@ def cmd_users(settings: Settings, args: argparse.Namespace) -> int:
         revoked = _run_db(settings, lambda db: manage.disable_user(db, args.username))
         print(f"disabled {args.username}; revoked {revoked} session(s)")
         return 0
+    if sub == "reset-factors":
+
+        async def reset(db: AsyncSession) -> tuple[str, int, int]:
+            user = await manage.get_user(db, args.username)
+            return (user.id, *await factors.reset_person(db, user.id))
+
+        user_id, removed, ended = _run_db(settings, reset)
+        audit(
+            "factor.reset",
+            via="cli",
+            user_id=user_id,
+            factors_removed=removed,
+            sessions_ended=ended,
+        )
+        print(
+            f"reset the second factors of {args.username}: {removed} removed, "
+            f"{ended} browser session(s) ended"
+        )
+        return 0
     password = _read_password()
     passwords = Passwords(settings)
     revoked = _run_db(
@@ -698,6 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
     ulist = users.add_parser("list")
     ulist.add_argument("--json", action="store_true")
     users.add_parser("disable").add_argument("username")
+    users.add_parser(
+        "reset-factors", help="remove every passkey, authenticator app and recovery code"
+    ).add_argument("username")
     setpw = users.add_parser("set-password")
     setpw.add_argument("username")
     setpw.add_argument("--password-stdin", action="store_true", required=True)

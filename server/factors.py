@@ -124,6 +124,15 @@ async def reset(db: AsyncSession, user_id: str) -> int:
     return int(totp.rowcount + keys.rowcount)  # type: ignore[attr-defined]
 
 
+async def reset_person(db: AsyncSession, user_id: str) -> tuple[int, int]:
+    """An operator's reset (admin API, CLI) for a person who lost their factors: every factor
+    and recovery code goes, and every browser session ends with the sign-ins made through it
+    (they were signed in with factors that no longer exist, NIST SP 800-63B §6.1.2.3).
+    Returns the factors removed and the sessions ended."""
+    removed = await reset(db, user_id)
+    return removed, await end_other_sessions(db, user_id, None)
+
+
 async def end_other_sessions(db: AsyncSession, user_id: str, keep_session: str | None) -> int:
     """End the person's browser sessions but ``keep_session`` (with the sign-ins they created:
     whoever holds one of them is signed out of the apps too); returns the sessions ended."""

@@ -38,10 +38,13 @@ from server.models import (
     AuthorizationCode,
     BrowserSession,
     Client,
+    RecoveryCode,
     RefreshFamily,
     RefreshToken,
     RevokedAccessToken,
+    TotpFactor,
     User,
+    WebAuthnCredential,
     sha256_hex,
 )
 from tests.conftest import (
@@ -1787,3 +1790,60 @@ def test_clients_create_require_par(cli: Cli, db: Settings) -> None:
     assert plain["require_pushed_authorization_requests"] is False
     plain_row = client_row(db, "plain")
     assert plain_row is not None and plain_row.require_par is False
+
+
+@pytest.mark.feature("mfa-factor-management")
+def test_users_reset_factors_removes_every_factor_and_ends_the_browsers(
+    cli: Cli, db: Settings
+) -> None:
+    """For an operator without the admin API: what ``DELETE /admin/v1/users/{id}/factors``
+    does (a person who lost their phone and their recovery codes)."""
+    alice = cli(
+        "users", "create", "--username", "alice", "--password-stdin", "--json", stdin=PASSWORD
+    ).json()
+    bob = cli(
+        "users", "create", "--username", "bob", "--password-stdin", "--json", stdin=PASSWORD
+    ).json()
+
+    async def seed(session: AsyncSession) -> None:
+        for person in (alice["id"], bob["id"]):
+            session.add(TotpFactor(user_id=person, secret_sealed="x", confirmed_at=1))
+            session.add(RecoveryCode(code_hash="h" + person, user_id=person))
+            session.add(
+                WebAuthnCredential(
+                    user_id=person, credential_id="c" + person, public_key=b"k", name="Key"
+                )
+            )
+            session.add(
+                BrowserSession(
+                    token_hash="t" + person, user_id=person, auth_time=1, expires_at=2**40
+                )
+            )
+        await session.commit()
+
+    in_db(db, seed)
+    result = cli("users", "reset-factors", "ALICE")
+    assert (result.code, result.out) == (
+        0,
+        "reset the second factors of ALICE: 2 removed, 1 browser session(s) ended\n",
+    )
+
+    async def left(session: AsyncSession) -> list[tuple[str, ...]]:
+        rows = []
+        for model in (TotpFactor, RecoveryCode, WebAuthnCredential):
+            rows += [(model.__tablename__, r.user_id) for r in await session.scalars(select(model))]
+        sessions = await session.scalars(
+            select(BrowserSession).where(BrowserSession.ended_at.is_(None))
+        )
+        return sorted(rows + [("live_session", s.user_id) for s in sessions])
+
+    assert in_db(db, left) == sorted(
+        [
+            ("totp_factors", bob["id"]),
+            ("recovery_codes", bob["id"]),
+            ("webauthn_credentials", bob["id"]),
+            ("live_session", bob["id"]),
+        ]
+    )
+    unknown = cli("users", "reset-factors", "nobody")
+    assert (unknown.code, unknown.messages) == (1, ["error: no user 'nobody'"])

@@ -205,8 +205,7 @@ async def reset_factors(user_id: UserId, admin: AdminDep) -> Response:
     exist (NIST SP 800-63B §6.1.2.3: a lost authenticator's sessions are not kept)."""
     with user_refusals():
         user = await manage.get_user_by_id(admin.db, user_id)
-    removed = await factors.reset(admin.db, user.id)
-    ended = await factors.end_other_sessions(admin.db, user.id, None)
+    removed, ended = await factors.reset_person(admin.db, user.id)
     await admin.commit()
     audit(
         "factor.reset",
