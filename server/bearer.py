@@ -92,9 +92,10 @@ def challenge(
     description: str = "",
     scope: str = "",
     scheme: str = BEARER,
+    acr_values: str = "",
 ) -> dict[str, str]:
     """The RFC 6750 §3 ``WWW-Authenticate`` header; with the DPoP scheme, RFC 9449 §7.1's
-    (``algs`` added)."""
+    (``algs`` added); ``acr_values``: RFC 9470 §3's, for ``insufficient_user_authentication``."""
     parts = [f'realm="{realm}"']
     if scheme == DPOP:
         parts.append(f'algs="{DPOP_ALGS_PARAM}"')
@@ -104,6 +105,8 @@ def challenge(
         parts.append(f'error_description="{description}"')
     if scope:
         parts.append(f'scope="{scope}"')
+    if acr_values:
+        parts.append(f'acr_values="{acr_values}"')
     return {"WWW-Authenticate": f"{scheme} " + ", ".join(parts)}
 
 

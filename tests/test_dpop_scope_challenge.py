@@ -19,6 +19,8 @@ import pytest
 from server import bearer
 from server.bearer import Realm
 from server.config import Settings
+from server.deps import AppState
+from server.models import WebAuthnCredential
 from server.names import DPOP_ALGS
 from tests.conftest import ClientCreds, MakeClient, MakeUser
 from tests.oauth.test_dpop_tokens import KEY, TOKEN_PATH, make_proof, payload
@@ -210,3 +212,43 @@ def test_a_realm_without_dpop_challenges_in_bearer_whatever_the_request() -> Non
 
     # Where no token was read (a context of its own): Bearer, as before DPoP.
     assert contextvars.Context().run(outside_a_request).startswith("Bearer ")
+
+
+@pytest.mark.feature("mfa-factor-management")
+@pytest.mark.parametrize("dpop", [True, False], ids=["dpop", "bearer"])
+async def test_insufficient_user_authentication_is_challenged_in_the_tokens_scheme(
+    client: httpx.AsyncClient,
+    settings: Settings,
+    make_client: MakeClient,
+    make_user: MakeUser,
+    state: AppState,
+    dpop: bool,
+) -> None:
+    """RFC 9470 §3's step-up challenge, in the API realm and the scheme the token came in
+    (a DPoP-bound token: DPoP with its algs, RFC 9449 §7.1), as every other refusal of the
+    realm: a DPoP client looks for a DPoP challenge."""
+    creds = await make_client(scope="openid profile account", first_party=True)
+    user = await make_user()
+    async with state.db.sessions() as db:  # a factor, so a password-only token falls short
+        db.add(WebAuthnCredential(user_id=user.id, credential_id="AAAA", public_key=b"k", name="K"))
+        await db.commit()
+    headers = {"DPoP": make_proof(settings)} if dpop else {}
+    data = {"grant_type": "password", "username": user.username, "password": user.password}
+    issued = await client.post(TOKEN_PATH, data=data, headers={**creds.basic, **headers})
+    assert issued.status_code == 200, issued.text
+    token = issued.json()["access_token"]
+    path = "/api/v1/me/factors/totp/remove"
+    if dpop:
+        proof = make_proof(settings, method="POST", path=path, access_token=token)
+        auth = {"Authorization": f"DPoP {token}", "DPoP": proof}
+    else:
+        auth = {"Authorization": f"Bearer {token}"}
+    response = await client.post(path, headers=auth)
+    assert response.status_code == 401, response.text
+    assert error_of(response) == "insufficient_user_authentication"
+    detail = "Sign in with a second factor to change your sign-in methods."
+    scheme = f'DPoP realm="api", algs="{ALGS}"' if dpop else 'Bearer realm="api"'
+    assert response.headers.get_list("www-authenticate") == [
+        f'{scheme}, error="insufficient_user_authentication", '
+        f'error_description="{detail}", acr_values="2 phr phrh"'
+    ]

@@ -16,12 +16,22 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .. import factors, manage, mfa
+from ..bearer import BEARER, DPOP, challenge
 from ..boundary import NO_NUL, PATH_ID
 from ..deps import StateDep
 from ..models import RefreshFamily, User, live_families, now
 from ..observability import audit
 from ..passwords import normalize_username
-from .auth import ApiError, Body, Caller, CallerDep, FirstPartyCallerDep, no_store, user_refusals
+from .auth import (
+    API,
+    ApiError,
+    Body,
+    Caller,
+    CallerDep,
+    FirstPartyCallerDep,
+    no_store,
+    user_refusals,
+)
 
 router = APIRouter(prefix="/api/v1", tags=["account"], dependencies=[Depends(no_store)])
 
@@ -340,14 +350,21 @@ async def _check_sign_in_level(caller: Caller) -> None:
     )
     if not mfa.may_change_factors(amr or "", await factors.load(caller.db, caller.user.id)):
         detail = "Sign in with a second factor to change your sign-in methods."
+        error = "insufficient_user_authentication"
+        # The token's own scheme, as every refusal of the API realm (RFC 9449 §7.1: a
+        # DPoP-bound token is challenged with DPoP and its algs).
+        scheme = DPOP if "cnf" in caller.claims else BEARER
         raise ApiError(
             401,
-            "insufficient_user_authentication",
+            error,
             detail,
-            {
-                "WWW-Authenticate": 'Bearer error="insufficient_user_authentication", '
-                f'error_description="{detail}", acr_values="{STEP_UP_ACR_VALUES}"'
-            },
+            challenge(
+                API.name,
+                error=error,
+                description=detail,
+                scheme=scheme,
+                acr_values=STEP_UP_ACR_VALUES,
+            ),
         )
 
 
