@@ -15,11 +15,15 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import manage
-from .mfa import Factors
+from .config import Settings
+from .mfa import Factors, rp_id
 from .models import BrowserSession, RecoveryCode, TotpFactor, User, WebAuthnCredential
 
 
-async def load(db: AsyncSession, user_id: str) -> Factors:
+async def load(db: AsyncSession, user_id: str, settings: Settings | None = None) -> Factors:
+    """What the person has enrolled; with ``settings``, what they can use here: passkeys do
+    not count where they cannot work (``mfa.rp_id`` is ``None``: an IP-address or plain-http
+    issuer), so nobody is sent to a second step that offers nothing."""
     totp = await db.scalar(
         select(func.count())
         .select_from(TotpFactor)
@@ -43,6 +47,8 @@ async def load(db: AsyncSession, user_id: str) -> Factors:
         .select_from(RecoveryCode)
         .where(RecoveryCode.user_id == user_id, RecoveryCode.used_at.is_(None))
     )
+    if settings is not None and rp_id(settings) is None:
+        passkeys = bound = 0
     return Factors(
         totp=bool(totp),
         passkeys=int(passkeys or 0),

@@ -107,7 +107,11 @@
     if (!holder || !field || (kind !== "create" && kind !== "get")) return;
 
     if (!PKC || !navigator.credentials) {
-      var note = form.querySelector(".passkey-unsupported");
+      // The note inside the form (a visible form), or the one outside it that names it (a
+      // form that stays hidden, as the second step's).
+      var note =
+        form.querySelector(".passkey-unsupported") ||
+        document.querySelector('[data-unsupported-for="' + form.id + '"]');
       if (note) note.hidden = false;
       if (button) button.disabled = true;
       return; // the "get" forms stay hidden

@@ -298,7 +298,7 @@ async def _handle(
         server: TokenServer = request.app.state.oauth
         have = None
         if who is not None and needs_factors(settings, who, params):
-            have = await factor_store.load(db, who.user.id)
+            have = await factor_store.load(db, who.user.id, settings)
 
         def on(session: Session) -> Outcome:
             oauth_request.db = session

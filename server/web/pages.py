@@ -180,7 +180,7 @@ async def login(request: Request, state: StateDep) -> Response:
             return await refuse(user.id if user is not None else None)
         if result.needs_rehash:
             user.password_hash = await state.passwords.hash_async(password)
-        have = await factor_store.load(db, user.id)
+        have = await factor_store.load(db, user.id, settings)
         if mfa.second_step_needed(settings, have) and have.any:
             await db.commit()
             audit("signin.password_accepted", user_id=user.id)

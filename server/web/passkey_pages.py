@@ -111,7 +111,7 @@ async def new_passkey(request: Request, state: StateDep) -> Response:
             return redirect("/login?" + urlencode({"next": here}))
         if mfa.rp_id(settings) is None:
             return _unavailable()
-        blocked, _ = await may_change_factors(db, who, here)
+        blocked, _ = await may_change_factors(db, who, here, settings)
         if blocked is not None:
             return blocked
         rows = await _passkey_rows(db, who.user.id)
@@ -133,7 +133,7 @@ async def add_passkey(request: Request, state: StateDep) -> Response:
             return redirect("/login?" + urlencode({"next": here}))
         if mfa.rp_id(settings) is None:
             return _unavailable()
-        blocked, had = await may_change_factors(db, who, here)
+        blocked, had = await may_change_factors(db, who, here, settings)
         if blocked is not None:
             return blocked
         user, user_id = who.user, who.user.id
@@ -207,7 +207,7 @@ async def rename_passkey(factor_id: str, request: Request, state: StateDep) -> R
             return missing
         # A name tells the person which passkey to remove: a password alone must not be able
         # to relabel them ("DO NOT USE"), as it cannot add or remove one.
-        blocked, _ = await may_change_factors(db, who, security_url())
+        blocked, _ = await may_change_factors(db, who, security_url(), settings)
         if blocked is not None:
             return blocked
         name = passkeys.clean_name(form.get("name", ""))

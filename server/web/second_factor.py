@@ -24,6 +24,7 @@ from starlette.responses import Response
 from .. import factors as factor_store
 from .. import mfa, passkeys
 from ..boundary import column_length, text_problem
+from ..config import Settings
 from ..deps import AppState, StateDep
 from ..models import User, WebAuthnCredential, now
 from ..observability import audit
@@ -190,7 +191,7 @@ async def verify_page(
     use, of those that reach the level a step-up is for (``mfa.accepts``). Rendered again
     (with ``error``) when a code is wrong."""
     settings = state.settings
-    have = await factor_store.load(db, user.id)
+    have = await factor_store.load(db, user.id, settings)
     credentials = [
         row
         for row in await _passkey_rows(db, user.id)
@@ -240,7 +241,7 @@ async def step_up(request: Request, state: StateDep) -> Response:
         who = await current_session(request, db, state.settings)
         if who is None:
             return redirect("/login?" + urlencode({"next": next_url}))
-        have = await factor_store.load(db, who.user.id)
+        have = await factor_store.load(db, who.user.id, state.settings)
     if not have.any:
         return redirect(security_url(next_url, "enrol"))
     if not mfa.satisfies(have.best_amr(), [level]):
@@ -269,12 +270,13 @@ def sign_in_again(next_url: str) -> Response:
 
 
 async def may_change_factors(
-    db: AsyncSession, who: SignedIn, back: str
+    db: AsyncSession, who: SignedIn, back: str, settings: Settings
 ) -> tuple[Response | None, mfa.Factors]:
     """Whether this session may add or remove a factor now (``mfa.may_change_factors``, and a
     recent sign-in); if not, where to send the browser (``back`` afterwards): a step-up with
-    one of the person's factors, or a fresh sign-in. Also what the person has."""
-    have = await factor_store.load(db, who.user.id)
+    one of the person's factors, or a fresh sign-in. Also what the person has (and can use
+    here: ``factors.load``)."""
+    have = await factor_store.load(db, who.user.id, settings)
     if not mfa.may_change_factors(who.session.amr, have):
         return redirect("/login/step-up?" + urlencode({"next": back})), have
     if not recent(who):
@@ -292,7 +294,7 @@ async def security(request: Request, state: StateDep) -> Response:
         if who is None:
             return redirect("/login?" + urlencode({"next": security_url(next_url or None)}))
         listed = await factor_store.listed(db, who.user.id)
-        have = await factor_store.load(db, who.user.id)
+        have = await factor_store.load(db, who.user.id, state.settings)
     return render(
         "security.html",
         csrf=Csrf.of(request, settings),
@@ -323,7 +325,7 @@ async def remove_factor(factor_id: str, request: Request, state: StateDep) -> Re
         if who is None:
             return redirect("/login?next=/account/security")
         user, session_id = who.user, who.session.id
-        refused, _ = await may_change_factors(db, who, security_url())
+        refused, _ = await may_change_factors(db, who, security_url(), settings)
         if refused is not None:
             return refused
         # Under the person's lock: two removals at once (two tabs) each see what the other

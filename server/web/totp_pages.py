@@ -78,7 +78,7 @@ async def _signed_in(
     who = await current_session(request, db, state.settings)
     if who is None:
         return redirect("/login?" + urlencode({"next": back}))
-    refused, have = await may_change_factors(db, who, back)
+    refused, have = await may_change_factors(db, who, back, state.settings)
     if refused is not None:
         return refused
     return who, have

@@ -841,15 +841,22 @@ async def test_a_password_alone_cannot_add_a_passkey_for_a_person_who_has_one(
 
 @pytest.mark.feature("mfa-passkeys")
 async def test_a_second_passkey_leaves_the_session_as_it_was(
-    browser: httpx.AsyncClient, make_user: MakeUser, state: AppState
+    browser: httpx.AsyncClient,
+    make_user: MakeUser,
+    state: AppState,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A first passkey upgrades the session (the account had nothing more to prove); a second
-    one, added from a session that already proved a factor, changes nothing."""
+    one, added from a session that already proved a factor, changes nothing: neither its
+    methods nor its ``auth_time`` (else an open browser could keep "recently signed in", and
+    clients' ``max_age``, alive for ever by adding factors)."""
     alice = await make_user()
     assert (await register(browser, alice, Authenticator())).status_code == 303
     async with state.db.sessions() as db:
-        first = await db.scalar(select(BrowserSession.amr).where(BrowserSession.ended_at.is_(None)))
-    assert first == "pwd hwk mfa"
+        first = await db.scalar(select(BrowserSession).where(BrowserSession.ended_at.is_(None)))
+    assert first is not None and first.amr == "pwd hwk mfa"
+    later = float(first.auth_time + 300)
+    monkeypatch.setattr(server.models, "clock", lambda: later)
     page = await browser.get("/account/security/passkeys/new")
     added = await browser.post(
         "/account/security/passkeys",
@@ -862,9 +869,11 @@ async def test_a_second_passkey_leaves_the_session_as_it_was(
     assert added.status_code == 303
     async with state.db.sessions() as db:
         live = (
-            await db.scalars(select(BrowserSession.amr).where(BrowserSession.ended_at.is_(None)))
+            await db.scalars(select(BrowserSession).where(BrowserSession.ended_at.is_(None)))
         ).all()
-    assert live == ["pwd hwk mfa"]  # not "pwd hwk swk mfa"
+    assert [row.amr for row in live] == ["pwd hwk mfa"]  # not "pwd hwk swk mfa"
+    assert live[0].id != first.id  # a new cookie…
+    assert live[0].auth_time == first.auth_time  # …but not a new sign-in
 
 
 @pytest.mark.feature("mfa-passkeys")

@@ -20,7 +20,7 @@ from sqlalchemy import func, select, update
 import server.models
 from server import manage, mfa, totp
 from server.deps import AppState
-from server.models import BrowserSession, RecoveryCode, TotpFactor, WebAuthnCredential
+from server.models import BrowserSession, RecoveryCode, TotpFactor
 from server.web.totp_pages import BAD_CODE, WRONG_SETUP_CODE
 from tests.conftest import Events, MakeUser, UserCreds, csrf_of, sign_in
 
@@ -659,41 +659,6 @@ async def test_a_session_from_before_methods_were_recorded_steps_up_as_a_passwor
     assert done.headers["location"] == "/account"
     [strong] = await live_sessions(state, enrolled.user.id)
     assert strong.amr == "pwd otp mfa"
-
-
-async def test_a_further_factor_keeps_the_sign_in_time(
-    browser: httpx.AsyncClient, make_user: MakeUser, clock: Clock, state: AppState
-) -> None:
-    """Enrolling a first factor is a sign-in with it (a new ``auth_time``); one added from a
-    session that already proved a factor proves nothing new, so ``auth_time`` stays: else an
-    open browser could keep "recently signed in" (and clients' ``max_age``) alive for ever."""
-    user = await make_user()
-    await enrol(browser, user, clock)
-    [first] = await live_sessions(state, user.id)
-    assert first.amr == "pwd otp mfa"
-    async with state.db.sessions() as db:
-        # A passkey row, as the passkey pages add one (they need an issuer they work with).
-        db.add(
-            WebAuthnCredential(user_id=user.id, credential_id="AAAA", public_key=b"k", name="Key")
-        )
-        await db.commit()
-    clock.advance(300)
-    security = await browser.get("/account/security")
-    removed = await browser.post(
-        "/account/security/factors/totp/remove", data={"csrf_token": csrf_of(security)}
-    )
-    assert removed.status_code == 303
-    clock.advance(30)
-    page, secret = await open_setup(browser)
-    again = await browser.post(
-        "/account/security/totp",
-        data={"csrf_token": csrf_of(page), "code": code_at(secret, clock.t)},
-    )
-    assert again.status_code == 200, again.text
-    [after] = await live_sessions(state, user.id)
-    assert after.id != first.id  # a new cookie…
-    assert after.auth_time == first.auth_time  # …but not a new sign-in
-    assert after.amr == first.amr
 
 
 async def test_a_setup_starts_only_with_the_form_token(
