@@ -138,21 +138,26 @@ class Limiter:
             checks.append((self.failures_second_factor, "second-factor-failures", account))
         return checks
 
+    def _failures(
+        self, account: str, ip: str, second_factor: bool
+    ) -> list[tuple[list[RateLimitItem], str, str]]:
+        """The checks that apply: all of them, or with limits off (``AUTH_RATE_LIMITS_ENABLED``:
+        benchmarks, trusted use) only the second-factor cap, which stays: without it a
+        six-digit code falls to an online guesser."""
+        checks = self._failure_checks(account, ip, second_factor)
+        return checks if self.enabled else [c for c in checks if c[1] == "second-factor-failures"]
+
     async def throttled(self, account: str, ip: str, *, second_factor: bool = False) -> bool:
         """Whether password attempts (``second_factor``: second-factor attempts, which also
         have their own cap) for ``account`` from ``ip`` must be refused unchecked."""
-        if not self.enabled:
-            return False
-        for items, scope, key in self._failure_checks(account, ip, second_factor):
+        for items, scope, key in self._failures(account, ip, second_factor):
             for item in items:
                 if not await self.strategy.test(item, scope, key):
                     return True
         return False
 
     async def failed(self, account: str, ip: str, *, second_factor: bool = False) -> None:
-        if not self.enabled:
-            return
-        for items, scope, key in self._failure_checks(account, ip, second_factor):
+        for items, scope, key in self._failures(account, ip, second_factor):
             for item in items:
                 await self.strategy.hit(item, scope, key)
 

@@ -26,7 +26,7 @@ from .. import mfa, totp
 from ..deps import AppState, StateDep
 from ..mfa import Factors
 from ..models import TotpFactor, now
-from ..observability import audit
+from ..observability import audit, log
 from .browser import (
     Csrf,
     SignedIn,
@@ -313,15 +313,27 @@ async def verify_code(request: Request, state: StateDep) -> Response:
         if await limiter.throttled(account, ip, second_factor=True):
             return await refuse(throttled=True)
         used = ""
+        unreadable = False
         if totp.is_totp_code(code):
             factor = await db.get(TotpFactor, user.id)
             if factor is not None and factor.confirmed_at is not None:
                 secret = totp.unseal(settings, user.id, factor.secret_sealed)
+                # Sealed under another AUTH_SECRET_KEY: no code can ever match, so the
+                # person's right codes are not counted as guesses, and the operator is told.
+                unreadable = secret is None
                 step = None if secret is None else totp.matching_step(secret, code)
                 if step is not None and await totp.spend_step(db, user.id, step):
                     used = "totp"
         elif await totp.use_recovery_code(db, settings, user.id, code):
             used = "recovery_code"
+        if unreadable:
+            log.warning(
+                "totp.unseal_failed",
+                user_id=user.id,
+                hint="AUTH_SECRET_KEY changed since the app was set up: reset the person's "
+                "factors (users reset-factors) or restore the key",
+            )
+            return await refuse(unreadable=True)
         if not used:  # nothing written: the UPDATEs matched no row
             await limiter.failed(account, ip, second_factor=True)
             return await refuse()

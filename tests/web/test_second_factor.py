@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from server import mfa, models
 from server.deps import AppState
@@ -422,3 +422,23 @@ async def test_a_password_alone_cannot_change_the_factors_of_a_person_who_has_on
     # The step-up asks for the factor the person has.
     stepped = await browser.get(attempts[0].headers["location"])
     assert stepped.headers["location"].startswith("/login/verify")
+
+
+@pytest.mark.feature("mfa-step-up")
+async def test_the_second_step_says_so_when_nothing_can_confirm(
+    browser: httpx.AsyncClient, state: AppState, make_user: MakeUser
+) -> None:
+    """Factors removed between the step-up and the answer (another browser, an admin reset):
+    the page says nothing here can confirm, instead of showing no form at all."""
+    user = await make_user()
+    await add_totp(state, user.id)
+    await signed_in_with(browser, state, user.id, "pwd")
+    step = await browser.get("/login/step-up", params={"next": "/account"})
+    async with state.db.sessions() as db:
+        await db.execute(delete(TotpFactor))
+        await db.execute(delete(RecoveryCode))
+        await db.commit()
+    page = await browser.get(step.headers["location"])
+    assert page.status_code == 200
+    assert "<form" not in page.text.split("<main", 1)[1]
+    assert "None of your sign-in methods can confirm this here" in page.text

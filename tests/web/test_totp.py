@@ -679,3 +679,48 @@ async def test_a_setup_starts_only_with_the_form_token(
     _, secret = await open_setup(browser)
     again = await browser.get("/account/security/totp")
     assert SECRET_RE.search(again.text).group(1).replace(" ", "") == secret  # type: ignore[union-attr]
+
+
+async def test_the_second_factor_cap_holds_with_rate_limits_off(
+    browser: httpx.AsyncClient,
+    enrolled: Enrolled,
+    clock: Clock,
+    state: AppState,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``AUTH_RATE_LIMITS_ENABLED=false`` (benchmarks, trusted use) turns the limits off, but
+    not this cap: without it a six-digit code falls to an online guesser."""
+    monkeypatch.setattr(state.limiter, "enabled", False)
+    monkeypatch.setattr(state.limiter, "failures_second_factor", parse_many("2/day"))
+    right = code_at(enrolled.secret, clock.t)
+    wrong = str((int(right) + 1) % 1_000_000).zfill(6)
+    csrf = await password_step(browser, enrolled.user)
+    for _ in range(2):
+        assert (await send_code(browser, csrf, wrong)).status_code == 400
+    refused = await send_code(browser, csrf, right)
+    assert refused.status_code == 400 and BAD_CODE in refused.text
+
+
+async def test_an_app_sealed_under_another_secret_key_is_not_counted_as_guessing(
+    browser: httpx.AsyncClient,
+    enrolled: Enrolled,
+    clock: Clock,
+    state: AppState,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """After AUTH_SECRET_KEY changed, no code can match the sealed secret: the right codes
+    are refused, but not counted against the person (who would be locked out for hours once
+    the key is restored), and the log says why."""
+    monkeypatch.setattr(state.limiter, "failures_second_factor", parse_many("1/day"))
+    original = state.settings
+    monkeypatch.setattr(state, "settings", original.model_copy(update={"secret_key": "n" * 48}))
+    csrf = await password_step(browser, enrolled.user)
+    refused = await send_code(browser, csrf, code_at(enrolled.secret, clock.t))
+    assert refused.status_code == 400
+    assert "totp.unseal_failed" in capsys.readouterr().out
+    monkeypatch.setattr(state, "settings", original)
+    browser.cookies.clear()
+    csrf = await password_step(browser, enrolled.user)
+    done = await send_code(browser, csrf, code_at(enrolled.secret, clock.t))
+    assert done.status_code == 303  # the cap of one was not spent by the unreadable attempt
