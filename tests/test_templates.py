@@ -291,6 +291,7 @@ CONTEXTS: dict[str, dict[str, Any]] = {
         "qr_svg": QR_SVG,
         "secret": "JBSW Y3DP EHPK 3PXP",
         "issuer": "login.example.com",
+        "setup_id": "0123456789abcdef",
         "next": "/account",
         "error": "That code is not right.",
     },

@@ -14,6 +14,7 @@ secrets, recovery codes.
 
 from __future__ import annotations
 
+import hashlib
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
@@ -59,6 +60,10 @@ WRONG_SETUP_CODE = (
     "That code does not match. Check the time on your phone, then enter the code the app shows now."
 )
 TOO_MANY = "Too many wrong codes. Wait a few minutes, then try again."
+RESTARTED = (
+    "The setup was started again in another window, with a new code. Delete the entry you "
+    "just added in your app, scan this code, and enter the code it shows."
+)
 
 
 def _setup_url(next_url: str) -> str:
@@ -106,9 +111,16 @@ def _setup_page(
         qr_svg=totp.qr_svg(uri),
         secret=totp.grouped(secret),
         issuer=totp.issuer_label(settings),
+        # Which secret this page shows: a code for it, posted after another window started
+        # a new setup, is told apart from a wrong one.
+        setup_id=_setup_id(secret),
         next=next_url,
         error=error,
     )
+
+
+def _setup_id(secret: str) -> str:
+    return hashlib.sha256(b"totp-setup|" + secret.encode()).hexdigest()[:16]
 
 
 def _codes_page(
@@ -210,6 +222,17 @@ async def confirm_setup(request: Request, state: StateDep) -> Response:
         if factor is None or secret is None:
             return redirect(_setup_url(next_url))  # no setup under way: start one
         sealed = factor.secret_sealed
+        if form.get("setup", "") != _setup_id(secret):
+            # Another window started a new setup meanwhile: this page's secret is gone.
+            return _setup_page(
+                request,
+                state,
+                who,
+                secret,
+                next_url=next_url,
+                error=RESTARTED,
+                http_status=409,
+            )
         account, ip = throttle_keys(state, request, user)
         limiter = state.limiter
         if await limiter.throttled(account, ip):

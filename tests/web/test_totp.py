@@ -57,6 +57,16 @@ def new_browser(app: FastAPI) -> Callable[[], httpx.AsyncClient]:
     return factory
 
 
+SETUP_ID_RE = re.compile(r'name="setup" value="([0-9a-f]+)"')
+
+
+def setup_of(page: httpx.Response) -> str:
+    """Which setup the page shows (its form says, so a restarted one is told apart)."""
+    match = SETUP_ID_RE.search(page.text)
+    assert match is not None, page.text[:500]
+    return match.group(1)
+
+
 def code_at(secret: str, t: int) -> str:
     return pyotp.TOTP(secret).at(t)
 
@@ -90,7 +100,12 @@ async def enrol(
     page, secret = await open_setup(http, next_url)
     done = await http.post(
         "/account/security/totp",
-        data={"csrf_token": csrf_of(page), "code": code_at(secret, clock.t), "next": next_url},
+        data={
+            "csrf_token": csrf_of(page),
+            "setup": setup_of(page),
+            "code": code_at(secret, clock.t),
+            "next": next_url,
+        },
     )
     assert done.status_code == 200, done.text
     codes = CODE_RE.findall(done.text)
@@ -171,7 +186,8 @@ async def test_enrolment_confirms_the_app_with_its_first_code(
 
     wrong = str((int(code_at(secret, clock.t)) + 1) % 1_000_000).zfill(6)
     refused = await browser.post(
-        "/account/security/totp", data={"csrf_token": csrf_of(page), "code": wrong}
+        "/account/security/totp",
+        data={"csrf_token": csrf_of(page), "setup": setup_of(page), "code": wrong},
     )
     assert refused.status_code == 400
     assert WRONG_SETUP_CODE.split(".")[0] in refused.text
@@ -179,7 +195,11 @@ async def test_enrolment_confirms_the_app_with_its_first_code(
 
     done = await browser.post(
         "/account/security/totp",
-        data={"csrf_token": csrf_of(refused), "code": code_at(secret, clock.t)},
+        data={
+            "csrf_token": csrf_of(refused),
+            "setup": setup_of(refused),
+            "code": code_at(secret, clock.t),
+        },
     )
     assert done.status_code == 200, done.text
     assert done.headers["cache-control"] == "no-store"
@@ -249,7 +269,11 @@ async def test_setup_needs_a_recent_sign_in(
     assert stale.headers["location"] == "/login?next=%2Faccount%2Fsecurity%2Ftotp&notice=reauth"
     posted = await browser.post(
         "/account/security/totp",
-        data={"csrf_token": csrf_of(page), "code": code_at(secret, clock.t)},
+        data={
+            "csrf_token": csrf_of(page),
+            "setup": setup_of(page),
+            "code": code_at(secret, clock.t),
+        },
     )
     assert posted.status_code == 303 and "notice=reauth" in posted.headers["location"]
     renew = await browser.post(
@@ -268,16 +292,25 @@ async def test_a_setup_started_again_replaces_the_secret(
     assert old != new
     stale = await browser.post(
         "/account/security/totp",
-        data={"csrf_token": csrf_of(first), "code": code_at(old, clock.t)},
+        data={
+            "csrf_token": csrf_of(first),
+            "setup": setup_of(first),
+            "code": code_at(old, clock.t),
+        },
     )
-    assert stale.status_code == 400
+    # The first window's code is for a secret that is gone: it says so (not "wrong code",
+    # which would send the person to their phone's clock), and shows the new secret.
+    assert stale.status_code == 409
+    assert "started again in another window" in stale.text
+    assert SECRET_RE.search(stale.text).group(1).replace(" ", "") == new  # type: ignore[union-attr]
     # Posting with no setup under way starts one.
     other = await make_user("bob")
     browser.cookies.clear()
     await sign_in(browser, other)
     page = await browser.get("/logout")
     blind = await browser.post(
-        "/account/security/totp", data={"csrf_token": csrf_of(page), "code": "123456"}
+        "/account/security/totp",
+        data={"csrf_token": csrf_of(page), "setup": "", "code": "123456"},
     )
     assert blind.status_code == 303 and blind.headers["location"] == "/account/security/totp"
 
@@ -421,12 +454,17 @@ async def test_wrong_setup_codes_are_throttled(
     page, secret = await open_setup(browser)
     for _ in range(2):
         wrong = await browser.post(
-            "/account/security/totp", data={"csrf_token": csrf_of(page), "code": "000000"}
+            "/account/security/totp",
+            data={"csrf_token": csrf_of(page), "setup": setup_of(page), "code": "000000"},
         )
         assert wrong.status_code == 400
     late = await browser.post(
         "/account/security/totp",
-        data={"csrf_token": csrf_of(page), "code": code_at(secret, clock.t)},
+        data={
+            "csrf_token": csrf_of(page),
+            "setup": setup_of(page),
+            "code": code_at(secret, clock.t),
+        },
     )
     assert late.status_code == 429 and "Too many wrong codes" in late.text
 
