@@ -27,7 +27,7 @@ from sqlalchemy import func, select
 from server import check, manage
 from server.config import Settings
 from server.deps import AppState
-from server.models import PushedRequest
+from server.models import PushedRequest, TotpFactor
 from tests.conftest import MakeClient, MakeUser, SharedApps, reset_app
 
 pytestmark = pytest.mark.feature("check-command")
@@ -1891,3 +1891,24 @@ async def rows_of_pushed_requests(app: FastAPI) -> int:
     state: AppState = app.state.auth
     async with state.db.sessions() as db:
         return int(await db.scalar(select(func.count()).select_from(PushedRequest)) or 0)
+
+
+@pytest.mark.feature("mfa-policy")
+async def test_an_account_with_a_second_factor_is_skipped_with_the_reason(
+    app: FastAPI, settings: Settings, make_client: MakeClient, make_user: MakeUser, state: AppState
+) -> None:
+    """The password grant refuses an account that signs in with a second factor (here: a
+    one-time code app): ``check`` says so, rather than a bare invalid_grant that reads as a
+    wrong password."""
+    creds = await make_client("check-mfa", grants=["password", "refresh_token"])
+    user = await make_user("checker", PASSWORD)
+    async with state.db.sessions() as db:
+        db.add(TotpFactor(user_id=user.id, secret_sealed="x", confirmed_at=1))
+        await db.commit()
+    setup = Setup(settings, creds.client_id, creds.secret, user.username, user.password)
+    outcome = await setup.run(Tamper(app))
+    assert outcome.failures == 0, outcome.lines
+    assert outcome.reason("password-grant") == (
+        "the account signs in with a second factor, which the password grant cannot ask for "
+        "(give an account without one, or leave out --username)"
+    )

@@ -12,7 +12,7 @@ import httpx
 from joserfc.jwk import ECKey, RSAKey
 
 from .outcome import CheckFailed, CheckSkipped, Status
-from .parse import describe, error_code, json_object, printable, short
+from .parse import describe, error_code, json_object, parse_json, printable, short
 
 TOKEN_PATH = "/oauth2/token"  # noqa: S105 (a path, not a password)
 REVOKE_PATH = "/oauth2/revoke"
@@ -214,7 +214,18 @@ class Context:
     async def sign_in(self) -> dict[str, Any]:
         username, password = self.need_user()
         data = {"grant_type": "password", "username": username, "password": password}
-        return await self.token(data, "password grant")
+        response = await self.post(TOKEN_PATH, data)
+        if response.status_code == 400 and error_code(response) == "invalid_grant":
+            body = parse_json(response)
+            described = body.get("error_description") if isinstance(body, dict) else None
+            if isinstance(described, str) and "second factor" in described:
+                # The account is right, but signs in with a second factor, which the password
+                # grant cannot ask for (AUTH_MFA=required, or the person set one up).
+                raise CheckSkipped(
+                    "the account signs in with a second factor, which the password grant "
+                    "cannot ask for (give an account without one, or leave out --username)"
+                )
+        return self.token_body(response, "password grant")
 
     def redact(self, text: str) -> str:
         # Values too short to be real secrets would mangle every message; none is printed anyway.
