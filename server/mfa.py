@@ -235,6 +235,8 @@ class Pending:
     #: The ``acr`` a step-up must reach (``target_level``): only factors that reach it are
     #: offered and accepted, so that a weaker one cannot send the browser round again.
     level: str | None = None
+    #: Random: what makes each pending sign-in's cookie, and so its single use, its own.
+    nonce: str = ""
 
 
 def accepts(pending: Pending, method: str) -> bool:
@@ -252,6 +254,7 @@ def seal_pending(settings: Settings, pending: Pending) -> str:
             pending.changed,
             pending.session,
             pending.level,
+            pending.nonce,
         ],
         separators=(",", ":"),
     ).encode()
@@ -269,12 +272,12 @@ def open_pending(settings: Settings, value: str | None) -> Pending | None:
     if not hmac.compare_digest(mac, _mac(settings, b"mfa-pending", body)):
         return None
     try:
-        user_id, amr, expires_at, changed, session, level = json.loads(body)
+        user_id, amr, expires_at, changed, session, level, nonce = json.loads(body)
     except (ValueError, TypeError):
         return None
     if expires_at <= now():
         return None
-    return Pending(user_id, amr, expires_at, changed, session, level)
+    return Pending(user_id, amr, expires_at, changed, session, level, nonce)
 
 
 #: A challenge: version, expiry (8 bytes), 16 random bytes, then an HMAC of all that, the

@@ -302,7 +302,7 @@ async def verify_with_passkey(request: Request, state: StateDep) -> Response:
     async with state.db.session() as db:
         found = await pending_sign_in(request, state, db)
         if found is None:
-            return expired_sign_in()
+            return expired_sign_in(next_url)
         pending, user = found
         user_id = user.id
         account, ip = throttle_keys(state, request, user)
@@ -335,7 +335,7 @@ async def verify_with_passkey(request: Request, state: StateDep) -> Response:
             audit("signin.failed", user_id=user_id, passkey=True, reason=refused.reason)
             found = await pending_sign_in(request, state, db)
             if found is None:
-                return expired_sign_in()
+                return expired_sign_in(next_url)
             pending, user = found
             return await verify_page(
                 request,
@@ -355,7 +355,7 @@ async def verify_with_passkey(request: Request, state: StateDep) -> Response:
             audit("signin.failed", user_id=user_id, passkey=True, reason="level")
             found = await pending_sign_in(request, state, db)  # read again after the rollback
             if found is None:
-                return expired_sign_in()
+                return expired_sign_in(next_url)
             pending, user = found
             return await verify_page(
                 request,
@@ -368,7 +368,7 @@ async def verify_with_passkey(request: Request, state: StateDep) -> Response:
                 http_status=400,
             )
         if not await spend_pending(request, state):
-            return expired_sign_in()  # a copy of this pending sign-in was finished already
+            return expired_sign_in(next_url)  # a copy of this pending sign-in was finished already
         return await finish_sign_in(
             request,
             state,

@@ -14,6 +14,7 @@ sign-in at most ``mfa.RECENT_SIGN_IN`` old; removing the last one asks for the p
 
 from __future__ import annotations
 
+import secrets
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
@@ -120,6 +121,9 @@ def to_second_step(
         changed=user.password_changed_at,
         session=session,
         level=level,
+        # Two sign-ins of one person in one second (a laptop and a phone) are two pending
+        # sign-ins, each spent on its own (``spend_pending``).
+        nonce=secrets.token_urlsafe(12),
     )
     response = redirect("/login/verify?" + urlencode({"next": next_url}))
     set_cookie(
@@ -164,8 +168,10 @@ def throttle_keys(state: AppState, request: Request, user: User) -> tuple[str, s
     return normalize_username(user.username), state.limiter.client_ip(request)
 
 
-def expired_sign_in() -> Response:
-    return redirect("/login?notice=mfa_expired")
+def expired_sign_in(next_url: str) -> Response:
+    """Back to the sign-in page, with where the person was going (an application's
+    authorization request, say): a second step that expired is no reason to lose it."""
+    return redirect("/login?" + urlencode({"next": next_url, "notice": "mfa_expired"}))
 
 
 # -- the second-step page -------------------------------------------------------------------
@@ -224,7 +230,7 @@ async def verify_form(request: Request, state: StateDep) -> Response:
     async with state.db.session() as db:
         found = await pending_sign_in(request, state, db)
         if found is None:
-            return expired_sign_in()
+            return expired_sign_in(next_url)
         pending, user = found
         return await verify_page(request, state, db, pending, user, next_url=next_url)
 

@@ -311,7 +311,7 @@ async def verify_code(request: Request, state: StateDep) -> Response:
     async with state.db.session() as db:
         found = await pending_sign_in(request, state, db)
         if found is None:
-            return expired_sign_in()
+            return expired_sign_in(next_url)
         pending, user = found
         account, ip = throttle_keys(state, request, user)
         limiter = state.limiter
@@ -360,12 +360,14 @@ async def verify_code(request: Request, state: StateDep) -> Response:
         if not used:  # nothing written: the UPDATEs matched no row
             await limiter.failed(account, ip, second_factor=True)
             return await refuse()
-        if used == "recovery_code":
-            audit("recovery_code.used", user_id=user.id)
         # RFC 8176 §2 "otp": a one-time code, from the app or the recovery list.
         amr = mfa.amr_of(*pending.amr.split(), mfa.OTP)
         if not await spend_pending(request, state):
-            return expired_sign_in()  # a copy of this pending sign-in was finished already
+            # A copy of this pending sign-in was finished already: nothing is kept (the
+            # code's UPDATE is not committed).
+            return expired_sign_in(next_url)
+        if used == "recovery_code":
+            audit("recovery_code.used", user_id=user.id)
         return await finish_sign_in(
             request, state, db, user, amr=amr, next_url=next_url, second_factor=used
         )

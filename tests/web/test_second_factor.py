@@ -16,6 +16,9 @@ from server.models import BrowserSession, RecoveryCode, TotpFactor, WebAuthnCred
 from server.web.browser import start_session
 from tests.conftest import Events, MakeUser, UserCreds, csrf_of, sign_in
 
+#: Where an expired or spent second step sends the browser: the sign-in, keeping ``next``.
+EXPIRED = "/login?next=%2Faccount&notice=mfa_expired"
+
 pytestmark = pytest.mark.feature("mfa-policy")
 
 #: A session that used a second factor: what changing a person's factors needs.
@@ -188,7 +191,7 @@ async def test_the_second_step_page_needs_a_live_pending_sign_in(
     make_user: MakeUser,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert (await browser.get("/login/verify")).headers["location"] == "/login?notice=mfa_expired"
+    assert (await browser.get("/login/verify")).headers["location"] == EXPIRED
     user = await make_user()
     await add_totp(state, user.id)
     await post_password(browser, user, "/account")
@@ -196,7 +199,7 @@ async def test_the_second_step_page_needs_a_live_pending_sign_in(
     later = models.now() + mfa.PENDING_TTL + 1
     monkeypatch.setattr(models, "clock", lambda: float(later))
     response = await browser.get("/login/verify")
-    assert response.headers["location"] == "/login?notice=mfa_expired"
+    assert response.headers["location"] == EXPIRED
     assert "took too long" in (await browser.get(response.headers["location"])).text
 
 
@@ -442,3 +445,15 @@ async def test_the_second_step_says_so_when_nothing_can_confirm(
     assert page.status_code == 200
     assert "<form" not in page.text.split("<main", 1)[1]
     assert "None of your sign-in methods can confirm this here" in page.text
+
+
+async def test_an_expired_second_step_keeps_where_the_person_was_going(
+    browser: httpx.AsyncClient,
+) -> None:
+    """An application's authorization request survives a second step that expired: the
+    sign-in page gets it back as ``next`` (it went to /account before)."""
+    target = "/oauth2/authorize?client_id=web&state=s1"
+    response = await browser.get("/login/verify", params={"next": target})
+    location = urlsplit(response.headers["location"])
+    assert location.path == "/login"
+    assert parse_qs(location.query) == {"next": [target], "notice": ["mfa_expired"]}

@@ -24,6 +24,9 @@ from server.models import BrowserSession, RecoveryCode, TotpFactor
 from server.web.totp_pages import BAD_CODE, WRONG_SETUP_CODE
 from tests.conftest import Events, MakeUser, UserCreds, csrf_of, sign_in
 
+#: Where an expired or spent second step sends the browser: the sign-in, keeping ``next``.
+EXPIRED = "/login?next=%2Faccount&notice=mfa_expired"
+
 pytestmark = pytest.mark.feature("mfa-totp")
 
 #: A fixed time at the start of a 30-second step (RFC 6238 §4), far from the real one.
@@ -477,15 +480,13 @@ async def test_an_expired_or_tampered_pending_sign_in_goes_back_to_login(
     browser.cookies.set("mfa", value[:-2] + ("AA" if not value.endswith("AA") else "BB"))
     tampered = await send_code(browser, csrf, code_at(enrolled.secret, clock.t))
     assert tampered.status_code == 303
-    assert tampered.headers["location"] == "/login?notice=mfa_expired"
+    assert tampered.headers["location"] == EXPIRED
     browser.cookies.set("mfa", value)
     clock.advance(mfa.PENDING_TTL + 1)
     expired = await send_code(browser, csrf, code_at(enrolled.secret, clock.t))
-    assert expired.headers["location"] == "/login?notice=mfa_expired"
+    assert expired.headers["location"] == EXPIRED
     browser.cookies.delete("mfa")
-    assert (await send_code(browser, csrf, "123456")).headers["location"] == (
-        "/login?notice=mfa_expired"
-    )
+    assert (await send_code(browser, csrf, "123456")).headers["location"] == (EXPIRED)
 
 
 async def test_a_password_change_voids_the_pending_sign_in(
@@ -499,7 +500,7 @@ async def test_a_password_change_voids_the_pending_sign_in(
         )
         await db.commit()
     refused = await send_code(browser, csrf, code_at(enrolled.secret, clock.t))
-    assert refused.headers["location"] == "/login?notice=mfa_expired"
+    assert refused.headers["location"] == EXPIRED
     assert await live_sessions(state, enrolled.user.id) == []
 
 
@@ -670,7 +671,7 @@ async def test_a_finished_second_step_cannot_be_finished_again_from_a_copy(
         assert page.status_code == 200  # still signed and live…
         answer = await send_code(other, csrf_of(page), code_at(enrolled.secret, clock.t + 30))
     assert answer.status_code == 303  # …but spent
-    assert answer.headers["location"] == "/login?notice=mfa_expired"
+    assert answer.headers["location"] == EXPIRED
     assert len(await live_sessions(state, enrolled.user.id)) == 1
 
 
@@ -762,3 +763,45 @@ async def test_an_app_sealed_under_another_secret_key_is_not_counted_as_guessing
     csrf = await password_step(browser, enrolled.user)
     done = await send_code(browser, csrf, code_at(enrolled.secret, clock.t))
     assert done.status_code == 303  # the cap of one was not spent by the unreadable attempt
+
+
+async def test_two_sign_ins_in_the_same_second_are_two_second_steps(
+    browser: httpx.AsyncClient,
+    enrolled: Enrolled,
+    clock: Clock,
+    state: AppState,
+    new_browser: Callable[[], httpx.AsyncClient],
+) -> None:
+    """A laptop and a phone signing in in the same second: each pending sign-in is its own
+    (a random part), so finishing one does not spend the other's."""
+    async with new_browser() as phone:
+        laptop_csrf = await password_step(browser, enrolled.user)
+        phone_csrf = await password_step(phone, enrolled.user)
+        assert browser.cookies["mfa"] != phone.cookies["mfa"]
+        laptop = await send_code(browser, laptop_csrf, code_at(enrolled.secret, clock.t))
+        assert laptop.headers["location"] == "/account"
+        phone_done = await send_code(phone, phone_csrf, enrolled.codes[0])
+        assert phone_done.headers["location"] == "/account"
+    assert len(await live_sessions(state, enrolled.user.id)) == 2
+
+
+async def test_a_spent_second_step_keeps_the_recovery_code_and_logs_no_use(
+    browser: httpx.AsyncClient,
+    enrolled: Enrolled,
+    clock: Clock,
+    state: AppState,
+    events: Events,
+    new_browser: Callable[[], httpx.AsyncClient],
+) -> None:
+    """A recovery code sent with a copy of a finished second step is refused as expired:
+    not spent, and not logged as used (the audit log said it was)."""
+    csrf = await password_step(browser, enrolled.user)
+    copied = browser.cookies["mfa"]
+    assert (await send_code(browser, csrf, code_at(enrolled.secret, clock.t))).status_code == 303
+    async with new_browser() as other:
+        other.cookies.set("mfa", copied)
+        page = await other.get("/login/verify")
+        answer = await send_code(other, csrf_of(page), enrolled.codes[0])
+    assert answer.headers["location"] == EXPIRED
+    assert await unused_codes(state, enrolled.user.id) == 10
+    assert not [e for e, _ in events if e == "recovery_code.used"]
