@@ -223,6 +223,7 @@ async def test_the_last_factor_needs_the_current_password(
     assert await ended_at(state, browser) is not None
 
 
+@pytest.mark.one_backend
 async def test_a_password_is_not_checked_when_it_is_not_needed(
     client: httpx.AsyncClient, app_client: ClientCreds, make_user: MakeUser, state: AppState
 ) -> None:
@@ -234,6 +235,7 @@ async def test_a_password_is_not_checked_when_it_is_not_needed(
     assert (await remove(client, token, first, "anything")).status_code == 204
 
 
+@pytest.mark.one_backend
 async def test_the_password_check_is_throttled_like_the_password_change(
     client: httpx.AsyncClient, app_client: ClientCreds, make_user: MakeUser, state: AppState
 ) -> None:
@@ -292,6 +294,7 @@ async def test_two_removals_at_once_cannot_remove_the_last_factor_without_the_pa
     assert await factor_rows(state, user.id) == (0, 1, 0)
 
 
+@pytest.mark.one_backend
 async def test_listing_needs_the_account_scope_and_removing_a_first_party_app(
     client: httpx.AsyncClient,
     app_client: ClientCreds,
@@ -395,6 +398,7 @@ async def test_bad_bodies_are_a_422(
     assert await factor_rows(state, user.id) == (0, 1, 0)
 
 
+@pytest.mark.one_backend
 async def test_a_password_only_sign_in_cannot_change_the_factors_of_a_person_who_has_one(
     client: httpx.AsyncClient, app_client: ClientCreds, make_user: MakeUser, state: AppState
 ) -> None:
@@ -415,6 +419,7 @@ async def test_a_password_only_sign_in_cannot_change_the_factors_of_a_person_who
     assert (await client.get("/api/v1/me/factors", headers=bearer(token))).status_code == 200
 
 
+@pytest.mark.one_backend
 async def test_a_password_only_sign_in_cannot_change_the_password_of_a_person_with_a_factor(
     client: httpx.AsyncClient, app_client: ClientCreds, make_user: MakeUser, state: AppState
 ) -> None:

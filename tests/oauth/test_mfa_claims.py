@@ -169,6 +169,7 @@ async def test_a_multi_factor_session_is_told_in_the_id_token_its_refreshes_and_
     assert (info["amr"], info["acr"]) == (["pwd", "otp", "mfa"], "2")
 
 
+@pytest.mark.one_backend
 async def test_a_browser_session_from_before_methods_were_kept_signs_in_as_a_password(
     browser: httpx.AsyncClient, make_client: MakeClient, make_user: MakeUser, state: AppState
 ) -> None:
@@ -247,6 +248,7 @@ async def test_acr_values_beyond_the_session_send_a_person_with_a_factor_to_the_
     assert claims_of(tokens["id_token"])["acr"] == "2"
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-step-up")
 async def test_acr_values_with_prompt_none_is_login_required_at_the_client(
     browser: httpx.AsyncClient, make_client: MakeClient, make_user: MakeUser, state: AppState
@@ -278,6 +280,7 @@ async def test_acr_values_with_prompt_none_is_login_required_at_the_client(
         ("pwd", True, " ", "1"),
     ],
 )
+@pytest.mark.one_backend
 async def test_acr_values_that_nothing_more_can_meet_get_a_code_saying_what_was_reached(
     browser: httpx.AsyncClient,
     make_client: MakeClient,
@@ -297,6 +300,7 @@ async def test_acr_values_that_nothing_more_can_meet_get_a_code_saying_what_was_
     assert claims_of(tokens["id_token"])["acr"] == acr
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-step-up")
 async def test_an_unconfirmed_app_is_not_a_factor_to_step_up_with(
     browser: httpx.AsyncClient, make_client: MakeClient, make_user: MakeUser, state: AppState
@@ -309,6 +313,7 @@ async def test_an_unconfirmed_app_is_not_a_factor_to_step_up_with(
     assert claims_of(tokens["id_token"])["acr"] == "1"
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-step-up", "par")
 async def test_a_pushed_request_comes_back_from_the_step_up_by_its_request_uri(
     browser: httpx.AsyncClient, make_client: MakeClient, make_user: MakeUser, state: AppState
@@ -331,6 +336,7 @@ async def test_a_pushed_request_comes_back_from_the_step_up_by_its_request_uri(
     assert claims_of(tokens["id_token"])["acr"] == "2"
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-step-up")
 async def test_the_step_up_comes_before_consent(
     browser: httpx.AsyncClient, make_client: MakeClient, make_user: MakeUser, state: AppState
@@ -348,6 +354,7 @@ async def test_the_step_up_comes_before_consent(
     assert "prompt=consent" in next_of(page)  # consent is still asked for afterwards
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-step-up")
 async def test_max_age_still_asks_for_the_whole_sign_in_with_its_second_step(
     browser: httpx.AsyncClient, make_client: MakeClient, make_user: MakeUser, state: AppState
@@ -368,6 +375,7 @@ async def test_max_age_still_asks_for_the_whole_sign_in_with_its_second_step(
     assert signed.headers["location"].startswith("/login/verify?")
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-policy", "mfa-step-up")
 async def test_auth_mfa_required_sends_one_factor_sessions_to_the_step_up(
     settings: Settings, make_client: MakeClient, make_user: MakeUser, state: AppState
@@ -463,6 +471,7 @@ async def test_the_password_grant_refuses_a_person_with_a_one_time_code_app(
     assert failures == ["alice"]
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-policy", "grant-password")
 async def test_the_password_grant_under_required_and_off(
     settings: Settings, make_client: MakeClient, make_user: MakeUser, state: AppState

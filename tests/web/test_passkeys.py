@@ -365,6 +365,7 @@ async def test_second_step_answered_with_a_passkey(
     assert reasons(events) == ["unknown_credential"]
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-passkey-signin")
 async def test_a_disabled_person_cannot_sign_in_with_a_passkey(
     browser: httpx.AsyncClient, new_browser: Any, make_user: MakeUser, state: AppState
@@ -416,6 +417,7 @@ def _challenge(form: dict[str, str]) -> str:
     return challenge
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-webauthn-challenges")
 async def test_an_expired_challenge_is_refused(
     browser: httpx.AsyncClient,
@@ -440,6 +442,7 @@ async def test_an_expired_challenge_is_refused(
     assert reasons(events) == ["challenge"]
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-webauthn-challenges")
 async def test_a_challenge_for_another_purpose_or_browser_is_refused(
     browser: httpx.AsyncClient, new_browser: Any, make_user: MakeUser, events: Events
@@ -471,6 +474,7 @@ async def test_a_challenge_for_another_purpose_or_browser_is_refused(
 # -- what the authenticator says ------------------------------------------------------------
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-passkey-signin")
 @pytest.mark.parametrize(
     ("answer", "reason"),
@@ -505,6 +509,7 @@ async def test_what_the_authenticator_says_is_checked(
     assert row.last_used_at is None
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-passkeys")
 @pytest.mark.parametrize(
     "answer", [{"uv": False}, {"origin": "https://evil.example"}, {"rp_id": "evil.example"}]
@@ -668,6 +673,7 @@ async def test_rename_and_remove_own_passkeys_only(
         assert response.status_code == 400 and "may have been removed" in response.text
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-factor-management")
 async def test_adding_a_passkey_needs_a_recent_sign_in(
     browser: httpx.AsyncClient,
@@ -701,6 +707,7 @@ async def test_adding_a_passkey_needs_a_recent_sign_in(
         assert response.status_code == 303 and response.headers["location"].startswith("/login")
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-factor-management")
 async def test_the_enrolment_flow_keeps_next(
     browser: httpx.AsyncClient, make_user: MakeUser, state: AppState
@@ -749,6 +756,7 @@ async def ip_app(database_url: str, keys_dir: Path, shared_apps: SharedApps) -> 
     return application
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-passkeys")
 async def test_an_ip_address_issuer_has_no_passkeys(ip_app: FastAPI) -> None:
     state: AppState = ip_app.state.auth
@@ -802,6 +810,7 @@ async def test_hostile_transports_are_dropped_not_a_crash(
     assert row.transports == ""
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-factor-management")
 async def test_a_password_alone_cannot_add_a_passkey_for_a_person_who_has_one(
     browser: httpx.AsyncClient, new_browser: Any, make_user: MakeUser, state: AppState
@@ -876,6 +885,7 @@ async def test_a_second_passkey_leaves_the_session_as_it_was(
     assert live[0].auth_time == first.auth_time  # …but not a new sign-in
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-passkeys")
 async def test_a_username_cannot_break_out_of_the_options_script(
     browser: httpx.AsyncClient, make_user: MakeUser
@@ -893,6 +903,7 @@ async def test_a_username_cannot_break_out_of_the_options_script(
     assert options_of(page)["user"]["displayName"] == hostile
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-passkey-signin")
 async def test_sign_in_does_not_tell_which_credential_ids_are_registered(
     browser: httpx.AsyncClient, new_browser: Any, make_user: MakeUser
@@ -912,6 +923,7 @@ async def test_sign_in_does_not_tell_which_credential_ids_are_registered(
     assert answers[0][1].group(1) == answers[1][1].group(1)
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-factor-management")
 async def test_a_password_alone_cannot_rename_a_persons_passkeys(
     browser: httpx.AsyncClient, new_browser: Any, make_user: MakeUser, state: AppState
@@ -931,6 +943,7 @@ async def test_a_password_alone_cannot_rename_a_persons_passkeys(
     assert row.name == "Phone"
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-step-up")
 async def test_a_step_up_for_a_passkey_level_offers_and_takes_only_passkeys_that_reach_it(
     browser: httpx.AsyncClient, make_user: MakeUser, state: AppState

@@ -77,6 +77,7 @@ async def post_password(http: httpx.AsyncClient, user: UserCreds, next_url: str)
     )
 
 
+@pytest.mark.one_backend
 async def test_a_password_alone_signs_in_with_amr_pwd(
     browser: httpx.AsyncClient, state: AppState, make_user: MakeUser
 ) -> None:
@@ -86,6 +87,7 @@ async def test_a_password_alone_signs_in_with_amr_pwd(
     assert session.amr == "pwd"
 
 
+@pytest.mark.one_backend
 async def test_a_person_with_an_authenticator_app_gets_the_second_step_not_a_session(
     browser: httpx.AsyncClient, state: AppState, make_user: MakeUser, events: Events
 ) -> None:
@@ -107,6 +109,7 @@ async def test_a_person_with_an_authenticator_app_gets_the_second_step_not_a_ses
     assert (await browser.get("/account")).headers["location"].startswith("/login")
 
 
+@pytest.mark.one_backend
 async def test_the_second_step_is_skipped_when_the_deployment_turns_it_off(
     browser: httpx.AsyncClient,
     state: AppState,
@@ -121,6 +124,7 @@ async def test_the_second_step_is_skipped_when_the_deployment_turns_it_off(
     assert session.amr == "pwd"
 
 
+@pytest.mark.one_backend
 async def test_a_passkey_alone_does_not_add_a_step_to_password_sign_ins(
     browser: httpx.AsyncClient, state: AppState, make_user: MakeUser
 ) -> None:
@@ -130,6 +134,7 @@ async def test_a_passkey_alone_does_not_add_a_step_to_password_sign_ins(
     assert response.headers["location"] == "/account"
 
 
+@pytest.mark.one_backend
 async def test_required_sends_a_person_without_a_factor_to_enrolment(
     browser: httpx.AsyncClient,
     state: AppState,
@@ -150,6 +155,7 @@ async def test_required_sends_a_person_without_a_factor_to_enrolment(
     assert '<a href="/account">Continue</a>' in page.text  # …and one once there is
 
 
+@pytest.mark.one_backend
 async def test_a_passkey_that_cannot_work_here_does_not_count(
     browser: httpx.AsyncClient,
     state: AppState,
@@ -166,6 +172,7 @@ async def test_a_passkey_that_cannot_work_here_does_not_count(
     assert response.headers["location"] == "/account/security?next=%2Faccount&notice=enrol"
 
 
+@pytest.mark.one_backend
 async def test_sign_up_under_required_goes_to_enrolment(
     browser: httpx.AsyncClient, state: AppState, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -185,6 +192,7 @@ async def test_sign_up_under_required_goes_to_enrolment(
     assert response.headers["location"].startswith("/account/security?next=%2Faccount")
 
 
+@pytest.mark.one_backend
 async def test_the_second_step_page_needs_a_live_pending_sign_in(
     browser: httpx.AsyncClient,
     state: AppState,
@@ -203,6 +211,7 @@ async def test_the_second_step_page_needs_a_live_pending_sign_in(
     assert "took too long" in (await browser.get(response.headers["location"])).text
 
 
+@pytest.mark.one_backend
 async def test_a_password_change_voids_a_pending_sign_in(
     browser: httpx.AsyncClient, state: AppState, make_user: MakeUser
 ) -> None:
@@ -229,6 +238,7 @@ async def signed_in_with(
     return session
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-step-up")
 async def test_step_up_asks_a_signed_in_person_for_their_factor(
     browser: httpx.AsyncClient, state: AppState, make_user: MakeUser
@@ -248,6 +258,7 @@ async def test_step_up_asks_a_signed_in_person_for_their_factor(
     assert (await browser.get("/login/verify")).status_code == 303
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-step-up")
 async def test_step_up_without_a_session_is_a_sign_in(browser: httpx.AsyncClient) -> None:
     response = await browser.get("/login/step-up", params={"next": "https://evil.example/"})
@@ -257,6 +268,7 @@ async def test_step_up_without_a_session_is_a_sign_in(browser: httpx.AsyncClient
 # -- the security page --------------------------------------------------------------------
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-factor-management")
 async def test_the_security_page_lists_factors_and_needs_a_session(
     browser: httpx.AsyncClient, state: AppState, make_user: MakeUser
@@ -302,6 +314,7 @@ async def test_removing_a_factor_signs_out_the_other_browsers(
         assert await db.get(WebAuthnCredential, passkey) is None
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-factor-management")
 async def test_removing_the_last_factor_needs_the_password(
     browser: httpx.AsyncClient, state: AppState, make_user: MakeUser
@@ -351,6 +364,7 @@ async def test_removing_what_is_not_yours_is_not_found(
         assert await db.get(TotpFactor, alice.id) is not None
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-factor-management")
 async def test_removing_needs_the_form_token(
     browser: httpx.AsyncClient, state: AppState, make_user: MakeUser
@@ -395,6 +409,7 @@ async def test_two_tabs_cannot_remove_the_last_two_factors_without_the_password(
     assert len(left) == 1
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-factor-management")
 async def test_a_password_alone_cannot_change_the_factors_of_a_person_who_has_one(
     browser: httpx.AsyncClient, state: AppState, make_user: MakeUser
@@ -427,6 +442,7 @@ async def test_a_password_alone_cannot_change_the_factors_of_a_person_who_has_on
     assert stepped.headers["location"].startswith("/login/verify")
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-step-up")
 async def test_the_second_step_says_so_when_nothing_can_confirm(
     browser: httpx.AsyncClient, state: AppState, make_user: MakeUser
@@ -447,6 +463,7 @@ async def test_the_second_step_says_so_when_nothing_can_confirm(
     assert "None of your sign-in methods can confirm this here" in page.text
 
 
+@pytest.mark.one_backend
 async def test_an_expired_second_step_keeps_where_the_person_was_going(
     browser: httpx.AsyncClient,
 ) -> None:

@@ -231,6 +231,7 @@ async def test_enrolment_confirms_the_app_with_its_first_code(
     assert 'action="/account/security/recovery-codes"' in security.text
 
 
+@pytest.mark.one_backend
 async def test_enrolment_keeps_next_and_required_policy_sends_there(
     browser: httpx.AsyncClient,
     make_user: MakeUser,
@@ -255,6 +256,7 @@ async def test_enrolment_keeps_next_and_required_policy_sends_there(
     assert page.status_code == 303 and "evil" not in page.headers["location"]
 
 
+@pytest.mark.one_backend
 async def test_setup_needs_a_recent_sign_in(
     browser: httpx.AsyncClient, make_user: MakeUser, clock: Clock
 ) -> None:
@@ -419,6 +421,7 @@ async def test_new_recovery_codes_replace_the_old(
     assert (await send_code(browser, csrf_of(old), fresh[0])).status_code == 303
 
 
+@pytest.mark.one_backend
 async def test_wrong_codes_are_throttled_like_passwords(
     browser: httpx.AsyncClient,
     enrolled: Enrolled,
@@ -445,6 +448,7 @@ async def test_wrong_codes_are_throttled_like_passwords(
         assert row is not None and row.last_step < clock.t // 30
 
 
+@pytest.mark.one_backend
 async def test_wrong_setup_codes_are_throttled(
     browser: httpx.AsyncClient,
     make_user: MakeUser,
@@ -472,6 +476,7 @@ async def test_wrong_setup_codes_are_throttled(
     assert late.status_code == 429 and "Too many wrong codes" in late.text
 
 
+@pytest.mark.one_backend
 async def test_an_expired_or_tampered_pending_sign_in_goes_back_to_login(
     browser: httpx.AsyncClient, enrolled: Enrolled, clock: Clock
 ) -> None:
@@ -489,6 +494,7 @@ async def test_an_expired_or_tampered_pending_sign_in_goes_back_to_login(
     assert (await send_code(browser, csrf, "123456")).headers["location"] == (EXPIRED)
 
 
+@pytest.mark.one_backend
 async def test_a_password_change_voids_the_pending_sign_in(
     browser: httpx.AsyncClient, enrolled: Enrolled, clock: Clock, state: AppState
 ) -> None:
@@ -556,6 +562,7 @@ async def test_a_step_up_with_a_code_replaces_the_session(
 # -- hostile input ------------------------------------------------------------------------------
 
 
+@pytest.mark.one_backend
 @pytest.mark.feature("mfa-recovery-codes")
 async def test_new_recovery_codes_need_a_second_factor_in_the_session(
     browser: httpx.AsyncClient,
@@ -628,6 +635,7 @@ def test_codes_and_steps() -> None:
     assert totp.is_totp_code("123 456") and not totp.is_totp_code(code)
 
 
+@pytest.mark.one_backend
 async def test_wrong_codes_meet_an_absolute_cap_per_account(
     browser: httpx.AsyncClient,
     enrolled: Enrolled,
@@ -652,6 +660,7 @@ async def test_wrong_codes_meet_an_absolute_cap_per_account(
     assert await live_sessions(state, enrolled.user.id) == []
 
 
+@pytest.mark.one_backend
 async def test_a_finished_second_step_cannot_be_finished_again_from_a_copy(
     browser: httpx.AsyncClient,
     enrolled: Enrolled,
@@ -675,6 +684,7 @@ async def test_a_finished_second_step_cannot_be_finished_again_from_a_copy(
     assert len(await live_sessions(state, enrolled.user.id)) == 1
 
 
+@pytest.mark.one_backend
 async def test_a_session_from_before_methods_were_recorded_steps_up_as_a_password_one(
     browser: httpx.AsyncClient,
     enrolled: Enrolled,
@@ -700,6 +710,7 @@ async def test_a_session_from_before_methods_were_recorded_steps_up_as_a_passwor
     assert strong.amr == "pwd otp mfa"
 
 
+@pytest.mark.one_backend
 async def test_a_setup_starts_only_with_the_form_token(
     browser: httpx.AsyncClient, make_user: MakeUser, clock: Clock, state: AppState
 ) -> None:
@@ -720,6 +731,7 @@ async def test_a_setup_starts_only_with_the_form_token(
     assert SECRET_RE.search(again.text).group(1).replace(" ", "") == secret  # type: ignore[union-attr]
 
 
+@pytest.mark.one_backend
 async def test_the_second_factor_cap_holds_with_rate_limits_off(
     browser: httpx.AsyncClient,
     enrolled: Enrolled,
@@ -740,6 +752,7 @@ async def test_the_second_factor_cap_holds_with_rate_limits_off(
     assert refused.status_code == 400 and BAD_CODE in refused.text
 
 
+@pytest.mark.one_backend
 async def test_an_app_sealed_under_another_secret_key_is_not_counted_as_guessing(
     browser: httpx.AsyncClient,
     enrolled: Enrolled,
@@ -765,6 +778,7 @@ async def test_an_app_sealed_under_another_secret_key_is_not_counted_as_guessing
     assert done.status_code == 303  # the cap of one was not spent by the unreadable attempt
 
 
+@pytest.mark.one_backend
 async def test_two_sign_ins_in_the_same_second_are_two_second_steps(
     browser: httpx.AsyncClient,
     enrolled: Enrolled,
