@@ -142,7 +142,7 @@ def fuzz(
 
     @given(case=operation.as_strategy(mode))
     @settings(
-        max_examples=40,
+        max_examples=30,
         deadline=None,
         database=None,  # only the seed decides what runs
         suppress_health_check=list(HealthCheck),

@@ -3,9 +3,10 @@
 Set up an authenticator app on /account/security (the key read off the page, the codes
 computed here as the app would, RFC 6238) → ten recovery codes, shown once → sign out → sign
 in: password, then a code → a replayed code refused → a recovery code signs in once and only
-once. With ``AUTH_MFA=required``, a person without a factor is sent to set one up right after
-the password and then goes on where they were going. Screenshots of each new page at desktop
-and phone width go where test_browser.py's go (``AUTH_SCREENSHOT_DIR`` when set).
+once. On a server with ``AUTH_MFA=required``: the person, without a factor at first, is sent
+to set one up right after the password and then goes on where they were going. Screenshots of
+each new page at desktop and phone width go where test_browser.py's go (``AUTH_SCREENSHOT_DIR``
+when set).
 """
 
 from __future__ import annotations
@@ -50,12 +51,6 @@ def own_server(directory: Path, **env: str) -> Iterator[RunningServer]:
             yield running
         finally:
             running.stop()
-
-
-@pytest.fixture
-def optional_server(chromium: str, tmp_path: Path) -> Iterator[RunningServer]:
-    with own_server(tmp_path) as running:
-        yield running
 
 
 @pytest.fixture
@@ -119,9 +114,12 @@ def signed_in_as(page: Page, username: str) -> None:
 
 
 def test_set_up_an_app_sign_in_with_codes_and_recovery_codes(
-    optional_server: RunningServer, browser: Browser, tmp_path: Path
+    required_server: RunningServer, browser: Browser, tmp_path: Path
 ) -> None:
-    server = optional_server
+    """One server, ``AUTH_MFA=required`` (one process and one browser, not two: the suite's
+    time): the person without a factor is sent to set one up right after the password, then
+    goes on where they were going; from then on, what every person with an app sees."""
+    server = required_server
     origin = server.url
     user = create_user(server.database_url, "totp-person", PASSWORD)
     shots = screenshot_dir(server.env, tmp_path / "shots")
@@ -131,14 +129,18 @@ def test_set_up_an_app_sign_in_with_codes_and_recovery_codes(
     watch = Watch(origin)
     watch.attach(page)
 
-    page.goto("/login?next=/account/security")
+    page.goto("/login?next=/account")
     password_step(page, user.username)
-    expect(page).to_have_url(origin + "/account/security")
+    expect(page).to_have_url(origin + "/account/security?next=%2Faccount&notice=enrol")
+    expect(page.get_by_text("asks for a second sign-in method")).to_be_visible()
     watch.check(page)
     assert_accessible(page)
-    shoot(page, shots, "security")
+    shoot(page, shots, "security-enrol")
     app, codes = set_up_app(page, origin, watch, shots)
     page.get_by_role("link", name="Continue").click()
+    expect(page).to_have_url(origin + "/account")  # where they were going
+    signed_in_as(page, user.username)
+    page.goto("/account/security")
     expect(page.get_by_text("Authenticator app").first).to_be_visible()
     expect(page.get_by_text("10 unused recovery codes left")).to_be_visible()
     shoot(page, shots, "security-totp")
@@ -181,30 +183,4 @@ def test_set_up_an_app_sign_in_with_codes_and_recovery_codes(
     page.get_by_label("Code from your authenticator app").fill(codes[0])
     page.get_by_role("button", name="Verify").click()
     expect(page.get_by_role("alert")).to_be_visible()
-    context.close()
-
-
-def test_required_sends_a_person_without_a_factor_to_set_one_up(
-    required_server: RunningServer, browser: Browser, tmp_path: Path
-) -> None:
-    server = required_server
-    origin = server.url
-    user = create_user(server.database_url, "new-person", PASSWORD)
-    shots = screenshot_dir(server.env, tmp_path / "shots")
-    shots.mkdir(parents=True, exist_ok=True)
-    context = browser.new_context(base_url=origin, viewport=DESKTOP)
-    page = context.new_page()
-    watch = Watch(origin)
-    watch.attach(page)
-    page.goto("/login?next=/account")
-    password_step(page, user.username)
-    expect(page).to_have_url(origin + "/account/security?next=%2Faccount&notice=enrol")
-    expect(page.get_by_text("asks for a second sign-in method")).to_be_visible()
-    watch.check(page)
-    assert_accessible(page)
-    shoot(page, shots, "security-enrol")
-    set_up_app(page, origin, watch, None)
-    page.get_by_role("link", name="Continue").click()
-    expect(page).to_have_url(origin + "/account")  # where they were going
-    signed_in_as(page, user.username)
     context.close()
