@@ -307,17 +307,22 @@ async def verify_with_passkey(request: Request, state: StateDep) -> Response:
         user_id = user.id
         account, ip = throttle_keys(state, request, user)
         limiter = state.limiter
-        if await limiter.throttled(account, ip, second_factor=True):
-            audit("signin.failed", user_id=user.id, passkey=True, throttled=True)
+
+        async def again(error: str, http_status: int, **why: object) -> Response:
+            """The page again with ``error``; nothing of this attempt kept (a rollback, so the
+            person is read again: the rollback expired the loaded rows)."""
+            audit("signin.failed", user_id=user_id, passkey=True, **why)
+            await db.rollback()
+            found = await pending_sign_in(request, state, db)
+            if found is None:
+                return expired_sign_in(next_url)
             return await verify_page(
-                request,
-                state,
-                db,
-                pending,
-                user,
-                next_url=next_url,
-                error="Too many attempts. Wait a while and try again.",
-                http_status=429,
+                request, state, db, *found, next_url=next_url, error=error, http_status=http_status
+            )
+
+        if await limiter.throttled(account, ip, second_factor=True):
+            return await again(
+                "Too many attempts. Wait a while and try again.", 429, throttled=True
             )
         try:
             used = await passkeys.verify_assertion(
@@ -330,42 +335,14 @@ async def verify_with_passkey(request: Request, state: StateDep) -> Response:
                 user_id=user_id,
             )
         except passkeys.PasskeyError as refused:
-            await db.rollback()
             await limiter.failed(account, ip, second_factor=True)
-            audit("signin.failed", user_id=user_id, passkey=True, reason=refused.reason)
-            found = await pending_sign_in(request, state, db)
-            if found is None:
-                return expired_sign_in(next_url)
-            pending, user = found
-            return await verify_page(
-                request,
-                state,
-                db,
-                pending,
-                user,
-                next_url=next_url,
-                error=refused.message,
-                http_status=400,
-            )
+            return await again(refused.message, 400, reason=refused.reason)
         if not mfa.accepts(pending, used.method):
             # A step-up to ``phrh`` answered with a synced passkey (the page offered only the
             # device-bound ones): it would not reach the level, and the browser would come
             # round again.
-            await db.rollback()
-            audit("signin.failed", user_id=user_id, passkey=True, reason="level")
-            found = await pending_sign_in(request, state, db)  # read again after the rollback
-            if found is None:
-                return expired_sign_in(next_url)
-            pending, user = found
-            return await verify_page(
-                request,
-                state,
-                db,
-                pending,
-                user,
-                next_url=next_url,
-                error="This needs a passkey that stays on its device.",
-                http_status=400,
+            return await again(
+                "This needs a passkey that stays on its device.", 400, reason="level"
             )
         if not await spend_pending(request, state):
             return expired_sign_in(next_url)  # a copy of this pending sign-in was finished already
