@@ -139,12 +139,6 @@ def target_level(requested: list[str]) -> str:
     return ACR_VALUES[max(min(known), ACR_VALUES.index("2"))] if known else "2"
 
 
-def reaches(method: str, level: str) -> bool:
-    """Whether a second step with ``method`` (``otp``, ``swk``, ``hwk``) after a password
-    reaches ``level``."""
-    return satisfies(amr_of(PWD, method), [level])
-
-
 def step_up_helps(amr: str, factors: Factors, requested: list[str]) -> bool:
     """Whether to ask a signed-in person for another factor: the requested level is not met
     by their sign-in (``amr``) and one of their factors can meet it. ``acr_values`` is a
