@@ -58,7 +58,9 @@ class PasswordGrant(Grant, grants.ResourceOwnerPasswordCredentialsGrant):  # typ
             raise InvalidGrantError(BAD_CREDENTIALS)
         settings = server.settings
         if settings.mfa != "off":
-            have = mfa.Factors(totp=store.totp_confirmed(request.db, user.id))
+            # ``required`` refuses everyone: the person's factors need no query then.
+            totp = settings.mfa == "optional" and store.totp_confirmed(request.db, user.id)
+            have = mfa.Factors(totp=totp)
             if mfa.second_step_needed(settings, have):
                 audit(
                     "token.second_factor_needed",
