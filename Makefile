@@ -7,7 +7,8 @@ PORT ?= 8000
 STAMP := $(VENV)/.installed-stamp
 PYTEST_COV := --cov=server --cov=resource_server --cov-branch --cov-report=term-missing:skip-covered --cov-fail-under=95
 # Two workers: this machine has two cores (pytest-xdist; each worker has its own databases).
-PYTEST_WORKERS ?= -n 2
+## worksteal: an idle worker takes queued tests from the busy one (the long tests at the end).
+PYTEST_WORKERS ?= -n 2 --dist worksteal
 
 .PHONY: install run test lint format report bench clean
 
